@@ -1,0 +1,251 @@
+"""The `finetune` command line: parse arguments, call a stage, render its result, map errors.
+
+Stages are plain functions in their own modules, imported inside the command that needs them
+so that `finetune --help` and `finetune validate` never import torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from finetune import __version__
+from finetune.errors import NotImplementedStageError, UserError
+
+app = typer.Typer(
+    name="finetune",
+    help="Fine-tune LLMs with LoRA and QLoRA from version-controlled YAML recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
+)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a recipe key, e.g. --set lora.rank=32 (repeatable).", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(message, err=True)
+    return typer.Exit(code)
+
+
+def handles_errors(command):
+    """Map errors to exit codes: UserError -> 2, unbuilt stage -> 1, anything else -> 1 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as e:
+            raise _fail("\n".join(f"error: {p}" for p in e.problems), e.exit_code) from None
+        except NotImplementedStageError as e:
+            raise _fail(f"error: {e}", e.exit_code) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted", 130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:
+            if os.environ.get("FINETUNE_DEBUG"):
+                raise
+            raise _fail(f"error: {type(e).__name__}: {e}\n(set FINETUNE_DEBUG=1 for the traceback)", 1) from None
+
+    return wrapper
+
+
+def _not_built(what: str, issue: str) -> NotImplementedStageError:
+    return NotImplementedStageError(f"`finetune {what}` is not built yet ({issue}); nothing was done.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"finetune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Fine-tune LLMs with LoRA and QLoRA from version-controlled YAML recipes.
+
+    Example: finetune validate recipes/quickstart.yaml && finetune train recipes/quickstart.yaml
+    """
+
+
+@app.command()
+@handles_errors
+def validate(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML file(s).", show_default=False)],
+    overrides: SetOpt = None,
+    as_json: JsonOpt = False,
+    show: Annotated[bool, typer.Option("--print", help="Print the fully resolved recipe.")] = False,
+) -> None:
+    """Check recipes (schema, extends, overrides, local files) without touching a model or GPU.
+
+    Example: finetune validate recipes/*.yaml --set lora.rank=32
+    """
+    from finetune.errors import RecipeError
+    from finetune.loading import load_recipe
+
+    results = []
+    for path in recipes:
+        try:
+            recipe = load_recipe(path, overrides or [])
+            results.append({"path": str(path), "valid": True, "problems": [], "recipe": recipe.resolved()})
+        except RecipeError as e:
+            problems = [{"where": p.where, "key": p.key, "message": p.message} for p in e.problems]
+            results.append({"path": str(path), "valid": False, "problems": problems, "recipe": None})
+    ok = all(r["valid"] for r in results)
+    if as_json:
+        typer.echo(json.dumps({"valid": ok, "recipes": results}, indent=2))
+    else:
+        _print_validation(results, show)
+    if not ok:
+        raise typer.Exit(2)
+
+
+def _print_validation(results: list[dict], show: bool) -> None:
+    import yaml
+
+    for r in results:
+        if r["valid"]:
+            typer.echo(f"ok: {r['path']}")
+            if show:
+                typer.echo(yaml.safe_dump(r["recipe"], sort_keys=False, allow_unicode=True))
+        for p in r["problems"]:
+            head = " ".join(x for x in (p["where"], p["key"]) if x)
+            typer.echo(f"error: {head}: {p['message']}", err=True)
+
+
+@app.command()
+@handles_errors
+def schema(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Print the recipe's JSON Schema, for editor completion and checking.
+
+    Example: finetune schema -o recipe.schema.json   (then, first line of a recipe:
+    # yaml-language-server: $schema=./recipe.schema.json)
+    """
+    from finetune.recipe import Recipe
+
+    text = json.dumps(Recipe.model_json_schema(), indent=2) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote {out}", err=True)
+
+
+@app.command()
+@handles_errors
+def train(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a LoRA/QLoRA adapter; writes runs/<name>/ (recipe, manifest, metrics, adapter).
+
+    Example: finetune train recipes/quickstart.yaml --set quantization.method=nf4
+    """
+    from finetune.loading import load_recipe
+
+    loaded = load_recipe(recipe, overrides or [])
+    if resume:
+        raise _not_built("train --resume", "issue #9")
+    from finetune.train import train as run_training
+
+    result = run_training(loaded, overwrite=overwrite, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+
+
+@app.command()
+@handles_errors
+def plan(recipe: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Trainable and total parameters, memory per component, steps and tokens, before any weight loads.
+
+    Example: finetune plan recipes/llama-3.1-8b-qlora.yaml --json
+    """
+    raise _not_built("plan", "issue #6")
+
+
+@app.command()
+@handles_errors
+def data(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    show: Annotated[int, typer.Option("--show", help="Render this many examples with trained tokens marked.")] = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Dataset statistics and rendered examples with the trained tokens marked.
+
+    Example: finetune data recipes/quickstart.yaml --show 5
+    """
+    raise _not_built("data", "issue #5")
+
+
+@app.command(name="eval")
+@handles_errors
+def eval_(
+    target: Annotated[str, typer.Argument(help="Run directory or recipe file.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Held-out metrics for the tuned model against its base, side by side.
+
+    Example: finetune eval runs/quickstart --fail-if-worse-than-base
+    """
+    raise _not_built("eval", "issue #7")
+
+
+@app.command()
+@handles_errors
+def merge(run_dirs: Annotated[list[Path], typer.Argument(help="Run directory (or several, to combine).")]) -> None:
+    """Merge the adapter into its base model and verify the logits match.
+
+    Example: finetune merge runs/quickstart --out merged/quickstart
+    """
+    raise _not_built("merge", "issue #8")
+
+
+@app.command()
+@handles_errors
+def export(run_dir: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
+    """Export the adapter or the merged model with a model card and a compatibility report.
+
+    Example: finetune export runs/quickstart --format adapter
+    """
+    raise _not_built("export", "issue #8")
+
+
+@app.command()
+@handles_errors
+def runs(action: Annotated[str, typer.Argument(help="list | show RUN | compare RUN RUN")] = "list") -> None:
+    """List, show and compare runs.
+
+    Example: finetune runs list
+    """
+    raise _not_built("runs", "issue #9")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

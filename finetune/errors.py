@@ -1,0 +1,54 @@
+"""User-facing errors.
+
+The CLI maps `UserError` to exit code 2 and prints it without a traceback; every other
+exception is a runtime failure (exit 1). Library code raises, it never exits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One mistake, located: `recipe.yaml:14:3 lora.rank: must be >= 1 (got -4)`."""
+
+    message: str
+    where: str = ""  # "file:line:col", "file:row" or "--set"
+    key: str = ""  # dotted recipe path, e.g. "lora.rank"
+
+    def __str__(self) -> str:
+        head = " ".join(part for part in (self.where, self.key) if part)
+        return f"{head}: {self.message}" if head else self.message
+
+
+class UserError(Exception):
+    """Bad input from the user (recipe, data, arguments): exit code 2, no traceback."""
+
+    exit_code = 2
+
+    def __init__(self, problems: str | Problem | list[Problem]):
+        if isinstance(problems, str):
+            problems = [Problem(problems)]
+        elif isinstance(problems, Problem):
+            problems = [problems]
+        self.problems: list[Problem] = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class RecipeError(UserError):
+    """The recipe (its files, `extends` chain or `--set` overrides) is invalid."""
+
+
+class DataError(UserError):
+    """A dataset row or source is invalid; the message names the file and row."""
+
+
+class RunDirError(UserError):
+    """The run directory exists and would be overwritten, or cannot be used."""
+
+
+class NotImplementedStageError(Exception):
+    """A CLI command whose stage is not built yet: exit 1, said plainly."""
+
+    exit_code = 1
