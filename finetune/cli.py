@@ -30,7 +30,9 @@ app = typer.Typer(
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a recipe key, e.g. --set lora.rank=32 (repeatable).", show_default=False),
+    typer.Option(
+        "--set", "-s", help="Override a recipe key, e.g. --set lora.rank=32 (repeatable).", show_default=False
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 

@@ -87,7 +87,9 @@ class _Loader:
                 cycle = " -> ".join(display_path(p) for p in (*chain[chain.index(base) :], base))
                 self.problems.append(Problem(f"extends cycle: {cycle}", where, "extends"))
             elif not base.is_file():
-                self.problems.append(Problem(f"file not found: {name} (looked at {display_path(base)})", where, "extends"))
+                self.problems.append(
+                    Problem(f"file not found: {name} (looked at {display_path(base)})", where, "extends")
+                )
             else:
                 bases.append(base)
         return bases
@@ -107,7 +109,9 @@ class _Loader:
             if child is None and isinstance(part, str) and isinstance(node, dict):
                 child = node[part] = {}
             if not isinstance(child, dict | list):
-                self.problems.append(Problem(f"cannot set inside {dotted(parts[: i + 1])!r}: it is not a section", SET_ORIGIN, key))
+                self.problems.append(
+                    Problem(f"cannot set inside {dotted(parts[: i + 1])!r}: it is not a section", SET_ORIGIN, key)
+                )
                 return
             node = child
         last = parts[-1]
@@ -288,7 +292,9 @@ def _data_path(loc: tuple, data: Any) -> KeyPath:
     path: list[str | int] = []
     node = data
     for i, part in enumerate(loc):
-        if (isinstance(node, dict) and part in node) or (isinstance(node, list) and isinstance(part, int) and part < len(node)):
+        if (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and part < len(node)
+        ):
             node = node[part]
         elif i == len(loc) - 1 and isinstance(node, dict):
             pass  # a missing key
@@ -318,7 +324,12 @@ def _message(kind: str, ctx: dict, value: Any, msg: str, path: KeyPath) -> str:
         model = _model_at(path[:-1])
         field = model.model_fields.get(str(path[-1])) if model else None
         return "required" + (f": {field.description}" if field and field.description else "")
-    bounds = {"greater_than_equal": "≥ {ge}", "greater_than": "> {gt}", "less_than": "< {lt}", "less_than_equal": "≤ {le}"}
+    bounds = {
+        "greater_than_equal": "≥ {ge}",
+        "greater_than": "> {gt}",
+        "less_than": "< {lt}",
+        "less_than_equal": "≤ {le}",
+    }
     if kind in bounds:
         return "must be " + bounds[kind].format(**{k: _show(v) for k, v in ctx.items()}) + got
     if kind == "literal_error":

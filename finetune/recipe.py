@@ -93,7 +93,9 @@ class QuantizationSection(Section):
 
 class LoraSection(Section):
     rank: int = Field(16, ge=1, description="LoRA rank r: size of the low-rank update.")
-    alpha: float = Field(32, gt=0, description="LoRA alpha: the update is scaled by alpha/rank (alpha/sqrt(rank) for rslora).")
+    alpha: float = Field(
+        32, gt=0, description="LoRA alpha: the update is scaled by alpha/rank (alpha/sqrt(rank) for rslora)."
+    )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     targets: Annotated[
         Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1), Tag("list")]
@@ -144,13 +146,13 @@ class DataSection(Section):
             Discriminator(_by_type),
         ]
         | None
-    ) = Field(None, description="Held-out data: {split_ratio: 0.1} of the training rows, or a list of sources like `train`.")
-    max_seq_length: (
-        Annotated[
-            Annotated[int, Field(ge=8), Tag("int")] | Annotated[Literal["auto"], Tag("auto")],
-            Discriminator(lambda v: "auto" if isinstance(v, str) else "int"),
-        ]
-    ) = Field(2048, description="Tokens per training sequence, or `auto`: the 95th percentile of the data's lengths.")
+    ) = Field(
+        None, description="Held-out data: {split_ratio: 0.1} of the training rows, or a list of sources like `train`."
+    )
+    max_seq_length: Annotated[
+        Annotated[int, Field(ge=8), Tag("int")] | Annotated[Literal["auto"], Tag("auto")],
+        Discriminator(lambda v: "auto" if isinstance(v, str) else "int"),
+    ] = Field(2048, description="Tokens per training sequence, or `auto`: the 95th percentile of the data's lengths.")
     truncation: Literal["truncate", "drop"] = Field(
         "truncate", description="What happens to rows longer than max_seq_length; they are counted either way."
     )
@@ -158,14 +160,16 @@ class DataSection(Section):
         False, description="Pack several rows into each sequence, without attention across rows (padding-free)."
     )
     train_on: Literal["assistant", "all"] = Field(
-        "assistant", description="`assistant`: loss on assistant turns and their end-of-turn token only; `all`: every token."
+        "assistant",
+        description="`assistant`: loss on assistant turns and their end-of-turn token only; `all`: every token.",
     )
     chat_template: Annotated[str, PathRef("template")] = Field(
         "auto",
         description=f"`auto` (the tokenizer's own), a built-in ({', '.join(BUILTIN_TEMPLATES)}) or a .jinja file.",
     )
     on_bad_row: Literal["error", "skip"] = Field(
-        "error", description="A malformed row stops with its file and row (`error`), or is skipped and counted (`skip`)."
+        "error",
+        description="A malformed row stops with its file and row (`error`), or is skipped and counted (`skip`).",
     )
 
 
@@ -180,7 +184,13 @@ class TrainSection(Section):
     batch_size: int = Field(4, ge=1, description="Sequences per device per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     optimizer: Literal[
-        "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"
+        "adamw_torch",
+        "adamw_torch_fused",
+        "adamw_bnb_8bit",
+        "paged_adamw_8bit",
+        "paged_adamw_32bit",
+        "adafactor",
+        "sgd",
     ] = Field("adamw_torch", description="Optimizer; the 8-bit and paged variants come from bitsandbytes.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
@@ -190,7 +200,9 @@ class TrainSection(Section):
     eval_every: int | None = Field(
         None, ge=1, description="Held-out loss every N optimizer steps (and at the end). Needs `data.eval`."
     )
-    save_every: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps; none: only the final adapter.")
+    save_every: int | None = Field(
+        None, ge=1, description="Checkpoint every N optimizer steps; none: only the final adapter."
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk (the best one is always kept).")
     logging_every: int = Field(10, ge=1, description="Log loss, learning rate and throughput every N optimizer steps.")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
@@ -203,7 +215,9 @@ class EvalSection(Section):
         ["loss", "exact_match"],
         description=f"Held-out metrics: {', '.join(BUILTIN_METRICS)}, or a `module:function` of your own.",
     )
-    compare_base: bool = Field(True, description="Also evaluate the base model (adapter off) and report the difference.")
+    compare_base: bool = Field(
+        True, description="Also evaluate the base model (adapter off) and report the difference."
+    )
     max_new_tokens: int = Field(256, ge=1, description="Generation budget per example for generation metrics.")
     batch_size: int = Field(16, ge=1, description="Examples generated per batch.")
     limit: int | None = Field(None, ge=1, description="Evaluate generation metrics on at most this many held-out rows.")

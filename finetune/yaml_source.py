@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -59,7 +59,7 @@ class Document:
 class _PlainLoader(yaml.SafeLoader):
     """Leaves every untagged plain scalar tagged `!plain`, so we resolve it by YAML 1.2 rules."""
 
-    yaml_implicit_resolvers: dict = {}
+    yaml_implicit_resolvers: ClassVar[dict] = {}
 
 
 for _first in ("", None):
@@ -133,7 +133,9 @@ def _build_mapping(node: yaml.MappingNode, path: KeyPath, name: str, doc: Docume
         if key in out:
             first = doc.locs[(*path, key)]
             doc.problems.append(
-                Problem(f"duplicate key (first set at line {first.line}); remove one", str(where), _dotted((*path, key)))
+                Problem(
+                    f"duplicate key (first set at line {first.line}); remove one", str(where), _dotted((*path, key))
+                )
             )
             continue
         doc.locs[(*path, key)] = where
@@ -169,7 +171,9 @@ def _tagged(node: yaml.ScalarNode, name: str, doc: Document, path: KeyPath) -> A
     try:
         return casts[kind](node.value)
     except (KeyError, ValueError):
-        doc.problems.append(Problem(f"unsupported YAML tag or value: {node.tag} {node.value!r}", str(_loc(node, name)), _dotted(path)))
+        doc.problems.append(
+            Problem(f"unsupported YAML tag or value: {node.tag} {node.value!r}", str(_loc(node, name)), _dotted(path))
+        )
         return node.value
 
 
