@@ -1,0 +1,129 @@
+"""Turn rows of the four formats into samples, rejecting malformed rows with their file and row.
+
+A sample is either a chat (`messages`: role/content turns, rendered by the chat template)
+or raw text (`prompt` + `completion`, the completion trained). Every later step sees only
+samples, so formats differ in exactly one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from finetune.recipe import DataSource
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Sample:
+    where: str
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content); empty for raw text
+    prompt: str = ""
+    completion: str = ""
+
+    @property
+    def is_chat(self) -> bool:
+        return bool(self.messages)
+
+    def as_messages(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+    def key(self) -> tuple:
+        """Identity for duplicate detection between train and eval."""
+        return (self.messages, self.prompt, self.completion)
+
+
+class BadRow(ValueError):
+    """A row that does not fit its format; the message says what is wrong with it."""
+
+
+def to_sample(row: Any, where: str, source: DataSource) -> Sample:
+    """Validate one row of `source.format` and return it as a Sample; raise BadRow."""
+    if not isinstance(row, dict):
+        raise BadRow(f"expected an object with fields, got {type(row).__name__}")
+    get = _getter(row, source)
+    if source.format == "messages":
+        return Sample(where, messages=_messages(get("messages")))
+    if source.format == "alpaca":
+        instruction, extra = _text(get("instruction"), "instruction"), _text(get("input", ""), "input", empty=True)
+        system = _text(get("system", ""), "system", empty=True)
+        turns = [("system", system)] if system.strip() else []
+        turns += [("user", f"{instruction}\n\n{extra}" if extra.strip() else instruction), ("assistant", get("output"))]
+        return Sample(where, messages=_messages([{"role": r, "content": c} for r, c in turns]))
+    if source.format == "completion":
+        if _has(row, source, "text") and not _has(row, source, "prompt"):
+            return Sample(where, completion=_text(get("text"), "text"))
+        return Sample(
+            where, prompt=_text(get("prompt"), "prompt", empty=True), completion=_text(get("completion"), "completion")
+        )
+    # preference: SFT trains on the chosen answer; rejected is validated and kept for preference stages
+    prompt, chosen = get("prompt"), get("chosen")
+    _text_or_turns(get("rejected"), "rejected")
+    turns = _messages(prompt) if isinstance(prompt, list) else (("user", _text(prompt, "prompt")),)
+    answer = _text_or_turns(chosen, "chosen")
+    return Sample(where, messages=_messages([{"role": r, "content": c} for r, c in (*turns, ("assistant", answer))]))
+
+
+def _getter(row: dict, source: DataSource):
+    missing = object()
+
+    def get(field: str, default: Any = missing) -> Any:
+        column = source.columns.get(field, field)
+        if column in row and row[column] is not None:
+            return row[column]
+        if default is not missing:
+            return default
+        raise BadRow(
+            f"missing field {column!r}" + (f" (the {field!r} of format {source.format})" if column != field else "")
+        )
+
+    return get
+
+
+def _has(row: dict, source: DataSource, field: str) -> bool:
+    return row.get(source.columns.get(field, field)) is not None
+
+
+def _text(value: Any, field: str, empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise BadRow(f"field {field!r} must be text, got {type(value).__name__}")
+    if not empty and not value.strip():
+        raise BadRow(f"field {field!r} is empty")
+    return value
+
+
+def _text_or_turns(value: Any, field: str) -> str:
+    """A preference answer: text, or a list of turns whose last is the assistant's."""
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+        return _text(value[-1].get("content"), f"{field}[-1].content")
+    return _text(value, field)
+
+
+def _messages(value: Any) -> tuple[tuple[str, str], ...]:
+    """Check role/content turns: known roles, system first only, user and assistant alternating, ending on assistant."""
+    if not isinstance(value, list) or not value:
+        raise BadRow("'messages' must be a non-empty list of {role, content} turns")
+    turns = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise BadRow(f"turn {i} must be an object with 'role' and 'content'")
+        role, content = turn["role"], turn["content"]
+        if role not in ROLES:
+            raise BadRow(f"turn {i} has unknown role {role!r}; roles are {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise BadRow(f"turn {i} ({role}) content must be text, got {type(content).__name__}")
+        if role == "assistant" and not content.strip():
+            raise BadRow(f"turn {i} (assistant) is empty")
+        turns.append((role, content))
+    body = turns[1:] if turns[0][0] == "system" else turns
+    for i, (role, _) in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            offset = len(turns) - len(body)
+            raise BadRow(
+                f"turn {i + offset} is {role!r} where {expected!r} was expected (system first, then user/assistant alternating)"
+            )
+    if body[-1][0] != "assistant" if body else True:
+        raise BadRow("the last turn must be the assistant's (it is what the model learns)")
+    return tuple(turns)

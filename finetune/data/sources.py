@@ -1,0 +1,125 @@
+"""Read rows from a recipe's data sources, each row tagged with where it came from.
+
+JSON Lines and JSON are read here (so a broken line is reported as `file:line`, not as a
+pyarrow traceback); CSV and Parquet through pyarrow; hub datasets through `datasets`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import DataError, Problem
+from finetune.recipe import DataSource
+from finetune.yaml_source import display_path
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class Row:
+    data: Any
+    where: str  # "data/train.jsonl:118" (line) or "data/train.parquet:row 7"
+
+
+def is_local(source: DataSource) -> bool:
+    """Loading resolved local paths to absolute ones; anything else is a hub dataset id."""
+    return Path(source.path).is_absolute()
+
+
+def files_of(source: DataSource) -> list[Path]:
+    """The data files a local source names: a file, the data files of a folder, or a glob."""
+    path = Path(source.path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES)
+    elif path.exists():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(source.path, recursive=True) if Path(p).is_file())
+    if not files:
+        raise DataError(f"{source.path}: no data files ({', '.join(SUFFIXES)}) found")
+    return files
+
+
+def fingerprint(source: DataSource) -> str:
+    """sha256 over the source's file contents (local) or its id, subset, split and revision (hub)."""
+    digest = hashlib.sha256()
+    if is_local(source):
+        for f in files_of(source):
+            digest.update(f.name.encode())
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    else:
+        digest.update(json.dumps([source.path, source.subset, source.split, source.revision]).encode())
+    return digest.hexdigest()
+
+
+def read_rows(source: DataSource) -> Iterator[Row]:
+    """Rows of one source, at most `source.limit` of them."""
+    rows = _local_rows(source) if is_local(source) else _hub_rows(source)
+    for n, row in enumerate(rows):
+        if source.limit is not None and n >= source.limit:
+            return
+        yield row
+
+
+def _local_rows(source: DataSource) -> Iterator[Row]:
+    for path in files_of(source):
+        reader = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet}.get(path.suffix.lower())
+        if reader is None:
+            raise DataError(f"{display_path(path)}: unsupported file type; use {', '.join(SUFFIXES)}")
+        yield from reader(path, display_path(path))
+
+
+def _jsonl(path: Path, name: str) -> Iterator[Row]:
+    with path.open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield Row(json.loads(line), f"{name}:{line_no}")
+            except json.JSONDecodeError as e:
+                raise DataError(Problem(f"invalid JSON: {e.msg} (column {e.colno})", f"{name}:{line_no}")) from None
+
+
+def _json(path: Path, name: str) -> Iterator[Row]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(Problem(f"invalid JSON: {e.msg} (line {e.lineno})", name)) from None
+    if not isinstance(data, list):
+        raise DataError(Problem("a .json data file must hold a list of rows (use .jsonl for one row per line)", name))
+    for i, row in enumerate(data, 1):
+        yield Row(row, f"{name}:row {i}")
+
+
+def _csv(path: Path, name: str) -> Iterator[Row]:
+    from pyarrow import csv
+
+    table = csv.read_csv(path, convert_options=csv.ConvertOptions(strings_can_be_null=False))
+    for i, row in enumerate(table.to_pylist(), 2):  # line 1 is the header
+        yield Row(row, f"{name}:{i}")
+
+
+def _parquet(path: Path, name: str) -> Iterator[Row]:
+    from pyarrow import parquet
+
+    for i, row in enumerate(parquet.read_table(path).to_pylist(), 1):
+        yield Row(row, f"{name}:row {i}")
+
+
+def _hub_rows(source: DataSource) -> Iterator[Row]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(source.path, source.subset, split=source.split, revision=source.revision)
+    except FileNotFoundError as e:
+        raise DataError(f"{source.path}: hub dataset not found locally or on the hub ({e})") from None
+    for i, row in enumerate(dataset, 1):
+        yield Row(row, f"{source.path}[{source.split}]:row {i}")

@@ -1,0 +1,99 @@
+"""Chat templates and loss masks.
+
+Masks come from the template itself, with no `{% generation %}` markers needed: an
+assistant turn's trained text is what rendering `messages[:i+1]` adds to rendering
+`messages[:i]` with the generation prompt, so it always includes the turn's end-of-turn
+token, and nothing of system or user turns. Tokens are then labelled by their character
+offsets in the one full rendering, so BPE merges across turn boundaries cannot shift a mask.
+"""
+
+from __future__ import annotations
+
+import bisect
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from finetune.data.formats import Sample
+from finetune.errors import UserError
+from finetune.recipe import BUILTIN_TEMPLATES
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE = -100
+Segments = list[tuple[str, bool]]  # (text, trained)
+
+
+def builtin_template(name: str) -> str:
+    return resources.files("finetune.templates").joinpath(f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def apply_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str) -> None:
+    """Set the recipe's template on the tokenizer, so that it is saved with the adapter and used everywhere after."""
+    if choice in BUILTIN_TEMPLATES:
+        tokenizer.chat_template = builtin_template(choice)
+    elif choice != "auto":
+        tokenizer.chat_template = Path(choice).read_text(encoding="utf-8")
+    elif not tokenizer.chat_template:
+        raise UserError(
+            "data.chat_template: the tokenizer has no chat template of its own; "
+            f"set one of {', '.join(BUILTIN_TEMPLATES)} or a .jinja file"
+        )
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def segments(tokenizer: PreTrainedTokenizerBase, sample: Sample, train_on: str) -> Segments:
+    """The sample's full text cut into trained and untrained pieces."""
+    if not sample.is_chat:
+        bos = tokenizer.bos_token if _adds_bos(tokenizer) else ""
+        pieces = [(bos + sample.prompt, False), (sample.completion + (tokenizer.eos_token or ""), True)]
+        return [(t, train_on == "all" or trained) for t, trained in pieces if t]
+    messages = sample.as_messages()
+    full = render(tokenizer, messages)
+    if train_on == "all":
+        return [(full, True)]
+    out: Segments = []
+    pos = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = render(tokenizer, messages[:i], generation_prompt=True)
+        upto = render(tokenizer, messages[: i + 1])
+        start, end = len(prefix), len(upto)
+        if not (full.startswith(upto) and upto.startswith(prefix) and pos <= start < end):
+            raise UserError(
+                f"{sample.where}: the chat template renders a conversation differently from its prefixes, "
+                "so assistant tokens cannot be located; use another data.chat_template or train_on: all"
+            )
+        out += [(full[pos:start], False), (full[start:end], True)]
+        pos = end
+    out.append((full[pos:], False))
+    return [(t, trained) for t, trained in out if t]
+
+
+def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, batch: list[Segments]) -> list[tuple[list[int], list[int]]]:
+    """input_ids and labels for each segmented text; labels are IGNORE outside trained pieces."""
+    texts = ["".join(t for t, _ in segs) for segs in batch]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for segs, ids, offsets in zip(batch, encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        bounds, flags, pos = [], [], 0
+        for text, trained in segs:
+            pos += len(text)
+            bounds.append(pos)
+            flags.append(trained)
+        labels = [
+            tok if flags[min(bisect.bisect_right(bounds, start), len(flags) - 1)] else IGNORE
+            for tok, (start, _) in zip(ids, offsets, strict=True)
+        ]
+        out.append((list(ids), labels))
+    return out

@@ -1,0 +1,222 @@
+"""Held-out evaluation: loss on the trained tokens and generation metrics, for the tuned model and its base.
+
+The base model is the same PEFT model with its adapter disabled, so both see the same
+prompts, template, tokenizer and greedy decoding.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from finetune.data.formats import Sample
+from finetune.data.templates import IGNORE, render
+from finetune.errors import UserError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Metric = Callable[[str, str], float]
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(prediction.strip() == reference.strip())
+
+
+def contains(prediction: str, reference: str) -> float:
+    return float(reference.strip() in prediction)
+
+
+def regex(prediction: str, reference: str) -> float:
+    """The reference is a regular expression that the whole (stripped) prediction must match."""
+    try:
+        return float(re.fullmatch(reference.strip(), prediction.strip(), flags=re.DOTALL) is not None)
+    except re.error:
+        return 0.0
+
+
+def json_valid(prediction: str, reference: str) -> float:
+    try:
+        json.loads(prediction)
+    except ValueError:
+        return 0.0
+    return 1.0
+
+
+GENERATION_METRICS: dict[str, Metric] = {
+    "exact_match": exact_match,
+    "contains": contains,
+    "regex": regex,
+    "json_valid": json_valid,
+}
+
+
+def metric_functions(names: list[str] | tuple[str, ...]) -> dict[str, Metric]:
+    """Generation metrics by name; `module:function` imports a user metric(prediction, reference) -> float."""
+    out = {}
+    for name in names:
+        if name in ("loss", "perplexity"):
+            continue
+        if name in GENERATION_METRICS:
+            out[name] = GENERATION_METRICS[name]
+            continue
+        module, _, func = name.partition(":")
+        try:
+            out[name] = getattr(importlib.import_module(module), func)
+        except (ImportError, AttributeError) as e:
+            raise UserError(f"eval.metrics: cannot import {name!r}: {e}") from None
+    return out
+
+
+@dataclass
+class ModelScores:
+    loss: float | None = None
+    perplexity: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Comparison:
+    tuned: ModelScores
+    base: ModelScores | None
+    references: list[str]
+    prompts: list[str]
+
+    def summary(self) -> dict[str, Any]:
+        def scores(s: ModelScores | None) -> dict | None:
+            return None if s is None else {k: v for k, v in asdict(s).items() if k != "outputs"}
+
+        return {"tuned": scores(self.tuned), "base": scores(self.base), "examples": len(self.references)}
+
+    def examples(self) -> list[dict[str, Any]]:
+        rows = []
+        for i, (prompt, ref) in enumerate(zip(self.prompts, self.references, strict=True)):
+            row = {"prompt": prompt, "reference": ref, "tuned": self.tuned.outputs[i]}
+            if self.base is not None:
+                row["base"] = self.base.outputs[i]
+            rows.append(row)
+        return rows
+
+
+@torch.no_grad()
+def held_out_loss(model: PreTrainedModel, dataset: Dataset, pad_id: int, batch_size: int = 8) -> float:
+    """Mean cross-entropy over the trained (labelled) tokens, weighted by token, as in training."""
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start : start + batch_size]
+        width = max(len(ids) for ids in rows["input_ids"])
+        ids = torch.full((len(rows["input_ids"]), width), pad_id, dtype=torch.long)
+        labels = torch.full_like(ids, IGNORE)
+        mask = torch.zeros_like(ids)
+        for i, (x, y) in enumerate(zip(rows["input_ids"], rows["labels"], strict=True)):
+            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        shift_logits, shift_labels = logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1).to(device)
+        total += torch.nn.functional.cross_entropy(
+            shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum"
+        ).item()
+        count += int((shift_labels != IGNORE).sum())
+    return total / max(count, 1)
+
+
+def prompt_and_reference(tokenizer: PreTrainedTokenizerBase, sample: Sample) -> tuple[str, str]:
+    """The text the model is given (up to the generation prompt) and the answer expected after it."""
+    if sample.is_chat:
+        messages = sample.as_messages()
+        return render(tokenizer, messages[:-1], generation_prompt=True), messages[-1]["content"]
+    return sample.prompt, sample.completion
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Greedy, batched, left-padded generation with the KV cache; returns only the new text."""
+    model.eval()
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(
+                prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            )
+            generated = model.generate(
+                **batch.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=_stop_ids(model, tokenizer),
+            )
+            new = generated[:, batch["input_ids"].shape[1] :]
+            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return outputs
+
+
+def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def score(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset | None,
+    prompts: list[str],
+    references: list[str],
+    metrics: dict[str, Metric],
+    max_new_tokens: int,
+    batch_size: int,
+) -> ModelScores:
+    scores = ModelScores()
+    if dataset is not None and len(dataset):
+        scores.loss = held_out_loss(model, dataset, tokenizer.pad_token_id)
+        scores.perplexity = math.exp(min(scores.loss, 50))
+    if metrics and prompts:
+        scores.outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+        for name, fn in metrics.items():
+            values = [float(fn(p, r)) for p, r in zip(scores.outputs, references, strict=True)]
+            scores.metrics[name] = sum(values) / len(values)
+    return scores
+
+
+def compare(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset | None,
+    samples: list[Sample],
+    metric_names: list[str] | tuple[str, ...],
+    max_new_tokens: int,
+    batch_size: int,
+    with_base: bool,
+    limit: int | None = None,
+) -> Comparison:
+    """Score the PEFT model with its adapter, and (with_base) with the adapter disabled."""
+    samples = samples[:limit] if limit else samples
+    pairs = [prompt_and_reference(tokenizer, s) for s in samples]
+    prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
+    metrics = metric_functions(metric_names)
+    run = lambda: score(model, tokenizer, dataset, prompts, references, metrics, max_new_tokens, batch_size)  # noqa: E731
+    tuned = run()
+    base = None
+    if with_base:
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
+            base = run()
+    return Comparison(tuned, base, references, prompts)

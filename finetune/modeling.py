@@ -1,0 +1,151 @@
+"""Base model and tokenizer loading, quantization and the LoRA adapter's configuration.
+
+Everything here follows the recipe: the hub id or local directory, the pinned revision,
+safetensors only, `trust_remote_code` off unless the recipe turns it on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from finetune.errors import UserError
+from finetune.recipe import Recipe
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional hub kernel is missing.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+ATTENTION_PARENTS = ("attn", "attention")
+MLP_PARENTS = ("mlp", "feed_forward", "ffn")
+OUTPUT_LAYERS = ("lm_head", "embed_out", "output")
+
+
+def device() -> torch.device:
+    """The device this process trains on: its local CUDA GPU when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto`: bfloat16 where the GPU supports it, float16 on older GPUs, float32 on the CPU."""
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, name)
+
+
+def hub_kwargs(recipe: Recipe) -> dict[str, Any]:
+    return {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
+
+
+def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer, with a pad token (labels are masked by us, so pad may equal eos)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.base, **hub_kwargs(recipe))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(recipe: Recipe) -> Any:
+    """A transformers BitsAndBytesConfig for the recipe, or None for an unquantized base."""
+    q = recipe.quantization
+    if q.method == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if q.method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = resolve_dtype(q.compute_dtype if q.compute_dtype != "auto" else recipe.model.dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.method,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def load_model(recipe: Recipe, quantized: bool = True) -> PreTrainedModel:
+    """The base model in the recipe's dtype; quantized as the recipe says unless `quantized=False`."""
+    from transformers import AutoModelForCausalLM
+
+    quant = quantization_config(recipe) if quantized else None
+    model = AutoModelForCausalLM.from_pretrained(
+        recipe.model.base,
+        dtype=resolve_dtype(recipe.model.dtype),
+        attn_implementation=recipe.model.attn_implementation,
+        quantization_config=quant,
+        use_safetensors=True,
+        device_map={"": device()} if quant is not None else None,
+        **hub_kwargs(recipe),
+    )
+    if quant is None:
+        model.to(device())
+    return model
+
+
+def linear_modules(model: torch.nn.Module) -> dict[str, str]:
+    """Full name -> leaf name of every linear layer (bitsandbytes ones included), output layer excluded."""
+    out = {}
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        if is_linear and leaf not in OUTPUT_LAYERS:
+            out[name] = leaf
+    return out
+
+
+def resolve_targets(recipe: Recipe, model: torch.nn.Module) -> list[str]:
+    """Leaf module names for the recipe's targets: a preset resolved from the model, or a checked list."""
+    modules = linear_modules(model)
+    leaves = sorted(set(modules.values()))
+    targets = recipe.lora.targets
+    if isinstance(targets, list):
+        missing = [t for t in targets if t not in leaves and not any(n.endswith(f".{t}") for n in modules)]
+        if missing:
+            raise UserError(
+                f"lora.targets: {', '.join(missing)} match no linear layer of {recipe.model.base}; "
+                f"its linear layers are: {', '.join(leaves)}"
+            )
+        return list(targets)
+
+    def parent_is(name: str, parents: tuple[str, ...]) -> bool:
+        parent = name.rsplit(".", 2)[-2].lower() if "." in name else ""
+        return any(p in parent for p in parents)
+
+    wanted = {
+        "attention": lambda n: parent_is(n, ATTENTION_PARENTS),
+        "mlp": lambda n: parent_is(n, MLP_PARENTS),
+        "all-linear": lambda n: True,
+    }[targets]
+    chosen = sorted({leaf for name, leaf in modules.items() if wanted(name)})
+    if not chosen:
+        raise UserError(
+            f"lora.targets: preset {targets!r} matches no linear layer; its linear layers are: {', '.join(leaves)}"
+        )
+    return chosen
+
+
+def lora_config(recipe: Recipe, targets: list[str]) -> LoraConfig:
+    from peft import LoraConfig
+
+    lora = recipe.lora
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        use_dora=lora.variant == "dora",
+        use_rslora=lora.variant == "rslora",
+        modules_to_save=list(lora.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+    )

@@ -1,0 +1,69 @@
+"""Training progress for a person: a live bar in a terminal, one line per log step elsewhere (CI logs)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from transformers import TrainerCallback
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class TrainProgress(TrainerCallback):
+    """Step, loss, tokens/s and ETA, on stderr so that --json output on stdout stays clean."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.task = None
+        self.start = 0.0
+        self.tokens = (0.0, 0.0)  # (time, cumulative tokens) at the last log
+        self.rate = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+        self.tokens = (self.start, 0.0)
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+            )  # fmt: skip
+            self.task = self.bar.add_task("train", total=state.max_steps, info="")
+            self.bar.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        now, tokens = time.perf_counter(), float(logs.get("num_tokens", 0.0))
+        if tokens > self.tokens[1]:
+            self.rate = (tokens - self.tokens[1]) / max(now - self.tokens[0], 1e-9)
+            self.tokens = (now, tokens)
+        parts = [
+            f"loss {logs['loss']:.4f}" if "loss" in logs else "",
+            f"eval_loss {logs['eval_loss']:.4f}" if "eval_loss" in logs else "",
+        ]
+        parts.append(f"{self.rate:,.0f} tok/s" if self.rate else "")
+        info = "  ".join(p for p in parts if p)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step, info=info)
+            return
+        elapsed = now - self.start
+        eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+        print(
+            f"step {state.global_step}/{state.max_steps}  {info}  elapsed {_duration(elapsed)}  eta {_duration(eta)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,175 @@
+"""The run directory: its fixed layout, atomic writes, and the manifest that says where an adapter came from.
+
+runs/<name>/
+  recipe.yaml     the fully resolved recipe
+  manifest.json   provenance and status, rewritten atomically as the run goes
+  metrics.jsonl   one line per logged step
+  adapter/        PEFT adapter + tokenizer and chat template
+  eval/           held-out results (summary.json, examples.jsonl)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune.errors import RunDirError
+from finetune.recipe import Recipe
+
+PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate")
+
+
+class RunDir:
+    """Paths of one run directory; the names are the contract in the README."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    recipe = property(lambda self: self.root / "recipe.yaml")
+    manifest = property(lambda self: self.root / "manifest.json")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    adapter = property(lambda self: self.root / "adapter")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    eval = property(lambda self: self.root / "eval")
+
+    def create(self, overwrite: bool) -> None:
+        """Make an empty run directory; an existing non-empty one is an error unless `overwrite`."""
+        if self.root.exists() and any(self.root.iterdir()):
+            if not overwrite:
+                raise RunDirError(
+                    f"run directory {self.root} already exists; pass --overwrite to replace it "
+                    "(or set a new name / output_dir)"
+                )
+            shutil.rmtree(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(f"cannot create run directory {self.root}: {e.strerror}") from None
+        if not os.access(self.root, os.W_OK):
+            raise RunDirError(f"run directory {self.root} is not writable")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file in the same directory, fsync, rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def atomic_dir(final: Path):
+    """Yield a temporary directory beside `final`, renamed to `final` only when the block completes."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_recipe(run: RunDir, recipe: Recipe) -> None:
+    text = yaml.safe_dump(recipe.resolved(), sort_keys=False, allow_unicode=True)
+    write_text_atomic(run.recipe, f"# Resolved recipe of run {recipe.name!r}: extends and --set applied.\n{text}")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def hardware() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine()}
+    info["cpu_count"] = os.cpu_count()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["cuda"] = torch.version.cuda
+    else:
+        info["gpus"] = []
+    return info
+
+
+def git_state(directory: Path) -> dict[str, Any] | None:
+    """Commit and dirtiness of the git repository holding the recipe, if any."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(
+            ["git", "-C", str(directory), "status", "--porcelain"], capture_output=True, text=True, timeout=10
+        )
+        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Manifest:
+    """manifest.json, kept in memory and rewritten atomically on every update."""
+
+    def __init__(self, run: RunDir, data: dict[str, Any]):
+        self.run, self.data = run, data
+
+    @classmethod
+    def start(cls, run: RunDir, recipe: Recipe, recipe_dir: Path | None = None) -> Manifest:
+        data = {
+            "name": recipe.name,
+            "status": "running",
+            "started": now(),
+            "finished": None,
+            "recipe_sha256": recipe.fingerprint(),
+            "seed": recipe.seed,
+            "base_model": {"id": recipe.model.base, "revision": recipe.model.revision},
+            "packages": package_versions(),
+            "python": platform.python_version(),
+            "hardware": hardware(),
+            "git": git_state(recipe_dir or Path.cwd()),
+        }
+        manifest = cls(run, data)
+        manifest.save()
+        return manifest
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.run.manifest, self.data)
