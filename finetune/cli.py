@@ -20,7 +20,6 @@ from finetune.errors import NotImplementedStageError, UserError
 
 app = typer.Typer(
     name="finetune",
-    help="Fine-tune LLMs with LoRA and QLoRA from version-controlled YAML recipes.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -175,6 +174,39 @@ def train(
     result = run_training(loaded, overwrite=overwrite, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_train_result(result.to_dict())
+
+
+def _print_train_result(r: dict) -> None:
+    """The end of a run: where the adapter is, how long it took, and tuned vs base on held-out data."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    share = r["trainable_params"] / max(r["total_params"], 1)
+    console.print(
+        f"trained {r['steps']} steps in {r['seconds']:.0f}s, train loss {r['train_loss']:.4f}; "
+        f"{r['trainable_params']:,} of {r['total_params']:,} parameters trained ({share:.2%})"
+    )
+    console.print(f"adapter: {r['adapter_dir']}")
+    if not r["eval"]:
+        console.print("no held-out data (data.eval): nothing to compare against the base model")
+        return
+    tuned, base = r["eval"]["tuned"], r["eval"]["base"]
+    table = Table(title=f"held-out ({r['eval']['examples']} examples)", title_justify="left")
+    for column in ("metric", "base", "tuned", "delta"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    rows = [("loss", "loss"), ("perplexity", "perplexity")] + [(m, m) for m in tuned["metrics"]]
+    for label, key in rows:
+        t = tuned.get(key, tuned["metrics"].get(key))
+        b = None if base is None else base.get(key, base["metrics"].get(key))
+        if t is None:
+            continue
+        fmt = "{:.4f}" if key not in ("perplexity",) else "{:.2f}"
+        delta = "" if b is None else ("{:+.4f}" if key != "perplexity" else "{:+.2f}").format(t - b)
+        table.add_row(label, "-" if b is None else fmt.format(b), fmt.format(t), delta)
+    console.print(table)
 
 
 @app.command()

@@ -59,6 +59,8 @@ class _Loader:
         self.dirs[display_path(path)] = path.parent
         self.problems.extend(doc.problems)
         if doc.data is None:
+            if not chain and not doc.problems:
+                self.problems.append(Problem("the recipe is empty: expected keys such as name:, model:, data:", display_path(path)))
             return {}, {}
         if not isinstance(doc.data, dict):
             self.problems.append(Problem("a recipe must be a mapping of keys (name:, model:, ...)", display_path(path)))
@@ -87,9 +89,9 @@ class _Loader:
                 cycle = " -> ".join(display_path(p) for p in (*chain[chain.index(base) :], base))
                 self.problems.append(Problem(f"extends cycle: {cycle}", where, "extends"))
             elif not base.is_file():
-                self.problems.append(
-                    Problem(f"file not found: {name} (looked at {display_path(base)})", where, "extends")
-                )
+                shown = display_path(base)
+                looked = f" (looked at {shown})" if shown != name else ""
+                self.problems.append(Problem(f"file not found: {name}{looked}", where, "extends"))
             else:
                 bases.append(base)
         return bases
@@ -101,10 +103,17 @@ class _Loader:
         if not sep or not key.strip() or any(p == "" for p in parts):
             self.problems.append(Problem(f"expected key.path=value, got {override!r}", SET_ORIGIN))
             return
+        if parts[0] == "extends":
+            self.problems.append(Problem("cannot be set with --set: write it in the recipe file", SET_ORIGIN, key))
+            return
         doc = parse(text, SET_ORIGIN)
         self.problems.extend(doc.problems)
         node: Any = data
         for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list) and (not isinstance(part, int) or part >= len(node)):
+                where = dotted(parts[:i])
+                self.problems.append(Problem(f"no item {part} in {where} (it has {len(node)})", SET_ORIGIN, key))
+                return
             child = _get(node, part)
             if child is None and isinstance(part, str) and isinstance(node, dict):
                 child = node[part] = {}
@@ -116,7 +125,8 @@ class _Loader:
             node = child
         last = parts[-1]
         if isinstance(node, list) and (not isinstance(last, int) or last >= len(node)):
-            self.problems.append(Problem(f"no item {last} in this list of {len(node)}", SET_ORIGIN, key))
+            where = dotted(parts[:-1])
+            self.problems.append(Problem(f"no item {last} in {where} (it has {len(node)})", SET_ORIGIN, key))
             return
         node[last] = doc.data
         for path in [p for p in locs if p[: len(parts)] == parts]:
@@ -187,6 +197,9 @@ class _Prepass:
                 if isinstance(t, type) and issubclass(t, BaseModel):
                     self.walk(t, value, path)
                     break
+                if typing.get_origin(t) is dict:
+                    _, item = typing.get_args(t)
+                    return {k: self._value(item, [], v, (*path, k)) for k, v in value.items()}
         elif isinstance(value, list):
             for t in types_:
                 if typing.get_origin(t) is list:
@@ -253,42 +266,55 @@ def _flatten(annotation: Any, metadata: list) -> tuple[list[Any], list[PathRef]]
 
 
 def _model_at(path: KeyPath) -> type[BaseModel] | None:
-    """The schema section a key path points into, for did-you-mean suggestions."""
+    """The schema section a key path points into, for did-you-mean suggestions.
+
+    A field may hold a section either directly or as list items (`data.eval` is `{split_ratio}`
+    or a list of sources): the next part of the path, an index or a key, says which.
+    """
     model: type[BaseModel] | None = Recipe
-    for part in path:
-        if model is None or isinstance(part, int):
+    for i, part in enumerate(path):
+        if isinstance(part, int):
             continue
-        field = model.model_fields.get(part)
+        field = model.model_fields.get(part) if model else None
         if field is None:
             return None
-        model = _section_in(field.annotation)
+        in_list = i + 1 < len(path) and isinstance(path[i + 1], int)
+        sections = _sections_in(field.annotation)
+        model = next((m for m, listed in sections if listed == in_list), None)
     return model
 
 
-def _section_in(annotation: Any) -> type[BaseModel] | None:
-    stack = [annotation]
+def _sections_in(annotation: Any) -> list[tuple[type[BaseModel], bool]]:
+    """Every section model inside an annotation, each with whether it sits inside a list."""
+    found: list[tuple[type[BaseModel], bool]] = []
+    stack = [(annotation, False)]
     while stack:
-        t = stack.pop()
+        t, listed = stack.pop()
         if isinstance(t, type) and issubclass(t, BaseModel):
-            return t
-        stack.extend(typing.get_args(t))
-    return None
+            found.append((t, listed))
+            continue
+        stack.extend((arg, listed or typing.get_origin(t) is list) for arg in typing.get_args(t))
+    return found
 
 
 # --- pydantic errors -> located, readable problems -------------------------------------------
 
 
 def _problem(err: dict, data: dict, locs: dict[KeyPath, Loc]) -> Problem:
-    path = _data_path(err["loc"], data)
     kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
+    path = _data_path(err["loc"], data, missing=kind == "missing")
     if kind == "value_error" and isinstance(ctx.get("error"), FieldRuleError):
         path = (*path, *_parse_dotted(ctx["error"].field))
     where = _nearest_loc(locs, path)
     return Problem(_message(kind, ctx, value, err["msg"], path), str(where), dotted(path))
 
 
-def _data_path(loc: tuple, data: Any) -> KeyPath:
-    """Drop the union tags pydantic puts in `loc` so that it matches the data's key path."""
+def _data_path(loc: tuple, data: Any, missing: bool) -> KeyPath:
+    """Drop the union tags pydantic puts in `loc` so that it matches the data's key path.
+
+    Only a `missing` error ends in a key absent from the data; otherwise a last part that is
+    not in the data is a tag too (`lora.targets` given as a mapping fails at tag "one").
+    """
     path: list[str | int] = []
     node = data
     for i, part in enumerate(loc):
@@ -296,8 +322,8 @@ def _data_path(loc: tuple, data: Any) -> KeyPath:
             isinstance(node, list) and isinstance(part, int) and part < len(node)
         ):
             node = node[part]
-        elif i == len(loc) - 1 and isinstance(node, dict):
-            pass  # a missing key
+        elif missing and i == len(loc) - 1 and isinstance(node, dict):
+            pass  # the missing key
         else:
             continue  # a tag such as "list" or "one"
         path.append(part)
@@ -377,15 +403,12 @@ def _all_field_paths(model: type[BaseModel], prefix: KeyPath) -> list[KeyPath]:
     out = []
     for name, field in model.model_fields.items():
         out.append((*prefix, name))
-        section = _section_in(field.annotation)
-        if section is not None:
-            out += _all_field_paths(section, (*prefix, name))
+        for section, _ in _sections_in(field.annotation):
+            out += [p for p in _all_field_paths(section, (*prefix, name)) if p not in out]
     return out
 
 
 def _show(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
     if isinstance(value, float) and math.isfinite(value):
         return repr(value)
     if isinstance(value, str | int | float | bool) or value is None:

@@ -262,8 +262,15 @@ class Recipe(Section):
         return self.output_dir or f"runs/{self.name}"
 
     def resolved(self) -> dict[str, Any]:
-        """The recipe as plain data with `extends` applied away: what runs write to recipe.yaml."""
-        return self.model_dump(mode="json", exclude={"extends"})
+        """The recipe as plain data with `extends` applied away: what runs write to recipe.yaml.
+
+        Options that do not apply are left out (4-bit options without a 4-bit method), so that
+        the resolved recipe validates again.
+        """
+        exclude: dict[str, Any] = {"extends": True}
+        if self.quantization.method not in ("nf4", "fp4"):
+            exclude["quantization"] = {"double_quant", "compute_dtype"}
+        return self.model_dump(mode="json", exclude=exclude)
 
     def fingerprint(self) -> str:
         """sha256 of the resolved recipe, stable across key order."""

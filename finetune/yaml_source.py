@@ -123,7 +123,10 @@ def _build_mapping(node: yaml.MappingNode, path: KeyPath, name: str, doc: Docume
     out: dict[str, Any] = {}
     for key_node, value_node in node.value:
         where = _loc(key_node, name)
-        if key_node.tag == "tag:yaml.org,2002:merge":
+        # our loader resolves no implicit tags, so a plain `<<` arrives untagged, not as a merge key
+        if key_node.tag == "tag:yaml.org,2002:merge" or (
+            isinstance(key_node, yaml.ScalarNode) and key_node.style is None and key_node.value == "<<"
+        ):
             doc.problems.append(Problem("YAML merge keys (<<) are not supported: use `extends:`", str(where)))
             continue
         key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
@@ -145,9 +148,9 @@ def _build_mapping(node: yaml.MappingNode, path: KeyPath, name: str, doc: Docume
 
 def _scalar(node: yaml.ScalarNode, name: str, doc: Document, path: KeyPath) -> Any:
     text = node.value
-    if node.style is not None:  # quoted or block scalar: always a string
+    if node.tag == "tag:yaml.org,2002:str":  # quoted, block or `!!str`: always a string
         return text
-    if node.tag != "!plain":
+    if node.tag != "!plain":  # an explicit tag, on a plain or a quoted scalar
         return _tagged(node, name, doc, path)
     if text in _NULLS:
         return None

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny tokenizers, models and data that the tests build themselves (no hub)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    return tiny.build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """tiny_model_dir(family) -> a saved random model of that family, built once per session."""
+    built: dict[str, Path] = {}
+
+    def get(family: str = "llama") -> Path:
+        if family not in built:
+            built[family] = tiny.build_model(family, tmp_path_factory.mktemp(family), tiny_tokenizer_dir)
+        return built[family]
+
+    return get

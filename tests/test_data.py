@@ -1,0 +1,209 @@
+"""Data: formats and row validation, loss masks per template, truncation, the eval split."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import tiny
+
+from finetune.data.formats import BadRow, to_sample
+from finetune.data.prepare import prepare_data, split
+from finetune.data.templates import IGNORE, apply_chat_template, segments, tokenize
+from finetune.errors import DataError
+from finetune.loading import load_recipe
+from finetune.recipe import BUILTIN_TEMPLATES, DataSource
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Reverse: red blue"},
+    {"role": "assistant", "content": "blue red"},
+    {"role": "user", "content": "Reverse: lime plum"},
+    {"role": "assistant", "content": "plum lime"},
+]
+# What each template must train for an assistant turn: its content and its end-of-turn marker, nothing else.
+TRAINED_TURN = {
+    "auto": "{}<|im_end|>\n",
+    "chatml": "{}<|im_end|>\n",
+    "qwen2.5": "{}<|im_end|>\n",
+    "llama3": "{}<|eot_id|>",
+    "mistral": " {}</s>",
+    "gemma": "{}<end_of_turn>\n",
+    "phi3": "{}<|end|>\n",
+}
+
+
+@pytest.fixture
+def tokenizer(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def source(fmt: str = "messages", **kw) -> DataSource:
+    return DataSource(path="/x.jsonl", format=fmt, **kw)
+
+
+def trained_runs(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
+    """Decode each maximal run of trained tokens."""
+    runs, current = [], []
+    for tok, label in zip(ids, labels, strict=True):
+        if label != IGNORE:
+            assert label == tok
+            current.append(tok)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(r) for r in runs]
+
+
+@pytest.mark.parametrize("template", ["auto", *BUILTIN_TEMPLATES])
+def test_assistant_mask_is_exactly_the_assistant_turns_and_their_end_token(tokenizer, template):
+    apply_chat_template(tokenizer, template)
+    sample = to_sample({"messages": CONVERSATION}, "t.jsonl:1", source())
+    [(ids, labels)] = tokenize(tokenizer, [segments(tokenizer, sample, "assistant")])
+    expected = [TRAINED_TURN[template].format(m["content"]) for m in CONVERSATION if m["role"] == "assistant"]
+    assert trained_runs(tokenizer, ids, labels) == expected
+
+
+def test_train_on_all_trains_every_token(tokenizer):
+    apply_chat_template(tokenizer, "chatml")
+    sample = to_sample({"messages": CONVERSATION}, "t.jsonl:1", source())
+    [(ids, labels)] = tokenize(tokenizer, [segments(tokenizer, sample, "all")])
+    assert labels == ids
+
+
+def test_completion_format_trains_the_completion_and_eos(tokenizer):
+    sample = to_sample({"prompt": "2+2=", "completion": "4"}, "t.jsonl:1", source("completion"))
+    [(ids, labels)] = tokenize(tokenizer, [segments(tokenizer, sample, "assistant")])
+    assert trained_runs(tokenizer, ids, labels) == ["4<|im_end|>"]
+    text = to_sample({"text": "hello"}, "t.jsonl:1", source("completion"))
+    [(ids, labels)] = tokenize(tokenizer, [segments(tokenizer, text, "assistant")])
+    assert labels == ids
+
+
+def test_alpaca_and_preference_become_chats():
+    alpaca = to_sample({"instruction": "Do", "input": "this", "output": "done"}, "w", source("alpaca"))
+    assert alpaca.messages == (("user", "Do\n\nthis"), ("assistant", "done"))
+    pref = to_sample({"prompt": "Q", "chosen": "good", "rejected": "bad"}, "w", source("preference"))
+    assert pref.messages == (("user", "Q"), ("assistant", "good"))
+
+
+def test_column_mapping_renames_fields():
+    row = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    sample = to_sample(row, "w", source(columns={"messages": "conversations"}))
+    assert sample.messages[-1] == ("assistant", "yo")
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({}, "missing field 'messages'"),
+        ({"messages": [{"role": "user", "content": "a"}]}, "last turn must be the assistant's"),
+        ({"messages": [{"role": "bot", "content": "a"}]}, "unknown role 'bot'"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]}, "is empty"),
+        ({"messages": [{"role": "assistant", "content": "a"}]}, "'assistant' where 'user' was expected"),
+        ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}]}, "must be text"),
+    ],
+)
+def test_bad_rows_say_what_is_wrong(row, message):
+    with pytest.raises(BadRow, match=message):
+        to_sample(row, "w", source())
+
+
+def write_recipe(tmp_path: Path, model_dir: Path, rows: list, extra: str = "") -> Path:
+    data = tmp_path / "data" / "train.jsonl"
+    data.parent.mkdir(exist_ok=True)
+    data.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    recipe = tmp_path / "r.yaml"
+    body = f"""\
+        name: t
+        model: {{base: {model_dir}}}
+        data:
+          train: [{{path: data/train.jsonl}}]
+    """
+    recipe.write_text(textwrap.dedent(body) + extra)
+    return recipe
+
+
+def test_a_bad_row_names_its_file_and_line(tmp_path, tiny_model_dir, tokenizer):
+    rows = [*tiny.reverse_rows(3), {"messages": [{"role": "user", "content": "x"}]}]
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir(), rows))
+    with pytest.raises(DataError, match=r"data/train\.jsonl:4: the last turn must be the assistant's"):
+        prepare_data(recipe, tokenizer)
+
+
+def test_invalid_json_names_its_line(tmp_path, tiny_model_dir, tokenizer):
+    rows = [*tiny.reverse_rows(2), "{not json"]
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir(), rows))
+    with pytest.raises(DataError, match=r"train\.jsonl:3: invalid JSON"):
+        prepare_data(recipe, tokenizer)
+
+
+def test_skipped_rows_are_counted(tmp_path, tiny_model_dir, tokenizer):
+    rows = [*tiny.reverse_rows(5), {"messages": []}, {"nope": 1}]
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir(), rows, "  on_bad_row: skip\n"))
+    prepared = prepare_data(recipe, tokenizer)
+    assert (prepared.stats.sources[0].rows, prepared.stats.sources[0].skipped) == (5, 2)
+    assert prepared.stats.train_rows == 5
+
+
+def test_long_rows_are_truncated_or_dropped_and_counted(tmp_path, tiny_model_dir, tokenizer):
+    long = {"messages": [{"role": "user", "content": "go"}, {"role": "assistant", "content": "alpha " * 80}]}
+    rows = [*tiny.reverse_rows(4), long]
+    for mode, kept, truncated, dropped in (("truncate", 5, 1, 0), ("drop", 4, 0, 1)):
+        extra = f"  max_seq_length: 32\n  truncation: {mode}\n"
+        recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir(), rows, extra))
+        prepared = prepare_data(recipe, tokenizer)
+        assert (prepared.stats.train_rows, prepared.stats.truncated, prepared.stats.dropped) == (
+            kept,
+            truncated,
+            dropped,
+        )
+        assert max(len(ids) for ids in prepared.train["input_ids"]) <= 32
+
+
+def test_auto_max_seq_length_is_the_p95_rounded_up(tmp_path, tiny_model_dir, tokenizer):
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir(), tiny.reverse_rows(20), "  max_seq_length: auto\n"))
+    assert prepare_data(recipe, tokenizer).stats.max_seq_length == 64
+
+
+def test_split_is_deterministic_by_seed_and_disjoint(tmp_path, tiny_model_dir):
+    path = write_recipe(tmp_path, tiny_model_dir(), tiny.reverse_rows(50), "  eval: {split_ratio: 0.2}\n")
+    from finetune.data.prepare import DataStats
+
+    first = split(load_recipe(path), DataStats())
+    again = split(load_recipe(path), DataStats())
+    other = split(load_recipe(path, ["seed=7"]), DataStats())
+    assert [s.where for s in first[1]] == [s.where for s in again[1]]
+    assert [s.where for s in first[1]] != [s.where for s in other[1]]
+    assert len(first[1]) == 10 and len(first[0]) == 40
+    assert not {s.where for s in first[0]} & {s.where for s in first[1]}
+
+
+def test_csv_and_parquet_sources_name_their_rows(tmp_path, tiny_model_dir, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.csv").write_text("prompt,completion\n1+1=,2\n2+2=,\n")
+    pq.write_table(pa.table({"prompt": ["3+3="], "completion": ["6"]}), tmp_path / "data" / "b.parquet")
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(
+        textwrap.dedent(f"""\
+        name: t
+        model: {{base: {tiny_model_dir()}}}
+        data:
+          train:
+            - {{path: data/a.csv, format: completion}}
+            - {{path: data/b.parquet, format: completion}}
+        """)
+    )
+    with pytest.raises(DataError, match=r"a\.csv:3: field 'completion' is empty"):
+        prepare_data(load_recipe(recipe_path), tokenizer)
+    prepared = prepare_data(load_recipe(recipe_path, ["data.on_bad_row=skip"]), tokenizer)
+    assert prepared.stats.train_rows == 2
