@@ -135,15 +135,21 @@ def _print_validation(results: list[dict], show: bool) -> None:
 @handles_errors
 def schema(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="The human reference (docs/recipe.md) instead.")] = False,
 ) -> None:
     """Print the recipe's JSON Schema, for editor completion and checking.
 
     Example: finetune schema -o recipe.schema.json   (then, first line of a recipe:
     # yaml-language-server: $schema=./recipe.schema.json)
     """
-    from finetune.recipe import Recipe
+    if markdown:
+        from finetune.reference import markdown as reference
 
-    text = json.dumps(Recipe.model_json_schema(), indent=2) + "\n"
+        text = reference()
+    else:
+        from finetune.recipe import Recipe
+
+        text = json.dumps(Recipe.model_json_schema(), indent=2) + "\n"
     if out is None:
         sys.stdout.write(text)
     else:

@@ -33,7 +33,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     data = data if isinstance(data, dict) else {}
     for override in overrides:
         loader.apply_override(data, locs, override)
-    if loader.problems:  # structure is broken: schema errors would only repeat them
+    if loader.fatal:  # a file or an extends chain is unusable: schema errors would only be noise
         raise RecipeError(loader.problems)
     _Prepass(locs, loader.dirs, check_files, loader.problems).walk(Recipe, data, ())
     recipe = None
@@ -51,6 +51,7 @@ class _Loader:
 
     def __init__(self) -> None:
         self.problems: list[Problem] = []
+        self.fatal = False  # some file could not be used at all, so its keys are missing
         self.dirs: dict[str, Path] = {SET_ORIGIN: Path.cwd()}
 
     def load(self, path: Path, chain: tuple[Path, ...]) -> tuple[Any, dict[KeyPath, Loc]]:
@@ -59,10 +60,16 @@ class _Loader:
         self.dirs[display_path(path)] = path.parent
         self.problems.extend(doc.problems)
         if doc.data is None:
-            if not chain and not doc.problems:
-                self.problems.append(Problem("the recipe is empty: expected keys such as name:, model:, data:", display_path(path)))
+            if doc.problems:
+                self.fatal = True
+            elif not chain:
+                self.fatal = True
+                self.problems.append(
+                    Problem("the recipe is empty: expected keys such as name:, model:, data:", display_path(path))
+                )
             return {}, {}
         if not isinstance(doc.data, dict):
+            self.fatal = True
             self.problems.append(Problem("a recipe must be a mapping of keys (name:, model:, ...)", display_path(path)))
             return {}, {}
         merged: dict[str, Any] = {}
@@ -80,15 +87,18 @@ class _Loader:
         if raw is None:
             return []
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            self.fatal = True
             self.problems.append(Problem("must be a file path or a list of file paths", where, "extends"))
             return []
         bases = []
         for name in names:
             base = (path.parent / name).expanduser().resolve()
             if base in chain:
+                self.fatal = True
                 cycle = " -> ".join(display_path(p) for p in (*chain[chain.index(base) :], base))
                 self.problems.append(Problem(f"extends cycle: {cycle}", where, "extends"))
             elif not base.is_file():
+                self.fatal = True
                 shown = display_path(base)
                 looked = f" (looked at {shown})" if shown != name else ""
                 self.problems.append(Problem(f"file not found: {name}{looked}", where, "extends"))
@@ -107,7 +117,10 @@ class _Loader:
             self.problems.append(Problem("cannot be set with --set: write it in the recipe file", SET_ORIGIN, key))
             return
         doc = parse(text, SET_ORIGIN)
-        self.problems.extend(doc.problems)
+        # the value's YAML problems belong to this override: `--set lora.rank`, not `--set:1:3`
+        self.problems.extend(Problem(p.message, SET_ORIGIN, f"{key}.{p.key}" if p.key else key) for p in doc.problems)
+        if doc.data is None and doc.problems:
+            return  # not YAML: the override is reported and left out
         node: Any = data
         for i, part in enumerate(parts[:-1]):
             if isinstance(node, list) and (not isinstance(part, int) or part >= len(node)):
@@ -117,6 +130,7 @@ class _Loader:
             child = _get(node, part)
             if child is None and isinstance(part, str) and isinstance(node, dict):
                 child = node[part] = {}
+                locs[parts[: i + 1]] = Loc(SET_ORIGIN)  # a section made by --set is located there
             if not isinstance(child, dict | list):
                 self.problems.append(
                     Problem(f"cannot set inside {dotted(parts[: i + 1])!r}: it is not a section", SET_ORIGIN, key)
@@ -357,7 +371,7 @@ def _message(kind: str, ctx: dict, value: Any, msg: str, path: KeyPath) -> str:
         "less_than_equal": "≤ {le}",
     }
     if kind in bounds:
-        return "must be " + bounds[kind].format(**{k: _show(v) for k, v in ctx.items()}) + got
+        return "must be " + bounds[kind].format(**{k: _show_bound(v) for k, v in ctx.items()}) + got
     if kind == "literal_error":
         allowed = re.findall(r"'([^']*)'", ctx.get("expected", ""))
         hint = difflib.get_close_matches(str(value), allowed, n=1) if isinstance(value, str) else []
@@ -390,12 +404,12 @@ def _unknown_key(path: KeyPath) -> str:
     key = str(path[-1])
     model = _model_at(path[:-1])
     allowed = list(model.model_fields) if model else []
+    elsewhere = [dotted(p) for p in _all_field_paths(Recipe, ()) if p[-1] == key]
+    if elsewhere:  # an exact name in another section beats a near miss here (`lr` is not `lora`)
+        return f"unknown key here; it belongs at {' or '.join(elsewhere)}"
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
     if close:
         return f"unknown key; did you mean {close[0]!r}?"
-    elsewhere = [dotted(p) for p in _all_field_paths(Recipe, ()) if p[-1] == key]
-    if elsewhere:
-        return f"unknown key here; it belongs at {elsewhere[0]}"
     return f"unknown key; allowed: {', '.join(allowed)}"
 
 
@@ -406,6 +420,11 @@ def _all_field_paths(model: type[BaseModel], prefix: KeyPath) -> list[KeyPath]:
         for section, _ in _sections_in(field.annotation):
             out += [p for p in _all_field_paths(section, (*prefix, name)) if p not in out]
     return out
+
+
+def _show_bound(value: Any) -> str:
+    """A schema bound: `> 0`, not `> 0.0`."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else _show(value)
 
 
 def _show(value: Any) -> str:

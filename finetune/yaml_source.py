@@ -49,7 +49,11 @@ class Ambiguous(str):
 
 @dataclass
 class Document:
-    """Plain data plus the location of each key path (mapping keys and sequence items)."""
+    """Plain data plus the location of each key path (mapping keys and sequence items).
+
+    `data` is None for an empty document, and for one that could not be read or parsed at all
+    (then `problems` says why); otherwise problems such as duplicate keys leave the rest usable.
+    """
 
     data: Any
     locs: dict[KeyPath, Loc] = field(default_factory=dict)
@@ -80,9 +84,9 @@ def load_file(path: Path) -> Document:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        return Document({}, problems=[Problem(f"cannot read file: {e.strerror}", where=name)])
+        return Document(None, problems=[Problem(f"cannot read file: {e.strerror}", where=name)])
     except UnicodeDecodeError:
-        return Document({}, problems=[Problem("not a UTF-8 text file", where=name)])
+        return Document(None, problems=[Problem("not a UTF-8 text file", where=name)])
     return parse(text, name)
 
 
@@ -94,9 +98,9 @@ def parse(text: str, name: str) -> Document:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = Loc(name, mark.line + 1, mark.column + 1) if mark else Loc(name)
         reason = getattr(e, "problem", None) or str(e)
-        return Document({}, problems=[Problem(f"invalid YAML: {reason}", where=str(where))])
+        return Document(None, problems=[Problem(f"invalid YAML: {reason}", where=str(where))])
     if len(nodes) > 1:
-        return Document({}, problems=[Problem("expected one YAML document, found several (---)", where=name)])
+        return Document(None, problems=[Problem("expected one YAML document, found several (---)", where=name)])
     doc = Document(None)
     if nodes and nodes[0] is not None:
         doc.data = _build(nodes[0], (), name, doc)

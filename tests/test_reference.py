@@ -1,0 +1,27 @@
+"""Generated documents stay in sync with the schema they are generated from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.recipe import Recipe
+from finetune.reference import markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_recipe_reference_is_generated_from_the_schema():
+    assert (ROOT / "docs" / "recipe.md").read_text() == markdown(), "run: finetune schema --markdown -o docs/recipe.md"
+
+
+def test_json_schema_file_is_current():
+    shipped = json.loads((ROOT / "recipe.schema.json").read_text())
+    assert shipped == Recipe.model_json_schema(), "run: finetune schema -o recipe.schema.json"
+
+
+def test_reference_lists_every_key_with_its_default():
+    text = markdown()
+    for section, model in (("lora", "rank"), ("train", "lr"), ("data", "train_on")):
+        assert f"| `{model}` |" in text, (section, model)
+    assert "| `rank` | int | `16` |" in text
