@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from finetune import __version__
-from finetune.errors import NotImplementedStageError, UserError
+from finetune.errors import NotImplementedStageError, TrainingInterrupted, UserError
 
 app = typer.Typer(
     name="finetune",
@@ -42,7 +42,7 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 
 def handles_errors(command):
-    """Map errors to exit codes: UserError -> 2, unbuilt stage -> 1, anything else -> 1 (no traceback)."""
+    """Map errors to exit codes: UserError -> 2, interrupted -> 3, anything else -> 1 (no traceback)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -50,7 +50,7 @@ def handles_errors(command):
             return command(*args, **kwargs)
         except UserError as e:
             raise _fail("\n".join(f"error: {p}" for p in e.problems), e.exit_code) from None
-        except NotImplementedStageError as e:
+        except (NotImplementedStageError, TrainingInterrupted) as e:
             raise _fail(f"error: {e}", e.exit_code) from None
         except KeyboardInterrupt:
             raise _fail("interrupted", 130) from None
@@ -173,11 +173,9 @@ def train(
     from finetune.loading import load_recipe
 
     loaded = load_recipe(recipe, overrides or [])
-    if resume:
-        raise _not_built("train --resume", "issue #9")
     from finetune.train import train as run_training
 
-    result = run_training(loaded, overwrite=overwrite, progress=not as_json)
+    result = run_training(loaded, overwrite=overwrite, resume=resume, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:

@@ -52,3 +52,9 @@ class NotImplementedStageError(Exception):
     """A CLI command whose stage is not built yet: exit 1, said plainly."""
 
     exit_code = 1
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT stopped training after a checkpoint: exit code 3, resumable with --resume."""
+
+    exit_code = 3

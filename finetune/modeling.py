@@ -93,6 +93,33 @@ def load_model(recipe: Recipe, quantized: bool = True) -> PreTrainedModel:
     return model
 
 
+def weight_files(recipe: Recipe, model: torch.nn.Module) -> dict[str, Any]:
+    """Provenance of the loaded weights: the hub commit they came from and the sha256 of each file.
+
+    Hub files are content-addressed in the cache (an LFS blob's name is its sha256), so nothing
+    is re-read; a local directory's files are hashed.
+    """
+    from pathlib import Path
+
+    from finetune.runs import file_sha256
+
+    commit = getattr(model.config, "_commit_hash", None)
+    local = Path(recipe.model.base)
+    if local.is_dir():
+        files = {p.name: file_sha256(p) for p in sorted(local.glob("*.safetensors"))}
+        return {"commit": commit, "weights_sha256": files}
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = Path(snapshot_download(recipe.model.base, revision=recipe.model.revision, local_files_only=True,
+                                          allow_patterns=["*.safetensors"]))  # fmt: skip
+        files = {p.name: p.resolve().name for p in sorted(snapshot.glob("*.safetensors"))}
+        commit = commit or snapshot.name
+    except Exception:  # provenance must never fail a run
+        files = {}
+    return {"commit": commit, "weights_sha256": files}
+
+
 def linear_modules(model: torch.nn.Module) -> dict[str, str]:
     """Full name -> leaf name of every linear layer (bitsandbytes ones included), output layer excluded."""
     out = {}

@@ -10,6 +10,7 @@ runs/<name>/
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ import yaml
 
 from finetune.errors import RunDirError
 from finetune.recipe import Recipe
+from finetune.secrets import redact
 
 PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate")
 
@@ -96,8 +98,19 @@ def atomic_dir(final: Path):
 
 
 def write_recipe(run: RunDir, recipe: Recipe) -> None:
-    text = yaml.safe_dump(recipe.resolved(), sort_keys=False, allow_unicode=True)
+    text = yaml.safe_dump(redact(recipe.resolved()), sort_keys=False, allow_unicode=True)
     write_text_atomic(run.recipe, f"# Resolved recipe of run {recipe.name!r}: extends and --set applied.\n{text}")
+
+
+def file_sha256(path: Path) -> str | None:
+    """sha256 of a file's bytes, or None when it does not exist."""
+    if not path.exists():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def now() -> str:
@@ -167,9 +180,13 @@ class Manifest:
         manifest.save()
         return manifest
 
+    @classmethod
+    def load(cls, run: RunDir) -> Manifest:
+        return cls(run, json.loads(run.manifest.read_text(encoding="utf-8")))
+
     def update(self, **fields: Any) -> None:
         self.data.update(fields)
         self.save()
 
     def save(self) -> None:
-        write_json_atomic(self.run.manifest, self.data)
+        write_json_atomic(self.run.manifest, redact(self.data))

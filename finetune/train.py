@@ -1,30 +1,34 @@
 """`finetune train`: a validated recipe -> a trained LoRA/QLoRA adapter in a run directory.
 
-Reads top to bottom: claim the run directory, record provenance, prepare data, load the
-model, train with TRL's SFTTrainer, save the adapter atomically, compare tuned vs base on
-held-out data, mark the run completed. Training itself is TRL's; we only configure it.
+Reads top to bottom: claim the run directory (or find where to resume), record provenance,
+prepare data, load the model, train with TRL's SFTTrainer, keep the best held-out adapter,
+compare tuned vs base on held-out data, mark the run completed. Training itself is TRL's; we
+configure it and make it safe to interrupt.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import yaml
 
 from finetune.data import PreparedData, prepare_data
+from finetune.errors import RunDirError, TrainingInterrupted, UserError
 from finetune.evaluate import Comparison, compare
-from finetune.modeling import load_model, load_tokenizer, lora_config, resolve_dtype, resolve_targets
+from finetune.modeling import load_model, load_tokenizer, lora_config, resolve_dtype, resolve_targets, weight_files
 from finetune.recipe import Recipe
-from finetune.runs import Manifest, RunDir, atomic_dir, now, write_json_atomic, write_recipe
+from finetune.runs import Manifest, RunDir, atomic_dir, file_sha256, now, write_json_atomic, write_recipe
+from finetune.secrets import redact_text
 
-if TYPE_CHECKING:
-    from transformers import TrainerCallback
-
-log = logging.getLogger("finetune")
+# Keys that may change between a run and its --resume: they do not change what is trained.
+RESUMABLE_CHANGES = ("eval.", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.logging_every",
+                     "train.report_to", "output_dir")  # fmt: skip
 
 
 @dataclass
@@ -37,35 +41,100 @@ class TrainResult:
     targets: list[str]
     trainable_params: int
     total_params: int
+    best_step: int | None
     data: dict[str, Any]
     eval: dict[str, Any] | None
+    resumed_from: int | None = None
     model: Any = field(default=None, repr=False)  # the trained PeftModel, for callers in this process
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "model"}
 
 
-def train(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> TrainResult:
-    """Train the recipe's adapter; writes the run directory and returns the figures."""
+def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train the recipe's adapter into its run directory; `resume` continues from the newest checkpoint."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: pick one")
     run = RunDir(recipe.run_dir)
-    run.create(overwrite)
-    write_recipe(run, recipe)
-    manifest = Manifest.start(run, recipe)
+    checkpoint = find_resume_point(run, recipe) if resume and run.manifest.exists() else None
+    if checkpoint is None:
+        run.create(overwrite)
+        write_recipe(run, recipe)
+        manifest = Manifest.start(run, recipe)
+    else:
+        manifest = Manifest.load(run)
+        _truncate_metrics(run.metrics, checkpoint_step(checkpoint))
+        attempts = [*manifest.data.get("resumes", []), {"from_step": checkpoint_step(checkpoint), "at": now()}]
+        manifest.update(status="running", finished=None, error=None, resumes=attempts)
     try:
-        result = _train(recipe, run, manifest, progress)
+        result = _train(recipe, run, manifest, checkpoint, progress)
+    except TrainingInterrupted as e:
+        manifest.update(status="interrupted", finished=now(), error=str(e))
+        raise
     except KeyboardInterrupt:
         manifest.update(status="interrupted", finished=now())
         raise
     except BaseException as e:
-        manifest.update(status="failed", finished=now(), error=f"{type(e).__name__}: {e}")
+        manifest.update(status="failed", finished=now(), error=redact_text(f"{type(e).__name__}: {e}"))
         raise
     manifest.update(status="completed", finished=now())
     return result
 
 
-def _train(recipe: Recipe, run: RunDir, manifest: Manifest, progress: bool) -> TrainResult:
+def find_resume_point(run: RunDir, recipe: Recipe) -> Path:
+    """The newest complete checkpoint of a run whose recipe still matches; partial ones are removed."""
+    from finetune.trainer import STAGING, complete_checkpoints
+
+    previous = yaml.safe_load(run.recipe.read_text(encoding="utf-8")) if run.recipe.exists() else None
+    if previous is None:
+        raise RunDirError(f"{run.root} has no recipe.yaml: not a finetune run; use --overwrite to start afresh")
+    changed = [k for k in _differing_keys(previous, recipe.resolved()) if not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        raise RunDirError(
+            f"cannot resume {run.root}: the recipe changed in {', '.join(changed)}; "
+            "restore those values, or start afresh with --overwrite"
+        )
+    staging = run.checkpoints / STAGING
+    if staging.exists():
+        import shutil
+
+        warnings.warn(f"removing partial checkpoint(s) in {staging} left by an interrupted save", stacklevel=2)
+        shutil.rmtree(staging)
+    checkpoints = complete_checkpoints(run.checkpoints)
+    if not checkpoints:
+        status = json.loads(run.manifest.read_text()).get("status")
+        hint = "it is already completed" if status == "completed" else "set train.save_every to checkpoint"
+        raise RunDirError(
+            f"{run.root} has no complete checkpoint to resume from ({hint}); use --overwrite to start afresh"
+        )
+    return checkpoints[-1]
+
+
+def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in _differing_keys(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop logs past the checkpoint, so that the resumed run's curve continues without a double."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | None, progress: bool) -> TrainResult:
     import datasets
+    import torch
     import transformers
+
+    from finetune.trainer import BestAdapter, StopOnSignal
 
     # Deprecations inside transformers/PEFT that a user cannot act on.
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
@@ -77,18 +146,43 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, progress: bool) -> T
     data = prepare_data(recipe, tokenizer)
     manifest.update(data=data.stats.to_dict())
     model = load_model(recipe)
+    manifest.update(base_model={**manifest.data["base_model"], **weight_files(recipe, model)})
     targets = resolve_targets(recipe, model)
     if recipe.quantization.method != "none":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
-    trainer = _trainer(recipe, run, model, tokenizer, data, targets, progress)
+
+    def save_best(step: int, loss: float) -> None:
+        _save_adapter(run, trainer.model, tokenizer)
+        manifest.update(best_step=step, best_eval_loss=loss)
+
+    best = BestAdapter(save_best, manifest.data.get("best_eval_loss") or math.inf)
+    stop = StopOnSignal()
+    trainer = _trainer(recipe, run, model, tokenizer, data, targets, [best, stop], progress)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     manifest.update(lora={"targets": targets, "trainable_params": trainable, "total_params": total})
-    output = trainer.train()
-    with atomic_dir(run.adapter) as tmp:
-        trainer.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    stop.install()
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError as e:
+        raise RuntimeError(_oom_advice(recipe)) from e
+    finally:
+        stop.uninstall()
+    if stop.received is not None:
+        raise TrainingInterrupted(
+            f"stopped by signal {stop.received} at step {trainer.state.global_step}; checkpoint saved; "
+            "continue with: finetune train RECIPE --resume"
+        )
+    evaluated = {e["step"] for e in trainer.state.log_history if "eval_loss" in e}
+    if data.eval is not None and trainer.state.global_step not in evaluated:
+        trainer.evaluate()  # the final held-out loss competes for the best adapter too
+    if not run.adapter.exists():  # no held-out data: the final adapter is the one
+        _save_adapter(run, trainer.model, tokenizer)
+    elif manifest.data.get("best_step") != trainer.state.global_step:
+        _load_adapter_weights(trainer.model, run.adapter)
+    manifest.update(tokenizer_sha256=file_sha256(run.adapter / "tokenizer.json"),
+                    chat_template_sha256=file_sha256(run.adapter / "chat_template.jinja"))  # fmt: skip
     comparison = _evaluate(recipe, run, trainer.model, tokenizer, data)
     summary = comparison.summary() if comparison else None
     manifest.update(steps=output.global_step, train_loss=output.training_loss, eval=summary)
@@ -101,9 +195,35 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, progress: bool) -> T
         targets=targets,
         trainable_params=trainable,
         total_params=total,
+        best_step=manifest.data.get("best_step"),
         data=data.stats.to_dict(),
         eval=summary,
+        resumed_from=checkpoint_step(checkpoint) if checkpoint else None,
         model=trainer.model,
+    )
+
+
+def _save_adapter(run: RunDir, model: Any, tokenizer: Any) -> None:
+    with atomic_dir(run.adapter) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def _load_adapter_weights(model: Any, adapter_dir: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(adapter_dir / "adapter_model.safetensors"))
+
+
+def _oom_advice(recipe: Recipe) -> str:
+    t, d = recipe.train, recipe.data
+    return (
+        f"out of memory at batch_size {t.batch_size}, max_seq_length {d.max_seq_length}, "
+        f"gradient_checkpointing {str(t.gradient_checkpointing).lower()}, quantization {recipe.quantization.method}. "
+        "Try, in order: --set train.batch_size=<half> with train.grad_accum=<double> (same global batch); "
+        "--set train.gradient_checkpointing=true; a lower data.max_seq_length; --set quantization.method=nf4; "
+        "and see `finetune plan` for the memory estimate per component."
     )
 
 
@@ -141,6 +261,7 @@ def sft_config(recipe: Recipe, run: RunDir, max_length: int) -> Any:
         save_total_limit=t.keep_checkpoints,
         logging_steps=t.logging_every,
         logging_first_step=True,
+        logging_nan_inf_filter=False,
         report_to=list(t.report_to) or "none",
         max_length=max_length,
         packing=recipe.data.packing,
@@ -151,19 +272,29 @@ def sft_config(recipe: Recipe, run: RunDir, max_length: int) -> Any:
 
 
 def _trainer(
-    recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, data: PreparedData, targets: list[str], progress: bool
+    recipe: Recipe,
+    run: RunDir,
+    model: Any,
+    tokenizer: Any,
+    data: PreparedData,
+    targets: list[str],
+    callbacks: list[Any],
+    progress: bool,
 ) -> Any:
     from transformers import PrinterCallback
-    from trl import SFTTrainer
 
-    callbacks: list[TrainerCallback] = [_metrics_callback(run.metrics)]
+    from finetune.trainer import FinetuneTrainer, MetricsJsonl
+
+    callbacks = [MetricsJsonl(run.metrics), *callbacks]
     if progress:
-        callbacks.append(_progress_callback())
-    trainer = SFTTrainer(
+        from finetune.progress import TrainProgress
+
+        callbacks.append(TrainProgress())
+    trainer = FinetuneTrainer(
         model=model,
         args=sft_config(recipe, run, data.stats.max_seq_length),
         train_dataset=data.train,
-        eval_dataset=data.eval if recipe.train.eval_every else None,
+        eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=lora_config(recipe, targets),
         callbacks=callbacks,
@@ -186,30 +317,3 @@ def _evaluate(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, data: Pre
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in comparison.examples())
         (tmp / "examples.jsonl").write_text(lines, encoding="utf-8")
     return comparison
-
-
-def _metrics_callback(path: Path) -> TrainerCallback:
-    from transformers import TrainerCallback
-
-    class MetricsJsonl(TrainerCallback):
-        """Appends every log (train and eval) to metrics.jsonl, with tokens/s between logs."""
-
-        def __init__(self) -> None:
-            self.last = (time.perf_counter(), 0.0)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = dict(logs or {})
-            t, tokens = time.perf_counter(), float(logs.get("num_tokens", self.last[1]))
-            if tokens > self.last[1]:
-                logs["tokens_per_s"] = (tokens - self.last[1]) / max(t - self.last[0], 1e-9)
-                self.last = (t, tokens)
-            with path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"step": state.global_step, "time": now(), **logs}) + "\n")
-
-    return MetricsJsonl()
-
-
-def _progress_callback() -> TrainerCallback:
-    from finetune.progress import TrainProgress
-
-    return TrainProgress()

@@ -1,0 +1,158 @@
+"""TRL's SFTTrainer, made safe to lose: atomic checkpoints, a stop on the first non-finite loss or
+gradient, a clean stop on SIGTERM/SIGINT, the best held-out adapter kept, every log in metrics.jsonl.
+
+Everything is done through the Trainer's extension points (a subclass and callbacks); TRL and
+transformers are not patched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from trl import SFTTrainer
+
+from finetune.runs import now
+
+STAGING = ".staging"
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm became NaN/inf: training stops at once, nothing is saved past it."""
+
+
+class FinetuneTrainer(SFTTrainer):
+    """SFTTrainer whose checkpoints appear only when complete and which refuses to train through NaN."""
+
+    _saving = False
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteError(f"loss is {loss.item()} at step {self.state.global_step + 1}")
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        value = float(grad_norm) if grad_norm is not None else 0.0
+        if not math.isfinite(value):
+            raise NonFiniteError(f"gradient norm is {value} at step {self.state.global_step + 1}")
+        return grad_norm
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """No card in checkpoints/: the adapter carries PEFT's, and `finetune export` writes the real one."""
+
+    def _get_output_dir(self, trial):
+        root = super()._get_output_dir(trial)
+        return os.path.join(root, STAGING) if self._saving else root
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint under checkpoints/.staging/, fsync it, then rename it into place."""
+        final_root = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._saving = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving = False
+        if not self.args.should_save:
+            return
+        staged = final_root / STAGING / name
+        _fsync_tree(staged)
+        target = final_root / name
+        if target.exists():  # the same step saved again (e.g. on stop): keep the newest
+            import shutil
+
+            shutil.rmtree(target)
+        os.replace(staged, target)
+        _fsync_dir(final_root)
+        rotate_checkpoints(str(final_root), save_total_limit=self.args.save_total_limit)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with p.open("rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories in step order; anything still under .staging is partial by construction."""
+    found = [p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted((p for p in found if (p / "trainer_state.json").is_file()), key=lambda p: int(p.name.split("-")[1]))
+
+
+class MetricsJsonl(TrainerCallback):
+    """Appends every log (train and eval) to metrics.jsonl with tokens/s between logs; NaNs are kept."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last = (time.perf_counter(), 0.0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        t, tokens = time.perf_counter(), float(logs.get("num_tokens", self.last[1]))
+        if tokens > self.last[1]:
+            logs["tokens_per_s"] = (tokens - self.last[1]) / max(t - self.last[0], 1e-9)
+            self.last = (t, tokens)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": state.global_step, "time": now(), **logs}) + "\n")
+
+
+class BestAdapter(TrainerCallback):
+    """After each held-out evaluation, keep the adapter with the lowest held-out loss (via `save`)."""
+
+    def __init__(self, save: Callable[[int, float], None], best_loss: float = math.inf) -> None:
+        self.save, self.best_loss = save, best_loss
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is not None and loss < self.best_loss:
+            self.best_loss = loss
+            self.save(state.global_step, loss)
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM/SIGINT: checkpoint at the end of the current step and stop; a second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control

@@ -1,0 +1,148 @@
+"""Runs you can trust: exact resume after SIGKILL, clean stop on SIGTERM, NaN stop, no secret on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_train import finetune, losses, write_recipe
+
+RESUMABLE = """\
+data:
+  train: [{path: data/train.jsonl}]
+  max_seq_length: 64
+"""
+
+
+def recipe_for_resume(tmp_path: Path, model_dir: Path) -> Path:
+    """24 steps with dropout (so RNG state matters) and a checkpoint every 4 steps."""
+    path = write_recipe(tmp_path, model_dir)
+    text = path.read_text().replace("max_steps: 8", "max_steps: 24\n  save_every: 4")
+    path.write_text(text.replace("lora: {rank: 8, alpha: 16}", "lora: {rank: 8, alpha: 16, dropout: 0.1}"))
+    return path
+
+
+def adapter_tensors(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def start(recipe: Path, cwd: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "finetune.cli", "train", str(recipe), *args],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists():
+            lines = (run / "metrics.jsonl").read_text().splitlines()
+            if lines and json.loads(lines[-1])["step"] >= step:
+                return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise TimeoutError(step)
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_ends_with_the_same_adapter(tiny_model_dir, tmp_path):
+    recipe = recipe_for_resume(tmp_path, tiny_model_dir())
+    full = finetune("train", str(recipe), "--set", "output_dir=runs/full", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    kill_at = random.Random().randint(5, 21)
+    proc = start(recipe, tmp_path, "--set", "output_dir=runs/killed")
+    run = tmp_path / "runs" / "killed"
+    wait_for_step(run, kill_at, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads((run / "manifest.json").read_text())["status"] == "running"
+
+    resumed = finetune("train", str(recipe), "--set", "output_dir=runs/killed", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["resumes"][0]["from_step"] <= kill_at
+    expected, got = adapter_tensors(tmp_path / "runs" / "full"), adapter_tensors(run)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert (expected[name] - got[name]).abs().max() <= 1e-6, (kill_at, name)
+    assert losses(run) == pytest.approx(losses(tmp_path / "runs" / "full"), abs=1e-6), kill_at
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_marks_interrupted_and_exits_3(tiny_model_dir, tmp_path):
+    recipe = recipe_for_resume(tmp_path, tiny_model_dir())
+    proc = start(recipe, tmp_path, "--set", "train.max_steps=100000", "--set", "train.save_every=100000")
+    run = tmp_path / "runs" / "tiny"
+    wait_for_step(run, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr[-2000:]
+    assert "--resume" in stderr and "Traceback" not in stderr
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    checkpoints = sorted((run / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and int(checkpoints[0].name.split("-")[1]) >= 3
+
+
+def test_resume_refuses_a_recipe_that_changed_what_is_trained(tiny_model_dir, tmp_path):
+    recipe = recipe_for_resume(tmp_path, tiny_model_dir())
+    run = tmp_path / "runs" / "tiny"
+    (run / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    from finetune.loading import load_recipe
+    from finetune.runs import Manifest, RunDir, write_recipe
+
+    os.chdir(tmp_path)
+    original = load_recipe(recipe)
+    write_recipe(RunDir(run), original)
+    Manifest.start(RunDir(run), original)
+    result = finetune("train", str(recipe), "--resume", "--set", "lora.rank=4", "--set", "train.lr=1e-3", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "the recipe changed in lora.rank, train.lr" in result.stderr
+    allowed = finetune("train", str(recipe), "--resume", "--overwrite", cwd=tmp_path)
+    assert allowed.returncode == 2 and "contradict" in allowed.stderr
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_the_run_naming_the_step(tiny_model_dir, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_model_dir())
+    result = finetune("train", str(recipe), "--set", "train.lr=1e30", "--set", "train.max_grad_norm=1e30", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "is nan at step" in result.stderr or "is inf at step" in result.stderr, result.stderr[-2000:]
+    manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "at step" in manifest["error"]
+    logged = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert logged, "the steps before the NaN are logged"
+
+
+@pytest.mark.slow
+def test_planted_secrets_reach_no_file_of_the_run(tiny_model_dir, tmp_path, monkeypatch):
+    env_token = "hf_" + "e" * 34
+    recipe_token = "hf_" + "r" * 34
+    recipe = write_recipe(tmp_path, tiny_model_dir())
+    recipe.write_text(recipe.read_text().replace("name: tiny", f"name: tiny\n# token {recipe_token}"))
+    (tmp_path / "data" / "train.jsonl").rename(tmp_path / "data" / f"{recipe_token}.jsonl")
+    recipe.write_text(recipe.read_text().replace("data/train.jsonl", f"data/{recipe_token}.jsonl"))
+    monkeypatch.setenv("HF_TOKEN", env_token)
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef" * 2)
+    result = finetune("train", str(recipe), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for path in (tmp_path / "runs").rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            for secret in (env_token, recipe_token, "0123456789abcdef" * 2):
+                assert secret.encode() not in content, path
+    for stream in (result.stdout, result.stderr):
+        assert env_token not in stream and "0123456789abcdef" * 2 not in stream
