@@ -185,7 +185,6 @@ def train(
 def _print_train_result(r: dict) -> None:
     """The end of a run: where the adapter is, how long it took, and tuned vs base on held-out data."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(highlight=False)
     share = r["trainable_params"] / max(r["total_params"], 1)
@@ -193,24 +192,33 @@ def _print_train_result(r: dict) -> None:
         f"trained {r['steps']} steps in {r['seconds']:.0f}s, train loss {r['train_loss']:.4f}; "
         f"{r['trainable_params']:,} of {r['total_params']:,} parameters trained ({share:.2%})"
     )
-    console.print(f"adapter: {r['adapter_dir']}")
+    best = f" (best held-out loss at step {r['best_step']})" if r.get("best_step") else ""
+    console.print(f"adapter: {r['adapter_dir']}{best}")
     if not r["eval"]:
         console.print("no held-out data (data.eval): nothing to compare against the base model")
         return
-    tuned, base = r["eval"]["tuned"], r["eval"]["base"]
-    table = Table(title=f"held-out ({r['eval']['examples']} examples)", title_justify="left")
-    for column in ("metric", "base", "tuned", "delta"):
+    console.print(_comparison_table(r["eval"]))
+
+
+def _comparison_table(summary: dict) -> Any:
+    """Held-out figures for base and tuned side by side, with the difference and per-example wins/losses."""
+    from rich.table import Table
+
+    tuned, base, versus = summary["tuned"], summary["base"], summary.get("vs_base", {})
+    table = Table(title=f"held-out ({summary['examples']} examples)", title_justify="left")
+    for column in ("metric", "base", "tuned", "delta", "wins/losses/ties"):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    rows = [("loss", "loss"), ("perplexity", "perplexity")] + [(m, m) for m in tuned["metrics"]]
-    for label, key in rows:
-        t = tuned.get(key, tuned["metrics"].get(key))
-        b = None if base is None else base.get(key, base["metrics"].get(key))
+    for key in ("loss", "perplexity", *tuned["metrics"]):
+        t = tuned["metrics"].get(key, tuned.get(key))
+        b = None if base is None else base["metrics"].get(key, base.get(key))
         if t is None:
             continue
-        fmt = "{:.4f}" if key not in ("perplexity",) else "{:.2f}"
-        delta = "" if b is None else ("{:+.4f}" if key != "perplexity" else "{:+.2f}").format(t - b)
-        table.add_row(label, "-" if b is None else fmt.format(b), fmt.format(t), delta)
-    console.print(table)
+        fmt = "{:.2f}" if key == "perplexity" else "{:.4f}"
+        delta = "" if b is None else ("{:+.2f}" if key == "perplexity" else "{:+.4f}").format(t - b)
+        v = versus.get(key, {})
+        record = f"{v['wins']}/{v['losses']}/{v['ties']}" if "wins" in v else ""
+        table.add_row(key, "-" if b is None else fmt.format(b), fmt.format(t), delta, record)
+    return table
 
 
 @app.command()
@@ -241,14 +249,53 @@ def data(
 @app.command(name="eval")
 @handles_errors
 def eval_(
-    target: Annotated[str, typer.Argument(help="Run directory or recipe file.")],
+    target: Annotated[Path, typer.Argument(help="Run directory, or the recipe that made it.", show_default=False)],
+    against: Annotated[
+        str | None, typer.Option("--against", help="`base`: also score the base model; `none`: tuned only.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Score generation metrics on at most N rows.")] = None,
+    fail_under: Annotated[
+        list[str] | None,
+        typer.Option("--fail-under", help="Exit 1 if a tuned metric is under a value, e.g. exact_match=0.8."),
+    ] = None,
+    fail_if_worse: Annotated[
+        bool, typer.Option("--fail-if-worse-than-base", help="Exit 1 if any tuned figure is worse than the base's.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Held-out metrics for the tuned model against its base, side by side.
+    """Held-out loss and metrics of the tuned model against its base, side by side; a CI gate.
 
-    Example: finetune eval runs/quickstart --fail-if-worse-than-base
+    Example: finetune eval runs/quickstart --fail-under exact_match=0.8 --fail-if-worse-than-base
     """
-    raise _not_built("eval", "issue #7")
+    if against not in (None, "base", "none"):
+        raise UserError(f"--against: use base or none, not {against!r}")
+    thresholds = _thresholds(fail_under or [])
+    from finetune.evaluate import evaluate, gate
+
+    result = evaluate(target, against_base=None if against is None else against == "base", limit=limit)
+    failures = gate(result.summary, thresholds, fail_if_worse)
+    if as_json:
+        typer.echo(json.dumps({**result.to_dict(), "gate_failures": failures}, indent=2))
+    else:
+        from rich.console import Console
+
+        Console(highlight=False).print(_comparison_table(result.summary))
+        typer.echo(f"results: {Path(result.run_dir) / 'eval'}")
+    if failures:
+        raise _fail("\n".join(f"gate failed: {f}" for f in failures), 1)
+
+
+def _thresholds(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise UserError(f"--fail-under: expected METRIC=VALUE, got {item!r}")
+    return out
 
 
 @app.command()

@@ -12,7 +12,8 @@ import math
 import re
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -83,6 +84,7 @@ class ModelScores:
     perplexity: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
+    per_example: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,17 +95,35 @@ class Comparison:
     prompts: list[str]
 
     def summary(self) -> dict[str, Any]:
-        def scores(s: ModelScores | None) -> dict | None:
-            return None if s is None else {k: v for k, v in asdict(s).items() if k != "outputs"}
+        """Per model: loss, perplexity, metric means; per metric: delta and per-example wins/losses/ties."""
 
-        return {"tuned": scores(self.tuned), "base": scores(self.base), "examples": len(self.references)}
+        def scores(s: ModelScores | None) -> dict | None:
+            return None if s is None else {"loss": s.loss, "perplexity": s.perplexity, "metrics": s.metrics}
+
+        out: dict[str, Any] = {"tuned": scores(self.tuned), "base": scores(self.base), "examples": len(self.references)}
+        if self.base is not None:
+            out["vs_base"] = {name: self._versus(name) for name in self.tuned.metrics}
+            if self.tuned.loss is not None and self.base.loss is not None:
+                out["vs_base"]["loss"] = {"delta": self.tuned.loss - self.base.loss}
+        return out
+
+    def _versus(self, name: str) -> dict[str, float | int]:
+        pairs = list(zip(self.tuned.per_example[name], self.base.per_example[name], strict=True))
+        return {
+            "delta": self.tuned.metrics[name] - self.base.metrics[name],
+            "wins": sum(t > b for t, b in pairs),
+            "losses": sum(t < b for t, b in pairs),
+            "ties": sum(t == b for t, b in pairs),
+        }
 
     def examples(self) -> list[dict[str, Any]]:
         rows = []
         for i, (prompt, ref) in enumerate(zip(self.prompts, self.references, strict=True)):
-            row = {"prompt": prompt, "reference": ref, "tuned": self.tuned.outputs[i]}
+            row: dict[str, Any] = {"prompt": prompt, "reference": ref, "tuned": self.tuned.outputs[i]}
+            row["tuned_scores"] = {k: v[i] for k, v in self.tuned.per_example.items()}
             if self.base is not None:
                 row["base"] = self.base.outputs[i]
+                row["base_scores"] = {k: v[i] for k, v in self.base.per_example.items()}
             rows.append(row)
         return rows
 
@@ -193,6 +213,7 @@ def score(
         scores.outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
         for name, fn in metrics.items():
             values = [float(fn(p, r)) for p, r in zip(scores.outputs, references, strict=True)]
+            scores.per_example[name] = values
             scores.metrics[name] = sum(values) / len(values)
     return scores
 
@@ -220,3 +241,86 @@ def compare(
         with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
             base = run()
     return Comparison(tuned, base, references, prompts)
+
+
+# --- the `finetune eval` stage -------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    run_dir: str
+    summary: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": self.run_dir, **self.summary}
+
+
+def evaluate(target: str | Path, against_base: bool | None = None, limit: int | None = None) -> EvalResult:
+    """Evaluate a run's adapter (a run directory, or the recipe that made it) on its held-out data.
+
+    The run's own resolved recipe, tokenizer and chat template are used, so the held-out rows,
+    masks and prompts are exactly those of training; results go to RUN/eval/.
+    """
+    from peft import PeftModel
+
+    from finetune.data import prepare_data
+    from finetune.loading import load_recipe
+    from finetune.modeling import load_model, quiet_libraries
+    from finetune.runs import write_eval
+
+    quiet_libraries()
+    run = _run_of(Path(target))
+    recipe = load_recipe(run.recipe)
+    if recipe.data.eval is None:
+        raise UserError(f"{run.recipe}: data.eval is not set, so the run has no held-out data to evaluate on")
+    tokenizer = _tokenizer(run.adapter)
+    data = prepare_data(recipe, tokenizer)
+    model = PeftModel.from_pretrained(load_model(recipe), run.adapter)
+    e = recipe.eval
+    comparison = compare(
+        model, tokenizer, data.eval, data.eval_samples, list(e.metrics), e.max_new_tokens, e.batch_size,
+        with_base=e.compare_base if against_base is None else against_base, limit=limit or e.limit,
+    )  # fmt: skip
+    write_eval(run, comparison.summary(), comparison.examples())
+    return EvalResult(str(run.root), comparison.summary())
+
+
+def _run_of(target: Path) -> Any:
+    from finetune.loading import load_recipe
+    from finetune.runs import RunDir
+
+    if target.is_file():
+        target = Path(load_recipe(target).run_dir)
+    run = RunDir(target)
+    missing = [p.name for p in (run.recipe, run.adapter / "adapter_config.json") if not p.exists()]
+    if missing:
+        raise UserError(f"{target}: not a finished run directory (missing {', '.join(missing)})")
+    return run
+
+
+def _tokenizer(adapter_dir: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(adapter_dir)
+
+
+def gate(summary: dict[str, Any], fail_under: dict[str, float], worse_than_base: bool) -> list[str]:
+    """The CI gate: each failed condition as a sentence with its figures; empty when all pass."""
+    tuned, base = summary["tuned"], summary.get("base")
+    failures = []
+    for name, threshold in fail_under.items():
+        value = tuned["metrics"].get(name, tuned.get(name) if name in ("loss", "perplexity") else None)
+        if value is None:
+            failures.append(f"{name}: not computed (eval.metrics has {', '.join(tuned['metrics']) or 'none'})")
+        elif value < threshold:
+            failures.append(f"{name} = {value:.4f} is under {threshold:g}")
+    if worse_than_base:
+        if base is None:
+            failures.append("--fail-if-worse-than-base needs the base model's scores (eval.compare_base)")
+        else:
+            if tuned["loss"] is not None and base["loss"] is not None and tuned["loss"] > base["loss"]:
+                failures.append(f"held-out loss {tuned['loss']:.4f} is worse than the base's {base['loss']:.4f}")
+            for name, value in tuned["metrics"].items():
+                if value < base["metrics"][name]:
+                    failures.append(f"{name} {value:.4f} is worse than the base's {base['metrics'][name]:.4f}")
+    return failures

@@ -31,6 +31,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     loader = _Loader()
     data, locs = loader.load(Path(path), ())
     data = data if isinstance(data, dict) else {}
+    locs[()] = Loc(display_path(Path(path).expanduser().resolve()))  # a missing top-level key: the recipe given
     for override in overrides:
         loader.apply_override(data, locs, override)
     if loader.fatal:  # a file or an extends chain is unusable: schema errors would only be noise
@@ -349,11 +350,11 @@ def _parse_dotted(field: str) -> KeyPath:
 
 
 def _nearest_loc(locs: dict[KeyPath, Loc], path: KeyPath) -> Loc:
-    for n in range(len(path), 0, -1):
+    """Where `path` was set, else where its nearest parent was; `()` is the recipe file itself."""
+    for n in range(len(path), -1, -1):
         if path[:n] in locs:
             return locs[path[:n]]
-    files = [loc.file for loc in locs.values() if loc.file != SET_ORIGIN]
-    return Loc(files[-1]) if files else Loc(SET_ORIGIN)
+    return Loc(SET_ORIGIN)
 
 
 def _message(kind: str, ctx: dict, value: Any, msg: str, path: KeyPath) -> str:

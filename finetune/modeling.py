@@ -6,7 +6,6 @@ safetensors only, `trust_remote_code` off unless the recipe turns it on.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,12 +17,21 @@ if TYPE_CHECKING:
     from peft import LoraConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional hub kernel is missing.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
 ATTENTION_PARENTS = ("attn", "attention")
 MLP_PARENTS = ("mlp", "feed_forward", "ffn")
 OUTPUT_LAYERS = ("lm_head", "embed_out", "output")
+
+
+def quiet_libraries() -> None:
+    """Silence progress bars and deprecation notices of transformers/PEFT/datasets that a user cannot act on."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def device() -> torch.device:

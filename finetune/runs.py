@@ -97,6 +97,14 @@ def atomic_dir(final: Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_eval(run: RunDir, summary: dict[str, Any], examples: list[dict[str, Any]]) -> None:
+    """eval/summary.json and eval/examples.jsonl, replaced together."""
+    with atomic_dir(run.eval) as tmp:
+        write_json_atomic(tmp / "summary.json", summary)
+        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in examples)
+        (tmp / "examples.jsonl").write_text(lines, encoding="utf-8")
+
+
 def write_recipe(run: RunDir, recipe: Recipe) -> None:
     text = yaml.safe_dump(redact(recipe.resolved()), sort_keys=False, allow_unicode=True)
     write_text_atomic(run.recipe, f"# Resolved recipe of run {recipe.name!r}: extends and --set applied.\n{text}")

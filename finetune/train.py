@@ -21,9 +21,17 @@ import yaml
 from finetune.data import PreparedData, prepare_data
 from finetune.errors import RunDirError, TrainingInterrupted, UserError
 from finetune.evaluate import Comparison, compare
-from finetune.modeling import load_model, load_tokenizer, lora_config, resolve_dtype, resolve_targets, weight_files
+from finetune.modeling import (
+    load_model,
+    load_tokenizer,
+    lora_config,
+    quiet_libraries,
+    resolve_dtype,
+    resolve_targets,
+    weight_files,
+)
 from finetune.recipe import Recipe
-from finetune.runs import Manifest, RunDir, atomic_dir, file_sha256, now, write_json_atomic, write_recipe
+from finetune.runs import Manifest, RunDir, atomic_dir, file_sha256, now, write_eval, write_recipe
 from finetune.secrets import redact_text
 
 # Keys that may change between a run and its --resume: they do not change what is trained.
@@ -130,16 +138,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | None, progress: bool) -> TrainResult:
-    import datasets
     import torch
     import transformers
 
     from finetune.trainer import BestAdapter, StopOnSignal
 
-    # Deprecations inside transformers/PEFT that a user cannot act on.
-    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
     started = time.perf_counter()
     transformers.set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
@@ -312,8 +316,5 @@ def _evaluate(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, data: Pre
         model, tokenizer, data.eval, data.eval_samples, list(e.metrics), e.max_new_tokens, e.batch_size,
         with_base=e.compare_base, limit=e.limit,
     )  # fmt: skip
-    with atomic_dir(run.eval) as tmp:
-        write_json_atomic(tmp / "summary.json", comparison.summary())
-        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in comparison.examples())
-        (tmp / "examples.jsonl").write_text(lines, encoding="utf-8")
+    write_eval(run, comparison.summary(), comparison.examples())
     return comparison

@@ -1,0 +1,100 @@
+"""Eval: metrics on hand-made cases, the CI gate, best-adapter selection, `finetune eval` on a run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from test_train import finetune, write_recipe
+
+from finetune.evaluate import contains, exact_match, gate, json_valid, metric_functions, regex
+from finetune.trainer import BestAdapter
+
+
+@pytest.mark.parametrize(
+    ("metric", "prediction", "reference", "expected"),
+    [
+        (exact_match, " blue red\n", "blue red", 1.0),
+        (exact_match, "blue  red", "blue red", 0.0),
+        (exact_match, "", "blue", 0.0),
+        (exact_match, "", "", 1.0),
+        (exact_match, "naïve café ✓", "naïve café ✓", 1.0),
+        (contains, "the answer is 42.", "42", 1.0),
+        (contains, "", "42", 0.0),
+        (regex, "Order #1234", r"Order #\d+", 1.0),
+        (regex, "Order #12a", r"Order #\d+", 0.0),
+        (regex, "anything", "([unclosed", 0.0),
+        (json_valid, '{"a": [1, 2]}', "", 1.0),
+        (json_valid, '{"a": [1, 2}', "", 0.0),
+        (json_valid, "", "", 0.0),
+        (json_valid, '"é"', "", 1.0),
+    ],
+)
+def test_metrics_on_hand_made_cases(metric, prediction, reference, expected):
+    assert metric(prediction, reference) == expected
+
+
+def test_user_metric_is_imported_by_module_and_function():
+    fns = metric_functions(["exact_match", "loss", "math:isclose"])
+    assert set(fns) == {"exact_match", "math:isclose"} and fns["math:isclose"] is math.isclose
+
+
+def test_an_unimportable_user_metric_is_a_user_error():
+    from finetune.errors import UserError
+
+    with pytest.raises(UserError, match="cannot import 'nope_module:f'"):
+        metric_functions(["nope_module:f"])
+
+
+SUMMARY = {
+    "tuned": {"loss": 0.5, "perplexity": 1.6, "metrics": {"exact_match": 0.9, "contains": 0.7}},
+    "base": {"loss": 2.0, "perplexity": 7.4, "metrics": {"exact_match": 0.0, "contains": 0.8}},
+}
+
+
+def test_gate_reports_each_failed_condition_with_its_figures():
+    assert gate(SUMMARY, {"exact_match": 0.8}, False) == []
+    assert gate(SUMMARY, {"exact_match": 0.95}, False) == ["exact_match = 0.9000 is under 0.95"]
+    assert gate(SUMMARY, {}, True) == ["contains 0.7000 is worse than the base's 0.8000"]
+    assert "not computed" in gate(SUMMARY, {"json_valid": 0.5}, False)[0]
+
+
+def test_best_adapter_keeps_the_lowest_held_out_loss_even_when_not_last():
+    saved = []
+    best = BestAdapter(lambda step, loss: saved.append((step, loss)))
+
+    class State:
+        global_step = 0
+
+    for step, loss in [(10, 3.0), (20, 2.0), (30, 2.5), (40, 2.1)]:
+        State.global_step = step
+        best.on_evaluate(None, State, None, metrics={"eval_loss": loss})
+    assert saved == [(10, 3.0), (20, 2.0)]
+
+
+@pytest.mark.slow
+def test_eval_on_a_run_reproduces_the_training_summary_and_gates(tiny_model_dir, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_model_dir())
+    recipe.write_text(recipe.read_text().replace("logging_every: 1", "logging_every: 1\n  eval_every: 3"))
+    assert finetune("train", str(recipe), cwd=tmp_path).returncode == 0
+    run = tmp_path / "runs" / "tiny"
+    manifest = json.loads((run / "manifest.json").read_text())
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    eval_losses = {e["step"]: e["eval_loss"] for e in evals if "eval_loss" in e}
+    assert manifest["best_step"] == min(eval_losses, key=eval_losses.get)
+    trained = json.loads((run / "eval" / "summary.json").read_text())
+
+    result = finetune("eval", str(run), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    again = json.loads(result.stdout)
+    assert again["tuned"]["loss"] == pytest.approx(trained["tuned"]["loss"], abs=1e-5)
+    assert again["tuned"]["loss"] == pytest.approx(eval_losses[manifest["best_step"]], abs=1e-4)
+    assert again["base"]["loss"] == pytest.approx(trained["base"]["loss"], abs=1e-5)
+    assert again["tuned"]["metrics"] == trained["tuned"]["metrics"]
+    rows = [json.loads(line) for line in (run / "eval" / "examples.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and {"prompt", "reference", "tuned", "base", "tuned_scores", "base_scores"} <= set(rows[0])
+
+    gated = finetune("eval", str(recipe), "--fail-under", "exact_match=1.01", cwd=tmp_path)
+    assert gated.returncode == 1 and "gate failed: exact_match" in gated.stderr
+    assert finetune("eval", str(tmp_path / "nope"), cwd=tmp_path).returncode == 2
