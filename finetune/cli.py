@@ -119,13 +119,13 @@ def validate(
 
 
 def _print_validation(results: list[dict], show: bool) -> None:
-    import yaml
+    from finetune.yaml_source import dump
 
     for r in results:
         if r["valid"]:
             typer.echo(f"ok: {r['path']}")
             if show:
-                typer.echo(yaml.safe_dump(r["recipe"], sort_keys=False, allow_unicode=True))
+                typer.echo(dump(r["recipe"]))
         for p in r["problems"]:
             head = " ".join(x for x in (p["where"], p["key"]) if x)
             typer.echo(f"error: {head}: {p['message']}", err=True)

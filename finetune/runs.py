@@ -24,11 +24,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from finetune.errors import RunDirError
 from finetune.recipe import Recipe
 from finetune.secrets import redact
+from finetune.yaml_source import dump
 
 PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate")
 
@@ -106,7 +105,7 @@ def write_eval(run: RunDir, summary: dict[str, Any], examples: list[dict[str, An
 
 
 def write_recipe(run: RunDir, recipe: Recipe) -> None:
-    text = yaml.safe_dump(redact(recipe.resolved()), sort_keys=False, allow_unicode=True)
+    text = dump(redact(recipe.resolved()))
     write_text_atomic(run.recipe, f"# Resolved recipe of run {recipe.name!r}: extends and --set applied.\n{text}")
 
 

@@ -193,3 +193,33 @@ def _dotted(path: KeyPath) -> str:
 
 
 dotted = _dotted
+
+
+def _reads_as_text(text: str) -> bool:
+    """Whether a plain (unquoted) scalar with this text would load back as this very string."""
+    lowered = text.lower()
+    return not (
+        text in _NULLS
+        or text in _BOOLS
+        or lowered in _YAML11_BOOLS
+        or lowered in _SPECIAL_FLOATS
+        or _INT.fullmatch(text)
+        or _FLOAT.fullmatch(text)
+    )
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes every string our loader would otherwise read as a number, null or boolean (`1234e56`, `no`)."""
+
+
+_Dumper.add_representer(
+    str,
+    lambda dumper, value: dumper.represent_scalar(
+        "tag:yaml.org,2002:str", value, style=None if _reads_as_text(value) else '"'
+    ),
+)
+
+
+def dump(data: Any) -> str:
+    """YAML text that `parse` reads back to exactly `data`."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True)

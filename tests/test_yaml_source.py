@@ -247,3 +247,11 @@ def test_load_file_missing_or_not_text(tmp_path: Path, monkeypatch):
     binary = load_file(tmp_path / "bin.yaml")
     assert binary.data is None
     assert binary.problems == [Problem("not a UTF-8 text file", "bin.yaml")]
+
+
+@pytest.mark.parametrize("text", ["1234e56", "no", "on", "null", "~", "42", "-1.5", ".inf", "true", "plain", "a: b"])
+def test_dump_quotes_what_would_not_read_back_as_text(text):
+    from finetune.yaml_source import dump, parse
+
+    data = {"revision": text, "nested": [{"x": text}]}
+    assert parse(dump(data), "t.yaml").data == data
