@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -141,9 +142,10 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     import torch
     import transformers
 
-    from finetune.trainer import BestAdapter, StopOnSignal
+    from finetune.trainer import BestAdapter, EvaluateAtEnd, StopOnSignal
 
     quiet_libraries()
+    _trackers_write_into(run, recipe)
     started = time.perf_counter()
     transformers.set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
@@ -163,7 +165,8 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
 
     best = BestAdapter(save_best, manifest.data.get("best_eval_loss") or math.inf)
     stop = StopOnSignal()
-    trainer = _trainer(recipe, run, model, tokenizer, data, targets, [best, stop], progress)
+    callbacks = [best, stop] + ([EvaluateAtEnd()] if data.eval is not None else [])
+    trainer = _trainer(recipe, run, model, tokenizer, data, targets, callbacks, progress)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     manifest.update(lora={"targets": targets, "trainable_params": trainable, "total_params": total})
     stop.install()
@@ -178,9 +181,6 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
             f"stopped by signal {stop.received} at step {trainer.state.global_step}; checkpoint saved; "
             "continue with: finetune train RECIPE --resume"
         )
-    evaluated = {e["step"] for e in trainer.state.log_history if "eval_loss" in e}
-    if data.eval is not None and trainer.state.global_step not in evaluated:
-        trainer.evaluate()  # the final held-out loss competes for the best adapter too
     if not run.adapter.exists():  # no held-out data: the final adapter is the one
         _save_adapter(run, trainer.model, tokenizer)
     elif manifest.data.get("best_step") != trainer.state.global_step:
@@ -205,6 +205,17 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
         resumed_from=checkpoint_step(checkpoint) if checkpoint else None,
         model=trainer.model,
     )
+
+
+def _trackers_write_into(run: RunDir, recipe: Recipe) -> None:
+    """Offline trackers log inside the run directory unless the user points them elsewhere."""
+    if "tensorboard" in recipe.train.report_to:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.root / "tensorboard"))
+    if "mlflow" in recipe.train.report_to:
+        if "MLFLOW_TRACKING_URI" not in os.environ:  # a plain file store: offline, no database server
+            os.environ["MLFLOW_TRACKING_URI"] = (run.root / "mlruns").resolve().as_uri()
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", recipe.name)
 
 
 def _save_adapter(run: RunDir, model: Any, tokenizer: Any) -> None:
@@ -241,6 +252,7 @@ def sft_config(recipe: Recipe, run: RunDir, max_length: int) -> Any:
     on_gpu = torch.cuda.is_available()
     return SFTConfig(
         output_dir=str(run.checkpoints),
+        run_name=recipe.name,
         seed=recipe.seed,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,

@@ -131,6 +131,15 @@ class BestAdapter(TrainerCallback):
             self.save(state.global_step, loss)
 
 
+class EvaluateAtEnd(TrainerCallback):
+    """Held-out loss at the last step too, inside training (so trackers log it in the same run)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = True
+        return control
+
+
 class StopOnSignal(TrainerCallback):
     """SIGTERM/SIGINT: checkpoint at the end of the current step and stop; a second signal stops at once."""
 

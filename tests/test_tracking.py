@@ -1,0 +1,33 @@
+"""Trackers for real, offline: tensorboard event files and an mlflow file store inside the run."""
+
+from __future__ import annotations
+
+import pytest
+from test_train import finetune, write_recipe
+
+
+@pytest.mark.slow
+def test_tensorboard_and_mlflow_log_the_training_curve(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    recipe = write_recipe(tmp_path, tiny_model_dir())
+    result = finetune("train", str(recipe), "--set", "train.report_to=[tensorboard, mlflow]", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "runs" / "tiny"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert len(events.Scalars("train/loss")) == 8
+    assert len(events.Scalars("eval/loss")) == 1
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # reading the store the run wrote
+
+    client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
+    [experiment] = [e for e in client.search_experiments() if e.name == "tiny"]
+    [mlrun] = client.search_runs([experiment.experiment_id])
+    assert len(client.get_metric_history(mlrun.info.run_id, "loss")) == 8
+    assert mlrun.data.params["learning_rate"] == "0.005"
