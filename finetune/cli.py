@@ -223,12 +223,102 @@ def _comparison_table(summary: dict) -> Any:
 
 @app.command()
 @handles_errors
-def plan(recipe: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = False) -> None:
+def plan(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    as_json: JsonOpt = False,
+    gpu: Annotated[
+        str | None,
+        typer.Option("--gpu", help="Estimate the time on this GPU: H100, H200, A100, L40S, A10G, RTX 4090."),
+    ] = None,
+    tflops: Annotated[
+        float | None, typer.Option("--tflops", help="Estimate the time at this peak bf16 TFLOP/s instead.")
+    ] = None,
+    mfu: Annotated[
+        float, typer.Option("--mfu", help="Share of the peak actually reached (model FLOPs utilisation).")
+    ] = 0.4,
+) -> None:
     """Trainable and total parameters, memory per component, steps and tokens, before any weight loads.
 
-    Example: finetune plan recipes/llama-3.1-8b-qlora.yaml --json
+    Reads only config.json (and the tokenizer, for local data): no weights, no GPU.
+
+    Example: finetune plan recipes/llama-3.1-8b-qlora.yaml --set model.base=path/to/config-dir --gpu H100
     """
-    raise _not_built("plan", "issue #6")
+    from finetune.loading import load_recipe
+    from finetune.plan import plan as make_plan
+
+    loaded = load_recipe(recipe, overrides or [])
+    result = make_plan(loaded, gpu=gpu, tflops=tflops, mfu=mfu)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_plan(result.to_dict())
+
+
+def _print_plan(r: dict) -> None:
+    """The plan as tables: parameters per module, memory per component, GPUs it fits, work and time."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def gb(n: int | None) -> str:
+        return "unknown" if n is None else f"{n / 1e9:.2f}"
+
+    console = Console(highlight=False)
+    p, m, w, t = r["params"], r["memory"], r["work"], r["time"]
+    console.print(f"plan for {r['name']}: {r['model']} ({r['architecture']}, {r['layers']} layers)")
+    table = Table(title="trainable parameters", title_justify="left")
+    for column in ("module", "kind", "modules", "params", "share"):
+        table.add_column(column, justify="left" if column in ("module", "kind") else "right")
+    for row in p["by_module"]:
+        share = row["params"] / max(p["trainable"], 1)
+        table.add_row(row["name"], row["kind"], str(row["modules"]), f"{row['params']:,}", f"{share:.1%}")
+    console.print(table)
+    console.print(
+        f"base {p['base']:,} parameters; trainable {p['trainable']:,} of {p['total']:,} ({p['trainable_share']:.3%})"
+    )
+    shape = f"micro-batch {m['micro_batch']} x {m['seq_length'] or '?'} tokens"
+    checkpointing = "on" if m["gradient_checkpointing"] else "off"
+    title = f"memory (GB = 10^9 bytes; {m['weights_dtype']} weights, {m['compute_dtype']} compute, {shape}, "
+    table = Table(title=title + f"gradient checkpointing {checkpointing})", title_justify="left")
+    for column in ("component", "GB", "formula"):
+        table.add_column(column, justify="right" if column == "GB" else "left", overflow="fold")
+    for term in m["terms"]:
+        table.add_row(term["name"], gb(term["bytes"]), term["formula"])
+    total = gb(m["total"]) if m["total"] is not None else f">= {gb(m['lower_bound'])}"
+    table.add_row("total", total, "")
+    console.print(table)
+    other = "without" if m["gradient_checkpointing"] else "with"
+    other_bytes = m["activations_without_checkpointing" if other == "without" else "activations_with_checkpointing"]
+    if other_bytes is not None:
+        console.print(f"activations {other} gradient checkpointing: {gb(other_bytes)} GB")
+    verdict = {True: "fits", False: "does not fit", None: "unknown"}
+    console.print("fits: " + ", ".join(f"{size} {verdict[ok]}" for size, ok in m["fits"].items()))
+    if w["available"]:
+        table = Table(title="work", title_justify="left")
+        table.add_column("", justify="left")
+        table.add_column("per epoch", justify="right")
+        table.add_column("total", justify="right")
+        table.add_row("optimizer steps", f"{w['steps_per_epoch']:,}", f"{w['total_steps']:,}")
+        table.add_row("tokens", f"{w['tokens_per_epoch']:,}", f"{w['total_tokens']:,}")
+        table.add_row("trained tokens (loss)", f"{w['trained_tokens_per_epoch']:,}", "")
+        table.add_row("sequences", f"{w['sequences_per_epoch']:,}", "")
+        console.print(table)
+        console.print(
+            f"{w['train_rows']:,} train rows, {w['eval_rows']:,} eval rows, max_seq_length {w['max_seq_length']}, "
+            f"{w['truncated']:,} truncated, {w['dropped']:,} dropped; {w['epochs']:g} epoch(s)"
+        )
+    else:
+        console.print(f"work: {w['note']}")
+    if t is not None:
+        where = t["gpu"] or "the given peak"
+        line = f"time on {where} ({t['peak_tflops']:g} TFLOP/s peak x MFU {t['mfu']:g}, {t['flops_per_token']:.3g} FLOPs/token): "
+        per_step = "?" if t["seconds_per_step"] is None else f"{t['seconds_per_step']:.1f}"
+        line += f"{per_step} s per optimizer step of full sequences"
+        if t["total_seconds"] is not None:
+            line += f", {t['total_seconds'] / 3600:.2f} h in all"
+        console.print(line)
+    for note in r["notes"]:
+        console.print(f"note: {note}")
 
 
 @app.command()
@@ -318,14 +408,96 @@ def export(run_dir: Annotated[Path, typer.Argument(help="Run directory.")]) -> N
     raise _not_built("export", "issue #8")
 
 
-@app.command()
-@handles_errors
-def runs(action: Annotated[str, typer.Argument(help="list | show RUN | compare RUN RUN")] = "list") -> None:
-    """List, show and compare runs.
+runs_app = typer.Typer(help="List, show and compare runs.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
 
-    Example: finetune runs list
+
+@runs_app.command("list")
+@handles_errors
+def runs_list(
+    directory: Annotated[Path, typer.Argument(help="Folder holding run directories.")] = Path("runs"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Runs under a folder, newest first: status, base, rank, best held-out loss, key metric, duration.
+
+    Example: finetune runs list runs/ --json
     """
-    raise _not_built("runs", "issue #9")
+    from finetune.runs import list_runs
+
+    rows = list_runs(directory)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for column in ("run", "status", "base", "rank", "best eval loss", "metric", "duration"):
+        table.add_column(column)
+    for r in rows:
+        metric = f"{r['metric'][0]} {r['metric'][1]:.4f}" if r["metric"] else ""
+        loss = f"{r['best_eval_loss']:.4f}" if r["best_eval_loss"] is not None else ""
+        duration = f"{r['seconds']:.0f}s" if r["seconds"] is not None else ""
+        table.add_row(r["name"], r["status"], str(r["base"]), str(r["rank"]), loss, metric, duration)
+    Console(highlight=False).print(table)
+
+
+@runs_app.command("show")
+@handles_errors
+def runs_show(run: Annotated[Path, typer.Argument(help="Run directory.")], as_json: JsonOpt = False) -> None:
+    """A run's manifest: provenance, status, figures.
+
+    Example: finetune runs show runs/quickstart
+    """
+    from finetune.runs import show_run
+
+    manifest = show_run(run)
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2))
+        return
+    from finetune.yaml_source import dump
+
+    typer.echo(dump(manifest))
+
+
+@runs_app.command("compare")
+@handles_errors
+def runs_compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")], as_json: JsonOpt = False
+) -> None:
+    """The recipe keys that differ between runs and their held-out figures, with deltas to the first.
+
+    Example: finetune runs compare runs/r8 runs/r16
+    """
+    from finetune.runs import compare_runs
+
+    if len(run_dirs) < 2:
+        raise UserError("runs compare: give at least two run directories")
+    result = compare_runs(run_dirs)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    names = [Path(r).name for r in result["runs"]]
+    diff = Table(title="recipe differences", title_justify="left")
+    for column in ("key", *names):
+        diff.add_column(column)
+    for key, values in result["recipe_differences"].items():
+        diff.add_row(key, *(json.dumps(v) for v in values))
+    console.print(diff)
+    figures = Table(title="figures (delta to the first run)", title_justify="left")
+    for column in ("figure", *names):
+        figures.add_column(column, justify="left" if column == "figure" else "right")
+    for key in result["figures"][0]:
+        cells = [
+            f"{f[key]:.4f}" + (f" ({d[key]:+.4f})" if i else "") if key in f else "-"
+            for i, (f, d) in enumerate(zip(result["figures"], result["deltas"], strict=True))
+        ]
+        figures.add_row(key, *cells)
+    console.print(figures)
 
 
 def main() -> None:

@@ -282,6 +282,9 @@ def evaluate(target: str | Path, against_base: bool | None = None, limit: int | 
         with_base=e.compare_base if against_base is None else against_base, limit=limit or e.limit,
     )  # fmt: skip
     write_eval(run, comparison.summary(), comparison.examples())
+    from finetune.report import write_report
+
+    write_report(run)
     return EvalResult(str(run.root), comparison.summary())
 
 

@@ -197,3 +197,79 @@ class Manifest:
 
     def save(self) -> None:
         write_json_atomic(self.run.manifest, redact(self.data))
+
+
+# --- reading runs back: `finetune runs list | show | compare` --------------------------------
+
+
+def run_summary(root: Path) -> dict[str, Any]:
+    """One row about a run: what it trained, how it went, its held-out figures."""
+    import yaml
+
+    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    recipe = (
+        yaml.safe_load((root / "recipe.yaml").read_text(encoding="utf-8")) if (root / "recipe.yaml").exists() else {}
+    )
+    tuned = (manifest.get("eval") or {}).get("tuned") or {}
+    metrics = tuned.get("metrics") or {}
+    started, finished = manifest.get("started"), manifest.get("finished")
+    seconds = (
+        (datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds()
+        if started and finished
+        else None
+    )
+    return {
+        "run": str(root),
+        "name": manifest.get("name"),
+        "status": manifest.get("status"),
+        "base": (manifest.get("base_model") or {}).get("id"),
+        "rank": (recipe.get("lora") or {}).get("rank"),
+        "best_eval_loss": manifest.get("best_eval_loss"),
+        "metric": next(iter(metrics.items()), None),
+        "seconds": seconds,
+        "started": started,
+    }
+
+
+def list_runs(directory: Path) -> list[dict[str, Any]]:
+    """Every run (a folder with manifest.json) directly under `directory`, newest first."""
+    if not directory.is_dir():
+        raise RunDirError(f"{directory}: no such directory")
+    rows = [run_summary(p) for p in sorted(directory.iterdir()) if (p / "manifest.json").is_file()]
+    return sorted(rows, key=lambda r: r["started"] or "", reverse=True)
+
+
+def show_run(root: Path) -> dict[str, Any]:
+    if not (root / "manifest.json").is_file():
+        raise RunDirError(f"{root}: not a run directory (no manifest.json)")
+    return json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+
+
+def compare_runs(roots: list[Path]) -> dict[str, Any]:
+    """Recipe keys that differ between runs, and each run's held-out figures with deltas to the first."""
+    import yaml
+
+    recipes = []
+    for root in roots:
+        show_run(root)
+        recipes.append(_flatten(yaml.safe_load((root / "recipe.yaml").read_text(encoding="utf-8"))))
+    keys = sorted({k for r in recipes for k in r})
+    differing = {k: [r.get(k) for r in recipes] for k in keys if len({json.dumps(r.get(k)) for r in recipes}) > 1}
+    figures = [_figures(show_run(root)) for root in roots]
+    deltas = [{k: v - figures[0][k] for k, v in f.items() if k in figures[0]} for f in figures]
+    return {"runs": [str(r) for r in roots], "recipe_differences": differing, "figures": figures, "deltas": deltas}
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): data}
+
+
+def _figures(manifest: dict[str, Any]) -> dict[str, float]:
+    tuned = (manifest.get("eval") or {}).get("tuned") or {}
+    out = {k: tuned[k] for k in ("loss", "perplexity") if tuned.get(k) is not None}
+    out.update(tuned.get("metrics") or {})
+    if manifest.get("train_loss") is not None:
+        out["train_loss"] = manifest["train_loss"]
+    return out

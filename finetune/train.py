@@ -86,8 +86,21 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
     except BaseException as e:
         manifest.update(status="failed", finished=now(), error=redact_text(f"{type(e).__name__}: {e}"))
         raise
-    manifest.update(status="completed", finished=now())
+    else:
+        manifest.update(status="completed", finished=now())
+    finally:
+        _write_report(run)
     return result
+
+
+def _write_report(run: RunDir) -> None:
+    """report.html at every end of a run, failed or not; a report problem never hides the run's own."""
+    from finetune.report import write_report
+
+    try:
+        write_report(run)
+    except Exception as e:
+        warnings.warn(f"could not write {run.root / 'report.html'}: {e}", stacklevel=2)
 
 
 def find_resume_point(run: RunDir, recipe: Recipe) -> Path:

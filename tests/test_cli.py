@@ -249,7 +249,6 @@ def test_schema_out_file(tmp_path: Path):
         ["data", RECIPE],
         ["merge", "runs/demo"],
         ["export", "runs/demo"],
-        ["runs"],
     ],
     ids=lambda args: args[0],
 )

@@ -27,6 +27,7 @@ RUN_FILES = {
     "adapter/README.md",
     "eval/summary.json",
     "eval/examples.jsonl",
+    "report.html",
 }
 PRESETS = {
     "llama": (["k_proj", "o_proj", "q_proj", "v_proj"], ["down_proj", "gate_proj", "up_proj"]),

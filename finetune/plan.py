@@ -1,0 +1,610 @@
+"""`finetune plan`: what a recipe will cost before any weight is read or any GPU is rented.
+
+Reads top to bottom: check the arguments, read the model's config.json, build the model on
+the meta device (shapes, no storage), lay out its dtypes as training will (bitsandbytes
+quantization, PEFT's prepare_model_for_kbit_training, TRL's adapter cast), attach the
+recipe's adapter with PEFT itself (exact parameter counts), then estimate memory per
+component, the work from the local data (tokenizer only), and the time on a named GPU.
+
+Every memory term is a formula of the model's shapes and the recipe; the README states them.
+The plan is for the GPU a user will rent, so `model.dtype: auto` is planned as bfloat16.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from finetune.errors import Problem, UserError
+from finetune.modeling import hub_kwargs, load_tokenizer, lora_config, resolve_targets
+from finetune.recipe import Recipe
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+GB = 10**9
+# Peak dense bf16 tensor throughput (TFLOP/s, no sparsity) from the vendors' data sheets.
+GPU_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}
+# Common GPU memory sizes; "N GB" is read as N * 10^9 bytes, the conservative reading of the nominal size.
+GPU_MEMORY_GB = (24, 40, 48, 80, 141)
+QUANT_BLOCK = 64  # bitsandbytes 4-bit blocksize: one absmax per 64 weights
+DOUBLE_QUANT_BLOCK = 256  # double quantization: the 8-bit absmaxes get one fp32 absmax per 256 blocks
+OPTIM_8BIT_BLOCK = 256  # bitsandbytes 8-bit optimizer states: one fp32 absmax per 256 values
+OPTIM_8BIT_MIN_SIZE = 4096  # smaller tensors keep 32-bit states (bitsandbytes' min_8bit_size)
+CUDA_CONTEXT = 1 * GB  # CUDA context, cuBLAS workspaces and kernels: not in torch.cuda.max_memory_allocated
+FRAGMENTATION = 0.05  # caching-allocator slack on top of the tensors
+LOGIT_BYTES = 12  # per vocabulary entry per token: fp32 log-softmax kept for backward, its gradient in and out
+
+
+@dataclass
+class ModuleParams:
+    """Trainable parameters of one kind of module: `q_proj` (LoRA A, B and DoRA magnitudes) or a full copy."""
+
+    name: str
+    modules: int
+    params: int
+    kind: str  # "lora" | "dora" | "full copy (modules_to_save)"
+
+
+@dataclass
+class Params:
+    base: int  # the base model's parameters, tied weights counted once
+    trainable: int  # PEFT's trainable count (get_nb_trainable_parameters)
+    total: int  # PEFT's total: base + adapter + modules_to_save copies
+    trainable_share: float  # trainable / total, as PEFT prints it
+    targets: list[str]
+    by_module: list[ModuleParams]
+
+
+@dataclass
+class MemoryTerm:
+    name: str
+    bytes: int | None  # None: unknown (activations without a sequence length)
+    formula: str
+
+
+@dataclass
+class Memory:
+    weights_dtype: str
+    compute_dtype: str
+    quantization: str
+    micro_batch: int
+    seq_length: int | None  # None: max_seq_length is `auto` and the data is not available
+    gradient_checkpointing: bool
+    terms: list[MemoryTerm]
+    total: int | None  # None when the activations are unknown
+    lower_bound: int  # every term but the activations
+    activations_with_checkpointing: int | None
+    activations_without_checkpointing: int | None
+    fits: dict[str, bool | None]  # "24 GB" -> fits; None: unknown (activations unknown and the rest fits)
+
+
+@dataclass
+class Work:
+    available: bool
+    note: str | None = None
+    train_rows: int | None = None
+    eval_rows: int | None = None
+    truncated: int | None = None
+    dropped: int | None = None
+    max_seq_length: int | None = None
+    sequences_per_epoch: int | None = None  # rows, or packed sequences with data.packing
+    tokens_per_epoch: int | None = None
+    trained_tokens_per_epoch: int | None = None
+    steps_per_epoch: int | None = None
+    total_steps: int | None = None
+    epochs: float | None = None  # epochs actually run: train.epochs, or what train.max_steps amounts to
+    total_tokens: int | None = None
+
+
+@dataclass
+class Time:
+    gpu: str | None
+    peak_tflops: float
+    mfu: float
+    flops_per_token: float
+    matmul_params: int
+    seconds_per_step: float | None  # an optimizer step of full-length sequences; None without a length
+    total_seconds: float | None  # from the data's token count; None without local data
+
+
+@dataclass
+class PlanResult:
+    name: str
+    model: str
+    architecture: str
+    layers: int | None
+    params: Params
+    memory: Memory
+    work: Work
+    time: Time | None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan(recipe: Recipe, gpu: str | None = None, tflops: float | None = None, mfu: float = 0.4) -> PlanResult:
+    """Parameters, memory per component, work and (with `gpu` or `tflops`) time for the recipe; reads no weights."""
+    peak, gpu_name = _peak(gpu, tflops, mfu)
+    notes: list[str] = []
+    config = _load_config(recipe)
+    shapes = _Shapes.of(config)
+    weights_dtype, compute_dtype = _dtypes(recipe)
+    if recipe.model.dtype == "auto":
+        notes.append("model.dtype auto is planned as bfloat16: the plan is for the GPU you will rent, not this machine")
+    model = _meta_model(recipe, config, weights_dtype)
+    layout = _layout(recipe, model, weights_dtype)
+    work = _work(recipe)
+    seq_length = work.max_seq_length if recipe.data.max_seq_length == "auto" else recipe.data.max_seq_length
+    memory = _memory(recipe, layout, shapes, compute_dtype, weights_dtype, seq_length)
+    if seq_length is None:
+        notes.append("data.max_seq_length is auto and the data is not available: activations are unknown")
+    elif not shapes.complete():
+        notes.append("the config does not give every dimension the activation formula needs: activations unknown")
+    if recipe.train.optimizer.startswith("paged_"):
+        notes.append("paged optimizer: its states can move to CPU memory under pressure; counted here on the GPU")
+    notes.append("one GPU (no data or model parallelism); activations are an estimate, not yet calibrated on a GPU")
+    time = None
+    if peak is not None:
+        time = _time(recipe, layout, work, seq_length, gpu_name, peak, mfu)
+    return PlanResult(
+        name=recipe.name,
+        model=recipe.model.base,
+        architecture=(config.architectures or [type(model).__name__])[0],
+        layers=shapes.layers,
+        params=layout.params,
+        memory=memory,
+        work=work,
+        time=time,
+        notes=notes,
+    )
+
+
+# --- arguments and config ---------------------------------------------------------------------
+
+
+def _peak(gpu: str | None, tflops: float | None, mfu: float) -> tuple[float | None, str | None]:
+    """Peak TFLOP/s from --tflops or a known GPU name; None when neither is given."""
+    if not 0 < mfu <= 1:
+        raise UserError(Problem(f"must be in (0, 1], got {mfu}", key="--mfu"))
+    if tflops is not None and tflops <= 0:
+        raise UserError(Problem(f"must be > 0, got {tflops}", key="--tflops"))
+    name = None
+    if gpu is not None:
+        wanted = _gpu_key(gpu)
+        name = next((known for known in GPU_TFLOPS if _gpu_key(known) == wanted), None)
+        if name is None:
+            known = ", ".join(GPU_TFLOPS)
+            raise UserError(Problem(f"unknown GPU {gpu!r}: use one of {known}, or give --tflops", key="--gpu"))
+    if tflops is not None:
+        return tflops, name
+    return (GPU_TFLOPS[name], name) if name else (None, None)
+
+
+def _gpu_key(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum()).removeprefix("nvidia").removeprefix("geforce")
+
+
+def _load_config(recipe: Recipe) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(recipe.model.base, **hub_kwargs(recipe))
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            Problem(
+                f"cannot read the config.json of {recipe.model.base!r} ({reason}). `plan` needs only that file: "
+                "when the hub is not reachable, pass a local directory holding it, e.g. "
+                "--set model.base=path/to/model-dir",
+                key="model.base",
+            )
+        ) from None
+
+
+def _four_bit(recipe: Recipe) -> bool:
+    return recipe.quantization.method in ("nf4", "fp4")
+
+
+def _dtypes(recipe: Recipe) -> tuple[torch.dtype, torch.dtype]:
+    """Weights and compute dtype on the GPU the plan is for: `auto` is bfloat16."""
+
+    def planned(name: str) -> torch.dtype:
+        return torch.bfloat16 if name == "auto" else getattr(torch, name)
+
+    weights = planned(recipe.model.dtype)
+    compute = weights
+    if _four_bit(recipe) and recipe.quantization.compute_dtype != "auto":
+        compute = planned(recipe.quantization.compute_dtype)
+    return weights, compute
+
+
+@dataclass
+class _Shapes:
+    """The transformer's dimensions from its config; None where the config does not say."""
+
+    layers: int | None
+    hidden: int | None
+    heads: int | None
+    kv_heads: int | None
+    head_dim: int | None
+    intermediate: int | None
+    vocab: int | None
+
+    @classmethod
+    def of(cls, config: PretrainedConfig) -> _Shapes:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+        def get(name: str) -> int | None:
+            value = getattr(text, name, None)
+            return value if isinstance(value, int) else None
+
+        heads, hidden = get("num_attention_heads"), get("hidden_size")
+        head_dim = get("head_dim") or (hidden // heads if hidden and heads else None)
+        return cls(
+            get("num_hidden_layers"),
+            hidden,
+            heads,
+            get("num_key_value_heads") or heads,
+            head_dim,
+            get("intermediate_size"),
+            get("vocab_size"),
+        )
+
+    def complete(self) -> bool:
+        return None not in (self.layers, self.hidden, self.heads, self.head_dim, self.intermediate, self.vocab)
+
+
+# --- the model on the meta device, laid out as training lays it out ---------------------------
+
+
+def _meta_model(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code)
+
+
+@dataclass
+class _Adapted:
+    name: str
+    leaf: str
+    in_features: int
+    out_features: int
+    rank: int
+
+
+@dataclass
+class _Layout:
+    params: Params
+    base_weights: int  # bytes
+    quantized_params: int
+    largest_quantized: int  # numel of the largest quantized weight (dequantized one at a time)
+    matmul_params: int  # base parameters that enter matmuls: all but the input embedding table
+    trainable: list[tuple[str, torch.Size, torch.dtype]]  # every trainable tensor as training holds it
+    adapted: list[_Adapted]
+
+
+def _layout(recipe: Recipe, model: PreTrainedModel, dtype: torch.dtype) -> _Layout:
+    """Quantize (in bookkeeping), cast and attach the adapter exactly as `finetune train` does, on meta tensors."""
+    from peft import get_peft_model
+
+    method = recipe.quantization.method
+    targets = resolve_targets(recipe, model)
+    quantized = _quantized_weights(model) if method != "none" else {}
+    base_params = dict(model.named_parameters())  # tied weights appear once
+    base = sum(p.numel() for p in base_params.values())
+    embedding = model.get_input_embeddings()
+    output = model.get_output_embeddings()
+    tied = output is not None and embedding is not None and output.weight is embedding.weight
+    matmul = base - (embedding.weight.numel() if embedding is not None and not tied else 0)
+    if method != "none":
+        # PEFT's prepare_model_for_kbit_training: every 16-bit parameter that is not quantized goes to fp32
+        for p in base_params.values():
+            if id(p) not in quantized and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.to(torch.float32)
+    weights = 0
+    for p in base_params.values():
+        if id(p) in quantized:
+            weights += _quantized_bytes(p.numel(), p.shape[0], recipe)
+        else:
+            weights += p.numel() * p.element_size()
+    largest = max((p.numel() for p in base_params.values() if id(p) in quantized), default=0)
+
+    with warnings.catch_warnings():  # deprecations inside transformers/PEFT that a user cannot act on
+        warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
+        peft_model = get_peft_model(model, lora_config(recipe, targets), low_cpu_mem_usage=True)
+    if method != "none":
+        # TRL's SFTTrainer casts the trainable parameters of a quantized model to bf16, DoRA magnitudes excepted
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad and "lora_magnitude_vector" not in name:
+                p.data = p.data.to(torch.bfloat16)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    adapted = [
+        _Adapted(name, name.rsplit(".", 1)[-1], m.in_features, m.out_features, m.r[m.active_adapters[0]])
+        for name, m in peft_model.named_modules()
+        if hasattr(m, "lora_A") and hasattr(m, "in_features") and m.active_adapters
+    ]
+    params = Params(
+        base=base,
+        trainable=trainable,
+        total=total,
+        trainable_share=trainable / total if total else 0.0,
+        targets=targets,
+        by_module=_by_module(named, recipe.lora.variant),
+    )
+    return _Layout(
+        params=params,
+        base_weights=weights,
+        quantized_params=sum(p.numel() for p in base_params.values() if id(p) in quantized),
+        largest_quantized=largest,
+        matmul_params=matmul,
+        trainable=[(n, p.shape, p.dtype) for n, p in named],
+        adapted=adapted,
+    )
+
+
+def _quantized_weights(model: PreTrainedModel) -> dict[int, str]:
+    """id -> name of the weights bitsandbytes quantizes: every nn.Linear but the output layer and fp32-kept modules."""
+    output = model.get_output_embeddings()
+    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    out = {}
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear and module is not output and not any(k in name for k in keep):
+            out[id(module.weight)] = name
+    return out
+
+
+def _quantized_bytes(numel: int, rows: int, recipe: Recipe) -> int:
+    """Bytes of one quantized weight: packed values and the quantization constants bitsandbytes stores."""
+    if recipe.quantization.method == "int8":
+        return numel + 4 * rows  # int8 values + one fp32 scale per output row
+    blocks = math.ceil(numel / QUANT_BLOCK)
+    packed = math.ceil(numel / 2)  # two 4-bit values per byte
+    if not recipe.quantization.double_quant:
+        return packed + 4 * blocks + 16 * 4  # fp32 absmax per block + the 16-entry code
+    # 8-bit absmax per block, an fp32 absmax per 256 blocks, the 256-entry fp32 code and an fp32 offset
+    return packed + blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCK) + 256 * 4 + 4 + 16 * 4
+
+
+def _by_module(named: list[tuple[str, torch.nn.Parameter]], variant: str) -> list[ModuleParams]:
+    """Trainable parameters grouped by the module's leaf name (`q_proj`) or as full copies (`lm_head`)."""
+    groups: dict[tuple[str, str], tuple[set[str], int]] = {}
+    for name, p in named:
+        if ".modules_to_save." in name:
+            path = name.split(".modules_to_save.")[0]
+            key = (path.rsplit(".", 1)[-1], "full copy (modules_to_save)")
+        else:
+            path = name.split(".lora_")[0]
+            key = (path.rsplit(".", 1)[-1], "dora" if variant == "dora" else "lora")
+        paths, count = groups.get(key, (set(), 0))
+        paths.add(path)
+        groups[key] = (paths, count + p.numel())
+    return [ModuleParams(name, len(paths), count, kind) for (name, kind), (paths, count) in groups.items()]
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+
+def _memory(
+    recipe: Recipe,
+    layout: _Layout,
+    shapes: _Shapes,
+    compute: torch.dtype,
+    weights_dtype: torch.dtype,
+    seq_length: int | None,
+) -> Memory:
+    method = recipe.quantization.method
+    e = torch.empty((), dtype=compute).element_size()
+    adapter = sum(math.prod(shape) * _size(dtype) for _, shape, dtype in layout.trainable)
+    optimizer = sum(_optimizer_bytes(shape, dtype, recipe.train.optimizer) for _, shape, dtype in layout.trainable)
+    with_ckpt = without_ckpt = None
+    if seq_length is not None and shapes.complete():
+        with_ckpt, without_ckpt = _activations(recipe, layout, shapes, e, seq_length)
+    activations = with_ckpt if recipe.train.gradient_checkpointing else without_ckpt
+    transient = layout.largest_quantized * e
+    if recipe.lora.variant == "dora":
+        transient += 2 * max((a.in_features * a.out_features for a in layout.adapted), default=0) * e
+    tensors = layout.base_weights + 2 * adapter + optimizer + (activations or 0)
+    overhead = CUDA_CONTEXT + transient + round(FRAGMENTATION * tensors)
+
+    terms = [
+        MemoryTerm("base weights", layout.base_weights, _weights_formula(recipe, weights_dtype)),
+        MemoryTerm(
+            "adapter weights",
+            adapter,
+            "trainable params x dtype bytes: fp32 LoRA on a 16-bit base, bf16 on a quantized one (DoRA magnitudes "
+            "fp32), modules_to_save copies in the base dtype",
+        ),
+        MemoryTerm("gradients", adapter, "one gradient per trainable param, in the param's dtype"),
+        MemoryTerm("optimizer state", optimizer, _optimizer_formula(recipe.train.optimizer)),
+        MemoryTerm(
+            "activations",
+            activations,
+            "b*s*(L*e*h + layer + 4h + 12V) with checkpointing, b*s*(L*layer + 4h + 12V) without",
+        ),
+        MemoryTerm(
+            "overhead",
+            overhead,
+            "1 GB CUDA context + largest dequantized weight (4-bit/int8) + DoRA's weight buffer + 5% fragmentation",
+        ),
+    ]
+    lower = sum(t.bytes or 0 for t in terms)
+    total = None if activations is None else lower + activations
+    fits: dict[str, bool | None] = {}
+    for size in GPU_MEMORY_GB:
+        if total is not None:
+            fits[f"{size} GB"] = total <= size * GB
+        else:
+            fits[f"{size} GB"] = False if lower > size * GB else None
+    return Memory(
+        weights_dtype=_dtype_name(weights_dtype) if method == "none" else f"{method} + fp32 (not quantized)",
+        compute_dtype=_dtype_name(compute),
+        quantization=method,
+        micro_batch=recipe.train.batch_size,
+        seq_length=seq_length,
+        gradient_checkpointing=recipe.train.gradient_checkpointing,
+        terms=terms,
+        total=total,
+        lower_bound=lower,
+        activations_with_checkpointing=with_ckpt,
+        activations_without_checkpointing=without_ckpt,
+        fits=fits,
+    )
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _weights_formula(recipe: Recipe, dtype: torch.dtype) -> str:
+    q = recipe.quantization
+    if q.method == "none":
+        return f"base params x {_size(dtype)} ({_dtype_name(dtype)})"
+    if q.method == "int8":
+        quant = "linear weights x (1 + 4/in_features)"
+    elif q.double_quant:
+        quant = "linear weights x (0.5 + 1/64 + 4/(64*256)) + 1.1 KB per weight"
+    else:
+        quant = "linear weights x (0.5 + 4/64) + 64 B per weight"
+    return f"{quant}; other params (embeddings, output layer, norms) x 4 (fp32, as prepare_model_for_kbit_training casts them)"
+
+
+def _optimizer_bytes(shape: torch.Size, dtype: torch.dtype, optimizer: str) -> int:
+    """Optimizer state of one trainable tensor, as the optimizer allocates it."""
+    n, z = math.prod(shape), _size(dtype)
+    if optimizer in ("adamw_torch", "adamw_torch_fused"):
+        return 2 * n * z  # exp_avg and exp_avg_sq, in the param's dtype
+    if optimizer == "paged_adamw_32bit":
+        return 2 * n * 4
+    if optimizer in ("adamw_bnb_8bit", "paged_adamw_8bit"):
+        if n < OPTIM_8BIT_MIN_SIZE:
+            return 2 * n * 4
+        return 2 * n + 2 * 4 * math.ceil(n / OPTIM_8BIT_BLOCK)
+    if optimizer == "adafactor":
+        if len(shape) >= 2:  # factored second moment: one value per row and per column; no first moment
+            return (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]) * z
+        return n * z
+    if optimizer == "sgd":
+        return 0  # no momentum
+    raise ValueError(f"no memory rule for optimizer {optimizer!r}")
+
+
+def _optimizer_formula(optimizer: str) -> str:
+    return {
+        "adamw_torch": "2 moments x trainable params x param bytes (fp32 adapter: 8 B/param)",
+        "adamw_torch_fused": "2 moments x trainable params x param bytes (fp32 adapter: 8 B/param)",
+        "paged_adamw_32bit": "2 fp32 moments: 8 B/param",
+        "adamw_bnb_8bit": "2 uint8 moments + fp32 absmax per 256: 2.03 B/param (8 B below 4096 values)",
+        "paged_adamw_8bit": "2 uint8 moments + fp32 absmax per 256: 2.03 B/param (8 B below 4096 values)",
+        "adafactor": "factored second moment: (rows + cols) x param bytes per matrix",
+        "sgd": "none (no momentum)",
+    }[optimizer]
+
+
+def _activations(recipe: Recipe, layout: _Layout, s: _Shapes, e: int, seq: int) -> tuple[int, int]:
+    """Bytes alive for the backward pass at its peak, with and without gradient checkpointing.
+
+    Per token, per decoder layer (`layer`): the two RMSNorm inputs in fp32 (2 * 4h), rotated
+    q, k, v and the attention output (e * (2q + 2kv); kv at the full head count unless flash
+    attention, which keeps the kv heads), the MLP's gate, up and activation (3 * e * i); eager
+    attention adds its probabilities (fp32 softmax + cast: (4 + e) * heads * s). Per adapted
+    linear: its input as the LoRA path saves it (e * in), the dropout mask (in bytes, when
+    dropout > 0), the rank-r intermediate (e * r), and for DoRA the base and LoRA outputs
+    (2 * e * out). Outside the layers: the final norm's fp32 input (4h) and the loss (12V: fp32
+    log-softmax and its gradient in and out). Checkpointing keeps only each layer's input
+    (e * h) and recomputes one layer at a time.
+    """
+    h, q = s.hidden, s.heads * s.head_dim
+    kv_heads = s.kv_heads if recipe.model.attn_implementation.startswith("flash") else s.heads
+    kv = kv_heads * s.head_dim
+    layer = 2 * 4 * h + e * (2 * q + 2 * kv) + 4 * s.heads + 3 * e * s.intermediate
+    if recipe.model.attn_implementation == "eager":
+        layer += (4 + e) * s.heads * seq
+    mask = 1 if recipe.lora.dropout > 0 else 0
+    adapters = sum((e + mask) * a.in_features + e * a.rank for a in layout.adapted)
+    if recipe.lora.variant == "dora":
+        adapters += sum(2 * e * a.out_features for a in layout.adapted)
+    outside = 4 * h + LOGIT_BYTES * s.vocab
+    tokens = recipe.train.batch_size * seq
+    without = tokens * (s.layers * layer + adapters + outside)
+    with_ = tokens * (s.layers * e * h + layer + adapters / s.layers + outside)
+    return round(with_), round(without)
+
+
+# --- work and time ------------------------------------------------------------------------------
+
+
+def _work(recipe: Recipe) -> Work:
+    """Rows, tokens and optimizer steps from the local data and the real tokenizer; a note where unavailable."""
+    from finetune.data import prepare_data, sources
+
+    data = recipe.data
+    all_sources = list(data.train) + (list(data.eval) if isinstance(data.eval, list) else [])
+    remote = [s.path for s in all_sources if not sources.is_local(s)]
+    if remote:
+        return Work(False, f"data not available locally: {', '.join(remote)} (hub datasets are not downloaded by plan)")
+    try:
+        tokenizer = load_tokenizer(recipe)
+    except Exception as e:  # any failure to load a tokenizer means: no work section, said plainly
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return Work(False, f"tokenizer of {recipe.model.base} could not be loaded offline ({reason}); work skipped")
+    import datasets
+
+    datasets.disable_progress_bars()
+    prepared = prepare_data(recipe, tokenizer)
+    stats = prepared.stats
+    sequences = stats.train_rows
+    if data.packing:
+        from trl.data_utils import pack_dataset
+
+        sequences = len(pack_dataset(prepared.train.select_columns(["input_ids", "labels"]), stats.max_seq_length))
+    t = recipe.train
+    micro_batches = math.ceil(sequences / t.batch_size)
+    steps_per_epoch = max(math.ceil(micro_batches / t.grad_accum), 1)
+    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+    epochs = total_steps / steps_per_epoch if t.max_steps else t.epochs
+    return Work(
+        available=True,
+        train_rows=stats.train_rows,
+        eval_rows=stats.eval_rows,
+        truncated=stats.truncated,
+        dropped=stats.dropped,
+        max_seq_length=stats.max_seq_length,
+        sequences_per_epoch=sequences,
+        tokens_per_epoch=stats.train_tokens,
+        trained_tokens_per_epoch=stats.trained_tokens,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        epochs=epochs,
+        total_tokens=round(stats.train_tokens * epochs),
+    )
+
+
+def _time(
+    recipe: Recipe, layout: _Layout, work: Work, seq: int | None, gpu: str | None, peak: float, mfu: float
+) -> Time:
+    """FLOPs per token with a frozen base: forward 2N + backward through the activations 2N (+2N to recompute)."""
+    n = layout.matmul_params
+    flops = (4 + (2 if recipe.train.gradient_checkpointing else 0)) * n
+    rate = peak * 1e12 * mfu
+    step_tokens = recipe.train.batch_size * recipe.train.grad_accum * (seq or 0)  # packed: full sequences
+    return Time(
+        gpu=gpu,
+        peak_tflops=peak,
+        mfu=mfu,
+        flops_per_token=float(flops),
+        matmul_params=n,
+        seconds_per_step=step_tokens * flops / rate if seq else None,
+        total_seconds=work.total_tokens * flops / rate if work.total_tokens is not None else None,
+    )

@@ -1,0 +1,88 @@
+"""Reading runs back: list, show, compare, and the self-contained report."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_train import write_recipe
+
+from finetune.report import line_chart, render, series
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_model_dir) -> Path:
+    """Two finished runs differing in rank, trained in this process."""
+    import os
+
+    from finetune.loading import load_recipe
+    from finetune.train import train
+
+    root = tmp_path_factory.mktemp("runs_root")
+    recipe = write_recipe(root, tiny_model_dir())
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        for name, rank in (("r8", 8), ("r4", 4)):
+            train(load_recipe(recipe, [f"name={name}", f"output_dir=runs/{name}", f"lora.rank={rank}"]), progress=False)
+    finally:
+        os.chdir(cwd)
+    return root / "runs"
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finetune.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_runs_list_show_compare(two_runs):
+    listed = json.loads(cli("runs", "list", str(two_runs), "--json", cwd=two_runs).stdout)
+    assert {r["name"] for r in listed} == {"r8", "r4"}
+    assert all(r["status"] == "completed" and r["best_eval_loss"] for r in listed)
+    assert {r["rank"] for r in listed} == {8, 4}
+    shown = json.loads(cli("runs", "show", str(two_runs / "r8"), "--json", cwd=two_runs).stdout)
+    assert shown["lora"]["targets"] and shown["recipe_sha256"]
+    compared = json.loads(
+        cli("runs", "compare", str(two_runs / "r8"), str(two_runs / "r4"), "--json", cwd=two_runs).stdout
+    )
+    assert set(compared["recipe_differences"]) == {"name", "output_dir", "lora.rank"}
+    assert compared["recipe_differences"]["lora.rank"] == [8, 4]
+    assert compared["deltas"][0]["loss"] == 0
+    assert compared["deltas"][1]["loss"] == pytest.approx(
+        compared["figures"][1]["loss"] - compared["figures"][0]["loss"]
+    )
+    assert cli("runs", "show", str(two_runs / "nope"), cwd=two_runs).returncode == 2
+
+
+@pytest.mark.slow
+def test_report_is_self_contained_and_draws_every_logged_step(two_runs):
+    page = (two_runs / "r8" / "report.html").read_text()
+    assert "<script" not in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "https://" not in page
+    logged = [json.loads(line) for line in (two_runs / "r8" / "metrics.jsonl").read_text().splitlines()]
+    train_points = len([r for r in logged if "loss" in r])
+    polylines = re.findall(r'<polyline[^>]*points="([^"]+)"', page)
+    assert len(polylines[0].split()) == train_points  # the train loss curve, one vertex per logged step
+    assert "base" in page and "tuned" in page and "completed" in page
+
+
+def test_series_keeps_nan_out_of_the_drawing_only():
+    logs = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": float("nan")}, {"step": 3, "loss": 1.0}]
+    assert series(logs, "loss") == [(1, 2.0), (3, 1.0)]
+
+
+def test_chart_scales_points_into_the_frame():
+    svg = line_chart("t", {"a": [(0, 0.0), (10, 1.0)]}, width=200, height=100)
+    coords = [tuple(map(float, p.split(","))) for p in re.search(r'points="([^"]+)"', svg).group(1).split()]
+    assert coords[0][0] < coords[1][0] and coords[0][1] > coords[1][1]  # left-to-right, rising
+    assert all(0 <= x <= 200 and 0 <= y <= 100 for x, y in coords)
+    assert "no data" in line_chart("t", {"a": []})
+
+
+def test_render_without_eval_says_so():
+    page = render({"name": "x", "status": "failed", "error": "RuntimeError: boom"}, [], None)
+    assert "No held-out evaluation" in page and "RuntimeError: boom" in page
