@@ -327,13 +327,66 @@ def data(
     recipe: RecipeArg,
     overrides: SetOpt = None,
     show: Annotated[int, typer.Option("--show", help="Render this many examples with trained tokens marked.")] = 3,
+    color: Annotated[bool, typer.Option("--color/--no-color", help="Colour trained text (default: when a terminal).")]
+    | None = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Dataset statistics and rendered examples with the trained tokens marked.
+    """Dataset statistics and rendered examples with the trained tokens marked (tokenizer only, no weights).
 
     Example: finetune data recipes/quickstart.yaml --show 5
     """
-    raise _not_built("data", "issue #5")
+    from finetune.data.inspect import inspect_data
+    from finetune.loading import load_recipe
+
+    result = inspect_data(load_recipe(recipe, overrides or []), show)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        _print_data(result, color)
+
+
+def _print_data(result: Any, color: bool | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(highlight=False, markup=False, no_color=color is False, force_terminal=color or None)
+    s = result.stats
+    table = Table(title="data", title_justify="left", show_header=False)
+    for source in s["sources"]:
+        table.add_row(
+            f"source {source['path']}", f"{source['rows']} rows ({source['skipped']} skipped), {source['format']}"
+        )
+    p = s["length_percentiles"]
+    trained_share = s["trained_tokens"] / max(s["train_tokens"], 1)
+    for label, value in (
+        ("train / eval rows", f"{s['train_rows']} / {s['eval_rows']}"),
+        ("duplicates train-eval", s["duplicates_train_eval"]),
+        ("tokens per row (p50 p95 p99 max)", f"{p['p50']} {p['p95']} {p['p99']} {p['max']}"),
+        ("max_seq_length", f"{s['max_seq_length']} (suggested: {s['suggested_max_seq_length']}, the p99 rounded up)"),
+        (
+            "rows over max_seq_length",
+            f"{s['over_max_seq_length']} ({s['truncated']} truncated, {s['dropped']} dropped)",
+        ),
+        ("tokens trained / total", f"{s['trained_tokens']:,} / {s['train_tokens']:,} ({trained_share:.1%})"),
+    ):
+        table.add_row(label, str(value))
+    console.print(table)
+    peak = max((n for _, _, n in result.histogram), default=1)
+    console.print("token length histogram (training rows, before truncation)")
+    for low, high, n in result.histogram:
+        console.print(f"  {low:>6}-{high:<6} {'#' * max(1 if n else 0, round(40 * n / peak)):<40} {n}")
+    marked = color is False or (color is None and not console.is_terminal)
+    legend = "[[trained text]] is in double brackets" if marked else "trained text is green"
+    for e in result.examples:
+        console.print(f"\n{e.where}: {e.tokens} tokens, {e.trained_tokens} trained ({legend})")
+        text = Text()
+        for piece, trained in e.pieces:
+            if marked:
+                text.append(f"[[{piece}]]" if trained else piece)
+            else:
+                text.append(piece, style="bold green" if trained else "dim")
+        console.print(text)
 
 
 @app.command(name="eval")

@@ -283,9 +283,10 @@ class _Adapted:
 class _Layout:
     params: Params
     base_weights: int  # bytes
-    quantized_params: int
+    weights_detail: str  # how base_weights adds up, with the figures
     largest_quantized: int  # numel of the largest quantized weight (dequantized one at a time)
     matmul_params: int  # base parameters that enter matmuls: all but the input embedding table
+    output_params: int  # the output layer's weight
     trainable: list[tuple[str, torch.Size, torch.dtype]]  # every trainable tensor as training holds it
     adapted: list[_Adapted]
 
@@ -308,13 +309,15 @@ def _layout(recipe: Recipe, model: PreTrainedModel, dtype: torch.dtype) -> _Layo
         for p in base_params.values():
             if id(p) not in quantized and p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.to(torch.float32)
-    weights = 0
-    for p in base_params.values():
-        if id(p) in quantized:
-            weights += _quantized_bytes(p.numel(), p.shape[0], recipe)
-        else:
-            weights += p.numel() * p.element_size()
-    largest = max((p.numel() for p in base_params.values() if id(p) in quantized), default=0)
+    packed = [p for p in base_params.values() if id(p) in quantized]
+    plain = [p for p in base_params.values() if id(p) not in quantized]
+    packed_bytes = sum(_quantized_bytes(p.numel(), p.shape[0], recipe) for p in packed)
+    packed_params = sum(p.numel() for p in packed)
+    weights = packed_bytes + sum(p.numel() * p.element_size() for p in plain)
+    detail = _by_dtype([("", p.shape, p.dtype) for p in plain])
+    if packed:
+        detail = f"{_si(packed_params)} x {packed_bytes / packed_params:.3f} B ({method}) + {detail}"
+    largest = max((p.numel() for p in packed), default=0)
 
     with warnings.catch_warnings():  # deprecations inside transformers/PEFT that a user cannot act on
         warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
@@ -342,9 +345,10 @@ def _layout(recipe: Recipe, model: PreTrainedModel, dtype: torch.dtype) -> _Layo
     return _Layout(
         params=params,
         base_weights=weights,
-        quantized_params=sum(p.numel() for p in base_params.values() if id(p) in quantized),
+        weights_detail=detail,
         largest_quantized=largest,
         matmul_params=matmul,
+        output_params=output.weight.numel() if output is not None else 0,
         trainable=[(n, p.shape, p.dtype) for n, p in named],
         adapted=adapted,
     )
@@ -400,42 +404,48 @@ def _memory(
     weights_dtype: torch.dtype,
     seq_length: int | None,
 ) -> Memory:
-    method = recipe.quantization.method
-    e = torch.empty((), dtype=compute).element_size()
+    method, optimizer_name = recipe.quantization.method, recipe.train.optimizer
+    e = _size(compute)
     adapter = sum(math.prod(shape) * _size(dtype) for _, shape, dtype in layout.trainable)
-    optimizer = sum(_optimizer_bytes(shape, dtype, recipe.train.optimizer) for _, shape, dtype in layout.trainable)
+    optimizer = sum(_optimizer_bytes(shape, dtype, optimizer_name) for _, shape, dtype in layout.trainable)
     with_ckpt = without_ckpt = None
     if seq_length is not None and shapes.complete():
         with_ckpt, without_ckpt = _activations(recipe, layout, shapes, e, seq_length)
     activations = with_ckpt if recipe.train.gradient_checkpointing else without_ckpt
-    transient = layout.largest_quantized * e
-    if recipe.lora.variant == "dora":
+    transient = layout.largest_quantized * e  # one layer's weight dequantized for its matmul
+    if method != "none":  # the fp32 output layer's compute-dtype copy, kept by autocast for the backward pass
+        transient += layout.output_params * e
+    if recipe.lora.variant == "dora":  # DoRA's weight norm builds W + BA, one layer at a time
         transient += 2 * max((a.in_features * a.out_features for a in layout.adapted), default=0) * e
     tensors = layout.base_weights + 2 * adapter + optimizer + (activations or 0)
     overhead = CUDA_CONTEXT + transient + round(FRAGMENTATION * tensors)
 
+    n_trainable = sum(math.prod(shape) for _, shape, _ in layout.trainable)
+    tokens = recipe.train.batch_size * (seq_length or 0)
+    per_token = f"{activations / tokens / 1e6:.2f} MB" if activations and tokens else "?"
+    ckpt = "with" if recipe.train.gradient_checkpointing else "without"
     terms = [
-        MemoryTerm("base weights", layout.base_weights, _weights_formula(recipe, weights_dtype)),
+        MemoryTerm("base weights", layout.base_weights, layout.weights_detail),
+        MemoryTerm("adapter weights", adapter, _by_dtype(layout.trainable)),
+        MemoryTerm("gradients", adapter, "one per trainable param, in its dtype"),
         MemoryTerm(
-            "adapter weights",
-            adapter,
-            "trainable params x dtype bytes: fp32 LoRA on a 16-bit base, bf16 on a quantized one (DoRA magnitudes "
-            "fp32), modules_to_save copies in the base dtype",
+            "optimizer state",
+            optimizer,
+            f"{_si(n_trainable)} x {optimizer / max(n_trainable, 1):.2f} B ({optimizer_name})",
         ),
-        MemoryTerm("gradients", adapter, "one gradient per trainable param, in the param's dtype"),
-        MemoryTerm("optimizer state", optimizer, _optimizer_formula(recipe.train.optimizer)),
         MemoryTerm(
             "activations",
             activations,
-            "b*s*(L*e*h + layer + 4h + 12V) with checkpointing, b*s*(L*layer + 4h + 12V) without",
+            f"{recipe.train.batch_size} x {seq_length or '?'} tokens x {per_token} ({ckpt} checkpointing)",
         ),
         MemoryTerm(
             "overhead",
             overhead,
-            "1 GB CUDA context + largest dequantized weight (4-bit/int8) + DoRA's weight buffer + 5% fragmentation",
+            f"{CUDA_CONTEXT / GB:g} GB CUDA context + {transient / GB:.2f} GB transient weights "
+            f"+ {FRAGMENTATION:.0%} of the rest",
         ),
     ]
-    lower = sum(t.bytes or 0 for t in terms)
+    lower = sum(t.bytes for t in terms if t.bytes is not None and t.name != "activations")
     total = None if activations is None else lower + activations
     fits: dict[str, bool | None] = {}
     for size in GPU_MEMORY_GB:
@@ -444,7 +454,7 @@ def _memory(
         else:
             fits[f"{size} GB"] = False if lower > size * GB else None
     return Memory(
-        weights_dtype=_dtype_name(weights_dtype) if method == "none" else f"{method} + fp32 (not quantized)",
+        weights_dtype=_dtype_name(weights_dtype) if method == "none" else method,
         compute_dtype=_dtype_name(compute),
         quantization=method,
         micro_batch=recipe.train.batch_size,
@@ -467,17 +477,19 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _weights_formula(recipe: Recipe, dtype: torch.dtype) -> str:
-    q = recipe.quantization
-    if q.method == "none":
-        return f"base params x {_size(dtype)} ({_dtype_name(dtype)})"
-    if q.method == "int8":
-        quant = "linear weights x (1 + 4/in_features)"
-    elif q.double_quant:
-        quant = "linear weights x (0.5 + 1/64 + 4/(64*256)) + 1.1 KB per weight"
-    else:
-        quant = "linear weights x (0.5 + 4/64) + 64 B per weight"
-    return f"{quant}; other params (embeddings, output layer, norms) x 4 (fp32, as prepare_model_for_kbit_training casts them)"
+def _si(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(int(n))
+
+
+def _by_dtype(tensors: list[tuple[str, torch.Size, torch.dtype]]) -> str:
+    """`41.9M x 2 B (bfloat16) + 1.4M x 4 B (float32)`: trainable params grouped by dtype."""
+    counts: dict[torch.dtype, int] = {}
+    for _, shape, dtype in tensors:
+        counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
+    return " + ".join(f"{_si(n)} x {_size(d)} B ({_dtype_name(d)})" for d, n in counts.items())
 
 
 def _optimizer_bytes(shape: torch.Size, dtype: torch.dtype, optimizer: str) -> int:
@@ -500,35 +512,27 @@ def _optimizer_bytes(shape: torch.Size, dtype: torch.dtype, optimizer: str) -> i
     raise ValueError(f"no memory rule for optimizer {optimizer!r}")
 
 
-def _optimizer_formula(optimizer: str) -> str:
-    return {
-        "adamw_torch": "2 moments x trainable params x param bytes (fp32 adapter: 8 B/param)",
-        "adamw_torch_fused": "2 moments x trainable params x param bytes (fp32 adapter: 8 B/param)",
-        "paged_adamw_32bit": "2 fp32 moments: 8 B/param",
-        "adamw_bnb_8bit": "2 uint8 moments + fp32 absmax per 256: 2.03 B/param (8 B below 4096 values)",
-        "paged_adamw_8bit": "2 uint8 moments + fp32 absmax per 256: 2.03 B/param (8 B below 4096 values)",
-        "adafactor": "factored second moment: (rows + cols) x param bytes per matrix",
-        "sgd": "none (no momentum)",
-    }[optimizer]
-
-
 def _activations(recipe: Recipe, layout: _Layout, s: _Shapes, e: int, seq: int) -> tuple[int, int]:
-    """Bytes alive for the backward pass at its peak, with and without gradient checkpointing.
+    """Bytes alive at the peak of the backward pass, with and without gradient checkpointing.
 
-    Per token, per decoder layer (`layer`): the two RMSNorm inputs in fp32 (2 * 4h), rotated
-    q, k, v and the attention output (e * (2q + 2kv); kv at the full head count unless flash
-    attention, which keeps the kv heads), the MLP's gate, up and activation (3 * e * i); eager
-    attention adds its probabilities (fp32 softmax + cast: (4 + e) * heads * s). Per adapted
-    linear: its input as the LoRA path saves it (e * in), the dropout mask (in bytes, when
-    dropout > 0), the rank-r intermediate (e * r), and for DoRA the base and LoRA outputs
-    (2 * e * out). Outside the layers: the final norm's fp32 input (4h) and the loss (12V: fp32
-    log-softmax and its gradient in and out). Checkpointing keeps only each layer's input
-    (e * h) and recomputes one layer at a time.
+    `e` is the compute dtype's size; `r` the residual stream's: 4 on a quantized base, whose
+    embeddings and norms prepare_model_for_kbit_training keeps in fp32 (so the MLP runs in fp32
+    between the 4-bit matmuls), else `e`. Per token and decoder layer: the two RMSNorm inputs in
+    fp32 (2 * 4h); rotated q, k, v and the attention output (e * (2q + 2kv); kv at the full head
+    count, as transformers repeats it for SDPA and eager, at the kv heads for flash attention)
+    and the log-sum-exp (4 * heads); the MLP's gate, up and activation (3 * r * i); eager
+    attention adds its probabilities ((4 + e) * heads * s). Per adapted linear: its input as the
+    LoRA path keeps it (e * in), the dropout mask (1 byte per input value when dropout > 0), the
+    rank-r intermediate (e * r), and for DoRA the base and LoRA outputs (2 * e * out). Outside
+    the layers: the final norm's fp32 input (4h) and the loss (12 bytes per vocabulary entry:
+    the fp32 log-softmax kept for backward, and its gradient in and out). Checkpointing keeps
+    each layer's input (r * h) and recomputes one layer at a time.
     """
+    r = 4 if recipe.quantization.method != "none" else e
     h, q = s.hidden, s.heads * s.head_dim
     kv_heads = s.kv_heads if recipe.model.attn_implementation.startswith("flash") else s.heads
     kv = kv_heads * s.head_dim
-    layer = 2 * 4 * h + e * (2 * q + 2 * kv) + 4 * s.heads + 3 * e * s.intermediate
+    layer = 2 * 4 * h + e * (2 * q + 2 * kv) + 4 * s.heads + 3 * r * s.intermediate
     if recipe.model.attn_implementation == "eager":
         layer += (4 + e) * s.heads * seq
     mask = 1 if recipe.lora.dropout > 0 else 0
@@ -538,7 +542,7 @@ def _activations(recipe: Recipe, layout: _Layout, s: _Shapes, e: int, seq: int) 
     outside = 4 * h + LOGIT_BYTES * s.vocab
     tokens = recipe.train.batch_size * seq
     without = tokens * (s.layers * layer + adapters + outside)
-    with_ = tokens * (s.layers * e * h + layer + adapters / s.layers + outside)
+    with_ = tokens * (s.layers * r * h + layer + adapters / s.layers + outside)
     return round(with_), round(without)
 
 

@@ -246,7 +246,6 @@ def test_schema_out_file(tmp_path: Path):
     "args",
     [
         ["plan", RECIPE],
-        ["data", RECIPE],
         ["merge", "runs/demo"],
         ["export", "runs/demo"],
     ],

@@ -207,3 +207,35 @@ def test_csv_and_parquet_sources_name_their_rows(tmp_path, tiny_model_dir, token
         prepare_data(load_recipe(recipe_path), tokenizer)
     prepared = prepare_data(load_recipe(recipe_path, ["data.on_bad_row=skip"]), tokenizer)
     assert prepared.stats.train_rows == 2
+
+
+def test_finetune_data_shows_stats_and_trained_text_without_weights(tmp_path, tiny_tokenizer_dir):
+    import shutil
+    import subprocess
+    import sys
+
+    no_weights = tmp_path / "tokenizer_only"
+    shutil.copytree(tiny_tokenizer_dir, no_weights)  # no config.json, no safetensors: nothing to load
+    rows = [
+        *tiny.reverse_rows(9),
+        {"messages": [{"role": "user", "content": "go"}, {"role": "assistant", "content": "x " * 60}]},
+    ]
+    recipe = write_recipe(tmp_path, no_weights, rows, "  max_seq_length: 32\n  eval: {split_ratio: 0.2}\n")
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "finetune.cli", "data", str(recipe), *a], capture_output=True, text=True
+    )  # noqa: E731
+    result = run("--json", "--show", "2")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    stats = report["stats"]
+    assert (stats["train_rows"], stats["eval_rows"], stats["sources"][0]["rows"]) == (8, 2, 10)
+    p99 = stats["length_percentiles"]["p99"]
+    assert stats["length_percentiles"]["max"] > 32 and stats["suggested_max_seq_length"] == -(-p99 // 64) * 64
+    assert sum(b["rows"] for b in report["histogram"]) == 8
+    example = report["examples"][0]
+    trained = "".join(p["text"] for p in example["pieces"] if p["trained"])
+    masked = "".join(p["text"] for p in example["pieces"] if not p["trained"])
+    assert trained.endswith("<|im_end|>\n") and "Reverse:" in masked and "Reverse:" not in trained
+    assert example["trained_tokens"] < example["tokens"]
+    plain = run("--no-color", "--show", "1").stdout
+    assert "[[" in plain and "]]" in plain and "\x1b[" not in plain

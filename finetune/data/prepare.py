@@ -42,6 +42,9 @@ class DataStats:
     dropped: int = 0
     train_tokens: int = 0
     trained_tokens: int = 0
+    length_percentiles: dict[str, int] = field(default_factory=dict)  # of training rows, before truncation
+    over_max_seq_length: int = 0
+    suggested_max_seq_length: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +56,8 @@ class PreparedData:
     eval: Dataset | None
     eval_samples: list[Sample]
     stats: DataStats
+    train_where: list[str] = field(default_factory=list)  # origin (file:line) of each training row kept
+    lengths: list[int] = field(default_factory=list)  # token length of every training row, before truncation
 
 
 def load_samples(sources_: list[DataSource], on_bad_row: str, stats: DataStats) -> list[Sample]:
@@ -102,8 +107,14 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepared
     encoded_eval = _encode(tokenizer, held_out, recipe.data.train_on)
     max_len = _max_length(recipe, encoded_train)
     stats.max_seq_length = max_len
-    train_rows = _fit(encoded_train, max_len, recipe.data.truncation, stats)
-    eval_rows = _fit(encoded_eval, max_len, recipe.data.truncation, DataStats())
+    lengths = sorted(len(ids) for ids, _ in encoded_train)
+    stats.length_percentiles = {f"p{q}": percentile(lengths, q) for q in (50, 95, 99)} | {
+        "max": lengths[-1] if lengths else 0
+    }
+    stats.over_max_seq_length = sum(n > max_len for n in lengths)
+    stats.suggested_max_seq_length = _round_up(stats.length_percentiles["p99"])
+    train_rows, kept = _fit(encoded_train, max_len, recipe.data.truncation, stats)
+    eval_rows, _ = _fit(encoded_eval, max_len, recipe.data.truncation, DataStats())
     if not train_rows:
         raise DataError("no training rows left after validation and truncation")
     stats.train_rows, stats.eval_rows = len(train_rows), len(eval_rows)
@@ -113,7 +124,14 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepared
     def as_dataset(rows: list[tuple[list[int], list[int]]]) -> Dataset:
         return Dataset.from_dict({"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]})
 
-    return PreparedData(as_dataset(train_rows), as_dataset(eval_rows) if eval_rows else None, held_out, stats)
+    return PreparedData(
+        as_dataset(train_rows),
+        as_dataset(eval_rows) if eval_rows else None,
+        held_out,
+        stats,
+        train_where=[train[i].where for i in kept],
+        lengths=lengths,
+    )
 
 
 def _encode(
@@ -126,19 +144,31 @@ def _encode(
     return out
 
 
+def percentile(sorted_values: list[int], q: float) -> int:
+    """Nearest-rank percentile of an ascending list (0 for an empty one)."""
+    if not sorted_values:
+        return 0
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q / 100 * len(sorted_values)) - 1))]
+
+
+def _round_up(n: int) -> int:
+    return max(64, math.ceil(n / 64) * 64)
+
+
 def _max_length(recipe: Recipe, encoded: list[tuple[list[int], list[int]]]) -> int:
     """The recipe's max_seq_length, or for `auto` the 95th percentile of lengths rounded up to a multiple of 64."""
     if recipe.data.max_seq_length != "auto":
         return recipe.data.max_seq_length
-    lengths = sorted(len(ids) for ids, _ in encoded)
-    p95 = lengths[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)] if lengths else 64
-    return max(64, math.ceil(p95 / 64) * 64)
+    return _round_up(percentile(sorted(len(ids) for ids, _ in encoded), 95))
 
 
-def _fit(rows: list[tuple[list[int], list[int]]], max_len: int, mode: str, stats: DataStats) -> list:
-    """Truncate or drop rows over max_len, counting both; rows left with nothing to train on are dropped."""
-    out = []
-    for ids, labels in rows:
+def _fit(rows: list[tuple[list[int], list[int]]], max_len: int, mode: str, stats: DataStats) -> tuple[list, list[int]]:
+    """Truncate or drop rows over max_len, counting both; rows left with nothing to train on are dropped.
+
+    Returns the rows kept and their indices in `rows`.
+    """
+    out, kept = [], []
+    for i, (ids, labels) in enumerate(rows):
         if len(ids) > max_len:
             if mode == "drop":
                 stats.dropped += 1
@@ -149,4 +179,5 @@ def _fit(rows: list[tuple[list[int], list[int]]], max_len: int, mode: str, stats
             stats.dropped += 1
             continue
         out.append((ids, labels))
-    return out
+        kept.append(i)
+    return out, kept

@@ -1,0 +1,81 @@
+"""`finetune data`: what the model will be trained on, before a GPU is spent. Tokenizer only, no weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from finetune.data.prepare import prepare_data
+from finetune.data.templates import IGNORE
+from finetune.recipe import Recipe
+
+HISTOGRAM_BINS = 10
+
+
+@dataclass
+class Example:
+    where: str
+    pieces: list[tuple[str, bool]]  # decoded text runs, trained or not
+    tokens: int
+    trained_tokens: int
+
+
+@dataclass
+class DataResult:
+    stats: dict[str, Any]
+    histogram: list[tuple[int, int, int]]  # (from, to, rows) of training row lengths, before truncation
+    examples: list[Example]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stats": self.stats,
+            "histogram": [{"from": a, "to": b, "rows": n} for a, b, n in self.histogram],
+            "examples": [
+                {"where": e.where, "tokens": e.tokens, "trained_tokens": e.trained_tokens,
+                 "pieces": [{"text": t, "trained": m} for t, m in e.pieces]}
+                for e in self.examples
+            ],
+        }  # fmt: skip
+
+
+def inspect_data(recipe: Recipe, show: int = 3) -> DataResult:
+    """Statistics of the recipe's data and `show` training examples split into trained and masked text."""
+    from finetune.modeling import load_tokenizer, quiet_libraries
+
+    quiet_libraries()
+    tokenizer = load_tokenizer(recipe)
+    prepared = prepare_data(recipe, tokenizer)
+    stats = prepared.stats.to_dict()
+    lengths = prepared.lengths
+    examples = []
+    for i in range(min(show, len(prepared.train))):
+        ids, labels = prepared.train[i]["input_ids"], prepared.train[i]["labels"]
+        examples.append(
+            Example(
+                prepared.train_where[i], _pieces(tokenizer, ids, labels), len(ids), sum(x != IGNORE for x in labels)
+            )
+        )
+    return DataResult(stats, histogram(lengths), examples)
+
+
+def _pieces(tokenizer: Any, ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
+    """Decode runs of consecutive trained / masked tokens."""
+    runs: list[tuple[list[int], bool]] = []
+    for tok, label in zip(ids, labels, strict=True):
+        trained = label != IGNORE
+        if runs and runs[-1][1] == trained:
+            runs[-1][0].append(tok)
+        else:
+            runs.append(([tok], trained))
+    return [(tokenizer.decode(group), trained) for group, trained in runs]
+
+
+def histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> list[tuple[int, int, int]]:
+    if not lengths:
+        return []
+    low, high = min(lengths), max(lengths)
+    width = max(1, -(-(high - low + 1) // bins))
+    counts = [0] * bins
+    for n in lengths:
+        counts[min((n - low) // width, bins - 1)] += 1
+    return [(low + i * width, low + (i + 1) * width - 1, c) for i, c in enumerate(counts) if low + i * width <= high]

@@ -1,0 +1,569 @@
+"""`finetune export`: a run's adapter, or its verified merged model, ready to publish.
+
+Both formats carry a model card (README.md with Hugging Face front matter, the training figures
+from manifest.json and the held-out results from eval/summary.json), the resolved recipe, and a
+compatibility report (compat.json, also in the card) worked out from the adapter's actual config
+and tensors: which runtimes will load it, which will not, and why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune.errors import UserError
+from finetune.merge import Progress, Run, claim_output, merge_dtype, merge_into, open_run
+from finetune.runs import atomic_dir, write_json_atomic
+
+FORMATS = ("adapter", "merged")
+# vLLM accepts only these values for --max-lora-rank (its LoRAConfig); its default is 16.
+VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+VLLM_SAVABLE_MODULES = ("classifier", "score")  # the only modules_to_save vLLM serves (classification heads)
+VLLM_UNSERVED_INITS = ("pissa", "olora", "corda", "loftq")  # inits that rewrite the base weights at load time
+EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_out")
+
+
+@dataclass
+class ExportResult:
+    run_dir: str
+    out_dir: str
+    format: str
+    files: list[str]
+    compat: dict[str, Any]
+    merge_check: dict[str, Any] | None
+    seconds: float
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def export(
+    run_dir: str | Path,
+    format: str,
+    out: str | Path | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Write the adapter (or the verified merged model) with its card, recipe and compatibility report."""
+    started = time.perf_counter()
+    if format not in FORMATS:
+        raise UserError(f"--format: must be one of {', '.join(FORMATS)} (got {format!r})")
+    if format == "adapter" and dtype is not None:
+        raise UserError("--dtype: only applies to --format merged (the adapter is exported as trained)")
+    run = open_run(run_dir)
+    target = Path(out).expanduser().resolve() if out else run.root / "export" / format
+    claim_output(target, overwrite, run)
+    dtype_name = merge_dtype(run.recipe, dtype) if format == "merged" else None
+    notes = list(run.notes)
+    check = None
+    with atomic_dir(target) as tmp:
+        if format == "adapter":
+            for src in sorted(run.adapter.iterdir()):
+                if src.is_file() and src.name != "README.md":  # PEFT's generic card is replaced by ours
+                    shutil.copy2(src, tmp / src.name)
+        else:
+            check, merge_notes = merge_into(run, tmp, dtype_name, progress or (lambda _: None))
+            notes += merge_notes
+        compat = compatibility(run, format, tmp)
+        shutil.copy2(run.dirs.recipe, tmp / "recipe.yaml")
+        write_json_atomic(tmp / "compat.json", compat)
+        (tmp / "README.md").write_text(model_card(run, format, compat, check), encoding="utf-8")
+    files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+    return ExportResult(
+        run_dir=str(run.root),
+        out_dir=str(target),
+        format=format,
+        files=files,
+        compat=compat,
+        merge_check=check,
+        seconds=time.perf_counter() - started,
+        notes=notes,
+    )
+
+
+# --- compatibility ----------------------------------------------------------------------------------
+
+
+def _verdict(works: bool | None, summary: str, reasons: list[str], command: str | None = None, **extra: Any) -> dict:
+    """works: True (will work), False (will not), None (cannot be checked here)."""
+    return {"works": works, "summary": summary, "reasons": reasons, "command": command, **extra}
+
+
+def adapter_facts(run: Run) -> dict[str, Any]:
+    """What the runtimes care about, read from adapter_config.json and the adapter's tensor names."""
+    config = run.adapter_config
+    ranks = [int(config.get("r", 0)), *(int(v) for v in (config.get("rank_pattern") or {}).values())]
+    targets = config.get("target_modules")
+    names = list(run.tensors)
+    return {
+        "peft_type": config.get("peft_type"),
+        "rank": int(config.get("r", 0)),
+        "max_rank": max(ranks),
+        "alpha": config.get("lora_alpha"),
+        "variant": run.variant,
+        "target_modules": targets if isinstance(targets, str) else sorted(targets or []),
+        "modules_to_save": sorted(config.get("modules_to_save") or []),
+        "bias": config.get("bias", "none"),
+        "lora_bias": bool(config.get("lora_bias")),
+        "init_lora_weights": config.get("init_lora_weights", True),
+        "tensors": len(names),
+        "magnitude_vectors": sum("lora_magnitude_vector" in n for n in names),
+        "full_tensors": sorted(n for n in names if ".lora_" not in n),
+        "embedding_lora": sorted(
+            {m for n in names for m in EMBEDDING_MODULES if f".{m}.lora_" in n or (".lora_embedding_" in n and m in n)}
+        ),
+        "base_model": run.recipe.model.base,
+        "base_revision": run.recipe.model.revision,
+        "quantization_in_training": run.recipe.quantization.method,
+    }
+
+
+def compatibility(run: Run, format: str, exported: Path | None = None) -> dict[str, Any]:
+    """What will and will not load the export; `exported` is the directory holding it (merged: its config.json)."""
+    facts = adapter_facts(run)
+    if format == "merged":
+        targets = {
+            "transformers": _merged_transformers(),
+            "vllm": _merged_vllm(exported),
+            "gguf": _merged_gguf(),
+        }
+    else:
+        targets = {
+            "transformers_peft": _adapter_transformers(facts),
+            "vllm": _adapter_vllm(facts, run),
+            "gguf": _adapter_gguf(facts),
+        }
+    return {"format": format, "adapter": facts, "targets": targets}
+
+
+def _adapter_transformers(facts: dict) -> dict:
+    revision = f', revision="{facts["base_revision"]}"' if facts["base_revision"] else ""
+    command = f'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{facts["base_model"]}"{revision}), "<this directory>")'
+    reasons = []
+    if facts["variant"] == "dora":
+        reasons.append("DoRA recomputes its weight norms at every forward pass: merge it for fast inference")
+    if facts["quantization_in_training"] != "none":
+        reasons.append(
+            f"trained on a {facts['quantization_in_training']}-quantized base: load the base with the same "
+            "BitsAndBytesConfig to reproduce training-time outputs exactly"
+        )
+    return _verdict(True, "loads with transformers + PEFT", reasons, command)
+
+
+def _adapter_vllm(facts: dict, run: Run) -> dict:
+    blockers = []
+    if facts["variant"] == "dora" or facts["magnitude_vectors"]:
+        blockers.append(
+            "DoRA is not served by vLLM (its LoRA kernels have no magnitude vectors); export --format merged"
+        )
+    unsaved = [m for m in facts["modules_to_save"] if m not in VLLM_SAVABLE_MODULES]
+    if unsaved:
+        blockers.append(
+            f"modules_to_save ({', '.join(unsaved)}) is not served by vLLM, which swaps only low-rank matrices per "
+            "request (whole modules only for classification heads); export --format merged"
+        )
+    if facts["embedding_lora"]:
+        blockers.append(
+            f"LoRA on {', '.join(facts['embedding_lora'])} is not served by current vLLM releases; export --format merged"
+        )
+    if facts["bias"] != "none" or facts["lora_bias"]:
+        blockers.append("adapter biases (bias/lora_bias) are not served by vLLM")
+    init = facts["init_lora_weights"]
+    if isinstance(init, str) and init.lower().startswith(VLLM_UNSERVED_INITS):
+        blockers.append(f"init_lora_weights={init!r} changes the base weights when PEFT loads it; vLLM does not")
+    if facts["max_rank"] > VLLM_MAX_LORA_RANKS[-1]:
+        blockers.append(f"rank {facts['max_rank']} is above vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})")
+    if isinstance(facts["target_modules"], str):
+        blockers.append(
+            f"target_modules is a regular expression ({facts['target_modules']!r}); vLLM needs module names"
+        )
+    if blockers:
+        return _verdict(False, "not served by vLLM LoRA serving", blockers, max_lora_rank=None)
+    needed = next(r for r in VLLM_MAX_LORA_RANKS if r >= facts["max_rank"])
+    summary = f"served by vLLM with --enable-lora --max-lora-rank {needed}"
+    reasons = []
+    if needed != facts["max_rank"]:
+        reasons.append(
+            f"rank {facts['max_rank']} is not one of vLLM's sizes ({', '.join(map(str, VLLM_MAX_LORA_RANKS))}): "
+            f"it needs --max-lora-rank {needed}"
+        )
+    if needed > VLLM_DEFAULT_MAX_LORA_RANK:
+        reasons.append(f"vLLM's default --max-lora-rank is {VLLM_DEFAULT_MAX_LORA_RANK}: pass {needed} explicitly")
+    if facts["variant"] == "rslora":
+        reasons.append("rsLoRA scaling (alpha/sqrt(rank)) is applied by vLLM from adapter_config.json")
+    if facts["quantization_in_training"] != "none":
+        reasons.append(
+            "vLLM applies the adapter to the base it serves (16-bit or its own quantization), not to the "
+            f"{facts['quantization_in_training']} base it was trained on"
+        )
+    command = (
+        f"vllm serve {facts['base_model']} --enable-lora --max-lora-rank {needed} "
+        f"--lora-modules {run.recipe.name}=<this directory>"
+    )
+    return _verdict(True, summary, reasons, command, max_lora_rank=needed)
+
+
+def gguf_converter(script: str) -> dict[str, str | None]:
+    """llama.cpp's conversion script on PATH, and the gguf Python package it is built on, where installed."""
+    version = None
+    if importlib.util.find_spec("gguf") is not None:
+        try:
+            version = metadata.version("gguf")
+        except metadata.PackageNotFoundError:
+            version = "unknown version"
+    return {"script": shutil.which(script), "gguf_package": version}
+
+
+def _converter_summary(converter: dict, script: str) -> str | None:
+    if converter["script"]:
+        return f"{script} at {converter['script']}"
+    if converter["gguf_package"]:
+        return f"the gguf package ({converter['gguf_package']}); {script} itself comes with llama.cpp's source"
+    return None
+
+
+def _adapter_gguf(facts: dict) -> dict:
+    script = "convert_lora_to_gguf.py"
+    converter = gguf_converter(script)
+    found = _converter_summary(converter, script)
+    if found is None:
+        return _verdict(None, f"not checked: no converter installed (llama.cpp's {script}, or the gguf package)", [])
+    blockers = []
+    if facts["magnitude_vectors"]:
+        blockers.append(f"DoRA: {script} accepts only lora_A/lora_B tensors, not DoRA's magnitude vectors")
+    if facts["full_tensors"]:
+        shown = ", ".join(facts["full_tensors"][:3]) + (" ..." if len(facts["full_tensors"]) > 3 else "")
+        blockers.append(f"{script} refuses whole tensors (modules_to_save: {shown})")
+    if facts["variant"] == "rslora":
+        factor = math.sqrt(facts["rank"])
+        blockers.append(
+            f"llama.cpp scales every adapter by alpha/rank; this rsLoRA adapter needs alpha/sqrt(rank), so it would "
+            f"be applied {factor:.3g}x too weakly: export --format merged and convert the merged model"
+        )
+    if blockers:
+        return _verdict(False, "does not convert to a GGUF LoRA adapter", [f"converter: {found}", *blockers])
+    base = facts["base_model"]
+    flag = f"--base {base}" if Path(base).is_absolute() else f"--base-model-id {base}"
+    return _verdict(
+        True,
+        "converts to a GGUF LoRA adapter for llama.cpp",
+        [f"converter: {found}"],
+        f"python {script} {flag} --outfile adapter.gguf <this directory>",
+    )
+
+
+def _merged_transformers() -> dict:
+    return _verdict(
+        True, "loads with plain transformers", [], 'AutoModelForCausalLM.from_pretrained("<this directory>")'
+    )
+
+
+def _merged_vllm(exported: Path | None) -> dict:
+    architectures = None
+    if exported is not None and (exported / "config.json").is_file():
+        architectures = json.loads((exported / "config.json").read_text(encoding="utf-8")).get("architectures")
+    arch = ", ".join(architectures or ["unknown"])
+    return _verdict(
+        True,
+        "served by vLLM as a plain model (no LoRA flags, no --max-lora-rank)",
+        [f"architecture {arch}: vLLM serves it if it is in vLLM's supported-models list, as for the base"],
+        "vllm serve <this directory>",
+    )
+
+
+def _merged_gguf() -> dict:
+    script = "convert_hf_to_gguf.py"
+    converter = gguf_converter(script)
+    found = _converter_summary(converter, script)
+    if found is None:
+        return _verdict(None, f"not checked: no converter installed (llama.cpp's {script}, or the gguf package)", [])
+    return _verdict(
+        True,
+        "converts to GGUF for llama.cpp where llama.cpp supports the architecture",
+        [f"converter: {found}"],
+        f"python {script} <this directory> --outfile model.gguf",
+    )
+
+
+# --- model card ---------------------------------------------------------------------------------------
+
+
+def model_card(run: Run, format: str, compat: dict, check: dict | None) -> str:
+    """README.md: Hugging Face front matter, what it is, how to use it, training, data, eval, compatibility."""
+    from finetune.data.sources import is_local
+
+    recipe, manifest = run.recipe, run.manifest
+    base = recipe.model.base
+    variant = run.variant
+    method = "qlora" if run.quantized else "lora"
+    combined = manifest.get("kind") == "combined"
+    tags = [
+        "finetune",
+        "peft",
+        "lora",
+        *([method] if method != "lora" else []),
+        *([variant] if variant != "lora" else []),
+    ]
+    tags += ["trl", "sft"] if not combined else ["adapter-merging"]
+    hub_datasets = [s.path for s in recipe.data.train if not is_local(s)]
+    meta: dict[str, Any] = {
+        "library_name": "peft" if format == "adapter" else "transformers",
+        "base_model": base,
+        "base_model_relation": "adapter" if format == "adapter" else "finetune",
+        "pipeline_tag": "text-generation",
+        "tags": tags if format == "adapter" else [*tags, "merged-lora"],
+    }
+    if hub_datasets:
+        meta["datasets"] = hub_datasets
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        "",
+        f"# {recipe.name}",
+        "",
+    ]
+    facts = compat["adapter"]
+    revision = f" (revision `{recipe.model.revision}`)" if recipe.model.revision else ""
+    shape = f"rank {facts['rank']}, alpha {facts['alpha']}, on {_modules(facts['target_modules'])}"
+    what = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA"}[variant]
+    if format == "adapter":
+        qlora = f", trained as QLoRA on the {recipe.quantization.method}-quantized base" if run.quantized else ""
+        lines.append(f"A {what} adapter ({shape}) for `{base}`{revision}{qlora}, made with `finetune`.")
+    else:
+        lines.append(
+            f"`{base}`{revision} with the {what} adapter of run `{recipe.name}` ({shape}) merged into its weights "
+            f"in {check['dtype'] if check else 'full precision'}, made with `finetune merge` and verified against "
+            "base + adapter (see *Merge check*)."
+        )
+    if facts["modules_to_save"]:
+        lines.append(f"Fully trained modules: {', '.join(facts['modules_to_save'])}.")
+    lines += ["", "## Use", "", "```python", *_usage(format, base, recipe.model.revision), "```", ""]
+    if combined:
+        lines += _combination_section(manifest)
+    else:
+        lines += _training_section(run)
+    lines += _data_section(run)
+    lines += _eval_section(run)
+    if check is not None:
+        lines += _check_section(check)
+    lines += _compat_section(compat)
+    lines += [
+        "## Reproduce",
+        "",
+        "`recipe.yaml` in this directory is the fully resolved recipe (extends and --set applied):",
+        "",
+        "```bash",
+        "finetune train recipe.yaml"
+        if not combined
+        else "# train each parent run, then: finetune merge PARENT... --method ...",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _modules(targets: list[str] | str) -> str:
+    return targets if isinstance(targets, str) else ", ".join(targets)
+
+
+def _usage(format: str, base: str, revision: str | None) -> list[str]:
+    rev = f', revision="{revision}"' if revision else ""
+    if format == "adapter":
+        return [
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{base}"{rev})',
+            'model = PeftModel.from_pretrained(base, "<this directory>")',
+            'tokenizer = AutoTokenizer.from_pretrained("<this directory>")  # with the chat template used in training',
+        ]
+    return [
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'model = AutoModelForCausalLM.from_pretrained("<this directory>")',
+        'tokenizer = AutoTokenizer.from_pretrained("<this directory>")  # with the chat template used in training',
+    ]
+
+
+def _table(rows: list[tuple[str, Any]]) -> list[str]:
+    out = ["| | |", "|---|---|"]
+    out += [f"| {k} | {v} |" for k, v in rows if v not in (None, "")]
+    return [*out, ""]
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _training_section(run: Run) -> list[str]:
+    recipe, m = run.recipe, run.manifest
+    t, data, lora = recipe.train, m.get("data") or {}, m.get("lora") or {}
+    trainable, total = lora.get("trainable_params"), lora.get("total_params")
+    share = f"{trainable:,} of {total:,} ({trainable / total:.2%})" if trainable and total else None
+    q = recipe.quantization
+    quant = (
+        "none"
+        if q.method == "none"
+        else f"{q.method} (QLoRA)" + (", double quant" if q.double_quant and q.method in ("nf4", "fp4") else "")
+    )
+    packages = m.get("packages") or {}
+    hw = m.get("hardware") or {}
+    rows = [
+        ("steps", _num(m.get("steps")) if m.get("steps") is not None else None),
+        ("train loss (mean)", _num(m.get("train_loss")) if m.get("train_loss") is not None else None),
+        ("trainable parameters", share),
+        (
+            "LoRA",
+            f"{run.variant}, rank {recipe.lora.rank}, alpha {recipe.lora.alpha:g}, dropout {recipe.lora.dropout:g}",
+        ),
+        ("quantization", quant),
+        ("epochs / max steps", f"{t.epochs:g} / {t.max_steps or '-'}"),
+        ("learning rate", f"{t.lr:g}, {t.scheduler}, warmup {t.warmup_ratio:g}"),
+        ("batch", f"{t.batch_size} x {t.grad_accum} accumulation, optimizer {t.optimizer}"),
+        ("max sequence length", _num(data.get("max_seq_length")) if data.get("max_seq_length") else None),
+        (
+            "rows (train / held out)",
+            f"{data['train_rows']:,} / {data.get('eval_rows', 0):,}" if "train_rows" in data else None,
+        ),
+        (
+            "tokens (all / trained)",
+            f"{data['train_tokens']:,} / {data.get('trained_tokens', 0):,}" if "train_tokens" in data else None,
+        ),
+        ("duration", _duration(m.get("started"), m.get("finished"))),
+        ("seed", recipe.seed),
+        ("hardware", _hardware(hw) if hw else None),
+        ("packages", ", ".join(f"{k} {v}" for k, v in packages.items() if v) or None),
+        ("recipe sha256", f"`{m['recipe_sha256']}`" if m.get("recipe_sha256") else None),
+        ("run status", m.get("status")),
+    ]
+    return ["## Training", "", *_table(rows)]
+
+
+def _duration(start: str | None, end: str | None) -> str | None:
+    if not start or not end:
+        return None
+    try:
+        seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    except ValueError:
+        return None
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _hardware(hw: dict) -> str:
+    gpus = hw.get("gpus") or []
+    return f"{', '.join(gpus)}" if gpus else f"CPU ({hw.get('cpu', '?')}, {hw.get('cpu_count', '?')} cores), no GPU"
+
+
+def _combination_section(manifest: dict) -> list[str]:
+    c = manifest.get("combination") or {}
+    lines = [
+        "## Combination",
+        "",
+        f"Combined with PEFT's `add_weighted_adapter` (method `{c.get('method')}`"
+        + (f", density {c['density']}" if c.get("density") is not None else "")
+        + ") from:",
+        "",
+        "| parent run | weight | variant | rank | adapter sha256 |",
+        "|---|---|---|---|---|",
+    ]
+    for p in manifest.get("parents") or []:
+        lines.append(
+            f"| {p.get('name')} | {p.get('weight')} | {p.get('variant')} | {p.get('rank')} | `{p.get('adapter_sha256', '')[:16]}` |"
+        )
+    return [*lines, ""]
+
+
+def _data_section(run: Run) -> list[str]:
+    from finetune.data.sources import is_local
+
+    recorded = {s.get("path"): s for s in (run.manifest.get("data") or {}).get("sources") or []}
+    lines = ["## Data", "", "| source | format | rows | sha256 |", "|---|---|---|---|"]
+    for source in run.recipe.data.train:
+        r = recorded.get(source.path, {})
+        shown = Path(source.path).name if is_local(source) else source.path
+        rows = r.get("rows")
+        lines.append(
+            f"| {shown} | {source.format} | {'' if rows is None else f'{rows:,}'} | "
+            f"{'`' + r['sha256'][:16] + '`' if r.get('sha256') else ''} |"
+        )
+    return [*lines, ""]
+
+
+def _eval_section(run: Run) -> list[str]:
+    path = run.dirs.eval / "summary.json"
+    summary = None
+    if path.is_file():
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            summary = None
+    summary = summary or run.manifest.get("eval")
+    if not summary or not summary.get("tuned"):
+        return ["## Evaluation", "", "No held-out evaluation was recorded for this run.", ""]
+    tuned, base = summary["tuned"], summary.get("base")
+    lines = [
+        "## Evaluation",
+        "",
+        f"Held-out data ({summary.get('examples', '?')} examples), tuned against its base:",
+        "",
+        "| metric | base | tuned | delta |",
+        "|---|---|---|---|",
+    ]
+    keys = [k for k in ("loss", "perplexity") if tuned.get(k) is not None] + list(tuned.get("metrics") or {})
+    for key in keys:
+        t = tuned.get(key, (tuned.get("metrics") or {}).get(key))
+        b = None if not base else base.get(key, (base.get("metrics") or {}).get(key))
+        delta = "" if b is None else f"{t - b:+.4g}"
+        lines.append(f"| {key} | {'-' if b is None else f'{b:.4g}'} | {t:.4g} | {delta} |")
+    return [*lines, ""]
+
+
+def _check_section(check: dict) -> list[str]:
+    return [
+        "## Merge check",
+        "",
+        f"Logits of this merged model (reloaded from disk) against base + adapter unmerged, {check['dtype']}, "
+        f"{check['prompts']} prompts ({check['tokens']} tokens) from {Path(check['prompts_from']).name}: "
+        f"max abs difference {check['max_abs_diff']:.3g}, max relative {check['max_rel_diff']:.3g} "
+        f"(tolerance {check['tolerance']:.3g}); the adapter itself moves logits by up to {check['adapter_effect']:.3g}; "
+        f"greedy tokens agree at {check['argmax_agreement']:.1%} of positions. Details: merge_check.json.",
+        "",
+    ]
+
+
+TARGET_NAMES = {
+    "transformers_peft": "transformers + PEFT",
+    "transformers": "transformers",
+    "vllm": "vLLM",
+    "gguf": "GGUF / llama.cpp",
+}
+
+
+def verdict_word(works: bool | None) -> str:
+    return {True: "works", False: "does not work", None: "not checked"}[works]
+
+
+def _compat_section(compat: dict) -> list[str]:
+    lines = ["## Compatibility", "", "Checked from this directory's files (compat.json):", ""]
+    for key, v in compat["targets"].items():
+        lines.append(f"- **{TARGET_NAMES.get(key, key)}**: {verdict_word(v['works'])}: {v['summary']}.")
+        lines += [f"  - {reason}" for reason in v["reasons"]]
+        if v.get("command"):
+            lines.append(f"  - `{v['command']}`")
+    return [*lines, ""]
