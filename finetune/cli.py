@@ -280,10 +280,10 @@ def _print_plan(r: dict) -> None:
     checkpointing = "on" if m["gradient_checkpointing"] else "off"
     title = f"memory (GB = 10^9 bytes; {m['weights_dtype']} weights, {m['compute_dtype']} compute, {shape}, "
     table = Table(title=title + f"gradient checkpointing {checkpointing})", title_justify="left")
-    for column in ("component", "GB", "formula"):
+    for column in ("component", "GB", "as"):
         table.add_column(column, justify="right" if column == "GB" else "left", overflow="fold")
     for term in m["terms"]:
-        table.add_row(term["name"], gb(term["bytes"]), term["formula"])
+        table.add_row(term["name"], gb(term["bytes"]), term["detail"])
     total = gb(m["total"]) if m["total"] is not None else f">= {gb(m['lower_bound'])}"
     table.add_row("total", total, "")
     console.print(table)
@@ -291,8 +291,13 @@ def _print_plan(r: dict) -> None:
     other_bytes = m["activations_without_checkpointing" if other == "without" else "activations_with_checkpointing"]
     if other_bytes is not None:
         console.print(f"activations {other} gradient checkpointing: {gb(other_bytes)} GB")
-    verdict = {True: "fits", False: "does not fit", None: "unknown"}
-    console.print("fits: " + ", ".join(f"{size} {verdict[ok]}" for size, ok in m["fits"].items()))
+    table = Table(title="fits on a GPU of", title_justify="left")
+    for column in ("memory", "fits", "headroom GB"):
+        table.add_column(column, justify="left" if column == "memory" else "right")
+    for size, ok in m["fits"].items():
+        headroom = "" if m["total"] is None else f"{(int(size.split()[0]) * 10**9 - m['total']) / 1e9:+.1f}"
+        table.add_row(size, {True: "yes", False: "no", None: "unknown"}[ok], headroom)
+    console.print(table)
     if w["available"]:
         table = Table(title="work", title_justify="left")
         table.add_column("", justify="left")
@@ -300,8 +305,8 @@ def _print_plan(r: dict) -> None:
         table.add_column("total", justify="right")
         table.add_row("optimizer steps", f"{w['steps_per_epoch']:,}", f"{w['total_steps']:,}")
         table.add_row("tokens", f"{w['tokens_per_epoch']:,}", f"{w['total_tokens']:,}")
-        table.add_row("trained tokens (loss)", f"{w['trained_tokens_per_epoch']:,}", "")
-        table.add_row("sequences", f"{w['sequences_per_epoch']:,}", "")
+        for label, key in (("trained tokens (loss)", "trained_tokens_per_epoch"), ("sequences", "sequences_per_epoch")):
+            table.add_row(label, f"{w[key]:,}", f"{round(w[key] * w['epochs']):,}")
         console.print(table)
         console.print(
             f"{w['train_rows']:,} train rows, {w['eval_rows']:,} eval rows, max_seq_length {w['max_seq_length']}, "
@@ -311,14 +316,25 @@ def _print_plan(r: dict) -> None:
         console.print(f"work: {w['note']}")
     if t is not None:
         where = t["gpu"] or "the given peak"
-        line = f"time on {where} ({t['peak_tflops']:g} TFLOP/s peak x MFU {t['mfu']:g}, {t['flops_per_token']:.3g} FLOPs/token): "
-        per_step = "?" if t["seconds_per_step"] is None else f"{t['seconds_per_step']:.1f}"
-        line += f"{per_step} s per optimizer step of full sequences"
+        line = (
+            f"time on {where} ({t['peak_tflops']:g} TFLOP/s peak x MFU {t['mfu']:g}, "
+            f"{t['flops_per_token']:.3g} FLOPs per token): "
+        )
+        per_step = "?" if t["seconds_per_step"] is None else _duration(t["seconds_per_step"])
+        line += f"{per_step} per optimizer step of full-length sequences"
         if t["total_seconds"] is not None:
-            line += f", {t['total_seconds'] / 3600:.2f} h in all"
+            line += f", {_duration(t['total_seconds'])} for the whole run"
         console.print(line)
     for note in r["notes"]:
         console.print(f"note: {note}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @app.command()

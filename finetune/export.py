@@ -240,7 +240,7 @@ def _adapter_gguf(facts: dict) -> dict:
     converter = gguf_converter(script)
     found = _converter_summary(converter, script)
     if found is None:
-        return _verdict(None, f"not checked: no converter installed (llama.cpp's {script}, or the gguf package)", [])
+        return _verdict(None, f"no converter installed (llama.cpp's {script}, or the gguf package)", [])
     blockers = []
     if facts["magnitude_vectors"]:
         blockers.append(f"DoRA: {script} accepts only lora_A/lora_B tensors, not DoRA's magnitude vectors")
@@ -289,7 +289,7 @@ def _merged_gguf() -> dict:
     converter = gguf_converter(script)
     found = _converter_summary(converter, script)
     if found is None:
-        return _verdict(None, f"not checked: no converter installed (llama.cpp's {script}, or the gguf package)", [])
+        return _verdict(None, f"no converter installed (llama.cpp's {script}, or the gguf package)", [])
     return _verdict(
         True,
         "converts to GGUF for llama.cpp where llama.cpp supports the architecture",

@@ -17,7 +17,6 @@ out like a run (recipe.yaml, manifest.json naming the parents, adapter/), so tha
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import math
 import re
@@ -30,13 +29,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 
 from finetune.errors import RunDirError, UserError
 from finetune.loading import load_recipe
-from finetune.modeling import device, hub_kwargs, load_model
+from finetune.modeling import device, hub_kwargs, load_model, quiet_libraries
 from finetune.recipe import NAME_PATTERN, Recipe
-from finetune.runs import RunDir, atomic_dir, hardware, now, package_versions, write_json_atomic
+from finetune.runs import RunDir, atomic_dir, file_sha256, hardware, now, package_versions, write_json_atomic
+from finetune.secrets import redact
+from finetune.yaml_source import dump
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -205,14 +205,6 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~"))
 
 
-def adapter_sha256(adapter_dir: Path) -> str:
-    digest = hashlib.sha256()
-    with (adapter_dir / "adapter_model.safetensors").open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --- merge ------------------------------------------------------------------------------------------
 
 
@@ -305,7 +297,7 @@ def merge_into(run: Run, out: Path, dtype_name: str, progress: Progress = lambda
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    _quiet_libraries()
+    quiet_libraries()
     notes: list[str] = []
     recipe = run.recipe
     if run.quantized:
@@ -364,7 +356,11 @@ def merge_into(run: Run, out: Path, dtype_name: str, progress: Progress = lambda
         "(PeftModel, unmerged), same dtype, same prompts",
         run_dir=str(run.root),
         base={"id": recipe.model.base, "revision": recipe.model.revision},
-        adapter={"variant": run.variant, "rank": run.adapter_config.get("r"), "sha256": adapter_sha256(run.adapter)},
+        adapter={
+            "variant": run.variant,
+            "rank": run.adapter_config.get("r"),
+            "sha256": file_sha256(run.adapter / "adapter_model.safetensors"),
+        },
         quantization_in_training=recipe.quantization.method,
         created=now(),
     )
@@ -511,13 +507,6 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _quiet_libraries() -> None:
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
-
-
 def _quiet(_: str) -> None:
     pass
 
@@ -552,7 +541,7 @@ def combine(
     progress: Progress | None = None,
 ) -> CombineResult:
     """Combine adapters trained on the same base into one PEFT adapter, in a run-like directory at `out`."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), now()
     progress = progress or _quiet
     if len(run_dirs) < 2:
         raise UserError("combining needs two or more run directories")
@@ -575,46 +564,47 @@ def combine(
         _write_combined_adapter(runs, tmp / "adapter", method, weights, density, seed)
         (tmp / "recipe.yaml").write_text(
             f"# Resolved recipe of the adapter combined ({method}) from: {', '.join(str(r.root) for r in runs)}\n"
-            + yaml.safe_dump(recipe_data, sort_keys=False, allow_unicode=True),
+            + dump(redact(recipe_data)),
             encoding="utf-8",
         )
         recipe = load_recipe(tmp / "recipe.yaml", check_files=False)  # the combined directory must work like a run
         check_adapter(tmp / "adapter")
-        finished = now()
         write_json_atomic(
             tmp / "manifest.json",
-            {
-                "name": recipe.name,
-                "kind": "combined",
-                "status": "completed",
-                "started": finished,
-                "finished": finished,
-                "recipe_sha256": recipe.fingerprint(),
-                "seed": seed,
-                "base_model": {"id": recipe.model.base, "revision": recipe.model.revision},
-                "combination": {
-                    "method": method,
-                    "peft_combination_type": method,
-                    "weights": weights,
-                    "density": density,
-                    "exact": method == "cat",
-                },
-                "parents": [
-                    {
-                        "run_dir": str(r.root),
-                        "name": r.recipe.name,
-                        "recipe_sha256": r.manifest.get("recipe_sha256") or r.recipe.fingerprint(),
-                        "adapter_sha256": adapter_sha256(r.adapter),
-                        "variant": r.variant,
-                        "rank": r.adapter_config.get("r"),
-                        "weight": w,
-                    }
-                    for r, w in zip(runs, weights, strict=True)
-                ],
-                "lora": {"targets": targets, "rank": recipe.lora.rank},
-                "packages": package_versions(),
-                "hardware": hardware(),
-            },
+            redact(
+                {
+                    "name": recipe.name,
+                    "kind": "combined",
+                    "status": "completed",
+                    "started": started_at,
+                    "finished": now(),
+                    "recipe_sha256": recipe.fingerprint(),
+                    "seed": seed,
+                    "base_model": {"id": recipe.model.base, "revision": recipe.model.revision},
+                    "combination": {
+                        "method": method,
+                        "peft_combination_type": method,
+                        "weights": weights,
+                        "density": density,
+                        "exact_weighted_sum": method == "cat",  # the others approximate sum(w_i * delta_i)
+                    },
+                    "parents": [
+                        {
+                            "run_dir": str(r.root),
+                            "name": r.recipe.name,
+                            "recipe_sha256": r.manifest.get("recipe_sha256") or r.recipe.fingerprint(),
+                            "adapter_sha256": file_sha256(r.adapter / "adapter_model.safetensors"),
+                            "variant": r.variant,
+                            "rank": r.adapter_config.get("r"),
+                            "weight": w,
+                        }
+                        for r, w in zip(runs, weights, strict=True)
+                    ],
+                    "lora": {"targets": targets, "rank": recipe.lora.rank},
+                    "packages": package_versions(),
+                    "hardware": hardware(),
+                }
+            ),
         )
     return CombineResult(
         out_dir=str(target),
@@ -721,7 +711,7 @@ def _write_combined_adapter(
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    _quiet_libraries()
+    quiet_libraries()
     recipe = runs[0].recipe
     base = load_model(_with_dtype(recipe, merge_dtype(recipe, None)), quantized=False)
     names = [f"parent{i}" for i in range(len(runs))]

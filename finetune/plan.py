@@ -64,7 +64,7 @@ class Params:
 class MemoryTerm:
     name: str
     bytes: int | None  # None: unknown (activations without a sequence length)
-    formula: str
+    detail: str  # how the figure adds up, with the numbers
 
 
 @dataclass

@@ -221,9 +221,12 @@ def test_finetune_data_shows_stats_and_trained_text_without_weights(tmp_path, ti
         {"messages": [{"role": "user", "content": "go"}, {"role": "assistant", "content": "x " * 60}]},
     ]
     recipe = write_recipe(tmp_path, no_weights, rows, "  max_seq_length: 32\n  eval: {split_ratio: 0.2}\n")
-    run = lambda *a: subprocess.run(
-        [sys.executable, "-m", "finetune.cli", "data", str(recipe), *a], capture_output=True, text=True
-    )  # noqa: E731
+
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "finetune.cli", "data", str(recipe), *a], capture_output=True, text=True
+        )
+
     result = run("--json", "--show", "2")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -239,3 +242,36 @@ def test_finetune_data_shows_stats_and_trained_text_without_weights(tmp_path, ti
     assert example["trained_tokens"] < example["tokens"]
     plain = run("--no-color", "--show", "1").stdout
     assert "[[" in plain and "]]" in plain and "\x1b[" not in plain
+
+
+def test_preprocessing_is_cached_and_never_stale(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+    import finetune.data.prepare as prepare_module
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    path = write_recipe(tmp_path, tiny_model_dir(), tiny.reverse_rows(10), "  eval: {split_ratio: 0.2}\n")
+    first = prepare_data(load_recipe(path), tokenizer)
+    calls = []
+    real = prepare_module._prepare
+    monkeypatch.setattr(prepare_module, "_prepare", lambda *a: calls.append(1) or real(*a))
+    again = prepare_data(load_recipe(path), tokenizer)
+    assert calls == [] and again.train["input_ids"] == first.train["input_ids"]
+    assert [s.messages for s in again.eval_samples] == [s.messages for s in first.eval_samples]
+    assert again.stats == first.stats
+
+    rows = tiny.reverse_rows(10)
+    rows[0]["messages"][1]["content"] = "changed answer"
+    (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    edited = prepare_data(load_recipe(path), tokenizer)
+    assert calls == [1] and edited.train["input_ids"] != first.train["input_ids"]
+    prepare_data(load_recipe(path, ["data.chat_template=phi3"]), tokenizer)
+    assert calls == [1, 1]
+
+
+def test_many_rows_are_encoded_in_several_processes_with_the_same_result(tokenizer, monkeypatch):
+    import finetune.data.prepare as prepare_module
+
+    samples = [to_sample(r, f"t:{i}", source()) for i, r in enumerate(tiny.reverse_rows(300))]
+    serial = prepare_module._encode(tokenizer, samples, "assistant")
+    monkeypatch.setattr(prepare_module, "PARALLEL_MIN_ROWS", 10)
+    monkeypatch.setattr(prepare_module, "CHUNK", 50)
+    assert prepare_module._encode(tokenizer, samples, "assistant") == serial

@@ -6,9 +6,15 @@ duplicates are counted in `DataStats`, which the run's manifest and summary repo
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
+import multiprocessing
+import os
 import random
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.data import sources
@@ -16,6 +22,10 @@ from finetune.data.formats import BadRow, Sample, to_sample
 from finetune.data.templates import IGNORE, apply_chat_template, segments, tokenize
 from finetune.errors import DataError, Problem
 from finetune.recipe import DataSource, Recipe
+
+CACHE_VERSION = 1  # bump when preprocessing changes what it produces
+CHUNK = 1000
+PARALLEL_MIN_ROWS = 4000
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -94,11 +104,27 @@ def split(recipe: Recipe, stats: DataStats) -> tuple[list[Sample], list[Sample]]
     return [s for i, s in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
 
 
-def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    """Validate, split, render, tokenize and mask the recipe's data."""
+def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, use_cache: bool = True) -> PreparedData:
+    """Validate, split, render, tokenize and mask the recipe's data; reuse a cached result with the same key.
+
+    The key covers the content of every source file, the tokenizer, the chat template, the data
+    settings and the seed: an edited file or another tokenizer is never served stale data.
+    """
+    apply_chat_template(tokenizer, recipe.data.chat_template)
+    if not use_cache:
+        return _prepare(recipe, tokenizer)
+    key = cache_key(recipe, tokenizer)
+    cached = _load_cached(key)
+    if cached is not None:
+        return cached
+    prepared = _prepare(recipe, tokenizer)
+    _store(key, prepared)
+    return prepared
+
+
+def _prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     from datasets import Dataset
 
-    apply_chat_template(tokenizer, recipe.data.chat_template)
     stats = DataStats()
     train, held_out = split(recipe, stats)
     eval_keys = {s.key() for s in held_out}
@@ -137,11 +163,85 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepared
 def _encode(
     tokenizer: PreTrainedTokenizerBase, samples: list[Sample], train_on: str
 ) -> list[tuple[list[int], list[int]]]:
-    out = []
-    for start in range(0, len(samples), 1000):
-        batch = [segments(tokenizer, s, train_on) for s in samples[start : start + 1000]]
-        out += tokenize(tokenizer, batch)
-    return out
+    """Render and tokenize in chunks; in several processes when there are many rows (templates are Python)."""
+    chunks = [samples[i : i + CHUNK] for i in range(0, len(samples), CHUNK)]
+    workers = min(os.cpu_count() or 1, 8, len(chunks))
+    if len(samples) < PARALLEL_MIN_ROWS or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return [row for chunk in chunks for row in _encode_chunk(tokenizer, train_on, chunk)]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        parts = pool.imap(functools.partial(_encode_chunk, tokenizer, train_on), chunks)
+        return [row for part in parts for row in part]
+
+
+def _encode_chunk(
+    tokenizer: PreTrainedTokenizerBase, train_on: str, samples: list[Sample]
+) -> list[tuple[list[int], list[int]]]:
+    return tokenize(tokenizer, [segments(tokenizer, s, train_on) for s in samples])
+
+
+# --- the preprocessing cache ---------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """$FINETUNE_CACHE, else $XDG_CACHE_HOME/finetune, else ~/.cache/finetune."""
+    if os.environ.get("FINETUNE_CACHE"):
+        return Path(os.environ["FINETUNE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune"
+
+
+def cache_key(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> str:
+    data_sources = list(recipe.data.train) + (list(recipe.data.eval) if isinstance(recipe.data.eval, list) else [])
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    material = {
+        "version": CACHE_VERSION,
+        "sources": [sources.fingerprint(s) for s in data_sources],
+        "tokenizer": hashlib.sha256((backend.to_str() if backend else repr(tokenizer)).encode()).hexdigest(),
+        "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+        "template": tokenizer.chat_template,
+        "data": recipe.data.model_dump(mode="json"),
+        "seed": recipe.seed,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _load_cached(key: str) -> PreparedData | None:
+    from datasets import load_from_disk
+
+    folder = cache_root() / "data" / key
+    if not (folder / "meta.json").is_file():
+        return None
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        stats = DataStats(**{**meta["stats"], "sources": [SourceStats(**x) for x in meta["stats"]["sources"]]})
+        samples = [
+            Sample(m["where"], tuple(tuple(t) for t in m["messages"]), m["prompt"], m["completion"])
+            for m in meta["eval_samples"]
+        ]
+        train = load_from_disk(str(folder / "train"))
+        held = load_from_disk(str(folder / "eval")) if (folder / "eval").exists() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a damaged cache entry is rebuilt, never trusted
+    return PreparedData(train, held, samples, stats, meta["train_where"], meta["lengths"])
+
+
+def _store(key: str, prepared: PreparedData) -> None:
+    from finetune.runs import atomic_dir, write_json_atomic
+
+    final = cache_root() / "data" / key
+    try:
+        with atomic_dir(final) as tmp:
+            prepared.train.save_to_disk(str(tmp / "train"))
+            if prepared.eval is not None:
+                prepared.eval.save_to_disk(str(tmp / "eval"))
+            meta = {
+                "stats": prepared.stats.to_dict(),
+                "eval_samples": [asdict(s) for s in prepared.eval_samples],
+                "train_where": prepared.train_where,
+                "lengths": prepared.lengths,
+            }
+            write_json_atomic(tmp / "meta.json", meta)
+    except OSError:
+        pass  # an unwritable cache costs time next run, nothing else
 
 
 def percentile(sorted_values: list[int], q: float) -> int:

@@ -1,0 +1,302 @@
+"""`finetune plan`: exact parameter counts (against PEFT on real models), memory arithmetic, work, time, CLI."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import tiny
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.errors import UserError
+from finetune.loading import load_recipe
+from finetune.plan import GB, GPU_TFLOPS, _quantized_bytes, plan
+
+ROOT = Path(__file__).parent.parent
+CONFIGS = Path(__file__).parent / "fixtures" / "configs"
+VARIANTS = {
+    "lora": [],
+    "dora": ["lora.variant=dora"],
+    "rslora": ["lora.variant=rslora"],
+    "modules_to_save": ["lora.modules_to_save=[lm_head]"],
+}
+# Published totals (the models' safetensors metadata); trainable: rank 16 on all seven projections
+PUBLISHED = {
+    "llama-3.1-8b": (8_030_261_248, 41_943_040),
+    "mistral-7b-v0.3": (7_248_023_552, 41_943_040),
+    "qwen2.5-7b": (7_615_616_512, 40_370_176),
+}
+SEVEN = "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+
+
+def write_recipe(tmp_path: Path, base: Path | str, rows: int = 8, extra: str = "") -> Path:
+    tiny.write_jsonl(tmp_path / "data" / "train.jsonl", tiny.reverse_rows(rows))
+    body = f"""\
+        name: tiny-plan
+        model: {{base: {base}}}
+        lora: {{rank: 8, alpha: 16}}
+        data:
+          train: [{{path: data/train.jsonl}}]
+          eval: {{split_ratio: 0.25}}
+          max_seq_length: 64
+        train: {{epochs: 2, batch_size: 4, grad_accum: 2}}
+    """
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(body) + extra)
+    return path
+
+
+def fixture_recipe(name: str, recipe: str, *overrides: str):
+    """A shipped GPU recipe with its model replaced by a config-only fixture directory."""
+    return load_recipe(ROOT / "recipes" / recipe, [f"model.base={CONFIGS / name}", *overrides])
+
+
+@functools.cache
+def planned(name: str, recipe: str, *overrides: str):
+    """The plan of a fixture recipe, computed once per session (several tests read the same one)."""
+    return plan(fixture_recipe(name, recipe, *overrides))
+
+
+def term(result, name: str) -> int | None:
+    return next(t.bytes for t in result.memory.terms if t.name == name)
+
+
+# --- parameter counts: exact, against PEFT on the real (tiny, random) model ---------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_counts_equal_peft_on_the_real_model(family, variant, tiny_model_dir, tmp_path):
+    from peft import get_peft_model
+
+    from finetune.modeling import load_model, lora_config, resolve_targets
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir(family)), VARIANTS[variant])
+    planned = plan(recipe).params
+    model = load_model(recipe)
+    base = sum(p.numel() for p in model.parameters())
+    peft_model = get_peft_model(model, lora_config(recipe, resolve_targets(recipe, model)))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    assert (planned.base, planned.trainable, planned.total) == (base, trainable, total)
+    assert sum(m.params for m in planned.by_module) == trainable
+    if variant == "modules_to_save":
+        copy = next(m for m in planned.by_module if m.name == "lm_head")
+        assert copy.params == model.get_output_embeddings().weight.numel()
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_quantized_counts_and_weight_bytes_equal_bitsandbytes(method, tiny_model_dir, tmp_path):
+    """On the CPU backend: PEFT's counts and the bytes bitsandbytes really stores for the base."""
+    import bitsandbytes as bnb
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from finetune.modeling import load_model, lora_config, resolve_targets
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir("qwen2")), [f"quantization.method={method}"])
+    result = plan(recipe)
+    model = prepare_model_for_kbit_training(load_model(recipe), use_gradient_checkpointing=False)
+    stored = 0
+    for module in model.modules():
+        stored += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            stored += state.absmax.nbytes + state.code.nbytes
+            if state.nested:
+                stored += state.offset.nbytes + state.state2.absmax.nbytes + state.state2.code.nbytes
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            stored += module.weight.SCB.nbytes
+    assert term(result, "base weights") == stored
+    peft_model = get_peft_model(model, lora_config(recipe, resolve_targets(recipe, model)))
+    assert (result.params.trainable, result.params.total) == peft_model.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_totals_on_the_meta_device(name):
+    total, trainable = PUBLISHED[name]
+    result = planned(name, "mistral-7b-lora.yaml", SEVEN, "lora.rank=16").params
+    assert (result.base, result.trainable, result.total) == (total, trainable, total + trainable)
+    assert [m.modules for m in result.by_module] == [result.by_module[0].modules] * 7
+
+
+def test_presets_dora_and_modules_to_save_on_an_8b_config():
+    result = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml").params
+    preset = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml", "lora.targets=all-linear").params
+    assert sorted(preset.targets) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert preset.trainable == result.trainable == PUBLISHED["llama-3.1-8b"][1]
+    dora = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml", "lora.variant=dora").params
+    # one magnitude per output feature of every adapted layer: q, o, down 4096; k, v 1024; gate, up 14336
+    assert dora.trainable - result.trainable == 32 * (4096 * 3 + 1024 * 2 + 14336 * 2)
+    attention = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml", "lora.targets=attention").params
+    assert sorted(attention.targets) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    saved = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml", "lora.modules_to_save=[lm_head]").params
+    assert saved.trainable - result.trainable == 128256 * 4096
+
+
+# --- memory arithmetic ---------------------------------------------------------------------------
+
+
+def test_quantized_bytes_per_parameter():
+    recipe = fixture_recipe("llama-3.1-8b", "llama-3.1-8b-qlora.yaml")
+    n, rows = 14336 * 4096, 14336
+    double = _quantized_bytes(n, rows, recipe) / n
+    assert 0.5158 < double < 0.5160  # 4 bits + 8-bit absmax per 64 + fp32 per 256 blocks: ~4.127 bits
+    single = load_recipe(ROOT / "recipes/llama-3.1-8b-qlora.yaml", ["quantization.double_quant=false"])
+    assert 0.5625 <= _quantized_bytes(n, rows, single) / n < 0.5626  # 4 bits + fp32 absmax per 64: 4.5 bits
+    int8 = load_recipe(ROOT / "recipes/mistral-7b-lora.yaml", ["quantization.method=int8"])
+    assert _quantized_bytes(n, rows, int8) == n + 4 * rows  # int8 + one fp32 scale per row
+
+
+def test_bf16_lora_memory_terms():
+    """Plain LoRA on a bf16 base: weights 2 B/param, fp32 adapter, AdamW 8 B per trainable param."""
+    result = planned("mistral-7b-v0.3", "mistral-7b-lora.yaml")
+    trainable = result.params.trainable
+    assert term(result, "base weights") == 2 * result.params.base
+    assert term(result, "adapter weights") == term(result, "gradients") == 4 * trainable
+    assert term(result, "optimizer state") == 8 * trainable
+    assert result.memory.total == sum(t.bytes for t in result.memory.terms)
+
+
+def test_qlora_memory_terms():
+    """NF4: adapter in bf16 (TRL's cast), 8-bit paged AdamW ~2.03 B/param, embeddings and head in fp32."""
+    result = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml")
+    trainable = result.params.trainable
+    assert term(result, "adapter weights") == 2 * trainable
+    assert 2.0 * trainable < term(result, "optimizer state") < 2.04 * trainable
+    not_quantized = 2 * 128256 * 4096 + 65 * 4096  # embeddings, head, norms, in fp32
+    quantized = result.params.base - not_quantized
+    assert term(result, "base weights") == pytest.approx(4 * not_quantized + 0.5159 * quantized, rel=1e-3)
+    dora = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml", "lora.variant=dora")
+    magnitudes = dora.params.trainable - trainable
+    assert term(dora, "adapter weights") == 2 * trainable + 4 * magnitudes  # DoRA magnitudes stay fp32
+
+
+def test_checkpointing_lowers_activations_and_they_scale_with_the_batch():
+    on = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml")
+    off = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml", "train.gradient_checkpointing=false")
+    memory = on.memory
+    assert memory.activations_with_checkpointing < memory.activations_without_checkpointing / 3
+    assert term(on, "activations") == memory.activations_with_checkpointing
+    assert term(off, "activations") == memory.activations_without_checkpointing
+    assert off.memory.total > on.memory.total
+    double = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml", "train.batch_size=8")
+    assert double.memory.activations_with_checkpointing == pytest.approx(2 * memory.activations_with_checkpointing)
+    fits = memory.fits
+    assert list(fits) == ["24 GB", "40 GB", "48 GB", "80 GB", "141 GB"]
+    assert fits == {k: memory.total <= int(k.split()[0]) * GB for k in fits}
+    assert fits["141 GB"] and not fits["24 GB"]
+
+
+def test_unknown_sequence_length_leaves_activations_unknown():
+    result = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml", "data.max_seq_length=auto")
+    assert result.memory.total is None and term(result, "activations") is None
+    assert result.memory.fits["24 GB"] is None  # the rest fits in 24 GB; with activations, unknown
+    assert any("max_seq_length is auto" in n for n in result.notes)
+
+
+# --- work and time -------------------------------------------------------------------------------
+
+
+def test_work_from_local_data(tiny_model_dir, tmp_path):
+    from finetune.data import prepare_data
+    from finetune.modeling import load_tokenizer
+
+    path = write_recipe(tmp_path, tiny_model_dir("llama"), rows=40)
+    recipe = load_recipe(path)
+    work = plan(recipe).work
+    stats = prepare_data(recipe, load_tokenizer(recipe)).stats
+    assert work.available and (work.train_rows, work.eval_rows) == (30, 10)
+    assert work.tokens_per_epoch == stats.train_tokens and work.trained_tokens_per_epoch == stats.trained_tokens
+    assert work.steps_per_epoch == math.ceil(math.ceil(30 / 4) / 2) == 4
+    assert work.total_steps == 8 and work.total_tokens == 2 * stats.train_tokens
+    packed = plan(load_recipe(path, ["data.packing=true"]))
+    assert packed.work.sequences_per_epoch < 30
+    assert packed.work.sequences_per_epoch >= math.ceil(stats.train_tokens / 64)
+    capped = plan(load_recipe(path, ["train.max_steps=3"])).work
+    assert capped.total_steps == 3 and capped.epochs == pytest.approx(3 / 4)
+
+
+def test_hub_data_is_reported_not_fetched():
+    work = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml").work
+    assert not work.available and "data not available locally" in work.note
+    assert "HuggingFaceH4/ultrachat_200k" in work.note
+
+
+def test_time_from_gpu_or_tflops():
+    recipe = fixture_recipe("llama-3.1-8b", "llama-3.1-8b-qlora.yaml")
+    result = plan(recipe, gpu="h100")
+    t = result.time
+    assert t.gpu == "H100" and t.peak_tflops == GPU_TFLOPS["H100"] == 989
+    # frozen base: forward 2N + backward 2N, + 2N to recompute with checkpointing; N without the input table
+    assert t.matmul_params == result.params.base - 128256 * 4096
+    assert t.flops_per_token == 6 * t.matmul_params
+    assert t.seconds_per_step == pytest.approx(4 * 4 * 2048 * 6 * t.matmul_params / (989e12 * 0.4))
+    assert plan(recipe, tflops=100, mfu=0.5).time.seconds_per_step == pytest.approx(t.seconds_per_step * 989 * 0.4 / 50)
+    assert plan(recipe).time is None
+    with pytest.raises(UserError, match="unknown GPU 'B200'"):
+        plan(recipe, gpu="B200")
+    with pytest.raises(UserError, match="--mfu"):
+        plan(recipe, gpu="A100", mfu=1.5)
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+
+
+def test_cli_json_on_a_model_dir_without_weights(tiny_model_dir, tmp_path):
+    """config.json and tokenizer files only: plan must not need a weight file."""
+    source = tiny_model_dir("mistral")
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    for f in source.iterdir():
+        if f.suffix not in (".safetensors", ".bin", ".pt") and f.is_file():
+            shutil.copy(f, config_only / f.name)
+    assert not list(config_only.glob("*.safetensors"))
+    recipe = write_recipe(tmp_path, config_only, rows=16)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune.cli", "plan", str(recipe), "--json", "--gpu", "A10G", "--set", "lora.rank=4"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source)
+    h, i, L, kv = config.hidden_size, config.intermediate_size, config.num_hidden_layers, 64  # 1 kv head x 64
+    q = config.num_attention_heads * config.head_dim
+    per_layer = 4 * ((h + q) + (h + kv) * 2 + (q + h)) + 4 * ((h + i) * 2 + (i + h))
+    assert out["params"]["trainable"] == L * per_layer
+    assert out["work"]["available"] and out["work"]["train_rows"] == 12
+    assert out["time"]["gpu"] == "A10G" and out["memory"]["total"] > 0
+
+
+def test_cli_human_output(tmp_path):
+    result = CliRunner().invoke(
+        app, ["plan", str(ROOT / "recipes/qwen2.5-7b-qlora.yaml"), "--set", f"model.base={CONFIGS / 'qwen2.5-7b'}"]
+    )
+    assert result.exit_code == 0, result.output
+    for text in ("trainable parameters", "161,480,704", "base weights", "optimizer state", "activations", "fits"):
+        assert text in result.output
+    assert "data not available locally" in result.output
+
+
+def test_cli_hub_model_offline_says_how_to_plan(monkeypatch):
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        pytest.skip("needs HF_HUB_OFFLINE=1 (conftest sets it)")
+    result = CliRunner().invoke(app, ["plan", str(ROOT / "recipes/llama-3.1-8b-qlora.yaml")])
+    assert result.exit_code == 2
+    assert "meta-llama/Llama-3.1-8B-Instruct" in result.output and "--set model.base=" in result.output
+    assert "Traceback" not in result.output
