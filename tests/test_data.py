@@ -68,6 +68,10 @@ def test_assistant_mask_is_exactly_the_assistant_turns_and_their_end_token(token
     [(ids, labels)] = tokenize(tokenizer, [segments(tokenizer, sample, "assistant")])
     expected = [TRAINED_TURN[template].format(m["content"]) for m in CONVERSATION if m["role"] == "assistant"]
     assert trained_runs(tokenizer, ids, labels) == expected
+    end_of_turn = {"llama3": "<|eot_id|>", "mistral": "</s>", "gemma": "<end_of_turn>", "phi3": "<|end|>"}
+    end_id = tokenizer.convert_tokens_to_ids(end_of_turn.get(template, "<|im_end|>"))
+    trained_ids = [tok for tok, label in zip(ids, labels, strict=True) if label != IGNORE]
+    assert trained_ids.count(end_id) == 2, "each assistant turn's end-of-turn token, as one id, is trained"
 
 
 def test_train_on_all_trains_every_token(tokenizer):

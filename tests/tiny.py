@@ -15,6 +15,11 @@ CHATML = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 SPECIAL = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+# The special tokens of the built-in templates (llama3, mistral, gemma, phi3), so each is one id as in the real models.
+TEMPLATE_SPECIALS = [
+    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<s>", "</s>",
+    "<bos>", "<start_of_turn>", "<end_of_turn>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+]  # fmt: skip
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "phi3")
 WORDS = [
     "alpha",
@@ -65,12 +70,15 @@ def build_tokenizer(out: Path, vocab_size: int = 512) -> Path:
     corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4
     corpus += ['Reverse the words: user assistant system You are a helpful assistant. 0123456789 {}[]":,'] * 4
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL + TEMPLATE_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token=None, unk_token=None
-    )
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token=None, unk_token=None,
+        additional_special_tokens=TEMPLATE_SPECIALS,
+    )  # fmt: skip
     fast.chat_template = CHATML
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out)
