@@ -570,6 +570,9 @@ def runs_compare(
 
 
 def main() -> None:
+    import warnings
+
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     app()
 
 

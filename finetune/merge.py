@@ -49,21 +49,22 @@ EQUAL_RANK_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")
 DEFAULT_DENSITY = 0.5
 
-# A merge passes when max|merged - unmerged| <= atol + rtol * max|unmerged| over every logit of
-# the check prompts. Measured (scripts in the PR for issue #8, CPU, llama-architecture models of
-# 2-16 layers, hidden 64-512, logits up to 40, trained-size LoRA and DoRA updates):
-#   float32   merged vs unmerged 0.4-1.2e-6 relative (5e-6 to 5e-5 absolute, growing with depth and logit size)
-#   float16   0.8-2.1e-3 relative, the same size as float16 vs float32 for the unmerged model itself
-#   bfloat16  0.75-2.1e-2 relative, likewise the same size as bfloat16 vs float32 (1 ulp of bf16 is 7.8e-3)
-# A half-precision merge cannot be checked more tightly than half-precision arithmetic itself
-# allows, so its bound is ~4-5x the largest measured difference; float32 keeps 1e-5 absolute
-# (what the tiny test models reach) plus 1e-5 relative so deep models with large logits pass.
-# A wrong merge (an adapter missing, scaled wrongly, a module not saved) moves logits by about
-# the adapter's own effect, reported as `adapter_effect`: orders of magnitude above these bounds.
+# A merge passes when max|merged - unmerged| <= atol + rtol * max|unmerged| over every logit of the
+# check prompts. Measured on the CPU (llama-architecture models of 2-32 layers, hidden 64-1024,
+# logits up to 55, LoRA and DoRA updates of trained size; merged vs unmerged in the same dtype):
+#   float32   relative 3e-7 .. 1.6e-6; absolute 2e-7 (the tiny test models) .. 8.8e-5 (32 layers, logits 55)
+#   float16   relative 5.8e-4 .. 3.4e-3, the same size as float16 vs float32 for the unmerged model itself
+#   bfloat16  relative 4.5e-3 .. 2.7e-2, likewise the size of bfloat16 vs float32 (one bf16 ulp is 7.8e-3)
+# A half-precision merge cannot be checked more tightly than half-precision arithmetic allows, so
+# its bound is ~4x the largest measured difference. float32 keeps the 1e-5 absolute bound that small
+# models meet, plus 1e-5 relative so that deep models with large logits (8.8e-5 absolute) pass.
+# A wrong merge (adapter missing, scaled wrongly, a module not saved) moves logits by about the
+# adapter's own effect, reported as `adapter_effect` (about 1 on the test models, 16 on the 32-layer
+# one): orders of magnitude above these bounds.
 TOLERANCES: dict[str, tuple[float, float]] = {
     "float32": (1e-5, 1e-5),
-    "float16": (0.0, 1e-2),
-    "bfloat16": (0.0, 8e-2),
+    "float16": (0.0, 1.5e-2),
+    "bfloat16": (0.0, 1e-1),
 }
 CHECK_PROMPTS = 8
 CHECK_TOKENS = 128  # the last tokens of each prompt (where the generation prompt is)

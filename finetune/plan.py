@@ -37,7 +37,10 @@ OPTIM_8BIT_BLOCK = 256  # bitsandbytes 8-bit optimizer states: one fp32 absmax p
 OPTIM_8BIT_MIN_SIZE = 4096  # smaller tensors keep 32-bit states (bitsandbytes' min_8bit_size)
 CUDA_CONTEXT = 1 * GB  # CUDA context, cuBLAS workspaces and kernels: not in torch.cuda.max_memory_allocated
 FRAGMENTATION = 0.05  # caching-allocator slack on top of the tensors
-LOGIT_BYTES = 12  # per vocabulary entry per token: fp32 log-softmax kept for backward, its gradient in and out
+# TRL's SFTTrainer computes the loss with a fused, chunked LM head (trl.kernels.chunked_logprob): logits exist
+# only as tiles of 4096 tokens x 32768 vocabulary entries, recomputed in the backward pass
+HEAD_TOKEN_TILE = 4096
+HEAD_VOCAB_TILE = 32768
 
 
 @dataclass
@@ -287,6 +290,8 @@ class _Layout:
     largest_quantized: int  # numel of the largest quantized weight (dequantized one at a time)
     matmul_params: int  # base parameters that enter matmuls: all but the input embedding table
     output_params: int  # the output layer's weight
+    head_dtype: torch.dtype | None  # dtype of the output weight the loss reads (the trained copy, if any)
+    head_trained: bool  # the output layer is in modules_to_save
     trainable: list[tuple[str, torch.Size, torch.dtype]]  # every trainable tensor as training holds it
     adapted: list[_Adapted]
 
@@ -303,6 +308,7 @@ def _layout(recipe: Recipe, model: PreTrainedModel, dtype: torch.dtype) -> _Layo
     embedding = model.get_input_embeddings()
     output = model.get_output_embeddings()
     tied = output is not None and embedding is not None and output.weight is embedding.weight
+    output_weight = output.weight if output is not None else None
     matmul = base - (embedding.weight.numel() if embedding is not None and not tied else 0)
     if method != "none":
         # PEFT's prepare_model_for_kbit_training: every 16-bit parameter that is not quantized goes to fp32
@@ -328,6 +334,8 @@ def _layout(recipe: Recipe, model: PreTrainedModel, dtype: torch.dtype) -> _Layo
             if p.requires_grad and "lora_magnitude_vector" not in name:
                 p.data = p.data.to(torch.bfloat16)
     trainable, total = peft_model.get_nb_trainable_parameters()
+    head = peft_model.get_output_embeddings()
+    head = head.weight if head is not None else None  # modules_to_save: the trained copy
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     adapted = [
         _Adapted(name, name.rsplit(".", 1)[-1], m.in_features, m.out_features, m.r[m.active_adapters[0]])
@@ -349,6 +357,8 @@ def _layout(recipe: Recipe, model: PreTrainedModel, dtype: torch.dtype) -> _Layo
         largest_quantized=largest,
         matmul_params=matmul,
         output_params=output.weight.numel() if output is not None else 0,
+        head_dtype=head.dtype if head is not None else None,
+        head_trained=head is not None and head is not output_weight,
         trainable=[(n, p.shape, p.dtype) for n, p in named],
         adapted=adapted,
     )
@@ -413,8 +423,6 @@ def _memory(
         with_ckpt, without_ckpt = _activations(recipe, layout, shapes, e, seq_length)
     activations = with_ckpt if recipe.train.gradient_checkpointing else without_ckpt
     transient = layout.largest_quantized * e  # one layer's weight dequantized for its matmul
-    if method != "none":  # the fp32 output layer's compute-dtype copy, kept by autocast for the backward pass
-        transient += layout.output_params * e
     if recipe.lora.variant == "dora":  # DoRA's weight norm builds W + BA, one layer at a time
         transient += 2 * max((a.in_features * a.out_features for a in layout.adapted), default=0) * e
     tensors = layout.base_weights + 2 * adapter + optimizer + (activations or 0)
@@ -524,9 +532,12 @@ def _activations(recipe: Recipe, layout: _Layout, s: _Shapes, e: int, seq: int) 
     attention adds its probabilities ((4 + e) * heads * s). Per adapted linear: its input as the
     LoRA path keeps it (e * in), the dropout mask (1 byte per input value when dropout > 0), the
     rank-r intermediate (e * r), and for DoRA the base and LoRA outputs (2 * e * out). Outside
-    the layers: the final norm's fp32 input (4h) and the loss (12 bytes per vocabulary entry:
-    the fp32 log-softmax kept for backward, and its gradient in and out). Checkpointing keeps
-    each layer's input (r * h) and recomputes one layer at a time.
+    the layers, per token: the final norm's fp32 input (4h), the hidden state the fused loss
+    keeps and its gradient (r * h + 4h + r * h), and its fp32 statistics (32 bytes). TRL's fused
+    LM head never builds the full logits: add one tile of min(tokens, 4096) x min(V, 32768)
+    logits in the compute dtype, the weight tile's cast when the head is not in that dtype,
+    and a trained head's fp32 gradient (4 * V * h). Checkpointing keeps each layer's input
+    (r * h) and recomputes one layer at a time.
     """
     r = 4 if recipe.quantization.method != "none" else e
     h, q = s.hidden, s.heads * s.head_dim
@@ -539,10 +550,16 @@ def _activations(recipe: Recipe, layout: _Layout, s: _Shapes, e: int, seq: int) 
     adapters = sum((e + mask) * a.in_features + e * a.rank for a in layout.adapted)
     if recipe.lora.variant == "dora":
         adapters += sum(2 * e * a.out_features for a in layout.adapted)
-    outside = 4 * h + LOGIT_BYTES * s.vocab
+    outside = 8 * h + 2 * r * h + 32
     tokens = recipe.train.batch_size * seq
-    without = tokens * (s.layers * layer + adapters + outside)
-    with_ = tokens * (s.layers * r * h + layer + adapters / s.layers + outside)
+    vocab_tile = min(s.vocab, HEAD_VOCAB_TILE)
+    head = min(tokens, HEAD_TOKEN_TILE) * vocab_tile * e
+    if layout.head_dtype is not None and _size(layout.head_dtype) != e:
+        head += vocab_tile * h * e  # the weight tile cast to the compute dtype
+    if layout.head_trained:
+        head += 4 * layout.output_params  # the fp32 gradient accumulator of a trained output layer
+    without = tokens * (s.layers * layer + adapters + outside) + head
+    with_ = tokens * (s.layers * r * h + layer + adapters / s.layers + outside) + head
     return round(with_), round(without)
 
 
@@ -598,9 +615,12 @@ def _work(recipe: Recipe) -> Work:
 def _time(
     recipe: Recipe, layout: _Layout, work: Work, seq: int | None, gpu: str | None, peak: float, mfu: float
 ) -> Time:
-    """FLOPs per token with a frozen base: forward 2N + backward through the activations 2N (+2N to recompute)."""
+    """FLOPs per token with a frozen base: forward 2N + backward through the activations 2N (+2N to recompute).
+
+    TRL's fused loss also recomputes the output layer's logits in the backward pass: + 2 * V * h.
+    """
     n = layout.matmul_params
-    flops = (4 + (2 if recipe.train.gradient_checkpointing else 0)) * n
+    flops = (4 + (2 if recipe.train.gradient_checkpointing else 0)) * n + 2 * layout.output_params
     rate = peak * 1e12 * mfu
     step_tokens = recipe.train.batch_size * recipe.train.grad_accum * (seq or 0)  # packed: full sequences
     return Time(

@@ -8,9 +8,11 @@ configure it and make it safe to interrupt.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -118,8 +120,6 @@ def find_resume_point(run: RunDir, recipe: Recipe) -> Path:
         )
     staging = run.checkpoints / STAGING
     if staging.exists():
-        import shutil
-
         warnings.warn(f"removing partial checkpoint(s) in {staging} left by an interrupted save", stacklevel=2)
         shutil.rmtree(staging)
     checkpoints = complete_checkpoints(run.checkpoints)
@@ -182,11 +182,16 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     trainer = _trainer(recipe, run, model, tokenizer, data, targets, callbacks, progress)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     manifest.update(lora={"targets": targets, "trainable_params": trainable, "total_params": total})
+    _check_disk_space(run, recipe, trainable)
     stop.install()
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError as e:
         raise RuntimeError(_oom_advice(recipe)) from e
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise RuntimeError(f"disk full while writing to {run.root}: {e}; no partial checkpoint was kept") from e
+        raise
     finally:
         stop.uninstall()
     if stop.received is not None:
@@ -242,6 +247,22 @@ def _load_adapter_weights(model: Any, adapter_dir: Path) -> None:
     from safetensors.torch import load_file
 
     set_peft_model_state_dict(model, load_file(adapter_dir / "adapter_model.safetensors"))
+
+
+def _check_disk_space(run: RunDir, recipe: Recipe, trainable: int) -> None:
+    """Refuse to start when the run's checkpoints and adapters clearly cannot fit on its disk.
+
+    A checkpoint holds the adapter (4 bytes/param) and AdamW's two moments (8 bytes/param);
+    `keep_checkpoints` of them plus one being written, and two adapters (best and staging).
+    """
+    checkpoints = recipe.train.keep_checkpoints + 1 if recipe.train.save_every else 1
+    need = trainable * (12 * checkpoints + 8) + 64 * 2**20
+    free = shutil.disk_usage(run.root).free
+    if free < need:
+        raise RunDirError(
+            f"{run.root}: {free / 2**30:.2f} GiB free, but checkpoints and adapters need about "
+            f"{need / 2**30:.2f} GiB; free space or lower train.keep_checkpoints"
+        )
 
 
 def _oom_advice(recipe: Recipe) -> str:

@@ -146,3 +146,19 @@ def test_planted_secrets_reach_no_file_of_the_run(tiny_model_dir, tmp_path, monk
                 assert secret.encode() not in content, path
     for stream in (result.stdout, result.stderr):
         assert env_token not in stream and "0123456789abcdef" * 2 not in stream
+
+
+def test_too_little_disk_space_is_refused_before_training(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil as real_shutil
+
+    from finetune.errors import RunDirError
+    from finetune.loading import load_recipe
+    from finetune.train import train
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir()), [f"output_dir={tmp_path / 'runs' / 'tiny'}"])
+    usage = real_shutil.disk_usage(tmp_path)
+    monkeypatch.setattr("finetune.train.shutil.disk_usage", lambda p: usage._replace(free=1024))
+    with pytest.raises(RunDirError, match="GiB free, but checkpoints and adapters need about"):
+        train(recipe, progress=False)
+    manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
