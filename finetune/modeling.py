@@ -34,6 +34,13 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def process_state() -> Any:
+    """accelerate's process state (rank, world size, barriers); on the CPU it must be asked for gloo explicitly."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def device() -> torch.device:
     """The device this process trains on: its local CUDA GPU when there is one, else the CPU."""
     if torch.cuda.is_available():

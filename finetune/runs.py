@@ -45,14 +45,18 @@ class RunDir:
     checkpoints = property(lambda self: self.root / "checkpoints")
     eval = property(lambda self: self.root / "eval")
 
+    def refuse_existing(self, overwrite: bool) -> None:
+        """An existing non-empty run directory is an error unless `overwrite`: nothing is lost silently."""
+        if not overwrite and self.root.exists() and any(self.root.iterdir()):
+            raise RunDirError(
+                f"run directory {self.root} already exists; pass --overwrite to replace it "
+                "(or set a new name / output_dir)"
+            )
+
     def create(self, overwrite: bool) -> None:
-        """Make an empty run directory; an existing non-empty one is an error unless `overwrite`."""
-        if self.root.exists() and any(self.root.iterdir()):
-            if not overwrite:
-                raise RunDirError(
-                    f"run directory {self.root} already exists; pass --overwrite to replace it "
-                    "(or set a new name / output_dir)"
-                )
+        """Make an empty run directory (replacing an existing one only with `overwrite`)."""
+        self.refuse_existing(overwrite)
+        if self.root.exists():
             shutil.rmtree(self.root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -165,8 +169,13 @@ def git_state(directory: Path) -> dict[str, Any] | None:
 class Manifest:
     """manifest.json, kept in memory and rewritten atomically on every update."""
 
-    def __init__(self, run: RunDir, data: dict[str, Any]):
-        self.run, self.data = run, data
+    def __init__(self, run: RunDir, data: dict[str, Any], enabled: bool = True):
+        self.run, self.data, self.enabled = run, data, enabled
+
+    @classmethod
+    def disabled(cls, run: RunDir) -> Manifest:
+        """For the non-main processes of a distributed run: updates are kept in memory, never written."""
+        return cls(run, {}, enabled=False)
 
     @classmethod
     def start(cls, run: RunDir, recipe: Recipe, recipe_dir: Path | None = None) -> Manifest:
@@ -196,7 +205,8 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        write_json_atomic(self.run.manifest, redact(self.data))
+        if self.enabled:
+            write_json_atomic(self.run.manifest, redact(self.data))
 
 
 # --- reading runs back: `finetune runs list | show | compare` --------------------------------

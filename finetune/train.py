@@ -28,6 +28,7 @@ from finetune.modeling import (
     load_model,
     load_tokenizer,
     lora_config,
+    process_state,
     quiet_libraries,
     resolve_dtype,
     resolve_targets,
@@ -56,6 +57,7 @@ class TrainResult:
     data: dict[str, Any]
     eval: dict[str, Any] | None
     resumed_from: int | None = None
+    main_process: bool = True  # False in the other processes of a distributed run: they report nothing
     model: Any = field(default=None, repr=False)  # the trained PeftModel, for callers in this process
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,20 +65,23 @@ class TrainResult:
 
 
 def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train the recipe's adapter into its run directory; `resume` continues from the newest checkpoint."""
+    """Train the recipe's adapter into its run directory; `resume` continues from the newest checkpoint.
+
+    Under `accelerate launch` or `torchrun` every process runs this; all check, only the main
+    process writes the run directory, manifest, metrics and report.
+    """
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
+    state = process_state()
     run = RunDir(recipe.run_dir)
     checkpoint = find_resume_point(run, recipe) if resume and run.manifest.exists() else None
     if checkpoint is None:
-        run.create(overwrite)
-        write_recipe(run, recipe)
-        manifest = Manifest.start(run, recipe)
-    else:
-        manifest = Manifest.load(run)
-        _truncate_metrics(run.metrics, checkpoint_step(checkpoint))
-        attempts = [*manifest.data.get("resumes", []), {"from_step": checkpoint_step(checkpoint), "at": now()}]
-        manifest.update(status="running", finished=None, error=None, resumes=attempts)
+        run.refuse_existing(overwrite)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _claim(run, recipe, checkpoint, overwrite)
+    state.wait_for_everyone()
+    manifest = Manifest.load(run) if state.is_main_process else Manifest.disabled(run)
     try:
         result = _train(recipe, run, manifest, checkpoint, progress)
     except TrainingInterrupted as e:
@@ -91,7 +96,8 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
     else:
         manifest.update(status="completed", finished=now())
     finally:
-        _write_report(run)
+        if state.is_main_process:
+            _write_report(run)
     return result
 
 
@@ -105,9 +111,28 @@ def _write_report(run: RunDir) -> None:
         warnings.warn(f"could not write {run.root / 'report.html'}: {e}", stacklevel=2)
 
 
+def _claim(run: RunDir, recipe: Recipe, checkpoint: Path | None, overwrite: bool) -> None:
+    """Main process only: a fresh run directory, or the resumed one cleaned up to its checkpoint."""
+    from finetune.trainer import STAGING
+
+    if checkpoint is None:
+        run.create(overwrite)
+        write_recipe(run, recipe)
+        Manifest.start(run, recipe)
+        return
+    staging = run.checkpoints / STAGING
+    if staging.exists():
+        warnings.warn(f"removing partial checkpoint(s) in {staging} left by an interrupted save", stacklevel=2)
+        shutil.rmtree(staging)
+    _truncate_metrics(run.metrics, checkpoint_step(checkpoint))
+    manifest = Manifest.load(run)
+    attempts = [*manifest.data.get("resumes", []), {"from_step": checkpoint_step(checkpoint), "at": now()}]
+    manifest.update(status="running", finished=None, error=None, resumes=attempts)
+
+
 def find_resume_point(run: RunDir, recipe: Recipe) -> Path:
-    """The newest complete checkpoint of a run whose recipe still matches; partial ones are removed."""
-    from finetune.trainer import STAGING, complete_checkpoints
+    """The newest complete checkpoint of a run whose recipe still matches (a read-only check)."""
+    from finetune.trainer import complete_checkpoints
 
     previous = yaml.safe_load(run.recipe.read_text(encoding="utf-8")) if run.recipe.exists() else None
     if previous is None:
@@ -118,10 +143,6 @@ def find_resume_point(run: RunDir, recipe: Recipe) -> Path:
             f"cannot resume {run.root}: the recipe changed in {', '.join(changed)}; "
             "restore those values, or start afresh with --overwrite"
         )
-    staging = run.checkpoints / STAGING
-    if staging.exists():
-        warnings.warn(f"removing partial checkpoint(s) in {staging} left by an interrupted save", stacklevel=2)
-        shutil.rmtree(staging)
     checkpoints = complete_checkpoints(run.checkpoints)
     if not checkpoints:
         status = json.loads(run.manifest.read_text()).get("status")
@@ -157,15 +178,19 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
 
     from finetune.trainer import BestAdapter, EvaluateAtEnd, StopOnSignal
 
+    state = process_state()
+    main = state.is_main_process
     quiet_libraries()
     _trackers_write_into(run, recipe)
     started = time.perf_counter()
     transformers.set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
-    data = prepare_data(recipe, tokenizer)
+    with state.main_process_first():  # the main process fills the preprocessing cache, the others read it
+        data = prepare_data(recipe, tokenizer)
     manifest.update(data=data.stats.to_dict())
     model = load_model(recipe)
-    manifest.update(base_model={**manifest.data["base_model"], **weight_files(recipe, model)})
+    if main:
+        manifest.update(base_model={**manifest.data["base_model"], **weight_files(recipe, model)})
     targets = resolve_targets(recipe, model)
     if recipe.quantization.method != "none":
         from peft import prepare_model_for_kbit_training
@@ -173,15 +198,18 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
 
     def save_best(step: int, loss: float) -> None:
-        _save_adapter(run, trainer.model, tokenizer)
         manifest.update(best_step=step, best_eval_loss=loss)
+        if main:
+            _save_adapter(run, trainer.model, tokenizer)
 
     best = BestAdapter(save_best, manifest.data.get("best_eval_loss") or math.inf)
     stop = StopOnSignal()
     callbacks = [best, stop] + ([EvaluateAtEnd()] if data.eval is not None else [])
-    trainer = _trainer(recipe, run, model, tokenizer, data, targets, callbacks, progress)
+    trainer = _trainer(recipe, run, model, tokenizer, data, targets, callbacks, progress and main, main)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     manifest.update(lora={"targets": targets, "trainable_params": trainable, "total_params": total})
+    t = recipe.train
+    manifest.update(processes=state.num_processes, global_batch=t.batch_size * t.grad_accum * state.num_processes)
     _check_disk_space(run, recipe, trainable)
     stop.install()
     try:
@@ -199,13 +227,14 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
             f"stopped by signal {stop.received} at step {trainer.state.global_step}; checkpoint saved; "
             "continue with: finetune train RECIPE --resume"
         )
-    if not run.adapter.exists():  # no held-out data: the final adapter is the one
+    if main and not run.adapter.exists():  # no held-out data: the final adapter is the one
         _save_adapter(run, trainer.model, tokenizer)
-    elif manifest.data.get("best_step") != trainer.state.global_step:
+    state.wait_for_everyone()
+    if manifest.data.get("best_step") not in (None, trainer.state.global_step):
         _load_adapter_weights(trainer.model, run.adapter)
     manifest.update(tokenizer_sha256=file_sha256(run.adapter / "tokenizer.json"),
                     chat_template_sha256=file_sha256(run.adapter / "chat_template.jinja"))  # fmt: skip
-    comparison = _evaluate(recipe, run, trainer.model, tokenizer, data)
+    comparison = _evaluate(recipe, run, trainer.model, tokenizer, data) if main else None
     summary = comparison.summary() if comparison else None
     manifest.update(steps=output.global_step, train_loss=output.training_loss, eval=summary)
     return TrainResult(
@@ -221,6 +250,7 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
         data=data.stats.to_dict(),
         eval=summary,
         resumed_from=checkpoint_step(checkpoint) if checkpoint else None,
+        main_process=main,
         model=trainer.model,
     )
 
@@ -330,12 +360,13 @@ def _trainer(
     targets: list[str],
     callbacks: list[Any],
     progress: bool,
+    main: bool,
 ) -> Any:
     from transformers import PrinterCallback
 
     from finetune.trainer import FinetuneTrainer, MetricsJsonl
 
-    callbacks = [MetricsJsonl(run.metrics), *callbacks]
+    callbacks = [MetricsJsonl(run.metrics), *callbacks] if main else callbacks
     if progress:
         from finetune.progress import TrainProgress
 

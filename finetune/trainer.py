@@ -65,6 +65,7 @@ class FinetuneTrainer(SFTTrainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._saving = False
+        self.accelerator.wait_for_everyone()  # every process's RNG state is in before the rename
         if not self.args.should_save:
             return
         staged = final_root / STAGING / name
@@ -161,7 +162,19 @@ class StopOnSignal(TrainerCallback):
         self.received = signum
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        if self._any_process_received(args.device):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def _any_process_received(self, device: torch.device) -> bool:
+        """Processes must stop at the same step, or the others would wait forever in a collective."""
+        import torch.distributed as dist
+
+        flag = self.received is not None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            tensor = torch.tensor([int(flag)], device=device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            flag = bool(tensor.item())
+            self.received = self.received or (signal.SIGTERM if flag else None)
+        return flag
