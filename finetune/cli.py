@@ -176,6 +176,8 @@ def train(
     from finetune.train import train as run_training
 
     result = run_training(loaded, overwrite=overwrite, resume=resume, progress=not as_json)
+    if not result.main_process:
+        return
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -459,25 +461,166 @@ def _thresholds(items: list[str]) -> dict[str, float]:
 
 @app.command()
 @handles_errors
-def merge(run_dirs: Annotated[list[Path], typer.Argument(help="Run directory (or several, to combine).")]) -> None:
-    """Merge the adapter into its base model and verify the logits match.
+def merge(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run directory, or several to combine their adapters.", show_default=False)
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output directory; default RUN_DIR/merged. Required when combining."),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            help="float32 | bfloat16 | float16, never 4-bit; default the recipe's model.dtype "
+            "(auto: the base checkpoint's own).",
+        ),
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option("--method", help="Combine several adapters: linear | ties | dare_linear | dare_ties | cat | svd."),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", help="Combining: one weight per adapter, e.g. 0.5,0.5; default equal, summing to 1."),
+    ] = None,
+    density: Annotated[
+        float | None,
+        typer.Option(
+            "--density", help="Combining with ties/dare_*: share of each adapter's entries kept; default 0.5."
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge the adapter into its base model and verify the logits match; or combine several adapters into one.
 
     Example: finetune merge runs/quickstart --out merged/quickstart
+    (combine: finetune merge runs/a runs/b --method ties --weights 0.5,0.5 --out runs/a-b)
     """
-    raise _not_built("merge", "issue #8")
+    from finetune.merge import MergeCheckError, combine
+    from finetune.merge import merge as merge_run
+
+    progress = None if as_json else (lambda message: typer.echo(message, err=True))
+    if len(run_dirs) > 1 or method is not None:
+        if method is None:
+            raise UserError(
+                "several run directories: choose how to combine them with "
+                "--method linear|ties|dare_linear|dare_ties|cat|svd"
+            )
+        if dtype is not None:
+            raise UserError("--dtype applies to merging into the base; combining writes an adapter (merge it after)")
+        combined = combine(run_dirs, method, _weights(weights), density, out, overwrite=overwrite, progress=progress)
+        if as_json:
+            typer.echo(json.dumps(combined.to_dict(), indent=2))
+            return
+        r = combined
+        shown_density = f", density {r.density:g}" if r.density is not None else ""
+        typer.echo(
+            f"combined {len(r.parents)} adapters ({r.method}, weights {', '.join(f'{w:g}' for w in r.weights)}"
+            f"{shown_density}) into {r.adapter_dir}: rank {r.rank} on {', '.join(r.targets)}"
+        )
+        for note in r.notes:
+            typer.echo(f"note: {note}")
+        typer.echo(f"next: finetune merge {r.out_dir}   or   finetune export {r.out_dir} --format adapter")
+        return
+    if weights is not None or density is not None:
+        raise UserError("--weights and --density apply only when combining several runs with --method")
+    try:
+        result = merge_run(run_dirs[0], out, dtype, overwrite=overwrite, progress=progress)
+    except MergeCheckError as e:
+        if as_json:
+            typer.echo(json.dumps({"passed": False, "check": e.check}, indent=2))
+        raise _fail(f"error: {e}", 1) from None
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    r = result
+    typer.echo(
+        f"merged {r.run_dir}/adapter ({r.variant}, rank {r.rank}) into {r.base} in {r.dtype}: "
+        f"{r.out_dir} ({r.size_bytes / 1e6:.1f} MB)"
+    )
+    typer.echo(_check_line(r.check))
+    for note in r.notes:
+        typer.echo(f"note: {note}")
+
+
+def _weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise UserError(f"--weights: expected numbers separated by commas, e.g. 0.5,0.5 (got {text!r})") from None
+
+
+def _check_line(c: dict) -> str:
+    source = "eval/examples.jsonl" if c["prompts_from"].endswith("examples.jsonl") else c["prompts_from"]
+    return (
+        f"check: {c['prompts']} prompts ({c['tokens']} tokens, {source}): max |merged - unmerged| logit "
+        f"{c['max_abs_diff']:.3g} (relative {c['max_rel_diff']:.3g}) <= tolerance {c['tolerance']:.3g}: passed; "
+        f"the adapter moves logits by up to {c['adapter_effect']:.3g}; "
+        f"greedy tokens agree at {c['argmax_agreement']:.1%} of positions"
+    )
 
 
 @app.command()
 @handles_errors
-def export(run_dir: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory.", show_default=False)],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format", "-f", help="adapter: the PEFT adapter; merged: the verified merged model.", show_default=False
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output directory; default RUN_DIR/export/FORMAT.")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="merged: float32 | bfloat16 | float16, as for finetune merge.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Export the adapter or the merged model with a model card and a compatibility report.
 
     Example: finetune export runs/quickstart --format adapter
     """
-    raise _not_built("export", "issue #8")
+    from finetune.export import TARGET_NAMES, verdict_word
+    from finetune.export import export as export_run
+    from finetune.merge import MergeCheckError
+
+    progress = None if as_json else (lambda message: typer.echo(message, err=True))
+    try:
+        result = export_run(run_dir, format, out, dtype=dtype, overwrite=overwrite, progress=progress)
+    except MergeCheckError as e:
+        if as_json:
+            typer.echo(json.dumps({"passed": False, "check": e.check}, indent=2))
+        raise _fail(f"error: {e}", 1) from None
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    what = "adapter" if result.format == "adapter" else "merged model"
+    typer.echo(f"exported the {what} of {result.run_dir} to {result.out_dir} ({len(result.files)} files)")
+    if result.merge_check:
+        typer.echo(_check_line(result.merge_check))
+    for key, v in result.compat["targets"].items():
+        typer.echo(f"  {TARGET_NAMES.get(key, key):<20} {verdict_word(v['works']):<14} {v['summary']}")
+        for reason in v["reasons"]:
+            typer.echo(f"  {'':<20} {'':<14} - {reason}")
+        if v["command"]:
+            typer.echo(f"  {'':<20} {'':<14} $ {v['command']}")
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"model card: {Path(result.out_dir) / 'README.md'}; report: {Path(result.out_dir) / 'compat.json'}")
 
 
-runs_app = typer.Typer(help="List, show and compare runs.", no_args_is_help=True)
+runs_app = typer.Typer(
+    help="List, show and compare runs.\n\nExample: finetune runs list runs/ && finetune runs compare runs/a runs/b",
+    no_args_is_help=True,
+)
 app.add_typer(runs_app, name="runs")
 
 

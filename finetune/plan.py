@@ -204,7 +204,7 @@ def _load_config(recipe: Recipe) -> PretrainedConfig:
             Problem(
                 f"cannot read the config.json of {recipe.model.base!r} ({reason}). `plan` needs only that file: "
                 "when the hub is not reachable, pass a local directory holding it, e.g. "
-                "--set model.base=path/to/model-dir",
+                "--set model.base=path/to/model-dir (and set HF_HUB_OFFLINE=1 to skip the hub's retries)",
                 key="model.base",
             )
         ) from None
@@ -275,8 +275,8 @@ def _meta_model(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype) ->
 
 @dataclass
 class _Adapted:
-    name: str
-    leaf: str
+    """One linear layer with an adapter."""
+
     in_features: int
     out_features: int
     rank: int
@@ -338,8 +338,8 @@ def _layout(recipe: Recipe, model: PreTrainedModel, dtype: torch.dtype) -> _Layo
     head = head.weight if head is not None else None  # modules_to_save: the trained copy
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     adapted = [
-        _Adapted(name, name.rsplit(".", 1)[-1], m.in_features, m.out_features, m.r[m.active_adapters[0]])
-        for name, m in peft_model.named_modules()
+        _Adapted(m.in_features, m.out_features, m.r[m.active_adapters[0]])
+        for m in peft_model.modules()
         if hasattr(m, "lora_A") and hasattr(m, "in_features") and m.active_adapters
     ]
     params = Params(

@@ -188,11 +188,12 @@ def test_checkpointing_lowers_activations_and_they_scale_with_the_batch():
     assert term(off, "activations") == memory.activations_without_checkpointing
     assert off.memory.total > on.memory.total
     double = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml", "train.batch_size=8")
-    assert double.memory.activations_with_checkpointing == pytest.approx(2 * memory.activations_with_checkpointing)
+    # per-token terms double; the fused loss's logit tile (at most 4096 tokens) does not
+    assert 1.9 < double.memory.activations_with_checkpointing / memory.activations_with_checkpointing < 2
     fits = memory.fits
     assert list(fits) == ["24 GB", "40 GB", "48 GB", "80 GB", "141 GB"]
     assert fits == {k: memory.total <= int(k.split()[0]) * GB for k in fits}
-    assert fits["141 GB"] and not fits["24 GB"]
+    assert fits["141 GB"] and not off.memory.fits["24 GB"]
 
 
 def test_unknown_sequence_length_leaves_activations_unknown():
@@ -235,10 +236,12 @@ def test_time_from_gpu_or_tflops():
     result = plan(recipe, gpu="h100")
     t = result.time
     assert t.gpu == "H100" and t.peak_tflops == GPU_TFLOPS["H100"] == 989
-    # frozen base: forward 2N + backward 2N, + 2N to recompute with checkpointing; N without the input table
-    assert t.matmul_params == result.params.base - 128256 * 4096
-    assert t.flops_per_token == 6 * t.matmul_params
-    assert t.seconds_per_step == pytest.approx(4 * 4 * 2048 * 6 * t.matmul_params / (989e12 * 0.4))
+    # frozen base: forward 2N + backward 2N, + 2N to recompute with checkpointing; N without the input table;
+    # TRL's fused loss recomputes the head's logits in the backward pass: + 2Vh
+    head = 128256 * 4096
+    assert t.matmul_params == result.params.base - head
+    assert t.flops_per_token == 6 * t.matmul_params + 2 * head
+    assert t.seconds_per_step == pytest.approx(4 * 4 * 2048 * t.flops_per_token / (989e12 * 0.4))
     assert plan(recipe, tflops=100, mfu=0.5).time.seconds_per_step == pytest.approx(t.seconds_per_step * 989 * 0.4 / 50)
     assert plan(recipe).time is None
     with pytest.raises(UserError, match="unknown GPU 'B200'"):
