@@ -173,6 +173,12 @@ def train(
     from finetune.loading import load_recipe
 
     loaded = load_recipe(recipe, overrides or [])
+    if loaded.train.distributed and not _launched():
+        from finetune.runs import RunDir
+
+        if not resume:  # refuse here, with exit code 2, rather than in every launched process
+            RunDir(loaded.run_dir).refuse_existing(overwrite)
+        raise typer.Exit(_launch_distributed(loaded.train.distributed, sys.argv[2:]))
     from finetune.train import train as run_training
 
     result = run_training(loaded, overwrite=overwrite, resume=resume, progress=not as_json)
@@ -182,6 +188,24 @@ def train(
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         _print_train_result(result.to_dict())
+
+
+LAUNCHED = "FINETUNE_LAUNCHED"
+
+
+def _launched() -> bool:
+    """Already a process of a distributed launch (ours, torchrun's or accelerate's)."""
+    return any(v in os.environ for v in (LAUNCHED, "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION", "WORLD_SIZE"))
+
+
+def _launch_distributed(config: str, train_args: list[str]) -> int:
+    """Run this same `finetune train` under `accelerate launch --config_file CONFIG`; its exit code is ours."""
+    import subprocess
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+               "-m", "finetune.cli", "train", *train_args]  # fmt: skip
+    typer.echo(f"launching: {' '.join(command[1:])}", err=True)
+    return subprocess.call(command, env={**os.environ, LAUNCHED: "1"})
 
 
 def _print_train_result(r: dict) -> None:

@@ -105,13 +105,14 @@ def _verdict(works: bool | None, summary: str, reasons: list[str], command: str 
 def adapter_facts(run: Run) -> dict[str, Any]:
     """What the runtimes care about, read from adapter_config.json and the adapter's tensor names."""
     config = run.adapter_config
-    ranks = [int(config.get("r", 0)), *(int(v) for v in (config.get("rank_pattern") or {}).values())]
-    targets = config.get("target_modules")
     names = list(run.tensors)
+    # the rank a server must allocate is that of the tensors themselves (rank_pattern included)
+    ranks = [shape[0] for n, shape in run.tensors.items() if (".lora_A." in n or ".lora_embedding_A" in n) and shape]
+    targets = config.get("target_modules")
     return {
         "peft_type": config.get("peft_type"),
         "rank": int(config.get("r", 0)),
-        "max_rank": max(ranks),
+        "max_rank": max(ranks, default=int(config.get("r", 0))),
         "alpha": config.get("lora_alpha"),
         "variant": run.variant,
         "target_modules": targets if isinstance(targets, str) else sorted(targets or []),
@@ -342,7 +343,13 @@ def model_card(run: Run, format: str, compat: dict, check: dict | None) -> str:
     what = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA"}[variant]
     if format == "adapter":
         qlora = f", trained as QLoRA on the {recipe.quantization.method}-quantized base" if run.quantized else ""
-        lines.append(f"A {what} adapter ({shape}) for `{base}`{revision}{qlora}, made with `finetune`.")
+        made = (
+            f"combined from {len(manifest.get('parents') or [])} runs with `finetune merge --method "
+            f"{(manifest.get('combination') or {}).get('method')}` (see *Combination*)"
+            if combined
+            else "made with `finetune`"
+        )
+        lines.append(f"A {what} adapter ({shape}) for `{base}`{revision}{qlora}, {made}.")
     else:
         lines.append(
             f"`{base}`{revision} with the {what} adapter of run `{recipe.name}` ({shape}) merged into its weights "

@@ -141,7 +141,10 @@ def open_run(run_dir: str | Path) -> Run:
             raise UserError(f"{run.manifest}: unreadable manifest ({e})") from None
     status = manifest.get("status")
     if status == "running":
-        raise UserError(f"{run_dir}: the run is still training (manifest status 'running'); wait for it to finish")
+        raise UserError(
+            f"{run_dir}: the manifest says 'running': the run is still training, or was killed before it could "
+            "record its end (finish it with finetune train --resume); its adapter may still change"
+        )
     if status not in (None, "completed"):
         notes.append(f"the run's manifest says {status!r}, not 'completed'; its saved adapter is used as it is")
     config, tensors = check_adapter(run.adapter)
@@ -333,7 +336,7 @@ def merge_into(run: Run, out: Path, dtype_name: str, progress: Progress = lambda
         )
     in_memory = _logits(merged, batches)
     _set_generation_config(merged, tokenizer)
-    progress(f"saving to {out}")
+    progress("saving the merged model")
     merged.save_pretrained(out, max_shard_size="5GB")
     tokenizer.save_pretrained(out)
     del model, merged, base

@@ -86,6 +86,7 @@ def quantization_config(recipe: Recipe) -> Any:
         bnb_4bit_quant_type=q.method,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=getattr(torch, q.quant_storage),
     )
 
 

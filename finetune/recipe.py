@@ -24,11 +24,12 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 class PathRef:
     """Marks a string field that may name a local path, resolved against the recipe file that set it.
 
-    kind: "local" (always a path), "local_or_hub" (a path if it looks like one or exists,
-    else a hub id), "template" (a path unless it is `auto` or a built-in template name).
+    kind: "local" (always a path, may not exist yet), "file" (a path that must exist),
+    "local_or_hub" (a path if it looks like one or exists, else a hub id), "template" (a path
+    unless it is `auto` or a built-in template name).
     """
 
-    def __init__(self, kind: Literal["local", "local_or_hub", "template"]):
+    def __init__(self, kind: Literal["local", "file", "local_or_hub", "template"]):
         self.kind = kind
 
 
@@ -82,10 +83,15 @@ class QuantizationSection(Section):
     compute_dtype: Dtype = Field(
         "auto", description="Dtype of the matmuls on quantized weights; `auto` follows `model.dtype`. 4-bit only."
     )
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8",
+        description="Storage dtype of the packed 4-bit weights; set it to the compute dtype (bfloat16) for FSDP, "
+        "which must flatten them with the other parameters. 4-bit only.",
+    )
 
     @model_validator(mode="after")
     def _four_bit_options(self) -> QuantizationSection:
-        for option in ("double_quant", "compute_dtype"):
+        for option in ("double_quant", "compute_dtype", "quant_storage"):
             if option in self.model_fields_set and self.method not in ("nf4", "fp4"):
                 raise FieldRuleError(option, f"only applies to 4-bit methods (nf4, fp4), not method {self.method!r}")
         return self
@@ -207,6 +213,11 @@ class TrainSection(Section):
     logging_every: int = Field(10, ge=1, description="Log loss, learning rate and throughput every N optimizer steps.")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         [], description="Experiment trackers, besides metrics.jsonl which is always written."
+    )
+    distributed: Annotated[str, PathRef("file")] | None = Field(
+        None,
+        description="An accelerate config (e.g. configs/accelerate/fsdp.yaml): `finetune train` then launches itself "
+        "with `accelerate launch` on it. Unneeded under torchrun or accelerate launch.",
     )
 
 

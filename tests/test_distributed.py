@@ -116,3 +116,18 @@ def test_resume_after_a_kill_with_two_processes(tiny_model_dir, tmp_path):
     expected, got = adapter_tensors(tmp_path / "runs" / "full"), adapter_tensors(tmp_path / "runs" / "killed")
     for name in expected:
         assert (expected[name] - got[name]).abs().max() <= 1e-6, name
+
+
+def test_train_distributed_relaunches_under_accelerate_once(tiny_model_dir, tmp_path):
+    """`train.distributed` names an accelerate config: finetune launches itself on it (and not again)."""
+    config = tmp_path / "single.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\nuse_cpu: true\n")
+    recipe = write_recipe(tmp_path, tiny_model_dir())
+    result = finetune(
+        "train", str(recipe), "--set", f"train.distributed={config}", "--set", "train.max_steps=2", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("launching: -m accelerate.commands.launch --config_file") == 1
+    assert json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())["status"] == "completed"
+    failing = finetune("train", str(recipe), "--set", f"train.distributed={config}", cwd=tmp_path)
+    assert failing.returncode == 2 and "already exists" in failing.stderr and "launching" not in failing.stderr
