@@ -22,8 +22,6 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 
-from finetune.runs import now
-
 STAGING = ".staging"
 
 
@@ -116,7 +114,7 @@ class MetricsJsonl(TrainerCallback):
             logs["tokens_per_s"] = (tokens - self.last[1]) / max(t - self.last[0], 1e-9)
             self.last = (t, tokens)
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": state.global_step, "time": now(), **logs}) + "\n")
+            fh.write(json.dumps({"step": state.global_step, "time": time.time(), **logs}) + "\n")
 
 
 class BestAdapter(TrainerCallback):

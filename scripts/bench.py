@@ -1,0 +1,197 @@
+"""`finetune train` against the plain TRL script a user would otherwise write, on the same workload.
+
+    python scripts/bench.py                       # quickstart model and data, every variant, 2 rounds
+    python scripts/bench.py --steps 40 --rounds 3 --variants lora,qlora --json bench.json
+
+Each variant runs both ways, alternately, in fresh processes, `--rounds` times; the median is kept.
+Figures per run: time to the first optimizer step (process start to the end of step 1, imports and
+loading included), tokens/s after step 1 (all tokens, and trained ones), peak memory (max RSS of the
+process on the CPU; torch.cuda.max_memory_allocated on a GPU). Ratios are finetune / plain TRL, measured
+in the same invocation on the same machine, so the machine's speed cancels out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {
+    # name: (recipe overrides for finetune, the same settings for the plain TRL script)
+    "lora": ([], {}),
+    "qlora": (["quantization.method=nf4"], {"nf4": True}),
+    "packing": (["data.packing=true"], {"packing": True}),
+    "checkpointing": (["train.gradient_checkpointing=true"], {"gradient_checkpointing": True}),
+}
+
+# The plain TRL script: what a user writes from TRL's docs, with the workload's settings made equal.
+PLAIN_TRL = textwrap.dedent("""
+    import json, sys, time, torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    w = json.loads(sys.argv[1])
+    rows = load_dataset("json", data_files=w["data"], split="train")
+    # prompt/completion conversational rows: TRL trains on the completion (the assistant turn) only
+    rows = rows.map(lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]}, remove_columns=["messages"])
+
+    class Log(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            with open(w["metrics"], "a") as fh:
+                fh.write(json.dumps({"step": state.global_step, "time": time.time(), **(logs or {})}) + "\\n")
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32) if w["nf4"] else None
+    model = AutoModelForCausalLM.from_pretrained(w["model"], dtype=torch.float32, quantization_config=quant)
+    args = SFTConfig(output_dir=w["out"], max_steps=w["steps"], learning_rate=w["lr"],
+                     per_device_train_batch_size=w["batch_size"], max_length=w["max_length"],
+                     packing=w["packing"], gradient_checkpointing=w["gradient_checkpointing"], bf16=False,
+                     logging_steps=1, logging_first_step=True, save_strategy="no", report_to="none", seed=42)
+    lora = LoraConfig(r=w["rank"], lora_alpha=w["alpha"], lora_dropout=0.05, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=rows,
+                         processing_class=AutoTokenizer.from_pretrained(w["model"]), peft_config=lora, callbacks=[Log()])
+    trainer.train()
+""")
+
+
+def finetune_recipe(workload: dict, overrides: list[str], folder: Path) -> tuple[list[str], Path]:
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(
+        textwrap.dedent(f"""\
+        name: bench
+        model: {{base: {workload["model"]}}}
+        lora: {{rank: {workload["rank"]}, alpha: {workload["alpha"]}, dropout: 0.05, targets: all-linear}}
+        data:
+          train: [{{path: {workload["data"]}}}]
+          max_seq_length: {workload["max_length"]}
+        train:
+          max_steps: {workload["steps"]}
+          lr: {workload["lr"]}
+          batch_size: {workload["batch_size"]}
+          gradient_checkpointing: false
+          logging_every: 1
+        output_dir: {folder / "run"}
+        """)
+    )
+    sets = [a for o in overrides for a in ("--set", o)]
+    command = [sys.executable, "-m", "finetune.cli", "train", str(recipe), "--json", *sets]
+    return command, folder / "run" / "metrics.jsonl"
+
+
+def plain_trl(workload: dict, settings: dict, folder: Path) -> tuple[list[str], Path]:
+    spec = {"packing": False, "gradient_checkpointing": False, "nf4": False, **workload, **settings}
+    spec |= {"out": str(folder / "out"), "metrics": str(folder / "metrics.jsonl")}
+    return [sys.executable, "-c", PLAIN_TRL, json.dumps(spec)], folder / "metrics.jsonl"
+
+
+def measure(command: list[str], metrics: Path, trained_share: float) -> dict:
+    """Run one training process; read its per-step log; take its peak RSS from the kernel."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FINETUNE_CACHE": str(metrics.parent.parent / "cache")}
+    start = time.time()
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    stderr = proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{command[:4]} failed:\n{stderr[-3000:]}")
+    logs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = [r for r in logs if "loss" in r and "num_tokens" in r]
+    first, last = steps[0], steps[-1]
+    tokens_per_s = (last["num_tokens"] - first["num_tokens"]) / (last["time"] - first["time"])
+    return {
+        "time_to_first_step_s": first["time"] - start,
+        "tokens_per_s": tokens_per_s,
+        "trained_tokens_per_s": tokens_per_s * trained_share,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "final_loss": last["loss"],
+    }
+
+
+def trained_share(workload: dict) -> float:
+    """Share of tokens under the loss, from the same masks `finetune` trains with (TRL's are the same turns)."""
+    from finetune.data import prepare_data
+    from finetune.loading import load_recipe
+    from finetune.modeling import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        command, _ = finetune_recipe(workload, [], Path(tmp))
+        recipe = load_recipe(command[4])
+        stats = prepare_data(recipe, load_tokenizer(recipe), use_cache=False).stats
+    return stats.trained_tokens / stats.train_tokens
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "assets/quickstart/model"))
+    parser.add_argument("--data", default=str(ROOT / "assets/quickstart/data/train.jsonl"))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    workload = {"model": args.model, "data": args.data, "steps": args.steps, "batch_size": args.batch_size,
+                "max_length": args.max_length, "lr": 2e-3, "rank": 16, "alpha": 32}  # fmt: skip
+    share = trained_share(workload)
+    results: dict[str, dict[str, list[dict]]] = {}
+    for variant in args.variants.split(","):
+        overrides, settings = VARIANTS[variant]
+        results[variant] = {"finetune": [], "trl": []}
+        for round_ in range(args.rounds):
+            order = ("finetune", "trl") if round_ % 2 == 0 else ("trl", "finetune")
+            for who in order:
+                with tempfile.TemporaryDirectory() as tmp:
+                    folder = Path(tmp)
+                    command, metrics = (finetune_recipe(workload, overrides, folder) if who == "finetune"
+                                        else plain_trl(workload, settings, folder))  # fmt: skip
+                    results[variant][who].append(measure(command, metrics, share))
+                print(f"{variant:14} {who:8} round {round_ + 1}: {results[variant][who][-1]}", file=sys.stderr)
+    table = summarise(results)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {_gpu() or 'no GPU'}"
+    print(f"\nmachine: {machine}; workload: {args.steps} steps x batch {args.batch_size}, max length {args.max_length}")
+    print(f"{'variant':14} {'tok/s ft':>10} {'tok/s trl':>10} {'ratio':>6} {'1st step ft':>12} {'1st step trl':>13} "
+          f"{'RSS ft MiB':>11} {'RSS trl MiB':>12}")  # fmt: skip
+    for variant, row in table.items():
+        print(f"{variant:14} {row['finetune']['tokens_per_s']:10.0f} {row['trl']['tokens_per_s']:10.0f} "
+              f"{row['ratio_tokens_per_s']:6.2f} {row['finetune']['time_to_first_step_s']:11.1f}s "
+              f"{row['trl']['time_to_first_step_s']:12.1f}s {row['finetune']['peak_rss_mib']:11.0f} "
+              f"{row['trl']['peak_rss_mib']:12.0f}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "workload": workload, "runs": results,
+                                         "summary": table}, indent=2))  # fmt: skip
+    return 0
+
+
+def summarise(results: dict) -> dict:
+    table = {}
+    for variant, runs in results.items():
+        med = {who: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for who, rs in runs.items()}
+        med["ratio_tokens_per_s"] = med["finetune"]["tokens_per_s"] / med["trl"]["tokens_per_s"]
+        med["ratio_peak_rss"] = med["finetune"]["peak_rss_mib"] / med["trl"]["peak_rss_mib"]
+        table[variant] = med
+    return table
+
+
+def _gpu() -> str | None:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
