@@ -279,3 +279,25 @@ def test_many_rows_are_encoded_in_several_processes_with_the_same_result(tokeniz
     monkeypatch.setattr(prepare_module, "PARALLEL_MIN_ROWS", 10)
     monkeypatch.setattr(prepare_module, "CHUNK", 50)
     assert prepare_module._encode(tokenizer, samples, "assistant") == serial
+
+
+def test_hub_dataset_is_read_from_a_prepopulated_hub_cache(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+    """The real hub path (snapshot_download + datasets), offline: the dataset repo is in the hub cache."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--acme--reverse"
+    tiny.write_jsonl(repo / "snapshots" / commit / "data" / "train.jsonl", tiny.reverse_rows(6))
+    tiny.write_jsonl(repo / "snapshots" / commit / "data" / "test.jsonl", tiny.reverse_rows(2, seed=3))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    path = write_recipe(tmp_path, tiny_model_dir(), [])
+    path.write_text(path.read_text().replace("{path: data/train.jsonl}", "{path: acme/reverse, split: test}"))
+    prepared = prepare_data(load_recipe(path), tokenizer)
+    assert prepared.stats.train_rows == 2 and prepared.train_where[0] == "acme/reverse[test]:row 1"
+    missing = load_recipe(path, ["data.train.0.path=acme/absent"])
+    with pytest.raises(DataError, match="acme/absent: hub dataset not in the local cache"):
+        prepare_data(missing, tokenizer)

@@ -183,3 +183,36 @@ def test_overwrite_replaces_and_adapter_reloads_with_the_same_logits(tiny_model_
     with torch.no_grad(), result.model.disable_adapter():
         base = result.model(input_ids=ids).logits
     assert (base - expected).abs().max() > 1e-3, "the trained adapter should change the logits"
+
+
+def hub_cache_with(model_dir: Path, cache: Path, repo_id: str, commit: str) -> None:
+    """Lay a model out as huggingface_hub's cache does: content-addressed blobs, a snapshot of links, refs/main."""
+    import hashlib
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    for f in model_dir.iterdir():
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        (repo / "blobs" / digest).write_bytes(f.read_bytes())
+        (repo / "snapshots" / commit / f.name).symlink_to(Path("..") / ".." / "blobs" / digest)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+@pytest.mark.slow
+def test_a_hub_model_trains_offline_from_a_prepopulated_cache(tiny_model_dir, tmp_path):
+    import hashlib
+
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    hub_cache_with(tiny_model_dir(), tmp_path / "hub", "acme/tiny-llama", commit)
+    recipe = write_recipe(tmp_path, tiny_model_dir())
+    recipe.write_text(recipe.read_text().replace(f"base: {tiny_model_dir()}", "base: acme/tiny-llama"))
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "finetune.cli", "train", str(recipe), "--set", "train.max_steps=2"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    base = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())["base_model"]
+    weights = (tiny_model_dir() / "model.safetensors").read_bytes()
+    assert base["id"] == "acme/tiny-llama" and base["commit"] == commit
+    assert base["weights_sha256"] == {"model.safetensors": hashlib.sha256(weights).hexdigest()}

@@ -57,7 +57,8 @@ def fingerprint(source: DataSource) -> str:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     digest.update(block)
     else:
-        digest.update(json.dumps([source.path, source.subset, source.split, source.revision]).encode())
+        snapshot = hub_snapshot(source)
+        digest.update(json.dumps([source.path, snapshot.name, source.subset, source.split]).encode())
     return digest.hexdigest()
 
 
@@ -115,12 +116,29 @@ def _parquet(path: Path, name: str) -> Iterator[Row]:
         yield Row(row, f"{name}:row {i}")
 
 
+def hub_snapshot(source: DataSource) -> Path:
+    """The local snapshot of a hub dataset repo at the source's revision: from the hub cache, else downloaded.
+
+    Its folder name is the resolved commit, so the cache key follows the hub's revision.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(source.path, repo_type="dataset", revision=source.revision))
+    except LocalEntryNotFoundError:
+        raise DataError(f"{source.path}: hub dataset not in the local cache and the hub is unreachable") from None
+    except HfHubHTTPError as e:
+        raise DataError(f"{source.path}: cannot fetch the hub dataset ({e})") from None
+
+
 def _hub_rows(source: DataSource) -> Iterator[Row]:
+    """Rows of a split (and subset) of a hub dataset, read by `datasets` from its local snapshot."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source.path, source.subset, split=source.split, revision=source.revision)
-    except FileNotFoundError as e:
-        raise DataError(f"{source.path}: hub dataset not found locally or on the hub ({e})") from None
+        dataset = datasets.load_dataset(str(hub_snapshot(source)), source.subset, split=source.split)
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(f"{source.path}: cannot read split {source.split!r} ({e})") from None
     for i, row in enumerate(dataset, 1):
         yield Row(row, f"{source.path}[{source.split}]:row {i}")
