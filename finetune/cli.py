@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from finetune import __version__
-from finetune.errors import NotImplementedStageError, TrainingInterrupted, UserError
+from finetune.errors import TrainingInterrupted, UserError
 
 app = typer.Typer(
     name="finetune",
@@ -50,7 +50,7 @@ def handles_errors(command):
             return command(*args, **kwargs)
         except UserError as e:
             raise _fail("\n".join(f"error: {p}" for p in e.problems), e.exit_code) from None
-        except (NotImplementedStageError, TrainingInterrupted) as e:
+        except TrainingInterrupted as e:
             raise _fail(f"error: {e}", e.exit_code) from None
         except KeyboardInterrupt:
             raise _fail("interrupted", 130) from None
@@ -62,10 +62,6 @@ def handles_errors(command):
             raise _fail(f"error: {type(e).__name__}: {e}\n(set FINETUNE_DEBUG=1 for the traceback)", 1) from None
 
     return wrapper
-
-
-def _not_built(what: str, issue: str) -> NotImplementedStageError:
-    return NotImplementedStageError(f"`finetune {what}` is not built yet ({issue}); nothing was done.")
 
 
 def _version(value: bool) -> None:

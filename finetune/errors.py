@@ -48,12 +48,6 @@ class RunDirError(UserError):
     """The run directory exists and would be overwritten, or cannot be used."""
 
 
-class NotImplementedStageError(Exception):
-    """A CLI command whose stage is not built yet: exit 1, said plainly."""
-
-    exit_code = 1
-
-
 class TrainingInterrupted(Exception):
     """SIGTERM/SIGINT stopped training after a checkpoint: exit code 3, resumable with --resume."""
 

@@ -193,6 +193,8 @@ def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
             if length > size - 8:
                 raise ValueError("header longer than the file")
             header = json.loads(fh.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a mapping of tensors")
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:  # validates offsets, dtypes and coverage

@@ -18,6 +18,7 @@ Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 TargetPreset = Literal["attention", "mlp", "all-linear"]
 BUILTIN_TEMPLATES = ("chatml", "llama3", "mistral", "gemma", "qwen2.5", "phi3")
 BUILTIN_METRICS = ("loss", "perplexity", "exact_match", "contains", "regex", "json_valid")
+FOUR_BIT_OPTIONS = ("double_quant", "compute_dtype", "quant_storage")  # errors when set without nf4/fp4
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
@@ -91,7 +92,7 @@ class QuantizationSection(Section):
 
     @model_validator(mode="after")
     def _four_bit_options(self) -> QuantizationSection:
-        for option in ("double_quant", "compute_dtype", "quant_storage"):
+        for option in FOUR_BIT_OPTIONS:
             if option in self.model_fields_set and self.method not in ("nf4", "fp4"):
                 raise FieldRuleError(option, f"only applies to 4-bit methods (nf4, fp4), not method {self.method!r}")
         return self
@@ -280,7 +281,7 @@ class Recipe(Section):
         """
         exclude: dict[str, Any] = {"extends": True}
         if self.quantization.method not in ("nf4", "fp4"):
-            exclude["quantization"] = {"double_quant", "compute_dtype"}
+            exclude["quantization"] = set(FOUR_BIT_OPTIONS)
         return self.model_dump(mode="json", exclude=exclude)
 
     def fingerprint(self) -> str:

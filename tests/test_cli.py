@@ -239,23 +239,7 @@ def test_schema_out_file(tmp_path: Path):
     assert (tmp_path / "again.json").read_text() == out.read_text()
 
 
-# --- stages not built yet, and errors -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["merge", "runs/demo"],
-        ["export", "runs/demo"],
-    ],
-    ids=lambda args: args[0],
-)
-def test_unbuilt_stages_exit_1_and_say_so(good: Path, args: list[str]):
-    result = invoke(*args)
-    assert result.exit_code == 1, result.output
-    assert "not built yet" in result.stderr
-    assert "nothing was done" in result.stderr
-    assert "Traceback" not in result.output
+# --- errors ---------------------------------------------------------------------------------------------
 
 
 def test_unexpected_error_exits_1_without_traceback(good: Path, monkeypatch):

@@ -1,0 +1,180 @@
+"""`finetune export`: the files of each format, the model card, the compatibility report worked out from
+the adapter itself, and refusing a damaged adapter. Runs are shared with test_merge (trained once per session)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import yaml
+from test_merge import Runs, leftovers
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.errors import UserError
+from finetune.export import export
+from finetune.loading import load_recipe
+from finetune.merge import merge
+
+ADAPTER_FILES = {
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "recipe.yaml",
+    "compat.json",
+}
+runner = CliRunner()
+
+
+@pytest.fixture
+def runs(tmp_path_factory, tiny_model_dir) -> Runs:
+    return Runs(tmp_path_factory, tiny_model_dir)
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n"), card[:80]
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+@pytest.mark.slow
+def test_adapter_export_has_the_adapter_card_recipe_and_report(runs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = runs["llama-lora"]
+    recipe = load_recipe(run / "recipe.yaml", check_files=False)
+    result = export(run, "adapter", tmp_path / "out")
+    out = Path(result.out_dir)
+    assert set(result.files) == ADAPTER_FILES and leftovers(tmp_path) == []
+    card = (out / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["library_name"] == "peft" and meta["base_model"] == recipe.model.base
+    assert {"lora", "peft"} <= set(meta["tags"])
+    manifest = json.loads((run / "manifest.json").read_text())
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert f"| steps | {manifest['steps']} |" in card
+    assert f"{manifest['lora']['trainable_params']:,} of {manifest['lora']['total_params']:,}" in card
+    assert f"| loss | {summary['base']['loss']:.4g} | {summary['tuned']['loss']:.4g} |" in card
+    assert "| train.jsonl | messages | 32 |" in card
+    assert "## Compatibility" in card and "--max-lora-rank 8" in card
+    assert load_recipe(out / "recipe.yaml", check_files=False) == recipe
+    assert json.loads((out / "compat.json").read_text()) == result.compat
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recipe.model.base), out)  # a standard adapter
+
+
+@pytest.mark.slow
+def test_merged_export_is_the_verified_merged_model_with_its_card(runs, tmp_path):
+    result = runner.invoke(app, ["export", str(runs["gemma-lora-lm_head"]), "--format", "merged", "--json"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    out = Path(r["out_dir"])
+    assert out == runs["gemma-lora-lm_head"] / "export" / "merged"
+    assert {"model.safetensors", "config.json", "merge_check.json", "README.md", "compat.json", "recipe.yaml"} <= set(
+        r["files"]
+    )
+    assert r["merge_check"]["passed"] and r["merge_check"]["max_abs_diff"] <= 1e-5
+    meta = front_matter((out / "README.md").read_text())
+    assert meta["library_name"] == "transformers" and meta["base_model"] == r["compat"]["adapter"]["base_model"]
+    assert "## Merge check" in (out / "README.md").read_text()
+    vllm = r["compat"]["targets"]["vllm"]
+    assert vllm["works"] is True and vllm["command"] == "vllm serve <this directory>"
+    again = runner.invoke(app, ["export", str(runs["gemma-lora-lm_head"]), "--format", "merged"])
+    assert again.exit_code == 2 and "already exists; pass --overwrite" in again.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "works", "max_lora_rank", "phrase"),
+    [
+        ("llama-lora", True, 8, "served by vLLM with --enable-lora --max-lora-rank 8"),
+        ("llama-rank12", True, 16, "rank 12 is not one of vLLM's sizes"),
+        ("llama-dora", False, None, "DoRA is not served by vLLM"),
+        ("gemma-lora-lm_head", False, None, "modules_to_save (lm_head) is not served by vLLM"),
+    ],
+)
+def test_vllm_compatibility_is_read_from_the_adapter(name, works, max_lora_rank, phrase, runs, tmp_path):
+    result = runner.invoke(app, ["export", str(runs[name]), "--format", "adapter", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 0, result.output
+    assert phrase in result.stdout
+    compat = json.loads((tmp_path / "x" / "compat.json").read_text())
+    vllm = compat["targets"]["vllm"]
+    assert vllm["works"] is works and vllm["max_lora_rank"] == max_lora_rank
+    assert phrase in " ".join([vllm["summary"], *vllm["reasons"]])
+    if max_lora_rank:
+        assert f"--max-lora-rank {max_lora_rank} " in vllm["command"]
+    card = (tmp_path / "x" / "README.md").read_text()
+    assert f"**vLLM**: {'works' if works else 'does not work'}" in card and phrase in card
+    assert compat["targets"]["transformers_peft"]["works"] is True
+    gguf = compat["targets"]["gguf"]  # no llama.cpp converter on the test machines
+    assert gguf["works"] is None and gguf["summary"].startswith("no converter installed")
+    assert "no converter installed" in result.stdout
+
+
+@pytest.mark.slow
+def test_gguf_verdicts_when_a_converter_is_installed(runs, monkeypatch, tmp_path):
+    from finetune.export import compatibility
+    from finetune.merge import open_run
+
+    monkeypatch.setattr(
+        "finetune.export.gguf_converter", lambda script: {"script": f"/opt/llama.cpp/{script}", "gguf_package": "0.17"}
+    )
+    plain = compatibility(open_run(runs["llama-lora"]), "adapter")["targets"]["gguf"]
+    assert plain["works"] is True and plain["command"].startswith("python convert_lora_to_gguf.py --base ")
+    dora = compatibility(open_run(runs["llama-dora"]), "adapter")["targets"]["gguf"]
+    assert dora["works"] is False and any("magnitude vectors" in r for r in dora["reasons"])
+    head = compatibility(open_run(runs["gemma-lora-lm_head"]), "adapter")["targets"]["gguf"]
+    assert head["works"] is False and any("base_model.model.lm_head.weight" in r for r in head["reasons"])
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+
+
+def _no_tensors(path: Path) -> None:
+    header = b'{"__metadata__":{"format":"pt"}}'
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_truncate, "truncated safetensors file"),
+        (_no_tensors, "the adapter holds no tensors"),
+        (lambda p: p.write_bytes(b"not a safetensors file"), "unreadable or truncated safetensors file"),
+        (lambda p: p.unlink(), "missing adapter weights"),
+    ],
+    ids=["truncated", "no-tensors", "garbage", "missing"],
+)
+def test_a_damaged_adapter_is_refused_naming_the_file(damage, message, runs, tmp_path):
+    run = shutil.copytree(runs["llama-lora"], tmp_path / "run", ignore=shutil.ignore_patterns("merged", "export"))
+    weights = run / "adapter" / "adapter_model.safetensors"
+    damage(weights)
+    with pytest.raises(UserError, match=message) as e:
+        export(run, "adapter")
+    assert str(weights) in str(e.value)
+    with pytest.raises(UserError, match=message):
+        merge(run)
+    result = runner.invoke(app, ["export", str(run), "--format", "merged"])
+    assert result.exit_code == 2 and f"error: {weights}: " in result.stderr, result.output
+    assert not (run / "export").exists() and not (run / "merged").exists()
+
+
+def test_bad_arguments_are_user_errors(tmp_path):
+    result = runner.invoke(app, ["export", str(tmp_path), "--format", "gguf"])
+    assert result.exit_code == 2 and "--format: must be one of adapter, merged" in result.stderr
+    result = runner.invoke(app, ["export", str(tmp_path), "--format", "adapter"])
+    assert result.exit_code == 2 and "not a run directory (no recipe.yaml)" in result.stderr
+    result = runner.invoke(app, ["merge", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "no such run directory" in result.stderr
+    result = runner.invoke(app, ["merge", str(tmp_path), str(tmp_path), "--method", "mean", "--out", "x"])
+    assert result.exit_code == 2 and "--method: must be one of linear, ties" in result.stderr
+    result = runner.invoke(app, ["merge", str(tmp_path), str(tmp_path), "--method", "cat", "--weights", "1,x"])
+    assert result.exit_code == 2 and "--weights: expected numbers separated by commas" in result.stderr
