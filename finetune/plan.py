@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -151,7 +152,8 @@ def plan(recipe: Recipe, gpu: str | None = None, tflops: float | None = None, mf
         notes.append("the config does not give every dimension the activation formula needs: activations unknown")
     if recipe.train.optimizer.startswith("paged_"):
         notes.append("paged optimizer: its states can move to CPU memory under pressure; counted here on the GPU")
-    notes.append("one GPU (no data or model parallelism); activations are an estimate, not yet calibrated on a GPU")
+    how, n, _ = sharding(recipe)
+    notes.append(f"per GPU, {how} over {n} process(es); activations are an estimate, not yet calibrated on a GPU")
     time = None
     if peak is not None:
         time = _time(recipe, layout, work, seq_length, gpu_name, peak, mfu)
@@ -453,6 +455,7 @@ def _memory(
             f"+ {FRAGMENTATION:.0%} of the rest",
         ),
     ]
+    _shard(terms, recipe)
     lower = sum(t.bytes for t in terms if t.bytes is not None and t.name != "activations")
     total = None if activations is None else lower + activations
     fits: dict[str, bool | None] = {}
@@ -475,6 +478,34 @@ def _memory(
         activations_without_checkpointing=without_ckpt,
         fits=fits,
     )
+
+
+def sharding(recipe: Recipe) -> tuple[str, int, tuple[str, ...]]:
+    """From `train.distributed`'s accelerate config: the strategy, the process count, the terms it shards."""
+    if not recipe.train.distributed:
+        return "single process", 1, ()
+    import yaml
+
+    config = yaml.safe_load(Path(recipe.train.distributed).read_text(encoding="utf-8")) or {}
+    n = int(config.get("num_processes", 1)) * int(config.get("num_machines", 1) or 1)
+    kind = str(config.get("distributed_type", "NO"))
+    states = ("gradients", "optimizer state")
+    if kind == "FSDP":
+        return "FSDP full shard", n, ("base weights", "adapter weights", *states)
+    if kind == "DEEPSPEED":
+        stage = int((config.get("deepspeed_config") or {}).get("zero_stage", 0))
+        sharded = {1: ("optimizer state",), 2: states, 3: ("base weights", "adapter weights", *states)}
+        return f"DeepSpeed ZeRO-{stage}", n, sharded.get(stage, ())
+    return "data parallel (replicated)", n, ()
+
+
+def _shard(terms: list[MemoryTerm], recipe: Recipe) -> None:
+    """Per-GPU memory: divide what the strategy shards across its processes."""
+    how, n, sharded = sharding(recipe)
+    for term in terms:
+        if term.name in sharded and term.bytes is not None and n > 1:
+            term.bytes = math.ceil(term.bytes / n)
+            term.detail += f"; / {n} GPUs ({how})"
 
 
 def _size(dtype: torch.dtype) -> int:

@@ -303,3 +303,26 @@ def test_cli_hub_model_offline_says_how_to_plan(monkeypatch):
     assert result.exit_code == 2
     assert "meta-llama/Llama-3.1-8B-Instruct" in result.output and "--set model.base=" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("config", "sharded"),
+    [
+        ("fsdp.yaml", {"base weights", "adapter weights", "gradients", "optimizer state"}),
+        ("deepspeed-zero2.yaml", {"gradients", "optimizer state"}),
+        ("deepspeed-zero3.yaml", {"base weights", "adapter weights", "gradients", "optimizer state"}),
+        ("ddp.yaml", set()),
+    ],
+)
+def test_per_gpu_memory_divides_what_the_strategy_shards(config, sharded):
+    from finetune.loading import load_recipe
+    from finetune.plan import plan
+
+    root = Path(__file__).resolve().parent.parent
+    base = ["model.base=" + str(root / "tests/fixtures/configs/llama-3.1-8b")]
+    single = plan(load_recipe(root / "recipes/llama-3.1-8b-qlora.yaml", base))
+    shared = plan(load_recipe(root / "recipes/llama-3.1-8b-qlora.yaml",
+                              [*base, f"train.distributed={root / 'configs/accelerate' / config}"]))  # fmt: skip
+    for one, many in zip(single.memory.terms, shared.memory.terms, strict=True):
+        expected = -(-one.bytes // 8) if one.name in sharded else one.bytes
+        assert many.bytes == expected, (config, one.name)
