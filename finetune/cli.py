@@ -36,6 +36,13 @@ SetOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 
 
+def _console(**kwargs: Any) -> Any:
+    """A rich console whose plain lines never wrap mid-sentence (logs and CI read them whole)."""
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True, **kwargs)
+
+
 def _fail(message: str, code: int) -> typer.Exit:
     typer.echo(message, err=True)
     return typer.Exit(code)
@@ -206,9 +213,8 @@ def _launch_distributed(config: str, train_args: list[str]) -> int:
 
 def _print_train_result(r: dict) -> None:
     """The end of a run: where the adapter is, how long it took, and tuned vs base on held-out data."""
-    from rich.console import Console
 
-    console = Console(highlight=False)
+    console = _console()
     share = r["trainable_params"] / max(r["total_params"], 1)
     console.print(
         f"trained {r['steps']} steps in {r['seconds']:.0f}s, train loss {r['train_loss']:.4f}; "
@@ -279,13 +285,12 @@ def plan(
 
 def _print_plan(r: dict) -> None:
     """The plan as tables: parameters per module, memory per component, GPUs it fits, work and time."""
-    from rich.console import Console
     from rich.table import Table
 
     def gb(n: int | None) -> str:
         return "unknown" if n is None else f"{n / 1e9:.2f}"
 
-    console = Console(highlight=False)
+    console = _console()
     p, m, w, t = r["params"], r["memory"], r["work"], r["time"]
     console.print(f"plan for {r['name']}: {r['model']} ({r['architecture']}, {r['layers']} layers)")
     table = Table(title="trainable parameters", title_justify="left")
@@ -384,11 +389,10 @@ def data(
 
 
 def _print_data(result: Any, color: bool | None) -> None:
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    console = Console(highlight=False, markup=False, no_color=color is False, force_terminal=color or None)
+    console = _console(markup=False, no_color=color is False, force_terminal=color or None)
     s = result.stats
     table = Table(title="data", title_justify="left", show_header=False)
     for source in s["sources"]:
@@ -458,9 +462,7 @@ def eval_(
     if as_json:
         typer.echo(json.dumps({**result.to_dict(), "gate_failures": failures}, indent=2))
     else:
-        from rich.console import Console
-
-        Console(highlight=False).print(_comparison_table(result.summary))
+        _console().print(_comparison_table(result.summary))
         typer.echo(f"results: {Path(result.run_dir) / 'eval'}")
     if failures:
         raise _fail("\n".join(f"gate failed: {f}" for f in failures), 1)
@@ -660,7 +662,6 @@ def runs_list(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table()
@@ -671,7 +672,7 @@ def runs_list(
         loss = f"{r['best_eval_loss']:.4f}" if r["best_eval_loss"] is not None else ""
         duration = f"{r['seconds']:.0f}s" if r["seconds"] is not None else ""
         table.add_row(r["name"], r["status"], str(r["base"]), str(r["rank"]), loss, metric, duration)
-    Console(highlight=False).print(table)
+    _console().print(table)
 
 
 @runs_app.command("show")
@@ -709,10 +710,9 @@ def runs_compare(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = _console()
     names = [Path(r).name for r in result["runs"]]
     diff = Table(title="recipe differences", title_justify="left")
     for column in ("key", *names):

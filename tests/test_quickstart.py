@@ -1,0 +1,48 @@
+"""The quickstart, as a new user runs it: the shipped model learns the shipped task, and eval agrees."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "quickstart.yaml"
+pytestmark = pytest.mark.slow
+
+
+def finetune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "finetune.cli", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_quickstart_tunes_the_model_far_past_its_base_and_eval_agrees(tmp_path):
+    trained = finetune("train", str(RECIPE), "--json", cwd=tmp_path)  # from another directory than the repo's
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    summary = json.loads(trained.stdout)["eval"]
+    tuned, base = summary["tuned"], summary["base"]
+    assert base["metrics"]["exact_match"] <= 0.1
+    assert tuned["metrics"]["exact_match"] >= 0.8, tuned
+    assert tuned["loss"] < base["loss"]
+
+    run = tmp_path / "runs" / "quickstart"
+    evaluated = finetune("eval", str(run), "--json", "--fail-under", "exact_match=0.8", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again = json.loads(evaluated.stdout)
+    assert again["tuned"]["metrics"]["exact_match"] == tuned["metrics"]["exact_match"]
+    assert again["base"]["metrics"]["exact_match"] == base["metrics"]["exact_match"]
+    assert again["tuned"]["loss"] == pytest.approx(tuned["loss"], abs=1e-4)
+
+
+def test_quickstart_as_qlora_trains_in_nf4(tmp_path):
+    result = finetune("train", str(RECIPE), "--set", "quantization.method=nf4", "--set", "train.max_steps=4",
+                      "--set", "eval.limit=4", "--json", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["steps"] == 4
+    recipe = (tmp_path / "runs" / "quickstart" / "recipe.yaml").read_text()
+    assert "method: nf4" in recipe
