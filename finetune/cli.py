@@ -304,7 +304,8 @@ def _print_plan(r: dict) -> None:
         f"base {p['base']:,} parameters; trainable {p['trainable']:,} of {p['total']:,} ({p['trainable_share']:.3%})"
     )
     shape = f"micro-batch {m['micro_batch']} x {m['seq_length'] or '?'} tokens"
-    checkpointing = "on" if m["gradient_checkpointing"] else "off"
+    auto = m["gradient_checkpointing"] == "auto"
+    checkpointing = "auto: figures without it" if auto else "on" if m["gradient_checkpointing"] else "off"
     title = f"memory (GB = 10^9 bytes; {m['weights_dtype']} weights, {m['compute_dtype']} compute, {shape}, "
     table = Table(title=title + f"gradient checkpointing {checkpointing})", title_justify="left")
     for column in ("component", "GB", "as"):
@@ -314,16 +315,21 @@ def _print_plan(r: dict) -> None:
     total = gb(m["total"]) if m["total"] is not None else f">= {gb(m['lower_bound'])}"
     table.add_row("total", total, "")
     console.print(table)
-    other = "without" if m["gradient_checkpointing"] else "with"
-    other_bytes = m["activations_without_checkpointing" if other == "without" else "activations_with_checkpointing"]
+    with_bytes = m["activations_with_checkpointing"]
+    other = "with" if auto or not m["gradient_checkpointing"] else "without"
+    other_bytes = with_bytes if other == "with" else m["activations_without_checkpointing"]
     if other_bytes is not None:
         console.print(f"activations {other} gradient checkpointing: {gb(other_bytes)} GB")
     table = Table(title="fits on a GPU of", title_justify="left")
     for column in ("memory", "fits", "headroom GB"):
         table.add_column(column, justify="left" if column == "memory" else "right")
     for size, ok in m["fits"].items():
-        headroom = "" if m["total"] is None else f"{(int(size.split()[0]) * 10**9 - m['total']) / 1e9:+.1f}"
-        table.add_row(size, {True: "yes", False: "no", None: "unknown"}[ok], headroom)
+        need = m["total"]
+        if auto and ok and need is not None and need > int(size.split()[0]) * 10**9:
+            need = m["lower_bound"] + with_bytes  # `auto` turns checkpointing on for this GPU
+            ok = "yes, with checkpointing"
+        headroom = "" if need is None else f"{(int(size.split()[0]) * 10**9 - need) / 1e9:+.1f}"
+        table.add_row(size, {True: "yes", False: "no", None: "unknown"}.get(ok, ok), headroom)
     console.print(table)
     if w["available"]:
         table = Table(title="work", title_justify="left")

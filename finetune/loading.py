@@ -375,6 +375,11 @@ def _message(kind: str, ctx: dict, value: Any, msg: str, path: KeyPath) -> str:
         return "must be " + bounds[kind].format(**{k: _show_bound(v) for k, v in ctx.items()}) + got
     if kind == "literal_error":
         allowed = re.findall(r"'([^']*)'", ctx.get("expected", ""))
+        if allowed == ["auto"]:  # a value that may also be `auto` (AutoBool, max_seq_length)
+            model = _model_at(path[:-1])
+            field = model.model_fields.get(str(path[-1])) if model else None
+            other = "true, false" if field and "Tag(tag='bool')" in str(field.annotation) else "a whole number"
+            return f"must be {other} or auto{got}"
         hint = difflib.get_close_matches(str(value), allowed, n=1) if isinstance(value, str) else []
         return f"must be one of: {', '.join(allowed)}{got}" + (f"; did you mean {hint[0]!r}?" if hint else "")
     if kind == "value_error":

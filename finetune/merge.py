@@ -489,10 +489,12 @@ def _set_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenize
 def _load_saved(out: Path, recipe: Recipe, dtype_name: str) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
+    from finetune.speed import attention
+
     model = AutoModelForCausalLM.from_pretrained(
         out,
         dtype=getattr(torch, dtype_name),
-        attn_implementation=recipe.model.attn_implementation,
+        attn_implementation=attention(recipe),
         use_safetensors=True,
         trust_remote_code=recipe.model.trust_remote_code,
     )

@@ -94,11 +94,13 @@ def load_model(recipe: Recipe, quantized: bool = True) -> PreTrainedModel:
     """The base model in the recipe's dtype; quantized as the recipe says unless `quantized=False`."""
     from transformers import AutoModelForCausalLM
 
+    from finetune.speed import attention
+
     quant = quantization_config(recipe) if quantized else None
     model = AutoModelForCausalLM.from_pretrained(
         recipe.model.base,
         dtype=resolve_dtype(recipe.model.dtype),
-        attn_implementation=recipe.model.attn_implementation,
+        attn_implementation=attention(recipe),
         quantization_config=quant,
         use_safetensors=True,
         device_map={"": device()} if quant is not None else None,

@@ -23,6 +23,7 @@ import torch
 from finetune.errors import Problem, UserError
 from finetune.modeling import hub_kwargs, load_tokenizer, lora_config, resolve_targets
 from finetune.recipe import Recipe
+from finetune.speed import attention, packing
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -78,7 +79,7 @@ class Memory:
     quantization: str
     micro_batch: int
     seq_length: int | None  # None: max_seq_length is `auto` and the data is not available
-    gradient_checkpointing: bool
+    gradient_checkpointing: bool | str  # "auto": the total is without it; `fits` counts it where it is needed
     terms: list[MemoryTerm]
     total: int | None  # None when the activations are unknown
     lower_bound: int  # every term but the activations
@@ -150,6 +151,11 @@ def plan(recipe: Recipe, gpu: str | None = None, tflops: float | None = None, mf
         notes.append("data.max_seq_length is auto and the data is not available: activations are unknown")
     elif not shapes.complete():
         notes.append("the config does not give every dimension the activation formula needs: activations unknown")
+    if "auto" in (recipe.model.attn_implementation, recipe.data.packing):
+        notes.append(
+            f"attention auto is planned as {attention(recipe)}, packing auto as {'on' if packing(recipe) else 'off'} "
+            "(this machine); with flash-attn on the GPU, packing turns on and the steps change"
+        )
     if recipe.train.optimizer.startswith("paged_"):
         notes.append("paged optimizer: its states can move to CPU memory under pressure; counted here on the GPU")
     how, n, _ = sharding(recipe)
@@ -423,7 +429,8 @@ def _memory(
     with_ckpt = without_ckpt = None
     if seq_length is not None and shapes.complete():
         with_ckpt, without_ckpt = _activations(recipe, layout, shapes, e, seq_length)
-    activations = with_ckpt if recipe.train.gradient_checkpointing else without_ckpt
+    checkpointing = recipe.train.gradient_checkpointing  # `auto`: the figures without, `fits` allows for it
+    activations = with_ckpt if checkpointing is True else without_ckpt
     transient = layout.largest_quantized * e  # one layer's weight dequantized for its matmul
     if recipe.lora.variant == "dora":  # DoRA's weight norm builds W + BA, one layer at a time
         transient += 2 * max((a.in_features * a.out_features for a in layout.adapted), default=0) * e
@@ -433,7 +440,7 @@ def _memory(
     n_trainable = sum(math.prod(shape) for _, shape, _ in layout.trainable)
     tokens = recipe.train.batch_size * (seq_length or 0)
     per_token = f"{activations / tokens / 1e6:.2f} MB" if activations and tokens else "?"
-    ckpt = "with" if recipe.train.gradient_checkpointing else "without"
+    ckpt = "with" if checkpointing is True else "without"
     terms = [
         MemoryTerm("base weights", layout.base_weights, layout.weights_detail),
         MemoryTerm("adapter weights", adapter, _by_dtype(layout.trainable)),
@@ -461,7 +468,9 @@ def _memory(
     fits: dict[str, bool | None] = {}
     for size in GPU_MEMORY_GB:
         if total is not None:
-            fits[f"{size} GB"] = total <= size * GB
+            fits[f"{size} GB"] = total <= size * GB or (
+                checkpointing == "auto" and with_ckpt is not None and lower + with_ckpt <= size * GB
+            )
         else:
             fits[f"{size} GB"] = False if lower > size * GB else None
     return Memory(
@@ -470,7 +479,7 @@ def _memory(
         quantization=method,
         micro_batch=recipe.train.batch_size,
         seq_length=seq_length,
-        gradient_checkpointing=recipe.train.gradient_checkpointing,
+        gradient_checkpointing=checkpointing,
         terms=terms,
         total=total,
         lower_bound=lower,
@@ -572,10 +581,11 @@ def _activations(recipe: Recipe, layout: _Layout, s: _Shapes, e: int, seq: int) 
     """
     r = 4 if recipe.quantization.method != "none" else e
     h, q = s.hidden, s.heads * s.head_dim
-    kv_heads = s.kv_heads if recipe.model.attn_implementation.startswith("flash") else s.heads
+    attn = attention(recipe)  # `auto` is sdpa (the larger figure) unless this machine runs flash attention
+    kv_heads = s.kv_heads if attn.startswith("flash") else s.heads
     kv = kv_heads * s.head_dim
     layer = 2 * 4 * h + e * (2 * q + 2 * kv) + 4 * s.heads + 3 * r * s.intermediate
-    if recipe.model.attn_implementation == "eager":
+    if attn == "eager":
         layer += (4 + e) * s.heads * seq
     mask = 1 if recipe.lora.dropout > 0 else 0
     adapters = sum((e + mask) * a.in_features + e * a.rank for a in layout.adapted)
@@ -617,7 +627,7 @@ def _work(recipe: Recipe) -> Work:
     prepared = prepare_data(recipe, tokenizer)
     stats = prepared.stats
     sequences = stats.train_rows
-    if data.packing:
+    if packing(recipe):
         from trl.data_utils import pack_dataset
 
         sequences = len(pack_dataset(prepared.train.select_columns(["input_ids", "labels"]), stats.max_seq_length))
@@ -651,7 +661,7 @@ def _time(
     TRL's fused loss also recomputes the output layer's logits in the backward pass: + 2 * V * h.
     """
     n = layout.matmul_params
-    flops = (4 + (2 if recipe.train.gradient_checkpointing else 0)) * n + 2 * layout.output_params
+    flops = (4 + (2 if recipe.train.gradient_checkpointing is True else 0)) * n + 2 * layout.output_params
     rate = peak * 1e12 * mfu
     step_tokens = recipe.train.batch_size * recipe.train.grad_accum * (seq or 0)  # packed: full sequences
     return Time(

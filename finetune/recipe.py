@@ -20,6 +20,11 @@ BUILTIN_TEMPLATES = ("chatml", "llama3", "mistral", "gemma", "qwen2.5", "phi3")
 BUILTIN_METRICS = ("loss", "perplexity", "exact_match", "contains", "regex", "json_valid")
 FOUR_BIT_OPTIONS = ("double_quant", "compute_dtype", "quant_storage")  # errors when set without nf4/fp4
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# true, false, or `auto`: decided at train time for the machine the run is on (finetune.speed)
+AutoBool = Annotated[
+    Annotated[bool, Tag("bool")] | Annotated[Literal["auto"], Tag("auto")],
+    Discriminator(lambda v: "auto" if isinstance(v, str) else "bool"),
+]
 
 
 class PathRef:
@@ -65,8 +70,12 @@ class ModelSection(Section):
         description="Weight and compute dtype. `auto`: bfloat16 on GPUs that support it, float16 on older GPUs, "
         "float32 on the CPU.",
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = Field(
-        "sdpa", description="Attention kernel passed to transformers."
+    attn_implementation: Literal[
+        "auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"
+    ] = Field(
+        "auto",
+        description="Attention kernel passed to transformers. `auto`: flash_attention_2 on a GPU in bf16/fp16 when "
+        "the flash-attn package is installed (packed rows then need no attention mask), sdpa otherwise.",
     )
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model repository. Off unless you trust its author."
@@ -163,8 +172,16 @@ class DataSection(Section):
     truncation: Literal["truncate", "drop"] = Field(
         "truncate", description="What happens to rows longer than max_seq_length; they are counted either way."
     )
-    packing: bool = Field(
-        False, description="Pack several rows into each sequence, without attention across rows (padding-free)."
+    packing: AutoBool = Field(
+        "auto",
+        description="Pack rows into sequences of up to max_seq_length tokens, without attention across rows "
+        "(padding-free); `train.batch_size` then counts packed sequences. `auto`: on with flash attention, whose "
+        "varlen kernels make it free; off otherwise, as SDPA would attend over the whole packed batch.",
+    )
+    group_by_length: bool = Field(
+        True,
+        description="Without packing, batch rows of similar length together (shuffled in groups of 50 batches), "
+        "so that little compute is spent on padding.",
     )
     train_on: Literal["assistant", "all"] = Field(
         "assistant",
@@ -198,11 +215,22 @@ class TrainSection(Section):
         "paged_adamw_32bit",
         "adafactor",
         "sgd",
-    ] = Field("adamw_torch", description="Optimizer; the 8-bit and paged variants come from bitsandbytes.")
+    ] = Field(
+        "adamw_torch_fused",
+        description="Optimizer: `adamw_torch_fused` updates all tensors in one kernel (CPU and CUDA); the 8-bit and "
+        "paged variants come from bitsandbytes.",
+    )
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    gradient_checkpointing: bool = Field(
-        True, description="Recompute activations in the backward pass: much less memory, ~30% slower."
+    gradient_checkpointing: AutoBool = Field(
+        "auto",
+        description="Recompute activations in the backward pass: much less memory, ~30% slower. `auto`: on only "
+        "when `finetune plan`'s estimate without it exceeds 90% of the GPU's memory; off on the CPU.",
+    )
+    liger_kernel: AutoBool = Field(
+        "auto",
+        description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU): faster and leaner on CUDA GPUs. `auto`: on "
+        "a GPU when liger-kernel is installed (`pip install finetune[fast]`); needs a CUDA GPU when true.",
     )
     eval_every: int | None = Field(
         None, ge=1, description="Held-out loss every N optimizer steps (and at the end). Needs `data.eval`."

@@ -37,6 +37,7 @@ from finetune.modeling import (
 from finetune.recipe import Recipe
 from finetune.runs import Manifest, RunDir, atomic_dir, file_sha256, now, write_eval, write_recipe
 from finetune.secrets import redact_text
+from finetune.speed import Speed, decide
 
 # Keys that may change between a run and its --resume: they do not change what is trained.
 RESUMABLE_CHANGES = ("eval.", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.logging_every",
@@ -188,6 +189,8 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     with state.main_process_first():  # the main process fills the preprocessing cache, the others read it
         data = prepare_data(recipe, tokenizer)
     manifest.update(data=data.stats.to_dict())
+    speed = decide(recipe)
+    manifest.update(speed=speed.to_dict())
     model = load_model(recipe)
     if main:
         manifest.update(base_model={**manifest.data["base_model"], **weight_files(recipe, model)})
@@ -195,7 +198,7 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     if recipe.quantization.method != "none":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=speed.gradient_checkpointing)
 
     def save_best(step: int, loss: float) -> None:
         manifest.update(best_step=step, best_eval_loss=loss)
@@ -205,7 +208,7 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     best = BestAdapter(save_best, manifest.data.get("best_eval_loss") or math.inf)
     stop = StopOnSignal()
     callbacks = [best, stop] + ([EvaluateAtEnd()] if data.eval is not None else [])
-    trainer = _trainer(recipe, run, model, tokenizer, data, targets, callbacks, progress and main, main)
+    trainer = _trainer(recipe, run, model, tokenizer, data, speed, targets, callbacks, progress and main, main)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     manifest.update(lora={"targets": targets, "trainable_params": trainable, "total_params": total})
     t = recipe.train
@@ -215,7 +218,7 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError as e:
-        raise RuntimeError(_oom_advice(recipe)) from e
+        raise RuntimeError(_oom_advice(recipe, speed)) from e
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise RuntimeError(f"disk full while writing to {run.root}: {e}; no partial checkpoint was kept") from e
@@ -295,18 +298,19 @@ def _check_disk_space(run: RunDir, recipe: Recipe, trainable: int) -> None:
         )
 
 
-def _oom_advice(recipe: Recipe) -> str:
+def _oom_advice(recipe: Recipe, speed: Speed) -> str:
     t, d = recipe.train, recipe.data
     return (
         f"out of memory at batch_size {t.batch_size}, max_seq_length {d.max_seq_length}, "
-        f"gradient_checkpointing {str(t.gradient_checkpointing).lower()}, quantization {recipe.quantization.method}. "
+        f"gradient_checkpointing {str(speed.gradient_checkpointing).lower()}, "
+        f"quantization {recipe.quantization.method}. "
         "Try, in order: --set train.batch_size=<half> with train.grad_accum=<double> (same global batch); "
         "--set train.gradient_checkpointing=true; a lower data.max_seq_length; --set quantization.method=nf4; "
         "and see `finetune plan` for the memory estimate per component."
     )
 
 
-def sft_config(recipe: Recipe, run: RunDir, max_length: int) -> Any:
+def sft_config(recipe: Recipe, run: RunDir, max_length: int, speed: Speed) -> Any:
     """TRL's SFTConfig from the recipe; every option TRL would otherwise default is set here explicitly."""
     import torch
     from trl import SFTConfig
@@ -329,8 +333,9 @@ def sft_config(recipe: Recipe, run: RunDir, max_length: int) -> Any:
         optim=t.optimizer,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=speed.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if speed.gradient_checkpointing else None,
+        use_liger_kernel=speed.liger_kernel,
         bf16=on_gpu and dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
@@ -344,7 +349,7 @@ def sft_config(recipe: Recipe, run: RunDir, max_length: int) -> Any:
         logging_nan_inf_filter=False,
         report_to=list(t.report_to) or "none",
         max_length=max_length,
-        packing=recipe.data.packing,
+        packing=speed.packing,
         packing_strategy="bfd",
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -357,6 +362,7 @@ def _trainer(
     model: Any,
     tokenizer: Any,
     data: PreparedData,
+    speed: Speed,
     targets: list[str],
     callbacks: list[Any],
     progress: bool,
@@ -373,12 +379,13 @@ def _trainer(
         callbacks.append(TrainProgress())
     trainer = FinetuneTrainer(
         model=model,
-        args=sft_config(recipe, run, data.stats.max_seq_length),
+        args=sft_config(recipe, run, data.stats.max_seq_length, speed),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=lora_config(recipe, targets),
         callbacks=callbacks,
+        group_by_length=recipe.data.group_by_length and not speed.packing,
     )
     trainer.remove_callback(PrinterCallback)
     return trainer

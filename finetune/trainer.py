@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 
@@ -46,6 +47,19 @@ class FinetuneTrainer(SFTTrainer):
         if not math.isfinite(value):
             raise NonFiniteError(f"gradient norm is {value} at step {self.state.global_step + 1}")
         return grad_norm
+
+    def __init__(self, *args: Any, group_by_length: bool = False, **kwargs: Any) -> None:
+        self.group_by_length = group_by_length
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Length-grouped batches in an order fixed by the seed and the epoch (transformers' own sampler draws
+        from the global RNG, so a resumed run would see other batches than the killed one)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length or dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return GroupedByLength(token_counts(dataset), batch, self.args.seed, lambda: int(self.state.epoch or 0))
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """No card in checkpoints/: the adapter carries PEFT's, and `finetune export` writes the real one."""
@@ -76,6 +90,34 @@ class FinetuneTrainer(SFTTrainer):
         os.replace(staged, target)
         _fsync_dir(final_root)
         rotate_checkpoints(str(final_root), save_total_limit=self.args.save_total_limit)
+
+
+class GroupedByLength(torch.utils.data.Sampler):
+    """Shuffled, then sorted by length within groups of 50 batches: little padding, still a random order.
+
+    The order depends on the seed and the epoch only. The epoch is read from the trainer's state:
+    `set_epoch` does not reach a sampler under accelerate's batch-sharding and batch-skipping
+    wrappers (several processes, a resumed epoch), which would replay epoch 0's order.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, epoch: Callable[[], int]) -> None:
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch())
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+def token_counts(dataset: Any) -> list[int]:
+    """Tokens per row, read from the Arrow column without building Python lists of ids."""
+    import pyarrow.compute as pc
+
+    if getattr(dataset, "_indices", None) is None and hasattr(dataset, "data"):
+        return pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
+    return [len(ids) for ids in dataset["input_ids"]]
 
 
 def _fsync_tree(path: Path) -> None:

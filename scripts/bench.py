@@ -25,12 +25,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SAME = [
+    "data.packing=false",
+    "data.group_by_length=false",
+    "train.gradient_checkpointing=false",
+]  # TRL's settings, spelled out for finetune
 VARIANTS = {
-    # name: (recipe overrides for finetune, the same settings for the plain TRL script)
-    "lora": ([], {}),
-    "qlora": (["quantization.method=nf4"], {"nf4": True}),
-    "packing": (["data.packing=true"], {"packing": True}),
-    "checkpointing": (["train.gradient_checkpointing=true"], {"gradient_checkpointing": True}),
+    # name: (recipe overrides for finetune, settings of the plain TRL script)
+    "lora": (SAME, {}),
+    "qlora": ([*SAME, "quantization.method=nf4"], {"nf4": True}),
+    "packing": (["data.packing=true", "train.gradient_checkpointing=false"], {"packing": True}),
+    "checkpointing": ([*SAME[:2], "train.gradient_checkpointing=true"], {"gradient_checkpointing": True}),
+    "unfused-adamw": ([*SAME, "train.optimizer=adamw_torch"], {}),  # against TRL's default, the fused one
+    # finetune's own defaults against TRL's (bar checkpointing, which TRL turns on even on a CPU: that would
+    # flatter finetune, whose `auto` leaves it off where memory allows)
+    "defaults": ([], {}),
 }
 
 # The plain TRL script: what a user writes from TRL's docs, with the workload's settings made equal.
@@ -80,7 +89,6 @@ def finetune_recipe(workload: dict, overrides: list[str], folder: Path) -> tuple
           max_steps: {workload["steps"]}
           lr: {workload["lr"]}
           batch_size: {workload["batch_size"]}
-          gradient_checkpointing: false
           logging_every: 1
         output_dir: {folder / "run"}
         """)
@@ -118,6 +126,22 @@ def measure(command: list[str], metrics: Path, trained_share: float) -> dict:
     }
 
 
+def varied_rows(path: Path, n_rows: int = 4000) -> str:
+    """The quickstart's task with lists of 1 to 40 words: 15 to 260 tokens a row, as real SFT data varies."""
+    import random
+
+    rows = (json.loads(line)["messages"] for line in (ROOT / "assets/quickstart/data/train.jsonl").open())
+    words = sorted({w for m in rows for w in m[-1]["content"].split(", ")})
+    rng = random.Random(0)
+    with path.open("w") as fh:
+        for _ in range(n_rows):
+            picked = rng.choices(words, k=rng.randint(1, 40))
+            chat = [{"role": "user", "content": "Reverse the list: " + ", ".join(picked)},
+                    {"role": "assistant", "content": ", ".join(reversed(picked))}]  # fmt: skip
+            fh.write(json.dumps({"messages": chat}) + "\n")
+    return str(path)
+
+
 def trained_share(workload: dict) -> float:
     """Share of tokens under the loss, from the same masks `finetune` trains with (TRL's are the same turns)."""
     from finetune.data import prepare_data
@@ -134,15 +158,16 @@ def trained_share(workload: dict) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "assets/quickstart/model"))
-    parser.add_argument("--data", default=str(ROOT / "assets/quickstart/data/train.jsonl"))
+    parser.add_argument("--data", help="a messages jsonl; default: rows of varied length built from the quickstart's")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    workload = {"model": args.model, "data": args.data, "steps": args.steps, "batch_size": args.batch_size,
+    data = args.data or varied_rows(Path(tempfile.mkdtemp()) / "varied.jsonl")
+    workload = {"model": args.model, "data": data, "steps": args.steps, "batch_size": args.batch_size,
                 "max_length": args.max_length, "lr": 2e-3, "rank": 16, "alpha": 32}  # fmt: skip
     share = trained_share(workload)
     results: dict[str, dict[str, list[dict]]] = {}

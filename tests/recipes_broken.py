@@ -857,7 +857,7 @@ MIXED_MISTAKES = Broken(
     ),
     (
         ("recipe.yaml:6:3", "lora.rank", "duplicate key (first set at line 5)"),
-        ("recipe.yaml:9:3", "data.packing", "must be true or false (got 'maybe')"),
+        ("recipe.yaml:9:3", "data.packing", "must be true, false or auto (got 'maybe')"),
         ("recipe.yaml:10:9", "train.lr", "must be > 0 (got 0)"),
     ),
 )

@@ -41,3 +41,23 @@ def test_training_with_packing_keeps_the_assistant_masks(tiny_model_dir, tmp_pat
     assert losses[-1] < losses[0]
     # 2 packed sequences of up to 64 tokens per step hold more than 2 rows of ~20 tokens
     assert logs[0]["num_tokens"] > 2 * 25
+
+
+def test_length_grouped_order_is_fixed_by_seed_and_epoch_and_cuts_padding():
+    import random
+
+    from finetune.trainer import GroupedByLength
+
+    lengths = [random.Random(i).randint(5, 500) for i in range(4000)]
+    epoch = [0]
+    sampler = GroupedByLength(lengths, batch_size=16, seed=7, epoch=lambda: epoch[0])
+    first, again = list(sampler), list(sampler)
+    epoch[0] = 1
+    second = list(sampler)
+    assert first == again and first != second and sorted(first) == list(range(4000))
+
+    def padded(order):  # tokens computed when every batch is padded to its longest row
+        return sum(16 * max(lengths[i] for i in order[s : s + 16]) for s in range(0, len(order), 16))
+
+    shuffled = random.Random(0).sample(range(4000), 4000)
+    assert padded(first) < 0.6 * padded(shuffled)
