@@ -225,7 +225,27 @@ def _print_train_result(r: dict) -> None:
     if not r["eval"]:
         console.print("no held-out data (data.eval): nothing to compare against the base model")
         return
-    console.print(_comparison_table(r["eval"]))
+    _print_comparison(console, r["eval"])
+
+
+def _print_comparison(console: Any, summary: dict) -> None:
+    console.print(_comparison_table(summary))
+    if summary.get("harness"):
+        console.print(_harness_table(summary["harness"]))
+
+
+def _harness_table(harness: dict) -> Any:
+    """lm-evaluation-harness figures per task and metric, base and tuned side by side (eval/harness.json has all)."""
+    from rich.table import Table
+
+    table = Table(title="lm-eval harness", title_justify="left")
+    for column in ("task", "metric", "base", "tuned", "delta"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for task, metrics in harness.items():
+        for metric, f in metrics.items():
+            row = [f"{f[k]:.4f}" if k in f else "-" for k in ("base", "tuned")]
+            table.add_row(task, metric, *row, f"{f['delta']:+.4f}" if "delta" in f else "")
+    return table
 
 
 def _comparison_table(summary: dict) -> Any:
@@ -468,7 +488,7 @@ def eval_(
     if as_json:
         typer.echo(json.dumps({**result.to_dict(), "gate_failures": failures}, indent=2))
     else:
-        _console().print(_comparison_table(result.summary))
+        _print_comparison(_console(), result.summary)
         typer.echo(f"results: {Path(result.run_dir) / 'eval'}")
     if failures:
         raise _fail("\n".join(f"gate failed: {f}" for f in failures), 1)

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from finetune.recipe import Recipe
+    from finetune.runs import RunDir
+
 Metric = Callable[[str, str], float]
 
 
@@ -264,28 +267,47 @@ def evaluate(target: str | Path, against_base: bool | None = None, limit: int | 
     from peft import PeftModel
 
     from finetune.data import prepare_data
+    from finetune.harness import check as check_harness
     from finetune.loading import load_recipe
     from finetune.modeling import load_model, quiet_libraries
-    from finetune.runs import write_eval
 
     quiet_libraries()
     run = _run_of(Path(target))
     recipe = load_recipe(run.recipe)
     if recipe.data.eval is None:
         raise UserError(f"{run.recipe}: data.eval is not set, so the run has no held-out data to evaluate on")
+    check_harness(recipe)
     tokenizer = _tokenizer(run.adapter)
     data = prepare_data(recipe, tokenizer)
     model = PeftModel.from_pretrained(load_model(recipe), run.adapter)
     e = recipe.eval
+    with_base = e.compare_base if against_base is None else against_base
     comparison = compare(
         model, tokenizer, data.eval, data.eval_samples, list(e.metrics), e.max_new_tokens, e.batch_size,
-        with_base=e.compare_base if against_base is None else against_base, limit=limit or e.limit,
+        with_base=with_base, limit=limit or e.limit,
     )  # fmt: skip
-    write_eval(run, comparison.summary(), comparison.examples())
+    summary = write_comparison(recipe, run, comparison, with_base, limit or e.limit)
     from finetune.report import write_report
 
     write_report(run)
-    return EvalResult(str(run.root), comparison.summary())
+    return EvalResult(str(run.root), summary)
+
+
+def write_comparison(recipe: Recipe, run: RunDir, comparison: Comparison, with_base: bool, limit: int | None) -> dict:
+    """Run the `eval.harness` tasks, if any, and write everything to eval/; the summary, harness figures included.
+
+    Shared by `finetune eval` and the end of training, so that both write the same files.
+    """
+    from finetune.runs import write_eval
+
+    summary, harness = comparison.summary(), None
+    if recipe.eval.harness:
+        from finetune.harness import run_harness, summarize
+
+        harness = run_harness(recipe, run.adapter, with_base, limit)
+        summary["harness"] = summarize(harness)
+    write_eval(run, summary, comparison.examples(), harness)
+    return summary
 
 
 def _run_of(target: Path) -> Any:

@@ -259,8 +259,21 @@ class EvalSection(Section):
         True, description="Also evaluate the base model (adapter off) and report the difference."
     )
     max_new_tokens: int = Field(256, ge=1, description="Generation budget per example for generation metrics.")
-    batch_size: int = Field(16, ge=1, description="Examples generated per batch.")
-    limit: int | None = Field(None, ge=1, description="Evaluate generation metrics on at most this many held-out rows.")
+    batch_size: int = Field(
+        16, ge=1, description="Examples generated per batch; also lm-eval's batch size for `harness` tasks."
+    )
+    limit: int | None = Field(
+        None,
+        ge=1,
+        description="Evaluate generation metrics on at most this many held-out rows, and each `harness` task on at "
+        "most this many examples.",
+    )
+    harness: list[Annotated[str, Field(min_length=1), PathRef("local_or_hub")]] = Field(
+        [],
+        description="lm-evaluation-harness tasks run on the base and the tuned model (the adapter through lm-eval's "
+        "`peft=`), results in eval/harness.json: task or group names such as `hellaswag`, or local task .yaml files "
+        "or folders of them (every task inside), relative to the recipe. Needs `pip install lm-eval` and `data.eval`.",
+    )
 
     @model_validator(mode="after")
     def _known_metrics(self) -> EvalSection:
@@ -295,6 +308,8 @@ class Recipe(Section):
     def _eval_needs_data(self) -> Recipe:
         if self.train.eval_every is not None and self.data.eval is None:
             raise FieldRuleError("train.eval_every", "needs held-out data: set data.eval")
+        if self.eval.harness and self.data.eval is None:
+            raise FieldRuleError("eval.harness", "runs with the held-out comparison, which needs data.eval")
         return self
 
     @property

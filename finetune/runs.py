@@ -5,7 +5,7 @@ runs/<name>/
   manifest.json   provenance and status, rewritten atomically as the run goes
   metrics.jsonl   one line per logged step
   adapter/        PEFT adapter + tokenizer and chat template
-  eval/           held-out results (summary.json, examples.jsonl)
+  eval/           held-out results (summary.json, examples.jsonl; harness.json with eval.harness)
 """
 
 from __future__ import annotations
@@ -100,10 +100,14 @@ def atomic_dir(final: Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_eval(run: RunDir, summary: dict[str, Any], examples: list[dict[str, Any]]) -> None:
-    """eval/summary.json and eval/examples.jsonl, replaced together."""
+def write_eval(
+    run: RunDir, summary: dict[str, Any], examples: list[dict[str, Any]], harness: dict[str, Any] | None = None
+) -> None:
+    """eval/summary.json, eval/examples.jsonl and (with `eval.harness`) eval/harness.json, replaced together."""
     with atomic_dir(run.eval) as tmp:
         write_json_atomic(tmp / "summary.json", summary)
+        if harness is not None:
+            write_json_atomic(tmp / "harness.json", harness)
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in examples)
         (tmp / "examples.jsonl").write_text(lines, encoding="utf-8")
 

@@ -23,7 +23,8 @@ import yaml
 
 from finetune.data import PreparedData, prepare_data
 from finetune.errors import RunDirError, TrainingInterrupted, UserError
-from finetune.evaluate import Comparison, compare
+from finetune.evaluate import compare, write_comparison
+from finetune.harness import check as check_harness
 from finetune.modeling import (
     load_model,
     load_tokenizer,
@@ -35,7 +36,7 @@ from finetune.modeling import (
     weight_files,
 )
 from finetune.recipe import Recipe
-from finetune.runs import Manifest, RunDir, atomic_dir, file_sha256, now, write_eval, write_recipe
+from finetune.runs import Manifest, RunDir, atomic_dir, file_sha256, now, write_recipe
 from finetune.secrets import redact_text
 from finetune.speed import Speed, decide
 
@@ -78,6 +79,7 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
     checkpoint = find_resume_point(run, recipe) if resume and run.manifest.exists() else None
     if checkpoint is None:
         run.refuse_existing(overwrite)
+    check_harness(recipe)  # lm-eval installed and every task found, before hours of training
     state.wait_for_everyone()
     if state.is_main_process:
         _claim(run, recipe, checkpoint, overwrite)
@@ -237,8 +239,7 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
         _load_adapter_weights(trainer.model, run.adapter)
     manifest.update(tokenizer_sha256=file_sha256(run.adapter / "tokenizer.json"),
                     chat_template_sha256=file_sha256(run.adapter / "chat_template.jinja"))  # fmt: skip
-    comparison = _evaluate(recipe, run, trainer.model, tokenizer, data) if main else None
-    summary = comparison.summary() if comparison else None
+    summary = _evaluate(recipe, run, trainer.model, tokenizer, data) if main else None
     manifest.update(steps=output.global_step, train_loss=output.training_loss, eval=summary)
     return TrainResult(
         run_dir=str(run.root),
@@ -391,8 +392,8 @@ def _trainer(
     return trainer
 
 
-def _evaluate(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, data: PreparedData) -> Comparison | None:
-    """Held-out comparison of tuned vs base, written to eval/; None without held-out data."""
+def _evaluate(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, data: PreparedData) -> dict[str, Any] | None:
+    """Held-out comparison of tuned vs base and the eval.harness tasks, in eval/; None without held-out data."""
     if data.eval is None and not data.eval_samples:
         return None
     e = recipe.eval
@@ -400,5 +401,4 @@ def _evaluate(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, data: Pre
         model, tokenizer, data.eval, data.eval_samples, list(e.metrics), e.max_new_tokens, e.batch_size,
         with_base=e.compare_base, limit=e.limit,
     )  # fmt: skip
-    write_eval(run, comparison.summary(), comparison.examples())
-    return comparison
+    return write_comparison(recipe, run, comparison, e.compare_base, e.limit)
