@@ -213,7 +213,6 @@ def _launch_distributed(config: str, train_args: list[str]) -> int:
 
 def _print_train_result(r: dict) -> None:
     """The end of a run: where the adapter is, how long it took, and tuned vs base on held-out data."""
-
     console = _console()
     share = r["trainable_params"] / max(r["total_params"], 1)
     console.print(

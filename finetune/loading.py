@@ -13,7 +13,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
@@ -378,7 +378,8 @@ def _message(kind: str, ctx: dict, value: Any, msg: str, path: KeyPath) -> str:
         if allowed == ["auto"]:  # a value that may also be `auto` (AutoBool, max_seq_length)
             model = _model_at(path[:-1])
             field = model.model_fields.get(str(path[-1])) if model else None
-            other = "true, false" if field and "Tag(tag='bool')" in str(field.annotation) else "a whole number"
+            kinds = {get_args(member)[0] for member in get_args(field.annotation)} if field else set()
+            other = "true, false" if bool in kinds else "a whole number"
             return f"must be {other} or auto{got}"
         hint = difflib.get_close_matches(str(value), allowed, n=1) if isinstance(value, str) else []
         return f"must be one of: {', '.join(allowed)}{got}" + (f"; did you mean {hint[0]!r}?" if hint else "")

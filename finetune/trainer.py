@@ -35,6 +35,10 @@ class FinetuneTrainer(SFTTrainer):
 
     _saving = False
 
+    def __init__(self, *args: Any, group_by_length: bool = False, **kwargs: Any) -> None:
+        self.group_by_length = group_by_length
+        super().__init__(*args, **kwargs)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
@@ -47,10 +51,6 @@ class FinetuneTrainer(SFTTrainer):
         if not math.isfinite(value):
             raise NonFiniteError(f"gradient norm is {value} at step {self.state.global_step + 1}")
         return grad_norm
-
-    def __init__(self, *args: Any, group_by_length: bool = False, **kwargs: Any) -> None:
-        self.group_by_length = group_by_length
-        super().__init__(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         """Length-grouped batches in an order fixed by the seed and the epoch (transformers' own sampler draws

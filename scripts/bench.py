@@ -35,7 +35,10 @@ VARIANTS = {
     "lora": (SAME, {}),
     "qlora": ([*SAME, "quantization.method=nf4"], {"nf4": True}),
     "packing": (["data.packing=true", "train.gradient_checkpointing=false"], {"packing": True}),
-    "checkpointing": ([*SAME[:2], "train.gradient_checkpointing=true"], {"gradient_checkpointing": True}),
+    "checkpointing": (
+        ["data.packing=false", "data.group_by_length=false", "train.gradient_checkpointing=true"],
+        {"gradient_checkpointing": True},
+    ),
     "unfused-adamw": ([*SAME, "train.optimizer=adamw_torch"], {}),  # against TRL's default, the fused one
     # finetune's own defaults against TRL's (bar checkpointing, which TRL turns on even on a CPU: that would
     # flatter finetune, whose `auto` leaves it off where memory allows)
