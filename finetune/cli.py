@@ -181,11 +181,11 @@ def train(
     Example: finetune train recipes/quickstart.yaml --set quantization.method=nf4
     """
     from finetune.loading import load_recipe
+
+    loaded = load_recipe(recipe, overrides or [])  # a bad recipe exits 2 before torch is imported
     from finetune.train import train as run_training
 
-    result = run_training(
-        load_recipe(recipe, overrides or []), overwrite=overwrite, resume=resume, progress=not as_json
-    )
+    result = run_training(loaded, overwrite=overwrite, resume=resume, progress=not as_json)
     if not result.main_process:
         return
     if as_json:

@@ -346,6 +346,12 @@ class Recipe(Section):
     def run_dir(self) -> str:
         return self.output_dir or f"runs/{self.name}"
 
+    def __eq__(self, other: object) -> bool:
+        """Equal keys make equal recipes: where one was loaded from is provenance, not content."""
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    __hash__ = Section.__hash__
+
     @property
     def source(self) -> Path | None:
         """The recipe file this was loaded from (absolute), or None for a recipe built in code."""

@@ -1,4 +1,5 @@
-"""The run directory: its fixed layout, atomic writes, and the manifest that says where an adapter came from.
+"""The run directory: its fixed layout, atomic writes, the manifest that says where an adapter came from,
+reading runs back (`finetune runs`) and opening a finished run, its adapter checked (merge, combine, export).
 
 runs/<name>/
   recipe.yaml     the fully resolved recipe
