@@ -6,17 +6,22 @@ so that `finetune --help` and `finetune validate` never import torch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from finetune import __version__
-from finetune.errors import TrainingInterrupted, UserError
+from finetune.errors import LaunchError, TrainingInterrupted, UserError
+
+if TYPE_CHECKING:
+    from finetune.summary import EvalSummary
+    from finetune.train import TrainResult
 
 app = typer.Typer(
     name="finetune",
@@ -59,6 +64,8 @@ def handles_errors(command):
             raise _fail("\n".join(f"error: {p}" for p in e.problems), e.exit_code) from None
         except TrainingInterrupted as e:
             raise _fail(f"error: {e}", e.exit_code) from None
+        except LaunchError as e:  # the launched processes have printed their own errors
+            raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             raise _fail("interrupted", 130) from None
         except (typer.Exit, typer.Abort):
@@ -175,13 +182,7 @@ def train(
     """
     from finetune.loading import load_recipe
 
-    loaded = load_recipe(recipe, overrides or [])
-    if loaded.train.distributed and not _launched():
-        from finetune.runs import RunDir
-
-        if not resume:  # refuse here, with exit code 2, rather than in every launched process
-            RunDir(loaded.run_dir).refuse_existing(overwrite)
-        raise typer.Exit(_launch_distributed(loaded.train.distributed, sys.argv[2:]))
+    loaded = load_recipe(recipe, overrides or [])  # a bad recipe exits 2 before torch is imported
     from finetune.train import train as run_training
 
     result = run_training(loaded, overwrite=overwrite, resume=resume, progress=not as_json)
@@ -190,47 +191,29 @@ def train(
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        _print_train_result(result.to_dict())
+        _print_train_result(result)
 
 
-LAUNCHED = "FINETUNE_LAUNCHED"
-
-
-def _launched() -> bool:
-    """Already a process of a distributed launch (ours, torchrun's or accelerate's)."""
-    return any(v in os.environ for v in (LAUNCHED, "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION", "WORLD_SIZE"))
-
-
-def _launch_distributed(config: str, train_args: list[str]) -> int:
-    """Run this same `finetune train` under `accelerate launch --config_file CONFIG`; its exit code is ours."""
-    import subprocess
-
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
-               "-m", "finetune.cli", "train", *train_args]  # fmt: skip
-    typer.echo(f"launching: {' '.join(command[1:])}", err=True)
-    return subprocess.call(command, env={**os.environ, LAUNCHED: "1"})
-
-
-def _print_train_result(r: dict) -> None:
+def _print_train_result(r: TrainResult) -> None:
     """The end of a run: where the adapter is, how long it took, and tuned vs base on held-out data."""
     console = _console()
-    share = r["trainable_params"] / max(r["total_params"], 1)
+    share = r.trainable_params / max(r.total_params, 1)
     console.print(
-        f"trained {r['steps']} steps in {r['seconds']:.0f}s, train loss {r['train_loss']:.4f}; "
-        f"{r['trainable_params']:,} of {r['total_params']:,} parameters trained ({share:.2%})"
+        f"trained {r.steps} steps in {r.seconds:.0f}s, train loss {r.train_loss:.4f}; "
+        f"{r.trainable_params:,} of {r.total_params:,} parameters trained ({share:.2%})"
     )
-    best = f" (best held-out loss at step {r['best_step']})" if r.get("best_step") else ""
-    console.print(f"adapter: {r['adapter_dir']}{best}")
-    if not r["eval"]:
+    best = f" (best held-out loss at step {r.best_step})" if r.best_step else ""
+    console.print(f"adapter: {r.adapter_dir}{best}")
+    if not r.eval:
         console.print("no held-out data (data.eval): nothing to compare against the base model")
         return
-    _print_comparison(console, r["eval"])
+    _print_comparison(console, r.eval)
 
 
-def _print_comparison(console: Any, summary: dict) -> None:
+def _print_comparison(console: Any, summary: EvalSummary) -> None:
     console.print(_comparison_table(summary))
-    if summary.get("harness"):
-        console.print(_harness_table(summary["harness"]))
+    if summary.harness:
+        console.print(_harness_table(summary.harness))
 
 
 def _harness_table(harness: dict) -> Any:
@@ -247,24 +230,18 @@ def _harness_table(harness: dict) -> Any:
     return table
 
 
-def _comparison_table(summary: dict) -> Any:
+def _comparison_table(summary: EvalSummary) -> Any:
     """Held-out figures for base and tuned side by side, with the difference and per-example wins/losses."""
     from rich.table import Table
 
-    tuned, base, versus = summary["tuned"], summary["base"], summary.get("vs_base", {})
-    table = Table(title=f"held-out ({summary['examples']} examples)", title_justify="left")
+    table = Table(title=f"held-out ({summary.examples} examples)", title_justify="left")
     for column in ("metric", "base", "tuned", "delta", "wins/losses/ties"):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    for key in ("loss", "perplexity", *tuned["metrics"]):
-        t = tuned["metrics"].get(key, tuned.get(key))
-        b = None if base is None else base["metrics"].get(key, base.get(key))
-        if t is None:
-            continue
-        fmt = "{:.2f}" if key == "perplexity" else "{:.4f}"
-        delta = "" if b is None else ("{:+.2f}" if key == "perplexity" else "{:+.4f}").format(t - b)
-        v = versus.get(key, {})
-        record = f"{v['wins']}/{v['losses']}/{v['ties']}" if "wins" in v else ""
-        table.add_row(key, "-" if b is None else fmt.format(b), fmt.format(t), delta, record)
+    for row in summary.rows():
+        digits = 2 if row.metric == "perplexity" else 4
+        base = "-" if row.base is None else f"{row.base:.{digits}f}"
+        delta = "" if row.delta is None else f"{row.delta:+.{digits}f}"
+        table.add_row(row.metric, base, f"{row.tuned:.{digits}f}", delta, row.record)
     return table
 
 
@@ -342,13 +319,10 @@ def _print_plan(r: dict) -> None:
     table = Table(title="fits on a GPU of", title_justify="left")
     for column in ("memory", "fits", "headroom GB"):
         table.add_column(column, justify="left" if column == "memory" else "right")
-    for size, ok in m["fits"].items():
-        need = m["total"]
-        if auto and ok and need is not None and need > int(size.split()[0]) * 10**9:
-            need = m["lower_bound"] + with_bytes  # `auto` turns checkpointing on for this GPU
-            ok = "yes, with checkpointing"
-        headroom = "" if need is None else f"{(int(size.split()[0]) * 10**9 - need) / 1e9:+.1f}"
-        table.add_row(size, {True: "yes", False: "no", None: "unknown"}.get(ok, ok), headroom)
+    for fit in m["fits"]:
+        ok = {True: "yes", False: "no", None: "unknown"}[fit["fits"]]
+        headroom = "" if fit["headroom"] is None else f"{fit['headroom'] / 1e9:+.1f}"
+        table.add_row(f"{fit['memory_gb']} GB", ok + (", with checkpointing" if fit["checkpointing"] else ""), headroom)
     console.print(table)
     if w["available"]:
         table = Table(title="work", title_justify="left")
@@ -372,21 +346,15 @@ def _print_plan(r: dict) -> None:
             f"time on {where} ({t['peak_tflops']:g} TFLOP/s peak x MFU {t['mfu']:g}, "
             f"{t['flops_per_token']:.3g} FLOPs per token): "
         )
-        per_step = "?" if t["seconds_per_step"] is None else _duration(t["seconds_per_step"])
+        from finetune.units import duration
+
+        per_step = "?" if t["seconds_per_step"] is None else duration(t["seconds_per_step"])
         line += f"{per_step} per optimizer step of full-length sequences"
         if t["total_seconds"] is not None:
-            line += f", {_duration(t['total_seconds'])} for the whole run"
+            line += f", {duration(t['total_seconds'])} for the whole run"
         console.print(line)
     for note in r["notes"]:
         console.print(f"note: {note}")
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 @app.command()
@@ -464,9 +432,15 @@ def eval_(
         str | None, typer.Option("--against", help="`base`: also score the base model; `none`: tuned only.")
     ] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Score generation metrics on at most N rows.")] = None,
+    require: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--require", help="Exit 1 unless a tuned figure meets a bound, e.g. 'exact_match>=0.8' or 'loss<=0.5'."
+        ),
+    ] = None,
     fail_under: Annotated[
         list[str] | None,
-        typer.Option("--fail-under", help="Exit 1 if a tuned metric is under a value, e.g. exact_match=0.8."),
+        typer.Option("--fail-under", help="Deprecated: --fail-under M=V is --require 'M>=V'.", hidden=True),
     ] = None,
     fail_if_worse: Annotated[
         bool, typer.Option("--fail-if-worse-than-base", help="Exit 1 if any tuned figure is worse than the base's.")
@@ -475,15 +449,19 @@ def eval_(
 ) -> None:
     """Held-out loss and metrics of the tuned model against its base, side by side; a CI gate.
 
-    Example: finetune eval runs/quickstart --fail-under exact_match=0.8 --fail-if-worse-than-base
+    Example: finetune eval runs/quickstart --require 'exact_match>=0.8' --require 'loss<=0.5' --fail-if-worse-than-base
     """
+    from finetune.summary import Requirement, gate
+
     if against not in (None, "base", "none"):
         raise UserError(f"--against: use base or none, not {against!r}")
-    thresholds = _thresholds(fail_under or [])
-    from finetune.evaluate import evaluate, gate
+    requirements = [Requirement.parse(r) for r in require or []] + [Requirement.fail_under(f) for f in fail_under or []]
+    if fail_under:
+        typer.echo("warning: --fail-under is deprecated: use --require 'METRIC>=VALUE'", err=True)
+    from finetune.evaluate import evaluate
 
     result = evaluate(target, against_base=None if against is None else against == "base", limit=limit)
-    failures = gate(result.summary, thresholds, fail_if_worse)
+    failures = gate(result.summary, requirements, fail_if_worse)
     if as_json:
         typer.echo(json.dumps({**result.to_dict(), "gate_failures": failures}, indent=2))
     else:
@@ -491,19 +469,6 @@ def eval_(
         typer.echo(f"results: {Path(result.run_dir) / 'eval'}")
     if failures:
         raise _fail("\n".join(f"gate failed: {f}" for f in failures), 1)
-
-
-def _thresholds(items: list[str]) -> dict[str, float]:
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not name.strip():
-            raise UserError(f"--fail-under: expected METRIC=VALUE, got {item!r}")
-    return out
 
 
 @app.command()
@@ -521,7 +486,7 @@ def merge(
         typer.Option(
             "--dtype",
             help="float32 | bfloat16 | float16, never 4-bit; default the recipe's model.dtype "
-            "(auto: the base checkpoint's own).",
+            "(auto: as in training, bfloat16 or float16 on a GPU, float32 on the CPU).",
         ),
     ] = None,
     method: Annotated[
@@ -546,23 +511,15 @@ def merge(
     Example: finetune merge runs/quickstart --out merged/quickstart
     (combine: finetune merge runs/a runs/b --method ties --weights 0.5,0.5 --out runs/a-b)
     """
-    from finetune.merge import MergeCheckError, combine
-    from finetune.merge import merge as merge_run
+    from finetune.combine import CombineResult
+    from finetune.merge import merge_runs
 
     progress = None if as_json else (lambda message: typer.echo(message, err=True))
-    if len(run_dirs) > 1 or method is not None:
-        if method is None:
-            raise UserError(
-                "several run directories: choose how to combine them with "
-                "--method linear|ties|dare_linear|dare_ties|cat|svd"
-            )
-        if dtype is not None:
-            raise UserError("--dtype applies to merging into the base; combining writes an adapter (merge it after)")
-        combined = combine(run_dirs, method, _weights(weights), density, out, overwrite=overwrite, progress=progress)
-        if as_json:
-            typer.echo(json.dumps(combined.to_dict(), indent=2))
-            return
-        r = combined
+    with _merge_check_reported(as_json):
+        r = merge_runs(run_dirs, out, dtype, method, _weights(weights), density, overwrite=overwrite, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(r.to_dict(), indent=2))
+    elif isinstance(r, CombineResult):
         shown_density = f", density {r.density:g}" if r.density is not None else ""
         typer.echo(
             f"combined {len(r.parents)} adapters ({r.method}, weights {', '.join(f'{w:g}' for w in r.weights)}"
@@ -571,26 +528,27 @@ def merge(
         for note in r.notes:
             typer.echo(f"note: {note}")
         typer.echo(f"next: finetune merge {r.out_dir}   or   finetune export {r.out_dir} --format adapter")
-        return
-    if weights is not None or density is not None:
-        raise UserError("--weights and --density apply only when combining several runs with --method")
+    else:
+        typer.echo(
+            f"merged {r.run_dir}/adapter ({r.variant}, rank {r.rank}) into {r.base} in {r.dtype}: "
+            f"{r.out_dir} ({r.size_bytes / 1e6:.1f} MB)"
+        )
+        typer.echo(_check_line(r.check))
+        for note in r.notes:
+            typer.echo(f"note: {note}")
+
+
+@contextlib.contextmanager
+def _merge_check_reported(as_json: bool):
+    """A failed merge check exits 1 with its message, and with --json prints the check's figures too."""
+    from finetune.merge import MergeCheckError
+
     try:
-        result = merge_run(run_dirs[0], out, dtype, overwrite=overwrite, progress=progress)
+        yield
     except MergeCheckError as e:
         if as_json:
             typer.echo(json.dumps({"passed": False, "check": e.check}, indent=2))
         raise _fail(f"error: {e}", 1) from None
-    if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
-        return
-    r = result
-    typer.echo(
-        f"merged {r.run_dir}/adapter ({r.variant}, rank {r.rank}) into {r.base} in {r.dtype}: "
-        f"{r.out_dir} ({r.size_bytes / 1e6:.1f} MB)"
-    )
-    typer.echo(_check_line(r.check))
-    for note in r.notes:
-        typer.echo(f"note: {note}")
 
 
 def _weights(text: str | None) -> list[float] | None:
@@ -637,15 +595,10 @@ def export(
     """
     from finetune.export import TARGET_NAMES, verdict_word
     from finetune.export import export as export_run
-    from finetune.merge import MergeCheckError
 
     progress = None if as_json else (lambda message: typer.echo(message, err=True))
-    try:
+    with _merge_check_reported(as_json):
         result = export_run(run_dir, format, out, dtype=dtype, overwrite=overwrite, progress=progress)
-    except MergeCheckError as e:
-        if as_json:
-            typer.echo(json.dumps({"passed": False, "check": e.check}, indent=2))
-        raise _fail(f"error: {e}", 1) from None
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return

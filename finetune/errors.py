@@ -52,3 +52,11 @@ class TrainingInterrupted(Exception):
     """SIGTERM/SIGINT stopped training after a checkpoint: exit code 3, resumable with --resume."""
 
     exit_code = 3
+
+
+class LaunchError(Exception):
+    """The processes that `train.distributed` launched failed; they reported why themselves, on stderr."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"the launched training processes exited with {exit_code}; their errors are above")
+        self.exit_code = exit_code or 1

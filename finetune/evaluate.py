@@ -21,6 +21,8 @@ import torch
 from finetune.data.formats import Sample
 from finetune.data.templates import IGNORE, render
 from finetune.errors import UserError
+from finetune.recipe import GENERATION_METRICS, LOSS_METRICS
+from finetune.summary import EvalSummary, Scores
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -56,22 +58,17 @@ def json_valid(prediction: str, reference: str) -> float:
     return 1.0
 
 
-GENERATION_METRICS: dict[str, Metric] = {
-    "exact_match": exact_match,
-    "contains": contains,
-    "regex": regex,
-    "json_valid": json_valid,
-}
+GENERATION_FUNCTIONS: dict[str, Metric] = {name: globals()[name] for name in GENERATION_METRICS}  # named alike
 
 
 def metric_functions(names: list[str] | tuple[str, ...]) -> dict[str, Metric]:
     """Generation metrics by name; `module:function` imports a user metric(prediction, reference) -> float."""
     out = {}
     for name in names:
-        if name in ("loss", "perplexity"):
+        if name in LOSS_METRICS:
             continue
-        if name in GENERATION_METRICS:
-            out[name] = GENERATION_METRICS[name]
+        if name in GENERATION_FUNCTIONS:
+            out[name] = GENERATION_FUNCTIONS[name]
             continue
         module, _, func = name.partition(":")
         try:
@@ -97,23 +94,18 @@ class Comparison:
     references: list[str]
     prompts: list[str]
 
-    def summary(self) -> dict[str, Any]:
-        """Per model: loss, perplexity, metric means; per metric: delta and per-example wins/losses/ties."""
+    def summary(self) -> EvalSummary:
+        """Per model: loss, perplexity, metric means; per generation metric: per-example wins/losses/ties."""
 
-        def scores(s: ModelScores | None) -> dict | None:
-            return None if s is None else {"loss": s.loss, "perplexity": s.perplexity, "metrics": s.metrics}
+        def scores(s: ModelScores | None) -> Scores | None:
+            return None if s is None else Scores(s.loss, s.perplexity, dict(s.metrics))
 
-        out: dict[str, Any] = {"tuned": scores(self.tuned), "base": scores(self.base), "examples": len(self.references)}
-        if self.base is not None:
-            out["vs_base"] = {name: self._versus(name) for name in self.tuned.metrics}
-            if self.tuned.loss is not None and self.base.loss is not None:
-                out["vs_base"]["loss"] = {"delta": self.tuned.loss - self.base.loss}
-        return out
+        records = {} if self.base is None else {name: self._record(name) for name in self.tuned.metrics}
+        return EvalSummary(scores(self.tuned), scores(self.base), len(self.references), records)
 
-    def _versus(self, name: str) -> dict[str, float | int]:
+    def _record(self, name: str) -> dict[str, int]:
         pairs = list(zip(self.tuned.per_example[name], self.base.per_example[name], strict=True))
         return {
-            "delta": self.tuned.metrics[name] - self.base.metrics[name],
             "wins": sum(t > b for t, b in pairs),
             "losses": sum(t < b for t, b in pairs),
             "ties": sum(t == b for t, b in pairs),
@@ -122,10 +114,15 @@ class Comparison:
     def examples(self) -> list[dict[str, Any]]:
         rows = []
         for i, (prompt, ref) in enumerate(zip(self.prompts, self.references, strict=True)):
-            row: dict[str, Any] = {"prompt": prompt, "reference": ref, "tuned": self.tuned.outputs[i]}
+            generated = bool(self.tuned.outputs)  # none when eval.metrics has only loss and perplexity
+            row: dict[str, Any] = {
+                "prompt": prompt,
+                "reference": ref,
+                "tuned": self.tuned.outputs[i] if generated else None,
+            }
             row["tuned_scores"] = {k: v[i] for k, v in self.tuned.per_example.items()}
             if self.base is not None:
-                row["base"] = self.base.outputs[i]
+                row["base"] = self.base.outputs[i] if generated else None
                 row["base_scores"] = {k: v[i] for k, v in self.base.per_example.items()}
             rows.append(row)
         return rows
@@ -181,7 +178,7 @@ def generate(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=_stop_ids(model, tokenizer),
+                eos_token_id=stop_ids(model.generation_config, tokenizer),
             )
             new = generated[:, batch["input_ids"].shape[1] :]
             outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -190,8 +187,10 @@ def generate(
     return outputs
 
 
-def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    ids = model.generation_config.eos_token_id
+def stop_ids(generation_config: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Where a reply ends: the model's end-of-sequence id(s) and the tokenizer's, which the chat template's
+    end-of-turn token is when training added it."""
+    ids = generation_config.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
@@ -252,10 +251,10 @@ def compare(
 @dataclass
 class EvalResult:
     run_dir: str
-    summary: dict[str, Any]
+    summary: EvalSummary
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run_dir": self.run_dir, **self.summary}
+        return {"run_dir": self.run_dir, **self.summary.to_dict()}
 
 
 def evaluate(target: str | Path, against_base: bool | None = None, limit: int | None = None) -> EvalResult:
@@ -269,7 +268,9 @@ def evaluate(target: str | Path, against_base: bool | None = None, limit: int | 
     from finetune.data import prepare_data
     from finetune.harness import check as check_harness
     from finetune.loading import load_recipe
+    from finetune.machine import this_machine
     from finetune.modeling import load_model, quiet_libraries
+    from finetune.speed import model_attention
 
     quiet_libraries()
     run = _run_of(Path(target))
@@ -279,7 +280,7 @@ def evaluate(target: str | Path, against_base: bool | None = None, limit: int | 
     check_harness(recipe)
     tokenizer = _tokenizer(run.adapter)
     data = prepare_data(recipe, tokenizer)
-    model = PeftModel.from_pretrained(load_model(recipe), run.adapter)
+    model = PeftModel.from_pretrained(load_model(recipe, model_attention(recipe, this_machine())), run.adapter)
     e = recipe.eval
     with_base = e.compare_base if against_base is None else against_base
     comparison = compare(
@@ -293,7 +294,9 @@ def evaluate(target: str | Path, against_base: bool | None = None, limit: int | 
     return EvalResult(str(run.root), summary)
 
 
-def write_comparison(recipe: Recipe, run: RunDir, comparison: Comparison, with_base: bool, limit: int | None) -> dict:
+def write_comparison(
+    recipe: Recipe, run: RunDir, comparison: Comparison, with_base: bool, limit: int | None
+) -> EvalSummary:
     """Run the `eval.harness` tasks, if any, and write everything to eval/; the summary, harness figures included.
 
     Shared by `finetune eval` and the end of training, so that both write the same files.
@@ -305,8 +308,8 @@ def write_comparison(recipe: Recipe, run: RunDir, comparison: Comparison, with_b
         from finetune.harness import run_harness, summarize
 
         harness = run_harness(recipe, run.adapter, with_base, limit)
-        summary["harness"] = summarize(harness)
-    write_eval(run, summary, comparison.examples(), harness)
+        summary.harness = summarize(harness)
+    write_eval(run, summary.to_dict(), comparison.examples(), harness)
     return summary
 
 
@@ -327,25 +330,3 @@ def _tokenizer(adapter_dir: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(adapter_dir)
-
-
-def gate(summary: dict[str, Any], fail_under: dict[str, float], worse_than_base: bool) -> list[str]:
-    """The CI gate: each failed condition as a sentence with its figures; empty when all pass."""
-    tuned, base = summary["tuned"], summary.get("base")
-    failures = []
-    for name, threshold in fail_under.items():
-        value = tuned["metrics"].get(name, tuned.get(name) if name in ("loss", "perplexity") else None)
-        if value is None:
-            failures.append(f"{name}: not computed (eval.metrics has {', '.join(tuned['metrics']) or 'none'})")
-        elif value < threshold:
-            failures.append(f"{name} = {value:.4f} is under {threshold:g}")
-    if worse_than_base:
-        if base is None:
-            failures.append("--fail-if-worse-than-base needs the base model's scores (eval.compare_base)")
-        else:
-            if tuned["loss"] is not None and base["loss"] is not None and tuned["loss"] > base["loss"]:
-                failures.append(f"held-out loss {tuned['loss']:.4f} is worse than the base's {base['loss']:.4f}")
-            for name, value in tuned["metrics"].items():
-                if value < base["metrics"][name]:
-                    failures.append(f"{name} {value:.4f} is worse than the base's {base['metrics'][name]:.4f}")
-    return failures

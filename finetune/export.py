@@ -13,8 +13,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,10 @@ from typing import Any
 import yaml
 
 from finetune.errors import UserError
-from finetune.merge import Progress, Run, claim_output, merge_dtype, merge_into, open_run
-from finetune.runs import atomic_dir, write_json_atomic
+from finetune.loading import is_local
+from finetune.merge import Progress, merge_dtype, merge_into
+from finetune.runs import Result, Run, atomic_dir, claim_output, open_run, read_summary, run_seconds, write_json_atomic
+from finetune.units import duration
 
 FORMATS = ("adapter", "merged")
 # vLLM accepts only these values for --max-lora-rank (its LoRAConfig); its default is 16.
@@ -35,7 +36,7 @@ EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_out")
 
 
 @dataclass
-class ExportResult:
+class ExportResult(Result):
     run_dir: str
     out_dir: str
     format: str
@@ -45,16 +46,13 @@ class ExportResult:
     seconds: float
     notes: list[str]
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def export(
     run_dir: str | Path,
     format: str,
     out: str | Path | None = None,
-    dtype: str | None = None,
     overwrite: bool = False,
+    dtype: str | None = None,  # merged only
     progress: Progress | None = None,
 ) -> ExportResult:
     """Write the adapter (or the verified merged model) with its card, recipe and compatibility report."""
@@ -257,7 +255,7 @@ def _adapter_gguf(facts: dict) -> dict:
     if blockers:
         return _verdict(False, "does not convert to a GGUF LoRA adapter", [f"converter: {found}", *blockers])
     base = facts["base_model"]
-    flag = f"--base {base}" if Path(base).is_absolute() else f"--base-model-id {base}"
+    flag = f"--base {base}" if is_local(base) else f"--base-model-id {base}"
     return _verdict(
         True,
         "converts to a GGUF LoRA adapter for llama.cpp",
@@ -304,8 +302,6 @@ def _merged_gguf() -> dict:
 
 def model_card(run: Run, format: str, compat: dict, check: dict | None) -> str:
     """README.md: Hugging Face front matter, what it is, how to use it, training, data, eval, compatibility."""
-    from finetune.data.sources import is_local
-
     recipe, manifest = run.recipe, run.manifest
     base = recipe.model.base
     variant = run.variant
@@ -319,7 +315,7 @@ def model_card(run: Run, format: str, compat: dict, check: dict | None) -> str:
         *([variant] if variant != "lora" else []),
     ]
     tags += ["trl", "sft"] if not combined else ["adapter-merging"]
-    hub_datasets = [s.path for s in recipe.data.train if not is_local(s)]
+    hub_datasets = [s.path for s in recipe.data.train if not is_local(s.path)]
     meta: dict[str, Any] = {
         "library_name": "peft" if format == "adapter" else "transformers",
         "base_model": base,
@@ -452,7 +448,7 @@ def _training_section(run: Run) -> list[str]:
             "tokens (all / trained)",
             f"{data['train_tokens']:,} / {data.get('trained_tokens', 0):,}" if "train_tokens" in data else None,
         ),
-        ("duration", _duration(m.get("started"), m.get("finished"))),
+        ("duration", None if (seconds := run_seconds(m)) is None else duration(seconds)),
         ("seed", recipe.seed),
         ("hardware", _hardware(hw) if hw else None),
         ("packages", ", ".join(f"{k} {v}" for k, v in packages.items() if v) or None),
@@ -460,16 +456,6 @@ def _training_section(run: Run) -> list[str]:
         ("run status", m.get("status")),
     ]
     return ["## Training", "", *_table(rows)]
-
-
-def _duration(start: str | None, end: str | None) -> str | None:
-    if not start or not end:
-        return None
-    try:
-        seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
-    except ValueError:
-        return None
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _hardware(hw: dict) -> str:
@@ -497,13 +483,11 @@ def _combination_section(manifest: dict) -> list[str]:
 
 
 def _data_section(run: Run) -> list[str]:
-    from finetune.data.sources import is_local
-
     recorded = {s.get("path"): s for s in (run.manifest.get("data") or {}).get("sources") or []}
     lines = ["## Data", "", "| source | format | rows | sha256 |", "|---|---|---|---|"]
     for source in run.recipe.data.train:
         r = recorded.get(source.path, {})
-        shown = Path(source.path).name if is_local(source) else source.path
+        shown = Path(source.path).name if is_local(source.path) else source.path
         rows = r.get("rows")
         lines.append(
             f"| {shown} | {source.format} | {'' if rows is None else f'{rows:,}'} | "
@@ -513,31 +497,21 @@ def _data_section(run: Run) -> list[str]:
 
 
 def _eval_section(run: Run) -> list[str]:
-    path = run.dirs.eval / "summary.json"
-    summary = None
-    if path.is_file():
-        try:
-            summary = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            summary = None
-    summary = summary or run.manifest.get("eval")
-    if not summary or not summary.get("tuned"):
+    summary = read_summary(run.dirs)
+    if summary is None:
         return ["## Evaluation", "", "No held-out evaluation was recorded for this run.", ""]
-    tuned, base = summary["tuned"], summary.get("base")
     lines = [
         "## Evaluation",
         "",
-        f"Held-out data ({summary.get('examples', '?')} examples), tuned against its base:",
+        f"Held-out data ({summary.examples} examples), tuned against its base:",
         "",
         "| metric | base | tuned | delta |",
         "|---|---|---|---|",
     ]
-    keys = [k for k in ("loss", "perplexity") if tuned.get(k) is not None] + list(tuned.get("metrics") or {})
-    for key in keys:
-        t = tuned.get(key, (tuned.get("metrics") or {}).get(key))
-        b = None if not base else base.get(key, (base.get("metrics") or {}).get(key))
-        delta = "" if b is None else f"{t - b:+.4g}"
-        lines.append(f"| {key} | {'-' if b is None else f'{b:.4g}'} | {t:.4g} | {delta} |")
+    for row in summary.rows():
+        base = "-" if row.base is None else f"{row.base:.4g}"
+        delta = "" if row.delta is None else f"{row.delta:+.4g}"
+        lines.append(f"| {row.metric} | {base} | {row.tuned:.4g} | {delta} |")
     return [*lines, ""]
 
 

@@ -98,7 +98,8 @@ def _simple_evaluate(
     import lm_eval
     import torch
 
-    from finetune.modeling import quantization_config, resolve_dtype
+    from finetune.machine import resolve_dtype
+    from finetune.modeling import quantization_config
 
     args: dict[str, Any] = {
         "pretrained": recipe.model.base,

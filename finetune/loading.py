@@ -44,6 +44,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
         loader.problems.extend(_problem(err, data, locs) for err in e.errors())
     if loader.problems:
         raise RecipeError(sorted(loader.problems, key=_problem_order))
+    recipe._source, recipe._overrides = Path(path).expanduser().resolve(), tuple(overrides)
     return recipe
 
 
@@ -250,6 +251,12 @@ class _Prepass:
 
     def _problem(self, path: KeyPath, message: str) -> None:
         self.problems.append(Problem(message, str(_nearest_loc(self.locs, path)), dotted(path)))
+
+
+def is_local(value: str) -> bool:
+    """Whether a loaded recipe's model or data value names a local path: loading made every local path absolute
+    (`_looks_local` decided which are), so anything else is a hub id."""
+    return Path(value).is_absolute()
 
 
 def _looks_local(value: str, candidate: Path) -> bool:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune.errors import UserError
+from finetune.machine import device, resolve_dtype
 from finetune.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -34,31 +35,19 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def process_state() -> Any:
-    """accelerate's process state (rank, world size, barriers); on the CPU it must be asked for gloo explicitly."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def device() -> torch.device:
-    """The device this process trains on: its local CUDA GPU when there is one, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """`auto`: bfloat16 where the GPU supports it, float16 on older GPUs, float32 on the CPU."""
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return getattr(torch, name)
-
-
 def hub_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """Where `from_pretrained` reads the base: the pinned revision, remote code only if the recipe allows it."""
     return {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
+
+
+def model_kwargs(recipe: Recipe, attention: str, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """`from_pretrained` arguments of every full model we load: the base, and a merged model read back."""
+    return {
+        "dtype": dtype or resolve_dtype(recipe.model.dtype),
+        "attn_implementation": attention,
+        "use_safetensors": True,
+        "trust_remote_code": recipe.model.trust_remote_code,
+    }
 
 
 def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
@@ -90,21 +79,18 @@ def quantization_config(recipe: Recipe) -> Any:
     )
 
 
-def load_model(recipe: Recipe, quantized: bool = True) -> PreTrainedModel:
-    """The base model in the recipe's dtype; quantized as the recipe says unless `quantized=False`."""
+def load_model(recipe: Recipe, attention: str, quantized: bool = True) -> PreTrainedModel:
+    """The base model in the recipe's dtype with the attention kernel decided by the caller (`finetune.speed`);
+    quantized as the recipe says unless `quantized=False`."""
     from transformers import AutoModelForCausalLM
-
-    from finetune.speed import attention
 
     quant = quantization_config(recipe) if quantized else None
     model = AutoModelForCausalLM.from_pretrained(
         recipe.model.base,
-        dtype=resolve_dtype(recipe.model.dtype),
-        attn_implementation=attention(recipe),
+        revision=recipe.model.revision,
         quantization_config=quant,
-        use_safetensors=True,
         device_map={"": device()} if quant is not None else None,
-        **hub_kwargs(recipe),
+        **model_kwargs(recipe, attention),
     )
     if quant is None:
         model.to(device())

@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune.errors import Problem, UserError
+from finetune.loading import is_local
+from finetune.machine import PLANNED_GPU, Machine, resolve_dtype, this_machine
 from finetune.modeling import hub_kwargs, load_tokenizer, lora_config, resolve_targets
 from finetune.recipe import Recipe
-from finetune.speed import attention, packing
+from finetune.speed import decide_checkpointing, decide_packing, model_attention
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -73,6 +75,17 @@ class MemoryTerm:
 
 
 @dataclass
+class GpuFit:
+    """Whether the run fits a GPU of one common size, as `finetune train` would run it there."""
+
+    memory_gb: int  # N GB = N * 10^9 bytes
+    fits: bool | None  # None: unknown (activations unknown and the rest fits)
+    checkpointing: bool  # `gradient_checkpointing: auto` turns checkpointing on for this GPU; `need` counts it
+    need: int | None  # bytes the run holds on this GPU
+    headroom: int | None  # memory_gb * 10^9 - need
+
+
+@dataclass
 class Memory:
     weights_dtype: str
     compute_dtype: str
@@ -85,7 +98,7 @@ class Memory:
     lower_bound: int  # every term but the activations
     activations_with_checkpointing: int | None
     activations_without_checkpointing: int | None
-    fits: dict[str, bool | None]  # "24 GB" -> fits; None: unknown (activations unknown and the rest fits)
+    fits: list[GpuFit]  # per common GPU size
 
 
 @dataclass
@@ -139,21 +152,23 @@ def plan(recipe: Recipe, gpu: str | None = None, tflops: float | None = None, mf
     notes: list[str] = []
     config = _load_config(recipe)
     shapes = _Shapes.of(config)
-    weights_dtype, compute_dtype = _dtypes(recipe)
+    weights_dtype, compute_dtype = _dtypes(recipe, PLANNED_GPU)
     if recipe.model.dtype == "auto":
         notes.append("model.dtype auto is planned as bfloat16: the plan is for the GPU you will rent, not this machine")
     model = _meta_model(recipe, config, weights_dtype)
-    layout = _layout(recipe, model, weights_dtype)
-    work = _work(recipe)
+    layout = _layout(recipe, model)
+    attention = model_attention(recipe, this_machine())
+    packed = decide_packing(recipe.data.packing, attention)
+    work = _work(recipe, packed)
     seq_length = work.max_seq_length if recipe.data.max_seq_length == "auto" else recipe.data.max_seq_length
-    memory = _memory(recipe, layout, shapes, compute_dtype, weights_dtype, seq_length)
+    memory = _memory(recipe, layout, shapes, compute_dtype, weights_dtype, seq_length, attention)
     if seq_length is None:
         notes.append("data.max_seq_length is auto and the data is not available: activations are unknown")
     elif not shapes.complete():
         notes.append("the config does not give every dimension the activation formula needs: activations unknown")
     if "auto" in (recipe.model.attn_implementation, recipe.data.packing):
         notes.append(
-            f"attention auto is planned as {attention(recipe)}, packing auto as {'on' if packing(recipe) else 'off'} "
+            f"attention auto is planned as {attention}, packing auto as {'on' if packed else 'off'} "
             "(this machine); with flash-attn on the GPU, packing turns on and the steps change"
         )
     if recipe.train.optimizer.startswith("paged_"):
@@ -174,6 +189,22 @@ def plan(recipe: Recipe, gpu: str | None = None, tflops: float | None = None, mf
         time=time,
         notes=notes,
     )
+
+
+def peak_memory(
+    recipe: Recipe, config: PretrainedConfig, seq_length: int, attention: str, machine: Machine
+) -> int | None:
+    """Bytes at the training peak without gradient checkpointing, from what `finetune train` already holds.
+
+    The same estimate as `plan`'s memory table, for the model config train loaded, the sequence
+    length its data preparation settled on, the attention kernel it decided and its machine's dtypes;
+    it reads no data and no tokenizer. None where the config lacks a dimension the activations need.
+    """
+    weights_dtype, compute_dtype = _dtypes(recipe, machine)
+    layout = _layout(recipe, _meta_model(recipe, config, weights_dtype))
+    memory = _memory(recipe, layout, _Shapes.of(config), compute_dtype, weights_dtype, seq_length, attention)
+    without = memory.activations_without_checkpointing
+    return None if without is None else memory.lower_bound + without
 
 
 # --- arguments and config ---------------------------------------------------------------------
@@ -222,16 +253,12 @@ def _four_bit(recipe: Recipe) -> bool:
     return recipe.quantization.method in ("nf4", "fp4")
 
 
-def _dtypes(recipe: Recipe) -> tuple[torch.dtype, torch.dtype]:
-    """Weights and compute dtype on the GPU the plan is for: `auto` is bfloat16."""
-
-    def planned(name: str) -> torch.dtype:
-        return torch.bfloat16 if name == "auto" else getattr(torch, name)
-
-    weights = planned(recipe.model.dtype)
+def _dtypes(recipe: Recipe, machine: Machine) -> tuple[torch.dtype, torch.dtype]:
+    """Weights and compute dtype on `machine` (for `plan`, the GPU it plans for: `auto` is bfloat16 there)."""
+    weights = resolve_dtype(recipe.model.dtype, machine)
     compute = weights
     if _four_bit(recipe) and recipe.quantization.compute_dtype != "auto":
-        compute = planned(recipe.quantization.compute_dtype)
+        compute = resolve_dtype(recipe.quantization.compute_dtype, machine)
     return weights, compute
 
 
@@ -304,7 +331,7 @@ class _Layout:
     adapted: list[_Adapted]
 
 
-def _layout(recipe: Recipe, model: PreTrainedModel, dtype: torch.dtype) -> _Layout:
+def _layout(recipe: Recipe, model: PreTrainedModel) -> _Layout:
     """Quantize (in bookkeeping), cast and attach the adapter exactly as `finetune train` does, on meta tensors."""
     from peft import get_peft_model
 
@@ -421,6 +448,7 @@ def _memory(
     compute: torch.dtype,
     weights_dtype: torch.dtype,
     seq_length: int | None,
+    attention: str,
 ) -> Memory:
     method, optimizer_name = recipe.quantization.method, recipe.train.optimizer
     e = _size(compute)
@@ -428,7 +456,7 @@ def _memory(
     optimizer = sum(_optimizer_bytes(shape, dtype, optimizer_name) for _, shape, dtype in layout.trainable)
     with_ckpt = without_ckpt = None
     if seq_length is not None and shapes.complete():
-        with_ckpt, without_ckpt = _activations(recipe, layout, shapes, e, seq_length)
+        with_ckpt, without_ckpt = _activations(recipe, layout, shapes, e, seq_length, attention)
     checkpointing = recipe.train.gradient_checkpointing  # `auto`: the figures without, `fits` allows for it
     activations = with_ckpt if checkpointing is True else without_ckpt
     transient = layout.largest_quantized * e  # one layer's weight dequantized for its matmul
@@ -465,14 +493,7 @@ def _memory(
     _shard(terms, recipe)
     lower = sum(t.bytes for t in terms if t.bytes is not None and t.name != "activations")
     total = None if activations is None else lower + activations
-    fits: dict[str, bool | None] = {}
-    for size in GPU_MEMORY_GB:
-        if total is not None:
-            fits[f"{size} GB"] = total <= size * GB or (
-                checkpointing == "auto" and with_ckpt is not None and lower + with_ckpt <= size * GB
-            )
-        else:
-            fits[f"{size} GB"] = False if lower > size * GB else None
+    fits = [_fit(size, checkpointing, total, lower, with_ckpt) for size in GPU_MEMORY_GB]
     return Memory(
         weights_dtype=_dtype_name(weights_dtype) if method == "none" else method,
         compute_dtype=_dtype_name(compute),
@@ -487,6 +508,16 @@ def _memory(
         activations_without_checkpointing=without_ckpt,
         fits=fits,
     )
+
+
+def _fit(size: int, checkpointing: bool | str, total: int | None, lower: int, with_ckpt: int | None) -> GpuFit:
+    """A GPU of `size` GB: checkpointing turns on where `finetune train` would turn it on (`decide_checkpointing`)."""
+    gpu = Machine(cuda=True, bf16=True, gpu_bytes=size * GB, flash_attn=False, liger_kernel=False)
+    auto_on = checkpointing == "auto" and with_ckpt is not None and decide_checkpointing("auto", gpu, total)
+    need = lower + with_ckpt if auto_on else total
+    if need is None:
+        return GpuFit(size, False if lower > size * GB else None, False, None, None)
+    return GpuFit(size, need <= size * GB, auto_on, need, size * GB - need)
 
 
 def sharding(recipe: Recipe) -> tuple[str, int, tuple[str, ...]]:
@@ -560,7 +591,7 @@ def _optimizer_bytes(shape: torch.Size, dtype: torch.dtype, optimizer: str) -> i
     raise ValueError(f"no memory rule for optimizer {optimizer!r}")
 
 
-def _activations(recipe: Recipe, layout: _Layout, s: _Shapes, e: int, seq: int) -> tuple[int, int]:
+def _activations(recipe: Recipe, layout: _Layout, s: _Shapes, e: int, seq: int, attn: str) -> tuple[int, int]:
     """Bytes alive at the peak of the backward pass, with and without gradient checkpointing.
 
     `e` is the compute dtype's size; `r` the residual stream's: 4 on a quantized base, whose
@@ -581,7 +612,6 @@ def _activations(recipe: Recipe, layout: _Layout, s: _Shapes, e: int, seq: int) 
     """
     r = 4 if recipe.quantization.method != "none" else e
     h, q = s.hidden, s.heads * s.head_dim
-    attn = attention(recipe)  # `auto` is sdpa (the larger figure) unless this machine runs flash attention
     kv_heads = s.kv_heads if attn.startswith("flash") else s.heads
     kv = kv_heads * s.head_dim
     layer = 2 * 4 * h + e * (2 * q + 2 * kv) + 4 * s.heads + 3 * r * s.intermediate
@@ -607,13 +637,13 @@ def _activations(recipe: Recipe, layout: _Layout, s: _Shapes, e: int, seq: int) 
 # --- work and time ------------------------------------------------------------------------------
 
 
-def _work(recipe: Recipe) -> Work:
+def _work(recipe: Recipe, packed: bool) -> Work:
     """Rows, tokens and optimizer steps from the local data and the real tokenizer; a note where unavailable."""
-    from finetune.data import prepare_data, sources
+    from finetune.data import prepare_data
 
     data = recipe.data
     all_sources = list(data.train) + (list(data.eval) if isinstance(data.eval, list) else [])
-    remote = [s.path for s in all_sources if not sources.is_local(s)]
+    remote = [s.path for s in all_sources if not is_local(s.path)]
     if remote:
         return Work(False, f"data not available locally: {', '.join(remote)} (hub datasets are not downloaded by plan)")
     try:
@@ -627,7 +657,7 @@ def _work(recipe: Recipe) -> Work:
     prepared = prepare_data(recipe, tokenizer)
     stats = prepared.stats
     sequences = stats.train_rows
-    if packing(recipe):
+    if packed:
         from trl.data_utils import pack_dataset
 
         sequences = len(pack_dataset(prepared.train.select_columns(["input_ids", "labels"]), stats.max_seq_length))

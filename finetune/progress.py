@@ -7,10 +7,7 @@ import time
 
 from transformers import TrainerCallback
 
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+from finetune.units import duration
 
 
 class TrainProgress(TrainerCallback):
@@ -59,7 +56,7 @@ class TrainProgress(TrainerCallback):
         elapsed = now - self.start
         eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
         print(
-            f"step {state.global_step}/{state.max_steps}  {info}  elapsed {_duration(elapsed)}  eta {_duration(eta)}",
+            f"step {state.global_step}/{state.max_steps}  {info}  elapsed {duration(elapsed)}  eta {duration(eta)}",
             file=sys.stderr,
             flush=True,
         )

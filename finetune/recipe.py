@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, model_validator
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 TargetPreset = Literal["attention", "mlp", "all-linear"]
 BUILTIN_TEMPLATES = ("chatml", "llama3", "mistral", "gemma", "qwen2.5", "phi3")
-BUILTIN_METRICS = ("loss", "perplexity", "exact_match", "contains", "regex", "json_valid")
+LOSS_METRICS = ("loss", "perplexity")  # from the held-out loss; lower is better (finetune.summary)
+GENERATION_METRICS = ("exact_match", "contains", "regex", "json_valid")  # scored on generations (finetune.evaluate)
+BUILTIN_METRICS = LOSS_METRICS + GENERATION_METRICS
 FOUR_BIT_OPTIONS = ("double_quant", "compute_dtype", "quant_storage")  # errors when set without nf4/fp4
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+GPU_MEMORY_SHARE = 0.9  # `gradient_checkpointing: auto` turns on when the estimated peak exceeds this share of the GPU
+# json_schema_extra of the keys that may change between a run and its `--resume`: they do not change what is trained
+RESUMABLE = {"resumable": True}
 # true, false, or `auto`: decided at train time for the machine the run is on (finetune.speed)
 AutoBool = Annotated[
     Annotated[bool, Tag("bool")] | Annotated[Literal["auto"], Tag("auto")],
@@ -68,7 +74,7 @@ class ModelSection(Section):
     dtype: Dtype = Field(
         "auto",
         description="Weight and compute dtype. `auto`: bfloat16 on GPUs that support it, float16 on older GPUs, "
-        "float32 on the CPU.",
+        "float32 on the CPU, for the machine that runs the model (train, eval and merge: theirs; plan: a GPU).",
     )
     attn_implementation: Literal[
         "auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"
@@ -225,7 +231,7 @@ class TrainSection(Section):
     gradient_checkpointing: AutoBool = Field(
         "auto",
         description="Recompute activations in the backward pass: much less memory, 22-27% slower (measured). `auto`: on only "
-        "when `finetune plan`'s estimate without it exceeds 90% of the GPU's memory; off on the CPU.",
+        f"when `finetune plan`'s estimate without it exceeds {GPU_MEMORY_SHARE:.0%} of the GPU's memory; off on the CPU.",
     )
     liger_kernel: AutoBool = Field(
         "auto",
@@ -233,15 +239,33 @@ class TrainSection(Section):
         "a GPU when liger-kernel is installed (`pip install finetune[fast]`); needs a CUDA GPU when true.",
     )
     eval_every: int | None = Field(
-        None, ge=1, description="Held-out loss every N optimizer steps (and at the end). Needs `data.eval`."
+        None,
+        ge=1,
+        description="Held-out loss every N optimizer steps (and at the end). Needs `data.eval`.",
+        json_schema_extra=RESUMABLE,
     )
     save_every: int | None = Field(
-        None, ge=1, description="Checkpoint every N optimizer steps; none: only the final adapter."
+        None,
+        ge=1,
+        description="Checkpoint every N optimizer steps; none: only the final adapter.",
+        json_schema_extra=RESUMABLE,
     )
-    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk (the best one is always kept).")
-    logging_every: int = Field(10, ge=1, description="Log loss, learning rate and throughput every N optimizer steps.")
+    keep_checkpoints: int = Field(
+        2,
+        ge=1,
+        description="Newest checkpoints kept on disk (the best one is always kept).",
+        json_schema_extra=RESUMABLE,
+    )
+    logging_every: int = Field(
+        10,
+        ge=1,
+        description="Log loss, learning rate and throughput every N optimizer steps.",
+        json_schema_extra=RESUMABLE,
+    )
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
-        [], description="Experiment trackers, besides metrics.jsonl which is always written."
+        [],
+        description="Experiment trackers, besides metrics.jsonl which is always written.",
+        json_schema_extra=RESUMABLE,
     )
     distributed: Annotated[str, PathRef("file")] | None = Field(
         None,
@@ -299,10 +323,16 @@ class Recipe(Section):
     lora: LoraSection = Field(LoraSection(), description="The adapter.")
     data: DataSection = Field(description="Training and held-out data.")
     train: TrainSection = Field(TrainSection(), description="Optimisation.")
-    eval: EvalSection = Field(EvalSection(), description="Held-out evaluation.")
+    eval: EvalSection = Field(EvalSection(), description="Held-out evaluation.", json_schema_extra=RESUMABLE)
     output_dir: Annotated[str, PathRef("local")] | None = Field(
-        None, description="Run directory; default runs/<name> under the working directory."
+        None,
+        description="Run directory; default runs/<name> under the working directory.",
+        json_schema_extra=RESUMABLE,
     )
+    # Set by `finetune.loading.load_recipe`, not recipe keys: the file and the --set overrides it was loaded from,
+    # for the manifest's git state and for the processes a distributed launch starts.
+    _source: Path | None = PrivateAttr(None)
+    _overrides: tuple[str, ...] = PrivateAttr(())
 
     @model_validator(mode="after")
     def _eval_needs_data(self) -> Recipe:
@@ -315,6 +345,22 @@ class Recipe(Section):
     @property
     def run_dir(self) -> str:
         return self.output_dir or f"runs/{self.name}"
+
+    def __eq__(self, other: object) -> bool:
+        """Equal keys make equal recipes: where one was loaded from is provenance, not content."""
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    __hash__ = Section.__hash__
+
+    @property
+    def source(self) -> Path | None:
+        """The recipe file this was loaded from (absolute), or None for a recipe built in code."""
+        return self._source
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """The `--set key=value` overrides applied on top of `source`."""
+        return self._overrides
 
     def resolved(self) -> dict[str, Any]:
         """The recipe as plain data with `extends` applied away: what runs write to recipe.yaml.
@@ -330,3 +376,14 @@ class Recipe(Section):
     def fingerprint(self) -> str:
         """sha256 of the resolved recipe, stable across key order."""
         return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()
+
+
+def resumable_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> tuple[str, ...]:
+    """Dotted keys marked RESUMABLE (a section marked so counts whole): what `--resume` lets a recipe change."""
+    out: list[str] = []
+    for name, info in model.model_fields.items():
+        if (info.json_schema_extra or {}).get("resumable"):
+            out.append(prefix + name)
+        elif isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            out += resumable_keys(info.annotation, f"{prefix}{name}.")
+    return tuple(out)

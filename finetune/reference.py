@@ -28,7 +28,10 @@ def markdown() -> str:
             "|---|---|---|---|",
         ]
         for name, field in model.model_fields.items():
-            lines.append(f"| `{name}` | {_type(field.annotation)} | {_default(field)} | {field.description or ''} |")
+            resumable = " May change on `--resume`." if (field.json_schema_extra or {}).get("resumable") else ""
+            lines.append(
+                f"| `{name}` | {_type(field.annotation)} | {_default(field)} | {field.description or ''}{resumable} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

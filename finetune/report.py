@@ -12,7 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from finetune.runs import RunDir, write_text_atomic
+from finetune.runs import RunDir, read_summary, write_text_atomic
+from finetune.summary import EvalSummary
 
 COLORS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea")
 
@@ -21,7 +22,7 @@ def write_report(run: RunDir) -> Path:
     """Render the run's report from what is on disk; safe to call at any point of a run."""
     manifest = json.loads(run.manifest.read_text(encoding="utf-8"))
     logs = _read_jsonl(run.metrics)
-    summary = json.loads((run.eval / "summary.json").read_text()) if (run.eval / "summary.json").exists() else None
+    summary = read_summary(run)
     path = run.root / "report.html"
     write_text_atomic(path, render(manifest, logs, summary))
     return path
@@ -38,7 +39,7 @@ def series(logs: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
     return [(r["step"], float(r[key])) for r in logs if key in r and math.isfinite(float(r[key]))]
 
 
-def render(manifest: dict[str, Any], logs: list[dict[str, Any]], summary: dict[str, Any] | None) -> str:
+def render(manifest: dict[str, Any], logs: list[dict[str, Any]], summary: EvalSummary | None) -> str:
     charts = [
         line_chart("loss", {"train": series(logs, "loss"), "held-out": series(logs, "eval_loss")}),
         line_chart("learning rate", {"lr": series(logs, "learning_rate")}),
@@ -87,25 +88,20 @@ def _facts(m: dict[str, Any]) -> str:
     return f'<table class="facts">{body}</table>'
 
 
-def _comparison(summary: dict[str, Any] | None) -> str:
-    if not summary:
+def _comparison(summary: EvalSummary | None) -> str:
+    if summary is None:
         return "<p>No held-out evaluation (set <code>data.eval</code>).</p>"
-    tuned, base = summary["tuned"], summary.get("base")
-    lower_is_better = {"loss", "perplexity"}
     rows = []
-    for key in ("loss", "perplexity", *tuned["metrics"]):
-        t = tuned["metrics"].get(key, tuned.get(key))
-        b = None if base is None else base["metrics"].get(key, base.get(key))
-        if t is None:
+    for row in summary.rows():
+        if row.base is None:
+            rows.append(f"<tr><td>{row.metric}</td><td>-</td><td>{row.tuned:.4f}</td><td></td></tr>")
             continue
-        if b is None:
-            rows.append(f"<tr><td>{key}</td><td>-</td><td>{t:.4f}</td><td></td></tr>")
-            continue
-        better = (t < b) if key in lower_is_better else (t > b)
-        css = "better" if better else "worse" if t != b else ""
-        rows.append(f'<tr><td>{key}</td><td>{b:.4f}</td><td>{t:.4f}</td><td class="{css}">{t - b:+.4f}</td></tr>')
+        css = {True: "better", False: "worse", None: ""}[row.better]
+        rows.append(
+            f'<tr><td>{row.metric}</td><td>{row.base:.4f}</td><td>{row.tuned:.4f}</td><td class="{css}">{row.delta:+.4f}</td></tr>'
+        )
     head = "<tr><th>metric</th><th>base</th><th>tuned</th><th>delta</th></tr>"
-    return f"<table>{head}{''.join(rows)}</table><p>{summary['examples']} held-out examples.</p>"
+    return f"<table>{head}{''.join(rows)}</table><p>{summary.examples} held-out examples.</p>"
 
 
 def line_chart(title: str, lines: dict[str, list[tuple[float, float]]], width: int = 420, height: int = 240) -> str:

@@ -1,4 +1,5 @@
-"""The run directory: its fixed layout, atomic writes, and the manifest that says where an adapter came from.
+"""The run directory: its fixed layout, atomic writes, the manifest that says where an adapter came from,
+reading runs back (`finetune runs`) and opening a finished run, its adapter checked (merge, combine, export).
 
 runs/<name>/
   recipe.yaml     the fully resolved recipe
@@ -15,21 +16,32 @@ import json
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import RunDirError
+from finetune.errors import RunDirError, UserError
+from finetune.loading import is_local, load_recipe
 from finetune.recipe import Recipe
 from finetune.secrets import redact
+from finetune.summary import EvalSummary
 from finetune.yaml_source import dump
 
 PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate")
+
+
+class Result:
+    """Base of the stages' results: dataclasses that `--json` prints field by field."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class RunDir:
@@ -112,6 +124,19 @@ def write_eval(
         (tmp / "examples.jsonl").write_text(lines, encoding="utf-8")
 
 
+def read_summary(run: RunDir) -> EvalSummary | None:
+    """The run's held-out summary: eval/summary.json, else the manifest's copy; None where neither holds one."""
+    for path, key in ((run.eval / "summary.json", None), (run.manifest, "eval")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        summary = EvalSummary.from_dict(data.get(key) if key else data)
+        if summary is not None:
+            return summary
+    return None
+
+
 def write_recipe(run: RunDir, recipe: Recipe) -> None:
     text = dump(redact(recipe.resolved()))
     write_text_atomic(run.recipe, f"# Resolved recipe of run {recipe.name!r}: extends and --set applied.\n{text}")
@@ -121,11 +146,24 @@ def file_sha256(path: Path) -> str | None:
     """sha256 of a file's bytes, or None when it does not exist."""
     if not path.exists():
         return None
-    digest = hashlib.sha256()
+    return update_sha256(hashlib.sha256(), path).hexdigest()
+
+
+def update_sha256(digest: Any, path: Path) -> Any:
+    """Feed a file's bytes to `digest` in 1 MiB blocks (weights and data files can be far larger than memory)."""
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
+
+
+def run_seconds(manifest: dict[str, Any]) -> float | None:
+    """How long a run took, from its manifest's start and end; None while running or when unreadable."""
+    started, finished = manifest.get("started"), manifest.get("finished")
+    try:
+        return (datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds()
+    except (TypeError, ValueError):
+        return None
 
 
 def now() -> str:
@@ -182,7 +220,7 @@ class Manifest:
         return cls(run, {}, enabled=False)
 
     @classmethod
-    def start(cls, run: RunDir, recipe: Recipe, recipe_dir: Path | None = None) -> Manifest:
+    def start(cls, run: RunDir, recipe: Recipe) -> Manifest:
         data = {
             "name": recipe.name,
             "status": "running",
@@ -194,7 +232,7 @@ class Manifest:
             "packages": package_versions(),
             "python": platform.python_version(),
             "hardware": hardware(),
-            "git": git_state(recipe_dir or Path.cwd()),
+            "git": git_state(recipe.source.parent if recipe.source else Path.cwd()),  # the experiment repo
         }
         manifest = cls(run, data)
         manifest.save()
@@ -224,14 +262,8 @@ def run_summary(root: Path) -> dict[str, Any]:
     recipe = (
         yaml.safe_load((root / "recipe.yaml").read_text(encoding="utf-8")) if (root / "recipe.yaml").exists() else {}
     )
-    tuned = (manifest.get("eval") or {}).get("tuned") or {}
-    metrics = tuned.get("metrics") or {}
-    started, finished = manifest.get("started"), manifest.get("finished")
-    seconds = (
-        (datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds()
-        if started and finished
-        else None
-    )
+    summary = EvalSummary.from_dict(manifest.get("eval"))
+    metrics = summary.tuned.metrics if summary else {}
     return {
         "run": str(root),
         "name": manifest.get("name"),
@@ -240,8 +272,8 @@ def run_summary(root: Path) -> dict[str, Any]:
         "rank": (recipe.get("lora") or {}).get("rank"),
         "best_eval_loss": manifest.get("best_eval_loss"),
         "metric": next(iter(metrics.items()), None),
-        "seconds": seconds,
-        "started": started,
+        "seconds": run_seconds(manifest),
+        "started": manifest.get("started"),
     }
 
 
@@ -266,12 +298,18 @@ def compare_runs(roots: list[Path]) -> dict[str, Any]:
     recipes = []
     for root in roots:
         show_run(root)
-        recipes.append(_flatten(yaml.safe_load((root / "recipe.yaml").read_text(encoding="utf-8"))))
-    keys = sorted({k for r in recipes for k in r})
-    differing = {k: [r.get(k) for r in recipes] for k in keys if len({json.dumps(r.get(k)) for r in recipes}) > 1}
+        recipes.append(yaml.safe_load((root / "recipe.yaml").read_text(encoding="utf-8")))
+    differing = recipe_differences(recipes)
     figures = [_figures(show_run(root)) for root in roots]
     deltas = [{k: v - figures[0][k] for k, v in f.items() if k in figures[0]} for f in figures]
     return {"runs": [str(r) for r in roots], "recipe_differences": differing, "figures": figures, "deltas": deltas}
+
+
+def recipe_differences(recipes: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Dotted key -> each recipe's value, for the keys whose values differ (a missing key reads as null)."""
+    flat = [_flatten(r) for r in recipes]
+    keys = sorted({k for f in flat for k in f})
+    return {k: [f.get(k) for f in flat] for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1}
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -281,9 +319,137 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _figures(manifest: dict[str, Any]) -> dict[str, float]:
-    tuned = (manifest.get("eval") or {}).get("tuned") or {}
-    out = {k: tuned[k] for k in ("loss", "perplexity") if tuned.get(k) is not None}
-    out.update(tuned.get("metrics") or {})
+    summary = EvalSummary.from_dict(manifest.get("eval"))
+    out = {row.metric: row.tuned for row in summary.rows()} if summary else {}
     if manifest.get("train_loss") is not None:
         out["train_loss"] = manifest["train_loss"]
     return out
+
+
+# --- opening a finished run: `finetune merge` and `finetune export` -------------------------------
+
+
+@dataclass
+class Run:
+    """A run directory opened for merging or export: its recipe, manifest and checked adapter."""
+
+    root: Path
+    recipe: Recipe
+    manifest: dict[str, Any]
+    adapter_config: dict[str, Any]
+    tensors: dict[str, list[int]]  # adapter tensor name -> shape
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def dirs(self) -> RunDir:
+        return RunDir(self.root)
+
+    @property
+    def adapter(self) -> Path:
+        return self.dirs.adapter
+
+    @property
+    def quantized(self) -> bool:
+        return self.recipe.quantization.method != "none"
+
+    @property
+    def variant(self) -> str:
+        if self.adapter_config.get("use_dora"):
+            return "dora"
+        return "rslora" if self.adapter_config.get("use_rslora") else "lora"
+
+
+def open_run(run_dir: str | Path) -> Run:
+    """Read a run directory's resolved recipe, manifest and adapter; refuse what cannot be merged or exported."""
+    root = Path(run_dir).expanduser().resolve()
+    run = RunDir(root)
+    if not root.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    if not run.recipe.is_file():
+        raise UserError(f"{run_dir}: not a run directory (no recipe.yaml); give the directory `finetune train` wrote")
+    recipe = load_recipe(run.recipe, check_files=False)
+    manifest: dict[str, Any] = {}
+    notes: list[str] = []
+    if run.manifest.is_file():
+        try:
+            manifest = json.loads(run.manifest.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise UserError(f"{run.manifest}: unreadable manifest ({e})") from None
+    status = manifest.get("status")
+    if status == "running":
+        raise UserError(
+            f"{run_dir}: the manifest says 'running': the run is still training, or was killed before it could "
+            "record its end (finish it with finetune train --resume); its adapter may still change"
+        )
+    if status not in (None, "completed"):
+        notes.append(f"the run's manifest says {status!r}, not 'completed'; its saved adapter is used as it is")
+    config, tensors = check_adapter(run.adapter)
+    base = recipe.model.base
+    if is_local(base) and not Path(base).exists():
+        raise UserError(f"{run.recipe}: model.base {base} does not exist (the base model this adapter was trained on)")
+    return Run(root, recipe, manifest, config, tensors, notes)
+
+
+def check_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """The adapter's config and tensor shapes; a missing, empty, truncated or unreadable file is a UserError."""
+    config_path = adapter_dir / "adapter_config.json"
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not adapter_dir.is_dir():
+        raise UserError(f"{adapter_dir}: no adapter directory (did training finish?)")
+    if not config_path.is_file():
+        raise UserError(f"{config_path}: missing adapter config")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_path}: unreadable adapter config ({e})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise UserError(f"{config_path}: not a LoRA adapter (peft_type {kind!r}); only LoRA adapters are supported")
+    if not weights.is_file():
+        extra = (
+            " (adapter_model.bin is there: only safetensors adapters are read)"
+            if (adapter_dir / "adapter_model.bin").exists()
+            else ""
+        )
+        raise UserError(f"{weights}: missing adapter weights{extra}")
+    tensors = _safetensors_shapes(weights)
+    if not tensors:
+        raise UserError(f"{weights}: the adapter holds no tensors")
+    if not any(".lora_A." in name or ".lora_embedding_A" in name for name in tensors):
+        raise UserError(f"{weights}: no LoRA tensors (lora_A/lora_B) in the adapter")
+    return config, tensors
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header, checking that the file holds every byte the header promises."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(fh.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a mapping of tensors")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:  # validates offsets, dtypes and coverage
+            names = list(f.keys())
+    except Exception as e:  # struct.error, ValueError, SafetensorError: all mean an unusable file
+        raise UserError(f"{path}: unreadable or truncated safetensors file ({e})") from None
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end != size:
+        raise UserError(f"{path}: truncated safetensors file ({size} bytes, the header describes {8 + length + end})")
+    return {name: list(header[name]["shape"]) for name in names}
+
+
+def claim_output(target: Path, overwrite: bool, run: Run | None = None) -> None:
+    """Refuse an existing output directory unless `overwrite`, and outputs that would clobber a run's own files."""
+    if run is not None and (
+        target == run.root or run.root.is_relative_to(target) or target.is_relative_to(run.adapter)
+    ):
+        raise UserError(f"--out {target}: would overwrite the run itself; choose a directory outside {run.adapter}")
+    if target.exists() and not target.is_dir():
+        raise RunDirError(f"{target} exists and is not a directory")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise RunDirError(f"{target} already exists; pass --overwrite to replace it (or choose another --out)")

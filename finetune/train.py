@@ -15,34 +15,34 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from finetune.data import PreparedData, prepare_data
-from finetune.errors import RunDirError, TrainingInterrupted, UserError
+from finetune.errors import LaunchError, RunDirError, TrainingInterrupted, UserError
 from finetune.evaluate import compare, write_comparison
 from finetune.harness import check as check_harness
-from finetune.modeling import (
-    load_model,
-    load_tokenizer,
-    lora_config,
-    process_state,
-    quiet_libraries,
-    resolve_dtype,
-    resolve_targets,
-    weight_files,
+from finetune.machine import Machine, process_state, resolve_dtype, this_machine
+from finetune.modeling import load_model, load_tokenizer, lora_config, quiet_libraries, resolve_targets, weight_files
+from finetune.recipe import Recipe, resumable_keys
+from finetune.runs import (
+    Manifest,
+    RunDir,
+    atomic_dir,
+    file_sha256,
+    now,
+    recipe_differences,
+    run_seconds,
+    write_recipe,
 )
-from finetune.recipe import Recipe
-from finetune.runs import Manifest, RunDir, atomic_dir, file_sha256, now, write_recipe
 from finetune.secrets import redact_text
-from finetune.speed import Speed, decide
+from finetune.speed import Speed, decide_checkpointing, decide_liger, decide_packing, model_attention, needs_peak
+from finetune.summary import EvalSummary
 
-# Keys that may change between a run and its --resume: they do not change what is trained.
-RESUMABLE_CHANGES = ("eval.", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.logging_every",
-                     "train.report_to", "output_dir")  # fmt: skip
+LAUNCHED = "FINETUNE_LAUNCHED"  # set in the processes `train.distributed` launches
 
 
 @dataclass
@@ -57,23 +57,27 @@ class TrainResult:
     total_params: int
     best_step: int | None
     data: dict[str, Any]
-    eval: dict[str, Any] | None
+    eval: EvalSummary | None
     resumed_from: int | None = None
     main_process: bool = True  # False in the other processes of a distributed run: they report nothing
     model: Any = field(default=None, repr=False)  # the trained PeftModel, for callers in this process
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "model"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "eval")}
+        return {**out, "eval": None if self.eval is None else self.eval.to_dict()}
 
 
 def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train the recipe's adapter into its run directory; `resume` continues from the newest checkpoint.
 
     Under `accelerate launch` or `torchrun` every process runs this; all check, only the main
-    process writes the run directory, manifest, metrics and report.
+    process writes the run directory, manifest, metrics and report. With `train.distributed`
+    (and not yet launched) it launches those processes itself and waits for them.
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
+    if recipe.train.distributed and not launched():
+        return _launch(recipe, overwrite, resume, progress)
     state = process_state()
     run = RunDir(recipe.run_dir)
     checkpoint = find_resume_point(run, recipe) if resume and run.manifest.exists() else None
@@ -104,6 +108,53 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
     return result
 
 
+def launched() -> bool:
+    """Already a process of a distributed launch (ours, torchrun's or accelerate's)."""
+    return any(v in os.environ for v in (LAUNCHED, "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION", "WORLD_SIZE"))
+
+
+def _launch(recipe: Recipe, overwrite: bool, resume: bool, progress: bool) -> TrainResult:
+    """Run `finetune train` on the same recipe file and overrides under `accelerate launch --config_file
+    train.distributed`; the launched main process reports, this one returns the run's figures from its manifest."""
+    import subprocess
+    import sys
+
+    if recipe.source is None:
+        raise UserError("train.distributed: the launched processes re-read the recipe, so load it from a file")
+    run = RunDir(recipe.run_dir)
+    if not resume:  # refuse here, once, rather than in every launched process
+        run.refuse_existing(overwrite)
+    flags = [f"--set={o}" for o in recipe.overrides] + ["--resume"] * resume + ["--overwrite"] * overwrite
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", recipe.train.distributed,
+               "-m", "finetune.cli", "train", str(recipe.source), *flags, *([] if progress else ["--json"])]  # fmt: skip
+    if progress:
+        print(f"launching: {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    code = subprocess.call(command, env={**os.environ, LAUNCHED: "1"})
+    if code != 0:
+        raise LaunchError(code)
+    return _result_of(run)
+
+
+def _result_of(run: RunDir) -> TrainResult:
+    """A finished run's figures, read back from its manifest (for the process that launched it)."""
+    m = Manifest.load(run).data
+    lora = m.get("lora") or {}
+    return TrainResult(
+        run_dir=str(run.root),
+        adapter_dir=str(run.adapter),
+        steps=m.get("steps") or 0,
+        train_loss=m.get("train_loss"),
+        seconds=run_seconds(m) or 0.0,
+        targets=lora.get("targets") or [],
+        trainable_params=lora.get("trainable_params") or 0,
+        total_params=lora.get("total_params") or 0,
+        best_step=m.get("best_step"),
+        data=m.get("data") or {},
+        eval=EvalSummary.from_dict(m.get("eval")),
+        main_process=False,  # the launched main process has reported it
+    )
+
+
 def _write_report(run: RunDir) -> None:
     """report.html at every end of a run, failed or not; a report problem never hides the run's own."""
     from finetune.report import write_report
@@ -116,7 +167,7 @@ def _write_report(run: RunDir) -> None:
 
 def _claim(run: RunDir, recipe: Recipe, checkpoint: Path | None, overwrite: bool) -> None:
     """Main process only: a fresh run directory, or the resumed one cleaned up to its checkpoint."""
-    from finetune.trainer import STAGING
+    from finetune.sft_trainer import STAGING
 
     if checkpoint is None:
         run.create(overwrite)
@@ -135,12 +186,14 @@ def _claim(run: RunDir, recipe: Recipe, checkpoint: Path | None, overwrite: bool
 
 def find_resume_point(run: RunDir, recipe: Recipe) -> Path:
     """The newest complete checkpoint of a run whose recipe still matches (a read-only check)."""
-    from finetune.trainer import complete_checkpoints
+    from finetune.sft_trainer import complete_checkpoints
 
     previous = yaml.safe_load(run.recipe.read_text(encoding="utf-8")) if run.recipe.exists() else None
     if previous is None:
         raise RunDirError(f"{run.root} has no recipe.yaml: not a finetune run; use --overwrite to start afresh")
-    changed = [k for k in _differing_keys(previous, recipe.resolved()) if not k.startswith(RESUMABLE_CHANGES)]
+    resumable = resumable_keys()  # marked on the schema: they do not change what is trained
+    differing = recipe_differences([previous, recipe.resolved()])
+    changed = [k for k in differing if not any(k == r or k.startswith(f"{r}.") for r in resumable)]
     if changed:
         raise RunDirError(
             f"cannot resume {run.root}: the recipe changed in {', '.join(changed)}; "
@@ -154,13 +207,6 @@ def find_resume_point(run: RunDir, recipe: Recipe) -> Path:
             f"{run.root} has no complete checkpoint to resume from ({hint}); use --overwrite to start afresh"
         )
     return checkpoints[-1]
-
-
-def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = sorted(set(a) | set(b))
-        return [d for k in keys for d in _differing_keys(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
 
 
 def checkpoint_step(path: Path) -> int:
@@ -179,7 +225,7 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     import torch
     import transformers
 
-    from finetune.trainer import BestAdapter, EvaluateAtEnd, StopOnSignal
+    from finetune.sft_trainer import BestAdapter, EvaluateAtEnd, StopOnSignal
 
     state = process_state()
     main = state.is_main_process
@@ -191,9 +237,12 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     with state.main_process_first():  # the main process fills the preprocessing cache, the others read it
         data = prepare_data(recipe, tokenizer)
     manifest.update(data=data.stats.to_dict())
-    speed = decide(recipe)
+    machine = this_machine()
+    attention = model_attention(recipe, machine)
+    liger = decide_liger(recipe.train.liger_kernel, machine)
+    model = load_model(recipe, attention)
+    speed = _decide_speed(recipe, machine, attention, liger, model.config, data.stats.max_seq_length)
     manifest.update(speed=speed.to_dict())
-    model = load_model(recipe)
     if main:
         manifest.update(base_model={**manifest.data["base_model"], **weight_files(recipe, model)})
     targets = resolve_targets(recipe, model)
@@ -210,7 +259,7 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     best = BestAdapter(save_best, manifest.data.get("best_eval_loss") or math.inf)
     stop = StopOnSignal()
     callbacks = [best, stop] + ([EvaluateAtEnd()] if data.eval is not None else [])
-    trainer = _trainer(recipe, run, model, tokenizer, data, speed, targets, callbacks, progress and main, main)
+    trainer = _trainer(recipe, run, model, tokenizer, data, speed, machine, targets, callbacks, progress and main, main)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     manifest.update(lora={"targets": targets, "trainable_params": trainable, "total_params": total})
     t = recipe.train
@@ -240,7 +289,7 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     manifest.update(tokenizer_sha256=file_sha256(run.adapter / "tokenizer.json"),
                     chat_template_sha256=file_sha256(run.adapter / "chat_template.jinja"))  # fmt: skip
     summary = _evaluate(recipe, run, trainer.model, tokenizer, data) if main else None
-    manifest.update(steps=output.global_step, train_loss=output.training_loss, eval=summary)
+    manifest.update(steps=output.global_step, train_loss=output.training_loss, eval=summary and summary.to_dict())
     return TrainResult(
         run_dir=str(run.root),
         adapter_dir=str(run.adapter),
@@ -256,6 +305,28 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
         resumed_from=checkpoint_step(checkpoint) if checkpoint else None,
         main_process=main,
         model=trainer.model,
+    )
+
+
+def _decide_speed(
+    recipe: Recipe, machine: Machine, attention: str, liger: bool, model_config: Any, seq_length: int
+) -> Speed:
+    """Every `auto` speed setting, decided once: checkpointing from the peak memory estimated for the model
+    and the sequence length this run has already loaded and prepared (no second pass over the data)."""
+    setting = recipe.train.gradient_checkpointing
+    peak = None
+    if needs_peak(setting, machine):
+        from finetune.plan import peak_memory
+
+        try:
+            peak = peak_memory(recipe, model_config, seq_length, attention, machine)
+        except Exception as e:  # an estimate must never fail a run: unknown means checkpointing on
+            warnings.warn(f"no memory estimate ({type(e).__name__}: {e}); gradient checkpointing on", stacklevel=2)
+    return Speed(
+        attn_implementation=attention,
+        packing=decide_packing(recipe.data.packing, attention),
+        gradient_checkpointing=decide_checkpointing(setting, machine, peak),
+        liger_kernel=liger,
     )
 
 
@@ -311,14 +382,14 @@ def _oom_advice(recipe: Recipe, speed: Speed) -> str:
     )
 
 
-def sft_config(recipe: Recipe, run: RunDir, max_length: int, speed: Speed) -> Any:
+def sft_config(recipe: Recipe, run: RunDir, max_length: int, speed: Speed, machine: Machine) -> Any:
     """TRL's SFTConfig from the recipe; every option TRL would otherwise default is set here explicitly."""
     import torch
     from trl import SFTConfig
 
     t = recipe.train
-    dtype = resolve_dtype(recipe.model.dtype)
-    on_gpu = torch.cuda.is_available()
+    dtype = resolve_dtype(recipe.model.dtype, machine)
+    on_gpu = machine.cuda
     return SFTConfig(
         output_dir=str(run.checkpoints),
         run_name=recipe.name,
@@ -364,6 +435,7 @@ def _trainer(
     tokenizer: Any,
     data: PreparedData,
     speed: Speed,
+    machine: Machine,
     targets: list[str],
     callbacks: list[Any],
     progress: bool,
@@ -371,7 +443,7 @@ def _trainer(
 ) -> Any:
     from transformers import PrinterCallback
 
-    from finetune.trainer import FinetuneTrainer, MetricsJsonl
+    from finetune.sft_trainer import FinetuneTrainer, MetricsJsonl
 
     callbacks = [MetricsJsonl(run.metrics), *callbacks] if main else callbacks
     if progress:
@@ -380,7 +452,7 @@ def _trainer(
         callbacks.append(TrainProgress())
     trainer = FinetuneTrainer(
         model=model,
-        args=sft_config(recipe, run, data.stats.max_seq_length, speed),
+        args=sft_config(recipe, run, data.stats.max_seq_length, speed, machine),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
@@ -392,7 +464,7 @@ def _trainer(
     return trainer
 
 
-def _evaluate(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, data: PreparedData) -> dict[str, Any] | None:
+def _evaluate(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, data: PreparedData) -> EvalSummary | None:
     """Held-out comparison of tuned vs base and the eval.harness tasks, in eval/; None without held-out data."""
     if data.eval is None and not data.eval_samples:
         return None

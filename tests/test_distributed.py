@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import finetune, losses, write_recipe
 from test_reliability import adapter_tensors, wait_for_step
-from test_train import finetune, losses, write_recipe
 
 pytestmark = pytest.mark.slow
 

@@ -6,10 +6,12 @@ import json
 import math
 
 import pytest
-from test_train import finetune, write_recipe
+from helpers import finetune, write_recipe
 
-from finetune.evaluate import contains, exact_match, gate, json_valid, metric_functions, regex
-from finetune.trainer import BestAdapter
+from finetune.errors import UserError
+from finetune.evaluate import contains, exact_match, json_valid, metric_functions, regex
+from finetune.sft_trainer import BestAdapter
+from finetune.summary import EvalSummary, Requirement, gate
 
 
 @pytest.mark.parametrize(
@@ -47,17 +49,48 @@ def test_an_unimportable_user_metric_is_a_user_error():
         metric_functions(["nope_module:f"])
 
 
-SUMMARY = {
-    "tuned": {"loss": 0.5, "perplexity": 1.6, "metrics": {"exact_match": 0.9, "contains": 0.7}},
-    "base": {"loss": 2.0, "perplexity": 7.4, "metrics": {"exact_match": 0.0, "contains": 0.8}},
-}
+SUMMARY = EvalSummary.from_dict(
+    {
+        "tuned": {"loss": 0.5, "perplexity": 1.6, "metrics": {"exact_match": 0.9, "contains": 0.7}},
+        "base": {"loss": 2.0, "perplexity": 7.4, "metrics": {"exact_match": 0.0, "contains": 0.8}},
+        "examples": 10,
+        "vs_base": {"exact_match": {"delta": 0.9, "wins": 9, "losses": 0, "ties": 1}, "loss": {"delta": -1.5}},
+    }
+)
+
+
+def require(*texts: str) -> list[Requirement]:
+    return [Requirement.parse(t) for t in texts]
 
 
 def test_gate_reports_each_failed_condition_with_its_figures():
-    assert gate(SUMMARY, {"exact_match": 0.8}, False) == []
-    assert gate(SUMMARY, {"exact_match": 0.95}, False) == ["exact_match = 0.9000 is under 0.95"]
-    assert gate(SUMMARY, {}, True) == ["contains 0.7000 is worse than the base's 0.8000"]
-    assert "not computed" in gate(SUMMARY, {"json_valid": 0.5}, False)[0]
+    assert gate(SUMMARY, require("exact_match>=0.8"), False) == []
+    assert gate(SUMMARY, require("exact_match>=0.95"), False) == [
+        "exact_match = 0.9000 is under 0.95 (required exact_match>=0.95)"
+    ]
+    assert gate(SUMMARY, [], True) == ["contains 0.7000 is worse than the base's 0.8000"]
+    assert "not computed" in gate(SUMMARY, require("json_valid>=0.5"), False)[0]
+
+
+def test_a_loss_gate_is_a_maximum_the_direction_a_user_means():
+    assert gate(SUMMARY, require("loss<=1.0", "perplexity < 2"), False) == [], "0.5 is within a maximum of 1.0"
+    assert gate(SUMMARY, require("loss<=0.4"), False) == ["loss = 0.5000 is over 0.4 (required loss<=0.4)"]
+    assert Requirement.fail_under("exact_match=0.8") == Requirement("exact_match", ">=", 0.8)
+    with pytest.raises(UserError, match=r"loss is better when lower.*--require 'loss<=1.0'"):
+        Requirement.fail_under("loss=1.0")  # the old reading failed a loss *below* 1.0
+    for bad in ("loss=1", "loss<=", "<=1", "loss<=abc"):
+        with pytest.raises(UserError, match="--require: expected METRIC>=VALUE"):
+            Requirement.parse(bad)
+
+
+def test_every_row_knows_its_metrics_direction_and_the_json_shape_is_kept():
+    rows = {row.metric: row for row in SUMMARY.rows()}
+    assert list(rows) == ["loss", "perplexity", "exact_match", "contains"]
+    assert rows["loss"].better is True and rows["perplexity"].better is True, "lower loss is better"
+    assert rows["exact_match"].better is True and rows["contains"].better is False
+    assert rows["exact_match"].record == "9/0/1" and rows["loss"].record == ""
+    again = EvalSummary.from_dict(SUMMARY.to_dict())
+    assert again == SUMMARY and SUMMARY.to_dict()["vs_base"]["loss"] == {"delta": -1.5}
 
 
 def test_best_adapter_keeps_the_lowest_held_out_loss_even_when_not_last():
@@ -95,6 +128,7 @@ def test_eval_on_a_run_reproduces_the_training_summary_and_gates(tiny_model_dir,
     rows = [json.loads(line) for line in (run / "eval" / "examples.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and {"prompt", "reference", "tuned", "base", "tuned_scores", "base_scores"} <= set(rows[0])
 
-    gated = finetune("eval", str(recipe), "--fail-under", "exact_match=1.01", cwd=tmp_path)
+    gated = finetune("eval", str(recipe), "--require", "exact_match>=1.01", "--require", "loss<=100", cwd=tmp_path)
     assert gated.returncode == 1 and "gate failed: exact_match" in gated.stderr
+    assert "gate failed: loss" not in gated.stderr, "a loss under its maximum passes"
     assert finetune("eval", str(tmp_path / "nope"), cwd=tmp_path).returncode == 2

@@ -119,7 +119,7 @@ def test_vllm_compatibility_is_read_from_the_adapter(name, works, max_lora_rank,
 @pytest.mark.slow
 def test_gguf_verdicts_when_a_converter_is_installed(runs, monkeypatch, tmp_path):
     from finetune.export import compatibility
-    from finetune.merge import open_run
+    from finetune.runs import open_run
 
     monkeypatch.setattr(
         "finetune.export.gguf_converter", lambda script: {"script": f"/opt/llama.cpp/{script}", "gguf_package": "0.17"}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import tiny
-from test_train import finetune, write_recipe
+from helpers import finetune, write_recipe
 from typer.testing import CliRunner
 
 from finetune.cli import app

@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 
 import finetune.merge as merge_stage
 from finetune.cli import app
+from finetune.combine import combine
 from finetune.errors import UserError
 from finetune.loading import load_recipe
-from finetune.merge import combine, merge
+from finetune.merge import merge
 
 pytestmark = pytest.mark.slow
 
@@ -106,9 +107,9 @@ def test_merged_model_equals_base_plus_adapter(name, runs, monkeypatch):
     recipe = load_recipe(run / "recipe.yaml", check_files=False)
     loads = []
 
-    def load_model(recipe, quantized=True):
+    def load_model(recipe, attention, quantized=True):
         loads.append(quantized)
-        return real_load_model(recipe, quantized=quantized)
+        return real_load_model(recipe, attention, quantized=quantized)
 
     real_load_model = merge_stage.load_model
     monkeypatch.setattr(merge_stage, "load_model", load_model)
@@ -208,7 +209,7 @@ def test_an_interrupted_merge_leaves_nothing_that_looks_complete(where, runs, tm
         def fail(*args, **kwargs):
             raise KeyboardInterrupt
 
-        monkeypatch.setattr("finetune.merge._load_saved", fail)
+        monkeypatch.setattr("finetune.merge._verify", fail)
         expected = KeyboardInterrupt
     with pytest.raises(expected):
         merge(run, out=out, overwrite=True)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_train import finetune, write_recipe
+from helpers import finetune, write_recipe
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -46,7 +46,7 @@ def test_training_with_packing_keeps_the_assistant_masks(tiny_model_dir, tmp_pat
 def test_length_grouped_order_is_fixed_by_seed_and_epoch_and_cuts_padding():
     import random
 
-    from finetune.trainer import GroupedByLength
+    from finetune.sft_trainer import GroupedByLength
 
     lengths = [random.Random(i).randint(5, 500) for i in range(4000)]
     epoch = [0]

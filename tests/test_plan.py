@@ -82,7 +82,7 @@ def test_counts_equal_peft_on_the_real_model(family, variant, tiny_model_dir, tm
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir(family)), VARIANTS[variant])
     planned = plan(recipe).params
-    model = load_model(recipe)
+    model = load_model(recipe, "sdpa")
     base = sum(p.numel() for p in model.parameters())
     peft_model = get_peft_model(model, lora_config(recipe, resolve_targets(recipe, model)))
     trainable, total = peft_model.get_nb_trainable_parameters()
@@ -103,7 +103,7 @@ def test_quantized_counts_and_weight_bytes_equal_bitsandbytes(method, tiny_model
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir("qwen2")), [f"quantization.method={method}"])
     result = plan(recipe)
-    model = prepare_model_for_kbit_training(load_model(recipe), use_gradient_checkpointing=False)
+    model = prepare_model_for_kbit_training(load_model(recipe, "sdpa"), use_gradient_checkpointing=False)
     stored = 0
     for module in model.modules():
         stored += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
@@ -190,16 +190,29 @@ def test_checkpointing_lowers_activations_and_they_scale_with_the_batch():
     double = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml", "train.batch_size=8")
     # per-token terms double; the fused loss's logit tile (at most 4096 tokens) does not
     assert 1.9 < double.memory.activations_with_checkpointing / memory.activations_with_checkpointing < 2
-    fits = memory.fits
-    assert list(fits) == ["24 GB", "40 GB", "48 GB", "80 GB", "141 GB"]
-    assert fits == {k: memory.total <= int(k.split()[0]) * GB for k in fits}
-    assert fits["141 GB"] and not off.memory.fits["24 GB"]
+    fits = {fit.memory_gb: fit for fit in memory.fits}
+    assert list(fits) == [24, 40, 48, 80, 141]
+    assert {gb: fit.fits for gb, fit in fits.items()} == {gb: memory.total <= gb * GB for gb in fits}
+    assert all(fit.headroom == gb * GB - memory.total and not fit.checkpointing for gb, fit in fits.items())
+    assert fits[141].fits and not off.memory.fits[0].fits
+
+
+def test_auto_checkpointing_turns_on_in_the_fit_exactly_where_train_would_turn_it_on():
+    from finetune.speed import GPU_MEMORY_SHARE
+
+    auto = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml", "train.gradient_checkpointing=auto").memory
+    with_ckpt = auto.lower_bound + auto.activations_with_checkpointing
+    for fit in auto.fits:
+        assert fit.checkpointing == (auto.total > GPU_MEMORY_SHARE * fit.memory_gb * GB)
+        assert fit.need == (with_ckpt if fit.checkpointing else auto.total)
+        assert fit.fits == (fit.need <= fit.memory_gb * GB) and fit.headroom == fit.memory_gb * GB - fit.need
+    assert any(fit.checkpointing for fit in auto.fits) and not auto.fits[-1].checkpointing
 
 
 def test_unknown_sequence_length_leaves_activations_unknown():
     result = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml", "data.max_seq_length=auto")
     assert result.memory.total is None and term(result, "activations") is None
-    assert result.memory.fits["24 GB"] is None  # the rest fits in 24 GB; with activations, unknown
+    assert result.memory.fits[0].fits is None  # the rest fits in 24 GB; with activations, unknown
     assert any("max_seq_length is auto" in n for n in result.notes)
 
 
@@ -326,3 +339,17 @@ def test_per_gpu_memory_divides_what_the_strategy_shards(config, sharded):
     for one, many in zip(single.memory.terms, shared.memory.terms, strict=True):
         expected = -(-one.bytes // 8) if one.name in sharded else one.bytes
         assert many.bytes == expected, (config, one.name)
+
+
+def test_every_optimizer_the_schema_allows_has_a_memory_rule():
+    import typing
+
+    import torch
+
+    from finetune.plan import _optimizer_bytes
+    from finetune.recipe import TrainSection
+
+    optimizers = typing.get_args(TrainSection.model_fields["optimizer"].annotation)
+    assert "adamw_torch_fused" in optimizers
+    for name in optimizers:  # a new optimizer in the schema fails here until plan counts its state
+        assert _optimizer_bytes(torch.Size([4096, 16]), torch.float32, name) >= 0, name

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train import finetune, losses, write_recipe
+from helpers import finetune, losses, write_recipe
 
 RESUMABLE = """\
 data:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import write_recipe
+from helpers import write_recipe
 
 from finetune.report import line_chart, render, series
 
@@ -86,3 +86,25 @@ def test_chart_scales_points_into_the_frame():
 def test_render_without_eval_says_so():
     page = render({"name": "x", "status": "failed", "error": "RuntimeError: boom"}, [], None)
     assert "No held-out evaluation" in page and "RuntimeError: boom" in page
+
+
+def test_the_manifest_records_the_git_state_of_the_repo_holding_the_recipe(tmp_path, tiny_model_dir, monkeypatch):
+    """The experiment repo is the recipe's, wherever the command runs from (here: a directory outside it)."""
+    from finetune.loading import load_recipe
+    from finetune.runs import Manifest, RunDir
+
+    repo = tmp_path / "experiments"
+    repo.mkdir()
+    recipe_path = write_recipe(repo, tiny_model_dir())
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "recipe.yaml"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "recipe"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    recipe = load_recipe(recipe_path)
+    assert recipe.source == recipe_path.resolve()
+    manifest = Manifest.start(RunDir(elsewhere / "run"), recipe)
+    assert manifest.data["git"] == {"commit": head, "dirty": True}  # data/ is untracked

@@ -1,53 +1,103 @@
-"""The `auto` speed settings: what they decide on this machine, and on a GPU of a given size."""
+"""The `auto` speed settings: pure decisions from a setting and the machine's facts, and how train makes them once."""
 
 from __future__ import annotations
 
-import pytest
-from test_train import write_recipe
+import dataclasses
+import json
 
+import pytest
+import tiny
+from helpers import write_recipe
+
+import finetune.data.prepare as prepare_module
+import finetune.plan as plan_module
+import finetune.train as train_module
 from finetune.errors import UserError
 from finetune.loading import load_recipe
+from finetune.machine import Machine, this_machine
 from finetune.plan import plan
-from finetune.speed import checkpointing, decide, liger
+from finetune.speed import decide_attention, decide_checkpointing, decide_liger, decide_packing
+
+CPU = Machine(cuda=False, bf16=False, gpu_bytes=None, flash_attn=False, liger_kernel=False)
+GPU = Machine(cuda=True, bf16=True, gpu_bytes=80 * 10**9, flash_attn=True, liger_kernel=True)
 
 
-def recipe_for(tmp_path, model_dir, *sets: str):
-    path = write_recipe(tmp_path, model_dir)
-    return load_recipe(path, ["train.gradient_checkpointing=auto", *sets])
+def test_on_the_cpu_auto_means_sdpa_no_packing_no_checkpointing_no_liger():
+    import torch
+
+    attention = decide_attention("auto", torch.float32, CPU)
+    assert attention == "sdpa"
+    assert decide_packing("auto", attention) is False
+    assert decide_checkpointing("auto", CPU, peak_bytes=None) is False
+    assert decide_liger("auto", CPU) is False
 
 
-def test_on_the_cpu_auto_means_sdpa_no_packing_no_checkpointing_no_liger(tmp_path, tiny_model_dir):
-    speed = decide(recipe_for(tmp_path, tiny_model_dir()))
-    assert speed.to_dict() == {
-        "attn_implementation": "sdpa",
-        "packing": False,
-        "gradient_checkpointing": False,
-        "liger_kernel": False,
-    }
+def test_on_a_gpu_with_flash_attn_auto_means_flash_packing_and_liger():
+    import torch
+
+    assert decide_attention("auto", torch.bfloat16, GPU) == "flash_attention_2"
+    assert decide_attention("auto", torch.float32, GPU) == "sdpa", "flash attention runs in half precision only"
+    assert decide_attention("auto", torch.bfloat16, dataclasses.replace(GPU, flash_attn=False)) == "sdpa"
+    assert decide_packing("auto", "flash_attention_2") is True
+    assert decide_liger("auto", GPU) is True
 
 
-def test_explicit_settings_are_kept_as_written(tmp_path, tiny_model_dir):
-    sets = ["model.attn_implementation=eager", "data.packing=true", "train.gradient_checkpointing=true"]
-    speed = decide(recipe_for(tmp_path, tiny_model_dir(), *sets))
-    assert (speed.attn_implementation, speed.packing, speed.gradient_checkpointing) == ("eager", True, True)
+def test_explicit_settings_are_kept_as_written():
+    import torch
+
+    assert decide_attention("eager", torch.bfloat16, GPU) == "eager"
+    assert decide_packing(True, "sdpa") is True
+    assert decide_checkpointing(True, CPU, peak_bytes=None) is True
+    assert decide_checkpointing(False, GPU, peak_bytes=10**12) is False
 
 
-def test_checkpointing_turns_on_only_where_the_plan_does_not_fit(tmp_path, tiny_model_dir):
-    recipe = recipe_for(tmp_path, tiny_model_dir())
-    need = plan(recipe).memory.total  # without checkpointing, as `auto` plans it
-    assert checkpointing(recipe, gpu_bytes=2 * need) is False
-    assert checkpointing(recipe, gpu_bytes=need) is True  # over 90% of the GPU
-    assert checkpointing(load_recipe(write_recipe(tmp_path, tiny_model_dir()), []), gpu_bytes=1) is False  # as set
+def test_checkpointing_turns_on_only_where_the_peak_does_not_fit():
+    gpu = GPU.gpu_bytes
+    assert decide_checkpointing("auto", GPU, peak_bytes=gpu // 2) is False
+    assert decide_checkpointing("auto", GPU, peak_bytes=gpu) is True  # over 90% of the GPU
+    assert decide_checkpointing("auto", GPU, peak_bytes=None) is True  # unknown: the safe choice
 
 
-def test_liger_asked_for_where_it_cannot_run_is_a_clear_error(tmp_path, tiny_model_dir):
-    recipe = recipe_for(tmp_path, tiny_model_dir(), "train.liger_kernel=true")
+def test_liger_asked_for_where_it_cannot_run_is_a_clear_error():
     with pytest.raises(UserError, match="liger_kernel: true needs a CUDA GPU"):
-        liger(recipe)
+        decide_liger(True, CPU)
 
 
 def test_plan_counts_checkpointing_in_where_auto_would_turn_it_on(tmp_path, tiny_model_dir):
-    memory = plan(recipe_for(tmp_path, tiny_model_dir())).memory
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir()), ["train.gradient_checkpointing=auto"])
+    memory = plan(recipe).memory
     assert memory.gradient_checkpointing == "auto"
     assert memory.activations_with_checkpointing < memory.activations_without_checkpointing
     assert memory.total == memory.lower_bound + memory.activations_without_checkpointing
+
+
+@pytest.mark.slow
+def test_on_a_gpu_train_prepares_hub_data_once_and_estimates_its_peak(tmp_path, tiny_model_dir, monkeypatch):
+    """Checkpointing `auto` on a (simulated) 80 GB GPU: one data preparation, one peak estimate from the
+    sequence length train settled on, although the data is a hub dataset and max_seq_length is `auto`."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--acme--reverse"
+    tiny.write_jsonl(repo / "snapshots" / commit / "data" / "train.jsonl", tiny.reverse_rows(24))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    path = write_recipe(tmp_path, tiny_model_dir())
+    path.write_text(path.read_text().replace("{path: data/train.jsonl}", "{path: acme/reverse}"))
+    sets = ["train.gradient_checkpointing=auto", "data.max_seq_length=auto", "train.max_steps=1",
+            "eval.metrics=[loss]", "eval.compare_base=false"]  # fmt: skip
+    recipe = load_recipe(path, sets)
+
+    monkeypatch.setattr(train_module, "this_machine", lambda: dataclasses.replace(this_machine(), gpu_bytes=80 * 10**9))
+    preparations, peaks = [], []
+    real_key, real_peak = prepare_module.cache_key, plan_module.peak_memory
+    monkeypatch.setattr(prepare_module, "cache_key", lambda *a: preparations.append(1) or real_key(*a))
+    monkeypatch.setattr(plan_module, "peak_memory", lambda *a: peaks.append(real_peak(*a)) or peaks[-1])
+    monkeypatch.chdir(tmp_path)
+    train_module.train(recipe, progress=False)
+
+    manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
+    assert len(preparations) == 1, "train prepares (and hashes) its data once"
+    assert len(peaks) == 1 and peaks[0] is not None and 0 < peaks[0] < 10**10, peaks
+    assert manifest["speed"]["gradient_checkpointing"] is False, "a tiny model fits an 80 GB GPU without it"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_train import finetune, write_recipe
+from helpers import finetune, write_recipe
 
 
 @pytest.mark.slow

@@ -7,10 +7,10 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import tiny
+from helpers import finetune, hub_cache_with, losses, run_files, write_recipe
 
 from finetune.loading import load_recipe
 from finetune.modeling import resolve_targets
@@ -36,48 +36,6 @@ PRESETS = {
     "gemma": (["k_proj", "o_proj", "q_proj", "v_proj"], ["down_proj", "gate_proj", "up_proj"]),
     "phi3": (["o_proj", "qkv_proj"], ["down_proj", "gate_up_proj"]),
 }
-
-
-def write_recipe(tmp_path: Path, model_dir: Path, extra: str = "") -> Path:
-    tiny.write_jsonl(tmp_path / "data" / "train.jsonl", tiny.reverse_rows(48))
-    recipe = tmp_path / "recipe.yaml"
-    body = f"""\
-        name: tiny
-        model: {{base: {model_dir}}}
-        lora: {{rank: 8, alpha: 16}}
-        data:
-          train: [{{path: data/train.jsonl}}]
-          eval: {{split_ratio: 0.25}}
-          max_seq_length: 64
-        train:
-          max_steps: 8
-          lr: 5.0e-3
-          batch_size: 8
-          warmup_ratio: 0.0
-          gradient_checkpointing: false
-          logging_every: 1
-        eval:
-          max_new_tokens: 6
-        output_dir: runs/tiny
-    """
-    recipe.write_text(textwrap.dedent(body) + extra)
-    return recipe
-
-
-def finetune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(
-        [sys.executable, "-m", "finetune.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
-def run_files(run: Path) -> set[str]:
-    return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
-
-
-def losses(run: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
@@ -185,21 +143,6 @@ def test_overwrite_replaces_and_adapter_reloads_with_the_same_logits(tiny_model_
     assert (base - expected).abs().max() > 1e-3, "the trained adapter should change the logits"
 
 
-def hub_cache_with(model_dir: Path, cache: Path, repo_id: str, commit: str) -> None:
-    """Lay a model out as huggingface_hub's cache does: content-addressed blobs, a snapshot of links, refs/main."""
-    import hashlib
-
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    for f in model_dir.iterdir():
-        digest = hashlib.sha256(f.read_bytes()).hexdigest()
-        (repo / "blobs" / digest).write_bytes(f.read_bytes())
-        (repo / "snapshots" / commit / f.name).symlink_to(Path("..") / ".." / "blobs" / digest)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-
-
 @pytest.mark.slow
 def test_a_hub_model_trains_offline_from_a_prepopulated_cache(tiny_model_dir, tmp_path):
     import hashlib
@@ -216,3 +159,18 @@ def test_a_hub_model_trains_offline_from_a_prepopulated_cache(tiny_model_dir, tm
     weights = (tiny_model_dir() / "model.safetensors").read_bytes()
     assert base["id"] == "acme/tiny-llama" and base["commit"] == commit
     assert base["weights_sha256"] == {"model.safetensors": hashlib.sha256(weights).hexdigest()}
+
+
+def test_train_distributed_needs_a_recipe_loaded_from_a_file(tiny_model_dir, tmp_path):
+    """The stage itself launches `train.distributed` (the Python API as the CLI): its processes re-read the file."""
+    from finetune.errors import UserError
+    from finetune.recipe import Recipe
+    from finetune.train import train
+
+    config = tmp_path / "single.yaml"
+    config.write_text("distributed_type: 'NO'\nnum_processes: 1\n")
+    loaded = load_recipe(write_recipe(tmp_path, tiny_model_dir()), [f"train.distributed={config}"])
+    assert loaded.overrides == (f"train.distributed={config}",) and loaded.source is not None
+    in_code = Recipe.model_validate(loaded.resolved())
+    with pytest.raises(UserError, match=r"train\.distributed: the launched processes re-read the recipe"):
+        train(in_code)

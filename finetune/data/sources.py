@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import DataError, Problem
+from finetune.loading import is_local
 from finetune.recipe import DataSource
+from finetune.runs import update_sha256
 from finetune.yaml_source import display_path
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -26,11 +28,6 @@ SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 class Row:
     data: Any
     where: str  # "data/train.jsonl:118" (line) or "data/train.parquet:row 7"
-
-
-def is_local(source: DataSource) -> bool:
-    """Loading resolved local paths to absolute ones; anything else is a hub dataset id."""
-    return Path(source.path).is_absolute()
 
 
 def files_of(source: DataSource) -> list[Path]:
@@ -50,12 +47,10 @@ def files_of(source: DataSource) -> list[Path]:
 def fingerprint(source: DataSource) -> str:
     """sha256 over the source's file contents (local) or its id, subset, split and revision (hub)."""
     digest = hashlib.sha256()
-    if is_local(source):
+    if is_local(source.path):
         for f in files_of(source):
             digest.update(f.name.encode())
-            with f.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
+            update_sha256(digest, f)
     else:
         snapshot = hub_snapshot(source)
         digest.update(json.dumps([source.path, snapshot.name, source.subset, source.split]).encode())
@@ -64,7 +59,7 @@ def fingerprint(source: DataSource) -> str:
 
 def read_rows(source: DataSource) -> Iterator[Row]:
     """Rows of one source, at most `source.limit` of them."""
-    rows = _local_rows(source) if is_local(source) else _hub_rows(source)
+    rows = _local_rows(source) if is_local(source.path) else _hub_rows(source)
     for n, row in enumerate(rows):
         if source.limit is not None and n >= source.limit:
             return

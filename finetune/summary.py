@@ -1,0 +1,196 @@
+"""The held-out summary: tuned vs base figures, typed, with the one place that knows each metric's direction.
+
+Written by `finetune eval` and at the end of training (eval/summary.json, the manifest's `eval`),
+read by every renderer (the CLI table, report.html, the exported model card, `runs`) and by the
+CI gate, which all take their rows from `EvalSummary.rows()`. The JSON shape is the run
+directory's contract and does not change.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune.errors import UserError
+from finetune.recipe import LOSS_METRICS
+
+LOWER_IS_BETTER = frozenset(LOSS_METRICS)  # every other metric (exact_match, a user's function) is higher-is-better
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric in LOWER_IS_BETTER
+
+
+@dataclass
+class Scores:
+    """One model's held-out figures."""
+
+    loss: float | None = None
+    perplexity: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def get(self, name: str) -> float | None:
+        return {"loss": self.loss, "perplexity": self.perplexity}.get(name, self.metrics.get(name))
+
+    def names(self) -> list[str]:
+        """The figures this model has, in display order: loss, perplexity, then the metrics as configured."""
+        return [n for n in LOSS_METRICS if self.get(n) is not None] + list(self.metrics)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss, "perplexity": self.perplexity, "metrics": dict(self.metrics)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Scores | None:
+        if not data:
+            return None
+        return cls(data.get("loss"), data.get("perplexity"), dict(data.get("metrics") or {}))
+
+
+@dataclass
+class Row:
+    """One metric, base against tuned; `better` says whether tuned beats base in the metric's own direction."""
+
+    metric: str
+    tuned: float
+    base: float | None
+    wins: int | None = None  # per-example record, for generation metrics
+    losses: int | None = None
+    ties: int | None = None
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.base is None else self.tuned - self.base
+
+    @property
+    def better(self) -> bool | None:
+        """True: tuned is better than base; False: worse; None: equal, or no base."""
+        if self.base is None or self.tuned == self.base:
+            return None
+        return (self.tuned < self.base) == lower_is_better(self.metric)
+
+    @property
+    def record(self) -> str:
+        return "" if self.wins is None else f"{self.wins}/{self.losses}/{self.ties}"
+
+
+@dataclass
+class EvalSummary:
+    tuned: Scores
+    base: Scores | None
+    examples: int
+    records: dict[str, dict[str, int]] = field(default_factory=dict)  # metric -> wins, losses, ties (with a base)
+    harness: dict[str, Any] | None = None  # task -> metric -> base, tuned, delta (eval.harness)
+
+    def rows(self) -> list[Row]:
+        """Every figure of the tuned model, with the base's beside it where there is one."""
+        out = []
+        for name in self.tuned.names():
+            record = self.records.get(name, {})
+            base = None if self.base is None else self.base.get(name)
+            out.append(
+                Row(name, self.tuned.get(name), base, record.get("wins"), record.get("losses"), record.get("ties"))
+            )
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON of eval/summary.json and the manifest's `eval`."""
+        out: dict[str, Any] = {
+            "tuned": self.tuned.to_dict(),
+            "base": None if self.base is None else self.base.to_dict(),
+            "examples": self.examples,
+        }
+        if self.base is not None:
+            versus: dict[str, dict[str, Any]] = {
+                name: {"delta": self.tuned.metrics[name] - self.base.metrics[name], **self.records.get(name, {})}
+                for name in self.tuned.metrics
+            }
+            if self.tuned.loss is not None and self.base.loss is not None:
+                versus["loss"] = {"delta": self.tuned.loss - self.base.loss}
+            out["vs_base"] = versus
+        if self.harness:
+            out["harness"] = self.harness
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> EvalSummary | None:
+        """A summary read back from summary.json or a manifest; None where none was recorded."""
+        tuned = Scores.from_dict((data or {}).get("tuned"))
+        if tuned is None:
+            return None
+        versus = data.get("vs_base") or {}
+        records = {k: {n: v[n] for n in ("wins", "losses", "ties")} for k, v in versus.items() if "wins" in v}
+        return cls(
+            tuned, Scores.from_dict(data.get("base")), int(data.get("examples") or 0), records, data.get("harness")
+        )
+
+
+# --- the CI gate ------------------------------------------------------------------------------------
+
+COMPARISONS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+REQUIREMENT = re.compile(r"^\s*([^<>=\s][^<>=]*?)\s*(>=|<=|>|<)\s*([^<>=]+?)\s*$")
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """`exact_match>=0.8`, `loss<=0.5`: a bound on one tuned figure, in whichever direction the user means."""
+
+    metric: str
+    op: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> Requirement:
+        match = REQUIREMENT.match(text)
+        try:
+            if match is None:
+                raise ValueError
+            return cls(match[1], match[2], float(match[3]))
+        except ValueError:
+            raise UserError(
+                f"--require: expected METRIC>=VALUE or METRIC<=VALUE (also > and <), e.g. exact_match>=0.8 or "
+                f"loss<=0.5; got {text!r}"
+            ) from None
+
+    @classmethod
+    def fail_under(cls, text: str) -> Requirement:
+        """The deprecated `--fail-under METRIC=VALUE`: a minimum, so only for higher-is-better metrics."""
+        name, sep, value = text.partition("=")
+        try:
+            requirement = cls(name.strip(), ">=", float(value))
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise UserError(f"--fail-under: expected METRIC=VALUE, got {text!r}")
+        if lower_is_better(requirement.metric):
+            raise UserError(
+                f"--fail-under {text}: {requirement.metric} is better when lower, so a minimum is not a gate; "
+                f"use --require '{requirement.metric}<={value.strip()}'"
+            )
+        return requirement
+
+    def failure(self, value: float) -> str | None:
+        if COMPARISONS[self.op](value, self.value):
+            return None
+        side = "under" if self.op in (">=", ">") else "over"
+        return f"{self.metric} = {value:.4f} is {side} {self.value:g} (required {self.metric}{self.op}{self.value:g})"
+
+
+def gate(summary: EvalSummary, requirements: list[Requirement], worse_than_base: bool) -> list[str]:
+    """The CI gate: each failed condition as a sentence with its figures; empty when all pass."""
+    failures = []
+    for requirement in requirements:
+        value = summary.tuned.get(requirement.metric)
+        if value is None:
+            computed = ", ".join(summary.tuned.names()) or "none"
+            failures.append(f"{requirement.metric}: not computed (this evaluation has {computed})")
+        elif (failure := requirement.failure(value)) is not None:
+            failures.append(failure)
+    if worse_than_base:
+        if summary.base is None:
+            failures.append("--fail-if-worse-than-base needs the base model's scores (eval.compare_base)")
+        for row in summary.rows() if summary.base is not None else []:
+            if row.metric != "perplexity" and row.better is False:  # perplexity follows the loss
+                failures.append(f"{row.metric} {row.tuned:.4f} is worse than the base's {row.base:.4f}")
+    return failures
