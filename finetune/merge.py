@@ -34,7 +34,17 @@ from finetune.errors import RunDirError, UserError
 from finetune.loading import load_recipe
 from finetune.modeling import device, hub_kwargs, load_model, quiet_libraries
 from finetune.recipe import NAME_PATTERN, Recipe
-from finetune.runs import RunDir, atomic_dir, file_sha256, hardware, now, package_versions, write_json_atomic
+from finetune.runs import (
+    RunDir,
+    atomic_dir,
+    file_sha256,
+    hardware,
+    now,
+    package_versions,
+    resume_hint,
+    write_json_atomic,
+)
+from finetune.runs import status as run_status
 from finetune.secrets import redact
 from finetune.yaml_source import dump
 
@@ -139,11 +149,15 @@ def open_run(run_dir: str | Path) -> Run:
             manifest = json.loads(run.manifest.read_text(encoding="utf-8"))
         except ValueError as e:
             raise UserError(f"{run.manifest}: unreadable manifest ({e})") from None
-    status = manifest.get("status")
+    status = run_status(manifest) if manifest else None
+    if status == "died":
+        raise UserError(
+            f"{run_dir}: its training process died before the run finished; continue it with: {resume_hint(manifest)}"
+        )
     if status == "running":
         raise UserError(
-            f"{run_dir}: the manifest says 'running': the run is still training, or was killed before it could "
-            "record its end (finish it with finetune train --resume); its adapter may still change"
+            f"{run_dir}: the manifest says 'running': the run is still training (or its process on another host "
+            f"was killed; then continue it with: {resume_hint(manifest)}); its adapter may still change"
         )
     if status not in (None, "completed"):
         notes.append(f"the run's manifest says {status!r}, not 'completed'; its saved adapter is used as it is")

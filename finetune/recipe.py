@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, model_validator
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 TargetPreset = Literal["attention", "mlp", "all-linear"]
@@ -37,6 +40,39 @@ class PathRef:
 
     def __init__(self, kind: Literal["local", "file", "local_or_hub", "template"]):
         self.kind = kind
+
+
+class CallableRef:
+    """Marks a string that may name a `module:function` of the user's, found beside the recipe that names it
+    (`finetune.callables`); the function must accept `parameters` positionally."""
+
+    def __init__(self, parameters: tuple[str, ...]):
+        self.parameters = parameters
+
+
+@dataclass(frozen=True)
+class RecipeSource:
+    """Where a loaded recipe came from: its file, the --set overrides, and the file:line:col of each key.
+
+    Kept beside the recipe (not in it) so that checks run after loading can still name the line
+    to fix, and messages can give the exact command that was run.
+    """
+
+    path: Path
+    overrides: tuple[str, ...] = ()
+    locations: dict[tuple[str | int, ...], str] = field(default_factory=dict)
+
+    def where(self, key: tuple[str | int, ...]) -> str:
+        """The file:line:col that set `key`, else its nearest parent's, else the recipe file."""
+        for n in range(len(key), -1, -1):
+            if key[:n] in self.locations:
+                return self.locations[key[:n]]
+        return str(self.path)
+
+    def command(self, *extra: str) -> str:
+        """`finetune train RECIPE --set k=v ... EXTRA`, quoted for a POSIX shell: the command that was run."""
+        sets = [part for override in self.overrides for part in ("--set", override)]
+        return shlex.join(["finetune", "train", str(self.path), *sets, *extra])
 
 
 class FieldRuleError(ValueError):
@@ -251,9 +287,10 @@ class TrainSection(Section):
 
 
 class EvalSection(Section):
-    metrics: list[Annotated[str, Field(min_length=1)]] = Field(
+    metrics: list[Annotated[str, Field(min_length=1), CallableRef(("prediction", "reference"))]] = Field(
         ["loss", "exact_match"],
-        description=f"Held-out metrics: {', '.join(BUILTIN_METRICS)}, or a `module:function` of your own.",
+        description=f"Held-out metrics: {', '.join(BUILTIN_METRICS)}, or a `module:function(prediction, reference) -> float` "
+        "of your own, the module found beside the recipe file that names it (or installed); `validate` imports it.",
     )
     compare_base: bool = Field(
         True, description="Also evaluate the base model (adapter off) and report the difference."
@@ -303,6 +340,20 @@ class Recipe(Section):
     output_dir: Annotated[str, PathRef("local")] | None = Field(
         None, description="Run directory; default runs/<name> under the working directory."
     )
+    _source: RecipeSource | None = PrivateAttr(None)
+
+    def __eq__(self, other: object) -> bool:
+        """Recipes are equal by content: where each was loaded from (`source`) does not count."""
+        if not isinstance(other, Recipe):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    __hash__ = Section.__hash__
+
+    @property
+    def source(self) -> RecipeSource | None:
+        """The file, overrides and key locations this recipe was loaded from (None when built in code)."""
+        return self._source
 
     @model_validator(mode="after")
     def _eval_needs_data(self) -> Recipe:

@@ -22,13 +22,16 @@ def yaml_text(text: str) -> str:
 
 
 def make_workspace(root: Path) -> Path:
-    """A tiny data file, a held-out file and a fake local model dir (the loader only checks existence)."""
+    """A tiny data file, a held-out file and a fake local model dir (validate only checks that its files exist)."""
     (root / "data").mkdir(parents=True, exist_ok=True)
     row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     (root / "data" / "train.jsonl").write_text(json.dumps(row) + "\n")
     (root / "data" / "eval.jsonl").write_text(json.dumps(row) + "\n")
     (root / "model").mkdir(exist_ok=True)
     (root / "model" / "config.json").write_text('{"model_type": "llama"}\n')
+    for name in ("model.safetensors", "tokenizer.json"):
+        (root / "model" / name).write_text("{}\n")
+    (root / "model" / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}\n')
     return root
 
 
