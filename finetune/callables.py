@@ -113,7 +113,8 @@ def _import_file(path: Path) -> Any:
     """Import a .py file (or a package's __init__.py) under its dotted name from the folder above its packages.
 
     The folder goes on sys.path first while importing, so that the module's own imports of its
-    siblings work; a different module of the same name imported earlier is an error, not a surprise.
+    siblings work. When another file of the same name was imported earlier in this process (two
+    experiments' `metrics.py`), this one is loaded on its own, without replacing that one.
     """
     if not path.is_file():
         raise CallableError(f"{path}: no such file")
@@ -124,12 +125,24 @@ def _import_file(path: Path) -> Any:
         root = root.parent
     name = ".".join(parts)
     loaded = sys.modules.get(name)
-    if loaded is not None:
-        if Path(getattr(loaded, "__file__", "") or "").resolve() == path.resolve():
-            return loaded
-        raise CallableError(f"{path}: a different module named {name!r} is already imported ({loaded.__file__})")
+    same = loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path.resolve()
+    if same:
+        return loaded
     sys.path.insert(0, str(root))
     try:
-        return _import_name(name)
+        return _import_name(name) if loaded is None else _exec_file(name, path)
     finally:
         sys.path.remove(str(root))
+
+
+def _exec_file(name: str, path: Path) -> Any:
+    """A module object for `path`, executed but not registered in sys.modules (its name is taken)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise CallableError(f"importing {path} failed: {type(e).__name__}: {e}") from None
+    return module
