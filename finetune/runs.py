@@ -108,7 +108,7 @@ class RunDir:
                 f"{self.root} is already completed: nothing to resume; pass --overwrite instead of --resume to "
                 "train it again (or set a new name / output_dir)"
             )
-        if process_alive(manifest.get("process")):
+        if manifest.get("status") == "running" and process_alive(manifest.get("process")):
             raise RunDirError(
                 f"{self.root} is still training (process {manifest['process']['pid']} on this host); "
                 "stop it first (it saves a checkpoint on SIGTERM), or let it finish"

@@ -91,7 +91,9 @@ def test_sigterm_saves_a_checkpoint_marks_interrupted_and_exits_3(tiny_model_dir
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 3, stderr[-2000:]
-    assert "--resume" in stderr and "Traceback" not in stderr
+    assert "Traceback" not in stderr and "error:" not in stderr  # the graceful path
+    command = f"finetune train {recipe} --set train.max_steps=100000 --set train.save_every=100000 --resume"
+    assert stderr.rstrip().endswith(f"checkpoint saved; continue with: {command}"), stderr[-1000:]
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "interrupted"
     checkpoints = sorted((run / "checkpoints").glob("checkpoint-*"))
@@ -109,7 +111,7 @@ def test_resume_refuses_a_recipe_that_changed_what_is_trained(tiny_model_dir, tm
     os.chdir(tmp_path)
     original = load_recipe(recipe)
     write_recipe(RunDir(run), original)
-    Manifest.start(RunDir(run), original)
+    Manifest.start(RunDir(run), original).update(status="interrupted")  # this process is alive: not "running"
     result = finetune("train", str(recipe), "--resume", "--set", "lora.rank=4", "--set", "train.lr=1e-3", cwd=tmp_path)
     assert result.returncode == 2
     assert "the recipe changed in lora.rank, train.lr" in result.stderr
@@ -230,3 +232,35 @@ def test_a_run_killed_before_its_first_checkpoint_is_shown_dead_and_resumes_from
 
     again = finetune(*shlex.split(command)[1:], cwd=tmp_path)
     assert again.returncode == 2 and "is already completed: nothing to resume" in again.stderr
+
+
+def test_resuming_after_a_clean_stop_removes_an_empty_staging_folder_without_a_warning(tmp_path, monkeypatch):
+    import warnings
+
+    from recipes_broken import GOOD, make_workspace
+    from recipes_broken import write as write_yaml
+
+    from finetune.loading import load_recipe
+    from finetune.runs import Manifest, RunDir
+    from finetune.runs import write_recipe as save_recipe
+    from finetune.train import _claim
+
+    make_workspace(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(write_yaml(tmp_path, "recipe.yaml", GOOD))
+    run = RunDir(recipe.run_dir)
+    checkpoint = run.checkpoints / "checkpoint-4"
+    for partial in (False, True):
+        (run.checkpoints / ".staging").mkdir(parents=True, exist_ok=True)
+        if partial:
+            (run.checkpoints / ".staging" / "checkpoint-5").mkdir()
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        (checkpoint / "trainer_state.json").write_text("{}")
+        save_recipe(run, recipe)
+        Manifest.start(run, recipe).update(status="interrupted")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _claim(run, recipe, checkpoint, replace=False, resume=True)
+        said = [str(w.message) for w in caught if "partial checkpoint" in str(w.message)]
+        assert len(said) == int(partial), said
+        assert not (run.checkpoints / ".staging").exists()
