@@ -69,10 +69,10 @@ class RecipeSource:
                 return self.locations[key[:n]]
         return str(self.path)
 
-    def command(self, *extra: str) -> str:
-        """`finetune train RECIPE --set k=v ... EXTRA`, quoted for a POSIX shell: the command that was run."""
+    def command(self, *extra: str, stage: str = "train") -> str:
+        """`finetune STAGE RECIPE --set k=v ... EXTRA`, quoted for a POSIX shell: the command that was run."""
         sets = [part for override in self.overrides for part in ("--set", override)]
-        return shlex.join(["finetune", "train", str(self.path), *sets, *extra])
+        return shlex.join(["finetune", stage, str(self.path), *sets, *extra])
 
 
 class FieldRuleError(ValueError):

@@ -125,8 +125,14 @@ def _start_point(run: RunDir, recipe: Recipe, resume: bool, overwrite: bool) -> 
     command = _command(recipe)
     if not (resume and run.manifest.exists()):
         run.refuse_existing(overwrite, command)
-        return None, overwrite or run.replaceable()
+        if not overwrite and run.replaceable():
+            _say_replaced(run)
+            return None, True
+        return None, overwrite
     run.refuse_resume()
+    if run.replaceable():  # nothing was trained: the recipe may have been fixed since
+        _say_replaced(run)
+        return None, True
     checkpoint = find_resume_point(run, recipe)
     if checkpoint is None:
         steps = run.steps_logged()
@@ -134,6 +140,12 @@ def _start_point(run: RunDir, recipe: Recipe, resume: bool, overwrite: bool) -> 
         why = f"train.save_every is {recipe.train.save_every}" if recipe.train.save_every else "train.save_every is off"
         warnings.warn(f"{run.root} has no complete checkpoint ({why}; {lost}): starting it from step 0", stacklevel=3)
     return checkpoint, checkpoint is None
+
+
+def _say_replaced(run: RunDir) -> None:
+    manifest = run.read_manifest() or {}
+    error = f" ({manifest['error']})" if manifest.get("error") else ""
+    warnings.warn(f"replacing {run.root}: its last attempt stopped before its first step{error}", stacklevel=3)
 
 
 def _command(recipe: Recipe) -> str | None:
@@ -336,13 +348,15 @@ def _check_disk_space(run: RunDir, recipe: Recipe, trainable: int) -> None:
 
 def _oom_advice(recipe: Recipe, speed: Speed) -> str:
     t, d = recipe.train, recipe.data
+    half = f"--set train.batch_size={t.batch_size // 2} --set train.grad_accum={t.grad_accum * 2} (same global batch); "
+    plan = redact_text(recipe.source.command(stage="plan")) if recipe.source else "finetune plan RECIPE"
     return (
         f"out of memory at batch_size {t.batch_size}, max_seq_length {d.max_seq_length}, "
         f"gradient_checkpointing {str(speed.gradient_checkpointing).lower()}, "
         f"quantization {recipe.quantization.method}. "
-        "Try, in order: --set train.batch_size=<half> with train.grad_accum=<double> (same global batch); "
+        f"Try, in order: {half if t.batch_size > 1 else ''}"
         "--set train.gradient_checkpointing=true; a lower data.max_seq_length; --set quantization.method=nf4; "
-        "and see `finetune plan` for the memory estimate per component."
+        f"and see `{plan}` for the memory estimate per component."
     )
 
 

@@ -419,6 +419,18 @@ BROKEN: list[Broken] = [
         ("recipe.yaml:4:3", "lora.targets", "did you mean 'all-linear'?"),
     ),
     _case(
+        "targets-one-name-not-a-list",
+        """
+        name: demo
+        model: {base: ./model}
+        lora:
+          targets: q_proj
+        data:
+          train: [{path: data/train.jsonl}]
+        """,
+        ("recipe.yaml:4:3", "lora.targets", "all-linear, or a list such as [q_proj] (got 'q_proj')"),
+    ),
+    _case(
         "chat-template",
         """
         name: demo
