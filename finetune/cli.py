@@ -62,8 +62,8 @@ def handles_errors(command):
             return command(*args, **kwargs)
         except UserError as e:
             raise _fail("\n".join(f"error: {p}" for p in e.problems), e.exit_code) from None
-        except TrainingInterrupted as e:
-            raise _fail(f"error: {e}", e.exit_code) from None
+        except TrainingInterrupted as e:  # the graceful path (exit 3): not an error
+            raise _fail(str(e), e.exit_code) from None
         except LaunchError as e:  # the launched processes have printed their own errors
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
@@ -110,11 +110,13 @@ def validate(
     """
     from finetune.errors import RecipeError
     from finetune.loading import load_recipe
+    from finetune.preflight import preflight
 
     results = []
     for path in recipes:
         try:
             recipe = load_recipe(path, overrides or [])
+            preflight(recipe)
             results.append({"path": str(path), "valid": True, "problems": [], "recipe": recipe.resolved()})
         except RecipeError as e:
             problems = [{"where": p.where, "key": p.key, "message": p.message} for p in e.problems]
@@ -181,8 +183,13 @@ def train(
     Example: finetune train recipes/quickstart.yaml --set quantization.method=nf4
     """
     from finetune.loading import load_recipe
+    from finetune.preflight import preflight
+    from finetune.runs import RunDir
 
     loaded = load_recipe(recipe, overrides or [])  # a bad recipe exits 2 before torch is imported
+    preflight(loaded)  # so does a bad metric module or model directory
+    if resume and not overwrite:
+        RunDir(loaded.run_dir).refuse_resume()  # a finished run is refused in a second, not after the imports
     from finetune.train import train as run_training
 
     result = run_training(loaded, overwrite=overwrite, resume=resume, progress=not as_json)
@@ -431,7 +438,12 @@ def eval_(
     against: Annotated[
         str | None, typer.Option("--against", help="`base`: also score the base model; `none`: tuned only.")
     ] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="Score generation metrics on at most N rows.")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="Score at most N held-out rows (loss and generation metrics).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the results here; default RUN/eval/<UTC time>/.")
+    ] = None,
     require: Annotated[
         list[str] | None,
         typer.Option(
@@ -460,13 +472,13 @@ def eval_(
         typer.echo("warning: --fail-under is deprecated: use --require 'METRIC>=VALUE'", err=True)
     from finetune.evaluate import evaluate
 
-    result = evaluate(target, against_base=None if against is None else against == "base", limit=limit)
+    result = evaluate(target, against_base=None if against is None else against == "base", limit=limit, out=out)
     failures = gate(result.summary, requirements, fail_if_worse)
     if as_json:
         typer.echo(json.dumps({**result.to_dict(), "gate_failures": failures}, indent=2))
     else:
         _print_comparison(_console(), result.summary)
-        typer.echo(f"results: {Path(result.run_dir) / 'eval'}")
+        typer.echo(f"results: {result.out_dir} (the run's own eval/summary.json is unchanged)")
     if failures:
         raise _fail("\n".join(f"gate failed: {f}" for f in failures), 1)
 
@@ -640,17 +652,41 @@ def runs_list(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    from rich.table import Table
+    import shutil
 
-    table = Table()
-    for column in ("run", "status", "base", "rank", "best eval loss", "metric", "duration"):
-        table.add_column(column)
+    typer.echo(_runs_table(rows, shutil.get_terminal_size().columns))
+
+
+def _runs_table(rows: list[dict], width: int) -> str:
+    """One line per run within `width` columns: run, base and metric shortened (with …) before anything else."""
+    lines = [["run", "status", "base", "rank", "eval loss", "metric", "time"]]
     for r in rows:
-        metric = f"{r['metric'][0]} {r['metric'][1]:.4f}" if r["metric"] else ""
-        loss = f"{r['best_eval_loss']:.4f}" if r["best_eval_loss"] is not None else ""
-        duration = f"{r['seconds']:.0f}s" if r["seconds"] is not None else ""
-        table.add_row(r["name"], r["status"], str(r["base"]), str(r["rank"]), loss, metric, duration)
-    _console().print(table)
+        base = str(r["base"])
+        lines.append([
+            str(r["name"]), str(r["status"]),
+            f".../{Path(base).name}" if base.startswith(("/", "./", "../", "~")) else base,
+            str(r["rank"]),
+            f"{r['best_eval_loss']:.4f}" if r["best_eval_loss"] is not None else "",
+            f"{r['metric'][0]} {r['metric'][1]:.4f}" if r["metric"] else "",
+            f"{r['seconds']:.0f}s" if r["seconds"] is not None else "",
+        ])  # fmt: skip
+    widths = [max(len(line[i]) for line in lines) for i in range(7)]
+    shrinkable = (0, 2, 5)  # run, base, metric
+    floors = {0: 8, 2: 8, 5: 12}
+    while sum(widths) + 2 * 6 > width and any(widths[i] > floors[i] for i in shrinkable):
+        widest = max((i for i in shrinkable if widths[i] > floors[i]), key=lambda i: widths[i])
+        widths[widest] -= 1
+
+    def cell(text: str, i: int) -> str:
+        if len(text) > widths[i] and i == 5:  # keep the metric's value, shorten its name
+            name, _, value = text.rpartition(" ")
+            text = name[: max(widths[i] - len(value) - 2, 1)] + "… " + value
+        text = text if len(text) <= widths[i] else text[: widths[i] - 1] + "…"
+        return text.rjust(widths[i]) if i in (3, 4, 6) else text.ljust(widths[i])
+
+    out = ["  ".join(cell(text, i) for i, text in enumerate(line)).rstrip() for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
 
 
 @runs_app.command("show")

@@ -6,7 +6,6 @@ prompts, template, tokenizer and greedy decoding.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import re
@@ -62,7 +61,13 @@ GENERATION_FUNCTIONS: dict[str, Metric] = {name: globals()[name] for name in GEN
 
 
 def metric_functions(names: list[str] | tuple[str, ...]) -> dict[str, Metric]:
-    """Generation metrics by name; `module:function` imports a user metric(prediction, reference) -> float."""
+    """Generation metrics by the name tables show; `module:function` imports a user metric(prediction, reference).
+
+    The loader already found the module (beside the recipe, else installed: `finetune.callables`),
+    and `validate` and the start of `train` imported it, so this fails only if it changed since.
+    """
+    from finetune import callables
+
     out = {}
     for name in names:
         if name in LOSS_METRICS:
@@ -70,11 +75,10 @@ def metric_functions(names: list[str] | tuple[str, ...]) -> dict[str, Metric]:
         if name in GENERATION_FUNCTIONS:
             out[name] = GENERATION_FUNCTIONS[name]
             continue
-        module, _, func = name.partition(":")
         try:
-            out[name] = getattr(importlib.import_module(module), func)
-        except (ImportError, AttributeError) as e:
-            raise UserError(f"eval.metrics: cannot import {name!r}: {e}") from None
+            out[callables.short_name(name)] = callables.load(name, ("prediction", "reference"))
+        except callables.CallableError as e:
+            raise UserError(f"eval.metrics: {callables.short_name(name)}: {e}") from None
     return out
 
 
@@ -252,16 +256,21 @@ def compare(
 class EvalResult:
     run_dir: str
     summary: EvalSummary
+    out_dir: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run_dir": self.run_dir, **self.summary.to_dict()}
+        return {"run_dir": self.run_dir, "out_dir": self.out_dir, **self.summary.to_dict()}
 
 
-def evaluate(target: str | Path, against_base: bool | None = None, limit: int | None = None) -> EvalResult:
+def evaluate(
+    target: str | Path, against_base: bool | None = None, limit: int | None = None, out: str | Path | None = None
+) -> EvalResult:
     """Evaluate a run's adapter (a run directory, or the recipe that made it) on its held-out data.
 
     The run's own resolved recipe, tokenizer and chat template are used, so the held-out rows,
-    masks and prompts are exactly those of training; results go to RUN/eval/.
+    masks and prompts are exactly those of training. `limit` applies to every figure (loss too).
+    Results go to `out`, default RUN/eval/<UTC time>/: the run's own eval/summary.json and
+    examples.jsonl, written by training, stay as they were.
     """
     from peft import PeftModel
 
@@ -274,6 +283,7 @@ def evaluate(target: str | Path, against_base: bool | None = None, limit: int | 
 
     quiet_libraries()
     run = _run_of(Path(target))
+    out_dir = _out_dir(run, out)
     recipe = load_recipe(run.recipe)
     if recipe.data.eval is None:
         raise UserError(f"{run.recipe}: data.eval is not set, so the run has no held-out data to evaluate on")
@@ -283,21 +293,38 @@ def evaluate(target: str | Path, against_base: bool | None = None, limit: int | 
     model = PeftModel.from_pretrained(load_model(recipe, model_attention(recipe, this_machine())), run.adapter)
     e = recipe.eval
     with_base = e.compare_base if against_base is None else against_base
+    held_out = data.eval if not limit or data.eval is None else data.eval.select(range(min(limit, len(data.eval))))
     comparison = compare(
-        model, tokenizer, data.eval, data.eval_samples, list(e.metrics), e.max_new_tokens, e.batch_size,
+        model, tokenizer, held_out, data.eval_samples, list(e.metrics), e.max_new_tokens, e.batch_size,
         with_base=with_base, limit=limit or e.limit,
     )  # fmt: skip
-    summary = write_comparison(recipe, run, comparison, with_base, limit or e.limit)
-    from finetune.report import write_report
+    summary = write_comparison(recipe, run, comparison, with_base, limit or e.limit, out_dir)
+    return EvalResult(str(run.root), summary, str(out_dir))
 
-    write_report(run)
-    return EvalResult(str(run.root), summary)
+
+def _out_dir(run: RunDir, out: str | Path | None) -> Path:
+    """Where an ad-hoc evaluation goes: `out` (which must not hold anything yet), else eval/<UTC time>/."""
+    from datetime import datetime, timezone
+
+    from finetune.errors import RunDirError
+
+    if out is not None:
+        path = Path(out)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise RunDirError(f"--out {path} already exists; choose another directory (nothing is overwritten)")
+        return path
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path, n = run.eval / stamp, 1
+    while path.exists():
+        n += 1
+        path = run.eval / f"{stamp}-{n}"
+    return path
 
 
 def write_comparison(
-    recipe: Recipe, run: RunDir, comparison: Comparison, with_base: bool, limit: int | None
+    recipe: Recipe, run: RunDir, comparison: Comparison, with_base: bool, limit: int | None, out: Path | None = None
 ) -> EvalSummary:
-    """Run the `eval.harness` tasks, if any, and write everything to eval/; the summary, harness figures included.
+    """Run the `eval.harness` tasks, if any, and write everything to `out` (default eval/); returns the summary.
 
     Shared by `finetune eval` and the end of training, so that both write the same files.
     """
@@ -309,21 +336,18 @@ def write_comparison(
 
         harness = run_harness(recipe, run.adapter, with_base, limit)
         summary.harness = summarize(harness)
-    write_eval(run, summary.to_dict(), comparison.examples(), harness)
+    write_eval(run, summary.to_dict(), comparison.examples(), harness, out)
     return summary
 
 
 def _run_of(target: Path) -> Any:
+    """The run to evaluate (a run directory, or the recipe that made it), opened and described as `merge` does."""
     from finetune.loading import load_recipe
-    from finetune.runs import RunDir
+    from finetune.runs import RunDir, open_run
 
     if target.is_file():
         target = Path(load_recipe(target).run_dir)
-    run = RunDir(target)
-    missing = [p.name for p in (run.recipe, run.adapter / "adapter_config.json") if not p.exists()]
-    if missing:
-        raise UserError(f"{target}: not a finished run directory (missing {', '.join(missing)})")
-    return run
+    return RunDir(open_run(target).root)
 
 
 def _tokenizer(adapter_dir: Path) -> PreTrainedTokenizerBase:

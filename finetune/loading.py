@@ -17,8 +17,9 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
+from finetune import callables
 from finetune.errors import Problem, RecipeError
-from finetune.recipe import BUILTIN_TEMPLATES, FieldRuleError, PathRef, Recipe
+from finetune.recipe import BUILTIN_TEMPLATES, CallableRef, FieldRuleError, PathRef, Recipe, RecipeSource
 from finetune.yaml_source import Ambiguous, Document, KeyPath, Loc, display_path, dotted, load_file, parse
 
 SET_ORIGIN = "--set"
@@ -44,7 +45,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
         loader.problems.extend(_problem(err, data, locs) for err in e.errors())
     if loader.problems:
         raise RecipeError(sorted(loader.problems, key=_problem_order))
-    recipe._source, recipe._overrides = Path(path).expanduser().resolve(), tuple(overrides)
+    recipe._source = RecipeSource(Path(path), tuple(overrides), {k: str(v) for k, v in locs.items()})
     return recipe
 
 
@@ -221,14 +222,18 @@ class _Prepass:
                 if typing.get_origin(t) is list:
                     (item,) = typing.get_args(t)
                     return [self._value(item, [], v, (*path, i)) for i, v in enumerate(value)]
+        elif isinstance(value, str) and markers and isinstance(markers[0], CallableRef):
+            return callables.locate(value, self._base_dir(path)) if ":" in value else value
         elif isinstance(value, str) and markers:
             return self._resolve(markers[0].kind, value, path)
         return value
 
+    def _base_dir(self, path: KeyPath) -> Path:
+        """The folder of the file that set `path` (the working directory for --set)."""
+        return self.dirs.get(self.locs.get(path, Loc(SET_ORIGIN)).file, Path.cwd())
+
     def _resolve(self, kind: str, value: str, path: KeyPath) -> str:
-        loc = self.locs.get(path, Loc(SET_ORIGIN))
-        base_dir = self.dirs.get(loc.file, Path.cwd())
-        candidate = (base_dir / value).expanduser()
+        candidate = (self._base_dir(path) / value).expanduser()
         if kind == "template" and (value == "auto" or value in BUILTIN_TEMPLATES):
             return value
         if kind == "local_or_hub" and not _looks_local(value, candidate):
@@ -269,17 +274,17 @@ def _looks_local(value: str, candidate: Path) -> bool:
     )
 
 
-def _flatten(annotation: Any, metadata: list) -> tuple[list[Any], list[PathRef]]:
-    """The concrete types inside Annotated/Union wrappers, and the PathRef markers on them."""
+def _flatten(annotation: Any, metadata: list) -> tuple[list[Any], list[PathRef | CallableRef]]:
+    """The concrete types inside Annotated/Union wrappers, and the PathRef/CallableRef markers on them."""
     types_: list[Any] = []
-    markers = [m for m in metadata if isinstance(m, PathRef)]
+    markers = [m for m in metadata if isinstance(m, PathRef | CallableRef)]
     stack = [annotation]
     while stack:
         t = stack.pop()
         origin = typing.get_origin(t)
         if origin is typing.Annotated:
             stack.append(typing.get_args(t)[0])
-            markers += [m for m in t.__metadata__ if isinstance(m, PathRef)]
+            markers += [m for m in t.__metadata__ if isinstance(m, PathRef | CallableRef)]
         elif origin in (typing.Union, types.UnionType):
             stack.extend(typing.get_args(t))
         else:
@@ -389,7 +394,8 @@ def _message(kind: str, ctx: dict, value: Any, msg: str, path: KeyPath) -> str:
             other = "true, false" if bool in kinds else "a whole number"
             return f"must be {other} or auto{got}"
         hint = difflib.get_close_matches(str(value), allowed, n=1) if isinstance(value, str) else []
-        return f"must be one of: {', '.join(allowed)}{got}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+        listed = f", or a list such as [{value}]" if isinstance(value, str) and not hint and _takes_list(path) else ""
+        return f"must be one of: {', '.join(allowed)}{listed}{got}" + (f"; did you mean {hint[0]!r}?" if hint else "")
     if kind == "value_error":
         return str(ctx.get("error", msg)) if ctx.get("error") else msg.removeprefix("Value error, ")
     if kind == "too_short":
@@ -412,6 +418,13 @@ def _message(kind: str, ctx: dict, value: Any, msg: str, path: KeyPath) -> str:
         "finite_number": "must be a finite number",
     }
     return plain.get(kind, msg) + got
+
+
+def _takes_list(path: KeyPath) -> bool:
+    """Whether the field at `path` also accepts a list (`lora.targets`: a preset or a list of names)."""
+    model = _model_at(path[:-1])
+    field = model.model_fields.get(str(path[-1])) if model and path else None
+    return field is not None and any(typing.get_origin(t) is list for t in _flatten(field.annotation, [])[0])
 
 
 def _unknown_key(path: KeyPath) -> str:

@@ -24,15 +24,58 @@ OUTPUT_LAYERS = ("lm_head", "embed_out", "output")
 
 
 def quiet_libraries() -> None:
-    """Silence progress bars and deprecation notices of transformers/PEFT/datasets that a user cannot act on."""
+    """Silence progress bars and deprecation notices of transformers/PEFT/datasets that a user cannot act on.
+
+    Notices that matter are said once, in our words: bitsandbytes' int8 cast notice (logged on
+    every forward pass, 1,540 times in a short run) and PEFT's `ensure_weight_tying` one
+    (`tied_output_note` says what it means for the run).
+    """
+    import logging
     import warnings
 
     import datasets
     import transformers
 
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"(?s).*ensure_weight_tying", category=UserWarning)
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_INT8_CAST_ONCE)
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+
+
+class _SayOnce:
+    """A logging filter that drops a repeated library notice and says it once, in our words, as a warning."""
+
+    def __init__(self, prefix: str, ours: str) -> None:
+        self.prefix, self.ours, self.said = prefix, ours, False
+
+    def filter(self, record: Any) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        if not self.said:
+            import warnings
+
+            self.said = True
+            warnings.warn(self.ours, stacklevel=2)
+        return False
+
+
+_INT8_CAST_ONCE = _SayOnce(
+    "MatMul8bitLt: inputs will be cast",
+    "quantization int8: bitsandbytes runs the 8-bit matmuls in float16, so their inputs are cast to float16",
+)
+
+
+def tied_output_note(recipe: Recipe, model: Any) -> str | None:
+    """What training the output layer in full means when it shares its weights with the input embeddings."""
+    trained = [m for m in recipe.lora.modules_to_save if m in OUTPUT_LAYERS or "embed" in m]
+    if not trained or not getattr(model.config, "tie_word_embeddings", False):
+        return None
+    return (
+        f"lora.modules_to_save: {', '.join(trained)} shares its weights with the input embeddings "
+        "(tie_word_embeddings); the adapter trains its own full copy, so the tuned model's input and output "
+        "layers are no longer tied (finetune merge saves it untied)"
+    )
 
 
 def hub_kwargs(recipe: Recipe) -> dict[str, Any]:

@@ -19,6 +19,7 @@ class TrainProgress(TrainerCallback):
         self.start = 0.0
         self.tokens = (0.0, 0.0)  # (time, cumulative tokens) at the last log
         self.rate = 0.0
+        self.first_step: int | None = None  # the step this process started from (a resumed run's checkpoint)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
@@ -35,6 +36,10 @@ class TrainProgress(TrainerCallback):
             self.bar.start()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.first_step is None:  # on_train_begin comes before a resumed run's state is loaded
+            self.first_step = state.global_step - 1
+            if self.bar is not None:  # the bar's speed must not count the resumed steps as done just now
+                self.bar.reset(self.task, total=state.max_steps, completed=self.first_step, info="")
         if self.bar is not None:
             self.bar.update(self.task, completed=state.global_step)
 
@@ -54,7 +59,8 @@ class TrainProgress(TrainerCallback):
             self.bar.update(self.task, completed=state.global_step, info=info)
             return
         elapsed = now - self.start
-        eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+        done = state.global_step - (self.first_step or 0)  # steps this process did: the rate after a resume
+        eta = elapsed / max(done, 1) * (state.max_steps - state.global_step)
         print(
             f"step {state.global_step}/{state.max_steps}  {info}  elapsed {duration(elapsed)}  eta {duration(eta)}",
             file=sys.stderr,

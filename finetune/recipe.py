@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -43,6 +45,39 @@ class PathRef:
 
     def __init__(self, kind: Literal["local", "file", "local_or_hub", "template"]):
         self.kind = kind
+
+
+class CallableRef:
+    """Marks a string that may name a `module:function` of the user's, found beside the recipe that names it
+    (`finetune.callables`); the function must accept `parameters` positionally."""
+
+    def __init__(self, parameters: tuple[str, ...]):
+        self.parameters = parameters
+
+
+@dataclass(frozen=True)
+class RecipeSource:
+    """Where a loaded recipe came from: its file, the --set overrides, and the file:line:col of each key.
+
+    Kept beside the recipe (not in it) so that checks run after loading can still name the line
+    to fix, and messages can give the exact command that was run.
+    """
+
+    path: Path
+    overrides: tuple[str, ...] = ()
+    locations: dict[tuple[str | int, ...], str] = field(default_factory=dict)
+
+    def where(self, key: tuple[str | int, ...]) -> str:
+        """The file:line:col that set `key`, else its nearest parent's, else the recipe file."""
+        for n in range(len(key), -1, -1):
+            if key[:n] in self.locations:
+                return self.locations[key[:n]]
+        return str(self.path)
+
+    def command(self, *extra: str, stage: str = "train") -> str:
+        """`finetune STAGE RECIPE --set k=v ... EXTRA`, quoted for a POSIX shell: the command that was run."""
+        sets = [part for override in self.overrides for part in ("--set", override)]
+        return shlex.join(["finetune", stage, str(self.path), *sets, *extra])
 
 
 class FieldRuleError(ValueError):
@@ -275,9 +310,10 @@ class TrainSection(Section):
 
 
 class EvalSection(Section):
-    metrics: list[Annotated[str, Field(min_length=1)]] = Field(
+    metrics: list[Annotated[str, Field(min_length=1), CallableRef(("prediction", "reference"))]] = Field(
         ["loss", "exact_match"],
-        description=f"Held-out metrics: {', '.join(BUILTIN_METRICS)}, or a `module:function` of your own.",
+        description=f"Held-out metrics: {', '.join(BUILTIN_METRICS)}, or a `module:function(prediction, reference) -> float` "
+        "of your own, the module found beside the recipe file that names it (or installed); `validate` imports it.",
     )
     compare_base: bool = Field(
         True, description="Also evaluate the base model (adapter off) and report the difference."
@@ -329,10 +365,10 @@ class Recipe(Section):
         description="Run directory; default runs/<name> under the working directory.",
         json_schema_extra=RESUMABLE,
     )
-    # Set by `finetune.loading.load_recipe`, not recipe keys: the file and the --set overrides it was loaded from,
-    # for the manifest's git state and for the processes a distributed launch starts.
-    _source: Path | None = PrivateAttr(None)
-    _overrides: tuple[str, ...] = PrivateAttr(())
+    # Set by `finetune.loading.load_recipe`, not a recipe key: the file, the --set overrides and the key locations
+    # it was loaded from, for the manifest's git state, messages that name a line or the command that was run,
+    # and the processes a distributed launch starts.
+    _source: RecipeSource | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _eval_needs_data(self) -> Recipe:
@@ -353,14 +389,14 @@ class Recipe(Section):
     __hash__ = Section.__hash__
 
     @property
-    def source(self) -> Path | None:
-        """The recipe file this was loaded from (absolute), or None for a recipe built in code."""
+    def source(self) -> RecipeSource | None:
+        """The file, overrides and key locations this recipe was loaded from (None when built in code)."""
         return self._source
 
     @property
     def overrides(self) -> tuple[str, ...]:
-        """The `--set key=value` overrides applied on top of `source`."""
-        return self._overrides
+        """The `--set key=value` overrides applied on top of the source file."""
+        return self._source.overrides if self._source else ()
 
     def resolved(self) -> dict[str, Any]:
         """The recipe as plain data with `extends` applied away: what runs write to recipe.yaml.

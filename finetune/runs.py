@@ -15,7 +15,9 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -34,6 +36,7 @@ from finetune.secrets import redact
 from finetune.summary import EvalSummary
 from finetune.yaml_source import dump
 
+CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR, without importing transformers
 PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate")
 
 
@@ -57,12 +60,70 @@ class RunDir:
     checkpoints = property(lambda self: self.root / "checkpoints")
     eval = property(lambda self: self.root / "eval")
 
-    def refuse_existing(self, overwrite: bool) -> None:
-        """An existing non-empty run directory is an error unless `overwrite`: nothing is lost silently."""
-        if not overwrite and self.root.exists() and any(self.root.iterdir()):
+    def refuse_existing(self, overwrite: bool, command: str | None = None) -> None:
+        """An existing non-empty run directory is an error unless `overwrite`: nothing is lost silently.
+
+        A run that stopped before its first step (failed, or its process died) holds nothing to lose:
+        it may be replaced without `overwrite`. `command` (the train command that was run) makes the
+        message name the exact command that continues the run.
+        """
+        if overwrite or not self.root.exists() or not any(self.root.iterdir()) or self.replaceable():
+            return
+        manifest = self.read_manifest() or {}
+        resumable = manifest.get("status") not in (None, "completed")
+        hint = f"continue it with: {command} --resume; " if command and resumable else ""
+        raise RunDirError(
+            f"run directory {self.root} already exists ({status(manifest) if manifest else 'not a finetune run'}); "
+            f"{hint}pass --overwrite to replace it (or set a new name / output_dir)"
+        )
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        """manifest.json as data; None when missing or unreadable."""
+        try:
+            data = json.loads(self.manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Checkpoint directories in step order; anything still under .staging is partial by construction."""
+        found = [p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}-*") if p.name.split("-")[1].isdigit()]
+        complete = (p for p in found if (p / "trainer_state.json").is_file())
+        return sorted(complete, key=lambda p: int(p.name.split("-")[1]))
+
+    def steps_logged(self) -> int:
+        """The last step metrics.jsonl recorded (0: not one step was finished)."""
+        try:
+            lines = self.metrics.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return 0
+        return max((json.loads(line).get("step", 0) for line in lines if line.strip()), default=0)
+
+    def replaceable(self) -> bool:
+        """A run that stopped before its first training step: failed, interrupted or died, nothing saved."""
+        manifest = self.read_manifest()
+        return (
+            manifest is not None
+            and status(manifest) in ("failed", "interrupted", "died")
+            and self.steps_logged() == 0
+            and not self.complete_checkpoints()
+            and not self.adapter.exists()
+        )
+
+    def refuse_resume(self) -> None:
+        """Cheap checks before anything heavy is imported: a completed run has nothing to resume, a live one is busy."""
+        manifest = self.read_manifest()
+        if manifest is None:
+            return
+        if manifest.get("status") == "completed":
             raise RunDirError(
-                f"run directory {self.root} already exists; pass --overwrite to replace it "
-                "(or set a new name / output_dir)"
+                f"{self.root} is already completed: nothing to resume; pass --overwrite instead of --resume to "
+                "train it again (or set a new name / output_dir)"
+            )
+        if manifest.get("status") == "running" and process_alive(manifest.get("process")):
+            raise RunDirError(
+                f"{self.root} is still training (process {manifest['process']['pid']} on this host); "
+                "stop it first (it saves a checkpoint on SIGTERM), or let it finish"
             )
 
     def create(self, overwrite: bool) -> None:
@@ -113,10 +174,17 @@ def atomic_dir(final: Path):
 
 
 def write_eval(
-    run: RunDir, summary: dict[str, Any], examples: list[dict[str, Any]], harness: dict[str, Any] | None = None
+    run: RunDir,
+    summary: dict[str, Any],
+    examples: list[dict[str, Any]],
+    harness: dict[str, Any] | None = None,
+    out: Path | None = None,
 ) -> None:
-    """eval/summary.json, eval/examples.jsonl and (with `eval.harness`) eval/harness.json, replaced together."""
-    with atomic_dir(run.eval) as tmp:
+    """eval/summary.json, eval/examples.jsonl and (with `eval.harness`) eval/harness.json, replaced together.
+
+    `out`: another directory for them (an ad-hoc `finetune eval`, which keeps training's record).
+    """
+    with atomic_dir(out or run.eval) as tmp:
         write_json_atomic(tmp / "summary.json", summary)
         if harness is not None:
             write_json_atomic(tmp / "harness.json", harness)
@@ -208,6 +276,54 @@ def git_state(directory: Path) -> dict[str, Any] | None:
         return None
 
 
+def process_record() -> dict[str, Any]:
+    """Which process writes the run: pid, host and the process's start time, to tell a dead run from a live one."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start_ticks": _start_ticks(os.getpid())}
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, Linux), so that a reused pid is not taken for our process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_alive(record: dict[str, Any] | None) -> bool | None:
+    """True/False for a process recorded on this host; None when it ran elsewhere (or was never recorded)."""
+    if not record or record.get("host") != socket.gethostname():
+        return None
+    pid = record.get("pid")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, under another user
+    except (OSError, TypeError):
+        return None
+    ticks = _start_ticks(pid)
+    return record.get("start_ticks") is None or ticks is None or ticks == record["start_ticks"]
+
+
+def status(manifest: dict[str, Any]) -> str:
+    """The manifest's status, except `died` for a `running` run whose process on this host is gone."""
+    recorded = manifest.get("status") or "unknown"
+    if recorded == "running" and process_alive(manifest.get("process")) is False:
+        return "died"
+    return recorded
+
+
+def resume_hint(manifest: dict[str, Any]) -> str:
+    """The command that continues a run, as recorded when it started (with the directory it ran from)."""
+    command = (manifest.get("command") or {}).get("resume")
+    if not command:
+        return "finetune train RECIPE --resume, with the recipe and --set options that started it"
+    cwd = manifest["command"].get("cwd")
+    return command if not cwd or Path(cwd) == Path.cwd() else f"cd {shlex.quote(cwd)} && {command}"
+
+
 class Manifest:
     """manifest.json, kept in memory and rewritten atomically on every update."""
 
@@ -221,6 +337,7 @@ class Manifest:
 
     @classmethod
     def start(cls, run: RunDir, recipe: Recipe) -> Manifest:
+        experiment_repo = recipe.source.path.resolve().parent if recipe.source else Path.cwd()
         data = {
             "name": recipe.name,
             "status": "running",
@@ -232,7 +349,8 @@ class Manifest:
             "packages": package_versions(),
             "python": platform.python_version(),
             "hardware": hardware(),
-            "git": git_state(recipe.source.parent if recipe.source else Path.cwd()),  # the experiment repo
+            "git": git_state(experiment_repo),
+            "process": process_record(),
         }
         manifest = cls(run, data)
         manifest.save()
@@ -267,7 +385,7 @@ def run_summary(root: Path) -> dict[str, Any]:
     return {
         "run": str(root),
         "name": manifest.get("name"),
-        "status": manifest.get("status"),
+        "status": status(manifest),
         "base": (manifest.get("base_model") or {}).get("id"),
         "rank": (recipe.get("lora") or {}).get("rank"),
         "best_eval_loss": manifest.get("best_eval_loss"),
@@ -286,9 +404,18 @@ def list_runs(directory: Path) -> list[dict[str, Any]]:
 
 
 def show_run(root: Path) -> dict[str, Any]:
+    """The manifest, with `status` as it is now: a dead process's run is `died`, with the command to continue it."""
     if not (root / "manifest.json").is_file():
         raise RunDirError(f"{root}: not a run directory (no manifest.json)")
-    return json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    if status(manifest) == "died":
+        process = manifest["process"]
+        manifest["status"] = "died"
+        manifest["status_detail"] = (
+            f"the manifest says running, but its process {process['pid']} on {process['host']} is gone; "
+            f"continue it with: {resume_hint(manifest)}"
+        )
+    return manifest
 
 
 def compare_runs(roots: list[Path]) -> dict[str, Any]:
@@ -375,14 +502,18 @@ def open_run(run_dir: str | Path) -> Run:
             manifest = json.loads(run.manifest.read_text(encoding="utf-8"))
         except ValueError as e:
             raise UserError(f"{run.manifest}: unreadable manifest ({e})") from None
-    status = manifest.get("status")
-    if status == "running":
+    state = status(manifest) if manifest else None
+    if state == "died":
         raise UserError(
-            f"{run_dir}: the manifest says 'running': the run is still training, or was killed before it could "
-            "record its end (finish it with finetune train --resume); its adapter may still change"
+            f"{run_dir}: its training process died before the run finished; continue it with: {resume_hint(manifest)}"
         )
-    if status not in (None, "completed"):
-        notes.append(f"the run's manifest says {status!r}, not 'completed'; its saved adapter is used as it is")
+    if state == "running":
+        raise UserError(
+            f"{run_dir}: the manifest says 'running': the run is still training (or its process on another host "
+            f"was killed; then continue it with: {resume_hint(manifest)}); its adapter may still change"
+        )
+    if state not in (None, "completed"):
+        notes.append(f"the run's manifest says {state!r}, not 'completed'; its saved adapter is used as it is")
     config, tensors = check_adapter(run.adapter)
     base = recipe.model.base
     if is_local(base) and not Path(base).exists():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import time
 from collections.abc import Callable
@@ -134,12 +133,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint directories in step order; anything still under .staging is partial by construction."""
-    found = [p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
-    return sorted((p for p in found if (p / "trainer_state.json").is_file()), key=lambda p: int(p.name.split("-")[1]))
 
 
 class MetricsJsonl(TrainerCallback):

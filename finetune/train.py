@@ -26,7 +26,16 @@ from finetune.errors import LaunchError, RunDirError, TrainingInterrupted, UserE
 from finetune.evaluate import compare, write_comparison
 from finetune.harness import check as check_harness
 from finetune.machine import Machine, process_state, resolve_dtype, this_machine
-from finetune.modeling import load_model, load_tokenizer, lora_config, quiet_libraries, resolve_targets, weight_files
+from finetune.modeling import (
+    load_model,
+    load_tokenizer,
+    lora_config,
+    quiet_libraries,
+    resolve_targets,
+    tied_output_note,
+    weight_files,
+)
+from finetune.preflight import preflight
 from finetune.recipe import Recipe, resumable_keys
 from finetune.runs import (
     Manifest,
@@ -34,6 +43,7 @@ from finetune.runs import (
     atomic_dir,
     file_sha256,
     now,
+    process_record,
     recipe_differences,
     run_seconds,
     write_recipe,
@@ -76,17 +86,16 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
+    preflight(recipe)  # metric modules, the model directory's files: before claiming anything
     if recipe.train.distributed and not launched():
         return _launch(recipe, overwrite, resume, progress)
     state = process_state()
     run = RunDir(recipe.run_dir)
-    checkpoint = find_resume_point(run, recipe) if resume and run.manifest.exists() else None
-    if checkpoint is None:
-        run.refuse_existing(overwrite)
+    checkpoint, replace = _start_point(run, recipe, resume, overwrite)
     check_harness(recipe)  # lm-eval installed and every task found, before hours of training
     state.wait_for_everyone()
     if state.is_main_process:
-        _claim(run, recipe, checkpoint, overwrite)
+        _claim(run, recipe, checkpoint, replace, resume)
     state.wait_for_everyone()
     manifest = Manifest.load(run) if state.is_main_process else Manifest.disabled(run)
     try:
@@ -126,7 +135,7 @@ def _launch(recipe: Recipe, overwrite: bool, resume: bool, progress: bool) -> Tr
         run.refuse_existing(overwrite)
     flags = [f"--set={o}" for o in recipe.overrides] + ["--resume"] * resume + ["--overwrite"] * overwrite
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", recipe.train.distributed,
-               "-m", "finetune.cli", "train", str(recipe.source), *flags, *([] if progress else ["--json"])]  # fmt: skip
+               "-m", "finetune.cli", "train", str(recipe.source.path), *flags, *([] if progress else ["--json"])]  # fmt: skip
     if progress:
         print(f"launching: {' '.join(command[1:])}", file=sys.stderr, flush=True)
     code = subprocess.call(command, env={**os.environ, LAUNCHED: "1"})
@@ -165,29 +174,78 @@ def _write_report(run: RunDir) -> None:
         warnings.warn(f"could not write {run.root / 'report.html'}: {e}", stacklevel=2)
 
 
-def _claim(run: RunDir, recipe: Recipe, checkpoint: Path | None, overwrite: bool) -> None:
+def _start_point(run: RunDir, recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path | None, bool]:
+    """(checkpoint to resume from, whether an existing directory is replaced); refuses what would lose work.
+
+    `--resume` continues from the newest complete checkpoint; without one (killed before its first
+    save, or failed before its first step) it starts the run again from step 0, so that a requeued
+    `finetune train RECIPE --resume` always makes progress.
+    """
+    command = _command(recipe)
+    if not (resume and run.manifest.exists()):
+        run.refuse_existing(overwrite, command)
+        if not overwrite and run.replaceable():
+            _say_replaced(run)
+            return None, True
+        return None, overwrite
+    run.refuse_resume()
+    if run.replaceable():  # nothing was trained: the recipe may have been fixed since
+        _say_replaced(run)
+        return None, True
+    checkpoint = find_resume_point(run, recipe)
+    if checkpoint is None:
+        steps = run.steps_logged()
+        lost = f"the {steps} step(s) it did are lost" if steps else "it had not finished a step"
+        why = f"train.save_every is {recipe.train.save_every}" if recipe.train.save_every else "train.save_every is off"
+        warnings.warn(f"{run.root} has no complete checkpoint ({why}; {lost}): starting it from step 0", stacklevel=3)
+    return checkpoint, checkpoint is None
+
+
+def _say_replaced(run: RunDir) -> None:
+    manifest = run.read_manifest() or {}
+    error = f" ({manifest['error']})" if manifest.get("error") else ""
+    warnings.warn(f"replacing {run.root}: its last attempt stopped before its first step{error}", stacklevel=3)
+
+
+def _command(recipe: Recipe) -> str | None:
+    """The `finetune train` command that was run (recipe path and --set options), for messages that suggest one."""
+    return recipe.source.command() if recipe.source else None
+
+
+def _claim(run: RunDir, recipe: Recipe, checkpoint: Path | None, replace: bool, resume: bool) -> None:
     """Main process only: a fresh run directory, or the resumed one cleaned up to its checkpoint."""
     from finetune.sft_trainer import STAGING
 
     if checkpoint is None:
-        run.create(overwrite)
+        previous = run.read_manifest() if replace and resume else None  # restarted from step 0 by --resume
+        run.create(replace)
         write_recipe(run, recipe)
-        Manifest.start(run, recipe)
+        manifest = Manifest.start(run, recipe)
+        manifest.update(command=_recorded_command(recipe))
+        if previous is not None:
+            attempts = [*previous.get("resumes", []), {"from_step": 0, "at": now()}]
+            manifest.update(resumes=attempts)
         return
     staging = run.checkpoints / STAGING
     if staging.exists():
-        warnings.warn(f"removing partial checkpoint(s) in {staging} left by an interrupted save", stacklevel=2)
+        if any(staging.iterdir()):
+            warnings.warn(f"removing partial checkpoint(s) in {staging} left by an interrupted save", stacklevel=2)
         shutil.rmtree(staging)
     _truncate_metrics(run.metrics, checkpoint_step(checkpoint))
     manifest = Manifest.load(run)
     attempts = [*manifest.data.get("resumes", []), {"from_step": checkpoint_step(checkpoint), "at": now()}]
-    manifest.update(status="running", finished=None, error=None, resumes=attempts)
+    manifest.update(status="running", finished=None, error=None, resumes=attempts, process=process_record(),
+                    command=_recorded_command(recipe))  # fmt: skip
 
 
-def find_resume_point(run: RunDir, recipe: Recipe) -> Path:
-    """The newest complete checkpoint of a run whose recipe still matches (a read-only check)."""
-    from finetune.sft_trainer import complete_checkpoints
+def _recorded_command(recipe: Recipe) -> dict[str, str] | None:
+    """What `runs show` and `merge` suggest to continue the run: the command and the directory it ran from."""
+    command = _command(recipe)
+    return {"resume": f"{command} --resume", "cwd": str(Path.cwd())} if command else None
 
+
+def find_resume_point(run: RunDir, recipe: Recipe) -> Path | None:
+    """The newest complete checkpoint of a run whose recipe still matches (a read-only check); None if none."""
     previous = yaml.safe_load(run.recipe.read_text(encoding="utf-8")) if run.recipe.exists() else None
     if previous is None:
         raise RunDirError(f"{run.root} has no recipe.yaml: not a finetune run; use --overwrite to start afresh")
@@ -199,14 +257,8 @@ def find_resume_point(run: RunDir, recipe: Recipe) -> Path:
             f"cannot resume {run.root}: the recipe changed in {', '.join(changed)}; "
             "restore those values, or start afresh with --overwrite"
         )
-    checkpoints = complete_checkpoints(run.checkpoints)
-    if not checkpoints:
-        status = json.loads(run.manifest.read_text()).get("status")
-        hint = "it is already completed" if status == "completed" else "set train.save_every to checkpoint"
-        raise RunDirError(
-            f"{run.root} has no complete checkpoint to resume from ({hint}); use --overwrite to start afresh"
-        )
-    return checkpoints[-1]
+    checkpoints = run.complete_checkpoints()
+    return checkpoints[-1] if checkpoints else None
 
 
 def checkpoint_step(path: Path) -> int:
@@ -246,6 +298,8 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     if main:
         manifest.update(base_model={**manifest.data["base_model"], **weight_files(recipe, model)})
     targets = resolve_targets(recipe, model)
+    if main and (note := tied_output_note(recipe, model)):
+        warnings.warn(note, stacklevel=2)
     if recipe.quantization.method != "none":
         from peft import prepare_model_for_kbit_training
 
@@ -277,9 +331,10 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     finally:
         stop.uninstall()
     if stop.received is not None:
+        command = _command(recipe) or "finetune train RECIPE"  # RECIPE only for a recipe built in code
         raise TrainingInterrupted(
             f"stopped by signal {stop.received} at step {trainer.state.global_step}; checkpoint saved; "
-            "continue with: finetune train RECIPE --resume"
+            f"continue with: {redact_text(command)} --resume"
         )
     if main and not run.adapter.exists():  # no held-out data: the final adapter is the one
         _save_adapter(run, trainer.model, tokenizer)
@@ -372,13 +427,15 @@ def _check_disk_space(run: RunDir, recipe: Recipe, trainable: int) -> None:
 
 def _oom_advice(recipe: Recipe, speed: Speed) -> str:
     t, d = recipe.train, recipe.data
+    half = f"--set train.batch_size={t.batch_size // 2} --set train.grad_accum={t.grad_accum * 2} (same global batch); "
+    plan = redact_text(recipe.source.command(stage="plan")) if recipe.source else "finetune plan RECIPE"
     return (
         f"out of memory at batch_size {t.batch_size}, max_seq_length {d.max_seq_length}, "
         f"gradient_checkpointing {str(speed.gradient_checkpointing).lower()}, "
         f"quantization {recipe.quantization.method}. "
-        "Try, in order: --set train.batch_size=<half> with train.grad_accum=<double> (same global batch); "
+        f"Try, in order: {half if t.batch_size > 1 else ''}"
         "--set train.gradient_checkpointing=true; a lower data.max_seq_length; --set quantization.method=nf4; "
-        "and see `finetune plan` for the memory estimate per component."
+        f"and see `{plan}` for the memory estimate per component."
     )
 
 

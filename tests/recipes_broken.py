@@ -22,13 +22,16 @@ def yaml_text(text: str) -> str:
 
 
 def make_workspace(root: Path) -> Path:
-    """A tiny data file, a held-out file and a fake local model dir (the loader only checks existence)."""
+    """A tiny data file, a held-out file and a fake local model dir (validate only checks that its files exist)."""
     (root / "data").mkdir(parents=True, exist_ok=True)
     row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     (root / "data" / "train.jsonl").write_text(json.dumps(row) + "\n")
     (root / "data" / "eval.jsonl").write_text(json.dumps(row) + "\n")
     (root / "model").mkdir(exist_ok=True)
     (root / "model" / "config.json").write_text('{"model_type": "llama"}\n')
+    for name in ("model.safetensors", "tokenizer.json"):
+        (root / "model" / name).write_text("{}\n")
+    (root / "model" / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}\n')
     return root
 
 
@@ -414,6 +417,18 @@ BROKEN: list[Broken] = [
           train: [{path: data/train.jsonl}]
         """,
         ("recipe.yaml:4:3", "lora.targets", "did you mean 'all-linear'?"),
+    ),
+    _case(
+        "targets-one-name-not-a-list",
+        """
+        name: demo
+        model: {base: ./model}
+        lora:
+          targets: q_proj
+        data:
+          train: [{path: data/train.jsonl}]
+        """,
+        ("recipe.yaml:4:3", "lora.targets", "all-linear, or a list such as [q_proj] (got 'q_proj')"),
     ),
     _case(
         "chat-template",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from helpers import finetune, write_recipe
@@ -45,7 +46,7 @@ def test_user_metric_is_imported_by_module_and_function():
 def test_an_unimportable_user_metric_is_a_user_error():
     from finetune.errors import UserError
 
-    with pytest.raises(UserError, match="cannot import 'nope_module:f'"):
+    with pytest.raises(UserError, match=r"eval\.metrics: nope_module:f: no module 'nope_module'"):
         metric_functions(["nope_module:f"])
 
 
@@ -117,10 +118,14 @@ def test_eval_on_a_run_reproduces_the_training_summary_and_gates(tiny_model_dir,
     eval_losses = {e["step"]: e["eval_loss"] for e in evals if "eval_loss" in e}
     assert manifest["best_step"] == min(eval_losses, key=eval_losses.get)
     trained = json.loads((run / "eval" / "summary.json").read_text())
+    record = {name: (run / "eval" / name).read_bytes() for name in ("summary.json", "examples.jsonl")}
 
     result = finetune("eval", str(run), "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     again = json.loads(result.stdout)
+    assert {name: (run / "eval" / name).read_bytes() for name in record} == record  # training's record is kept
+    assert Path(again["out_dir"]).parent == run / "eval"  # eval/<UTC time>/
+    assert json.loads((Path(again["out_dir"]) / "summary.json").read_text())["tuned"] == again["tuned"]
     assert again["tuned"]["loss"] == pytest.approx(trained["tuned"]["loss"], abs=1e-5)
     assert again["tuned"]["loss"] == pytest.approx(eval_losses[manifest["best_step"]], abs=1e-4)
     assert again["base"]["loss"] == pytest.approx(trained["base"]["loss"], abs=1e-5)
@@ -131,4 +136,25 @@ def test_eval_on_a_run_reproduces_the_training_summary_and_gates(tiny_model_dir,
     gated = finetune("eval", str(recipe), "--require", "exact_match>=1.01", "--require", "loss<=100", cwd=tmp_path)
     assert gated.returncode == 1 and "gate failed: exact_match" in gated.stderr
     assert "gate failed: loss" not in gated.stderr, "a loss under its maximum passes"
+    out = tmp_path / "first-3"
+    limited_run = finetune("eval", str(recipe), "--require", "exact_match>=1.01", "--limit", "3", "--against", "none",
+                           "--out", str(out), cwd=tmp_path)  # fmt: skip
+    assert limited_run.returncode == 1 and "gate failed: exact_match" in limited_run.stderr
+    limited = json.loads((out / "summary.json").read_text())
+    assert limited["examples"] == 3 and len((out / "examples.jsonl").read_text().splitlines()) == 3
+    assert limited["tuned"]["loss"] != pytest.approx(again["tuned"]["loss"], abs=1e-6)  # --limit applies to the loss
+    assert finetune("eval", str(run), "--out", str(out), cwd=tmp_path).returncode == 2  # never overwritten
     assert finetune("eval", str(tmp_path / "nope"), cwd=tmp_path).returncode == 2
+
+
+def test_eval_and_merge_describe_a_missing_run_directory_the_same_way(tmp_path):
+    from finetune.errors import UserError
+    from finetune.evaluate import _run_of
+    from finetune.merge import open_run
+
+    for target in (tmp_path / "nope", tmp_path):  # missing; a folder that is not a run
+        with pytest.raises(UserError) as by_eval:
+            _run_of(target)
+        with pytest.raises(UserError) as by_merge:
+            open_run(target)
+        assert str(by_eval.value) == str(by_merge.value)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,7 +91,9 @@ def test_sigterm_saves_a_checkpoint_marks_interrupted_and_exits_3(tiny_model_dir
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 3, stderr[-2000:]
-    assert "--resume" in stderr and "Traceback" not in stderr
+    assert "Traceback" not in stderr and "error:" not in stderr  # the graceful path
+    command = f"finetune train {recipe} --set train.max_steps=100000 --set train.save_every=100000 --resume"
+    assert stderr.rstrip().endswith(f"checkpoint saved; continue with: {command}"), stderr[-1000:]
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "interrupted"
     checkpoints = sorted((run / "checkpoints").glob("checkpoint-*"))
@@ -107,7 +111,7 @@ def test_resume_refuses_a_recipe_that_changed_what_is_trained(tiny_model_dir, tm
     os.chdir(tmp_path)
     original = load_recipe(recipe)
     write_recipe(RunDir(run), original)
-    Manifest.start(RunDir(run), original)
+    Manifest.start(RunDir(run), original).update(status="interrupted")  # this process is alive: not "running"
     result = finetune("train", str(recipe), "--resume", "--set", "lora.rank=4", "--set", "train.lr=1e-3", cwd=tmp_path)
     assert result.returncode == 2
     assert "the recipe changed in lora.rank, train.lr" in result.stderr
@@ -148,17 +152,115 @@ def test_planted_secrets_reach_no_file_of_the_run(tiny_model_dir, tmp_path, monk
         assert env_token not in stream and "0123456789abcdef" * 2 not in stream
 
 
-def test_too_little_disk_space_is_refused_before_training(tiny_model_dir, tmp_path, monkeypatch):
-    import shutil as real_shutil
+@pytest.mark.slow
+def test_too_little_disk_space_is_refused_before_training_and_a_retry_needs_no_overwrite(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """A run that failed before its first step holds nothing to lose: the retry reuses its directory.
 
+    The retry also trains with a metric module kept beside the recipe, run from another directory.
+    """
     from finetune.errors import RunDirError
     from finetune.loading import load_recipe
     from finetune.train import train
 
-    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir()), [f"output_dir={tmp_path / 'runs' / 'tiny'}"])
-    usage = real_shutil.disk_usage(tmp_path)
-    monkeypatch.setattr("finetune.train.shutil.disk_usage", lambda p: usage._replace(free=1024))
-    with pytest.raises(RunDirError, match="GiB free, but checkpoints and adapters need about"):
-        train(recipe, progress=False)
-    manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
-    assert manifest["status"] == "failed"
+    path = write_recipe(tmp_path, tiny_model_dir())
+    (tmp_path / "mymetrics_retry.py").write_text("def first(prediction, reference):\n    return 1.0\n")
+    path.write_text(
+        path.read_text().replace("max_new_tokens: 6", "max_new_tokens: 6\n  metrics: [loss, mymetrics_retry:first]")
+    )
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    recipe = load_recipe(path, ["train.max_steps=2"])
+    usage = shutil.disk_usage(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr("finetune.train.shutil.disk_usage", lambda p: usage._replace(free=1024))
+        with pytest.raises(RunDirError, match="GiB free, but checkpoints and adapters need about"):
+            train(recipe, progress=False)
+    run = tmp_path / "runs" / "tiny"
+    assert json.loads((run / "manifest.json").read_text())["status"] == "failed"
+    result = train(recipe, progress=False)  # no overwrite needed
+    assert result.steps == 2 and result.eval["tuned"]["metrics"]["mymetrics_retry:first"] == 1.0
+    assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused_before_claiming_the_run(tiny_model_dir, tmp_path):
+    """The bug: a raw transformers ValueError naming no directory, exit 1, and a claimed run directory."""
+    model = tmp_path / "model-without-tokenizer"
+    shutil.copytree(tiny_model_dir(), model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (model / name).unlink()
+    recipe = write_recipe(tmp_path, model)
+    for command in ("validate", "train"):
+        result = finetune(command, str(recipe), cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"model.base: {model} has no tokenizer files (one of tokenizer.json" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_is_shown_dead_and_resumes_from_step_0(tiny_model_dir, tmp_path):
+    """The bug: `--resume` said "no complete checkpoint" forever and `runs list` said `running` forever."""
+    from finetune.errors import UserError
+    from finetune.merge import open_run
+    from finetune.runs import list_runs, show_run
+
+    recipe = recipe_for_resume(tmp_path, tiny_model_dir())
+    started = ("--set", "train.save_every=100", "--set", "train.max_steps=12", "--set", "eval.compare_base=false")
+    proc = start(recipe, tmp_path, *started)
+    run = tmp_path / "runs" / "tiny"
+    wait_for_step(run, 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [r["status"] for r in list_runs(tmp_path / "runs")] == ["died"]
+    command = f"finetune train {recipe} {' '.join(started)} --resume"
+    assert command in show_run(run)["status_detail"]
+    with pytest.raises(UserError, match="its training process died") as info:
+        open_run(run)  # what `finetune merge` and `finetune eval` say
+    assert info.value.problems[0].message.endswith(command)
+
+    resumed = finetune(*shlex.split(command)[1:], cwd=tmp_path)  # the suggested command, as given
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "has no complete checkpoint (train.save_every is 100; the" in resumed.stderr
+    assert "starting it from step 0" in resumed.stderr
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["steps"] == 12
+    assert [r["from_step"] for r in manifest["resumes"]] == [0]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[0] == 1  # one clean curve from step 0, not two
+
+    again = finetune(*shlex.split(command)[1:], cwd=tmp_path)
+    assert again.returncode == 2 and "is already completed: nothing to resume" in again.stderr
+
+
+def test_resuming_after_a_clean_stop_removes_an_empty_staging_folder_without_a_warning(tmp_path, monkeypatch):
+    import warnings
+
+    from recipes_broken import GOOD, make_workspace
+    from recipes_broken import write as write_yaml
+
+    from finetune.loading import load_recipe
+    from finetune.runs import Manifest, RunDir
+    from finetune.runs import write_recipe as save_recipe
+    from finetune.train import _claim
+
+    make_workspace(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(write_yaml(tmp_path, "recipe.yaml", GOOD))
+    run = RunDir(recipe.run_dir)
+    checkpoint = run.checkpoints / "checkpoint-4"
+    for partial in (False, True):
+        (run.checkpoints / ".staging").mkdir(parents=True, exist_ok=True)
+        if partial:
+            (run.checkpoints / ".staging" / "checkpoint-5").mkdir()
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        (checkpoint / "trainer_state.json").write_text("{}")
+        save_recipe(run, recipe)
+        Manifest.start(run, recipe).update(status="interrupted")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _claim(run, recipe, checkpoint, replace=False, resume=True)
+        said = [str(w.message) for w in caught if "partial checkpoint" in str(w.message)]
+        assert len(said) == int(partial), said
+        assert not (run.checkpoints / ".staging").exists()

@@ -105,6 +105,44 @@ def test_the_manifest_records_the_git_state_of_the_repo_holding_the_recipe(tmp_p
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     recipe = load_recipe(recipe_path)
-    assert recipe.source == recipe_path.resolve()
+    assert recipe.source.path.resolve() == recipe_path.resolve()
     manifest = Manifest.start(RunDir(elsewhere / "run"), recipe)
     assert manifest.data["git"] == {"commit": head, "dirty": True}  # data/ is untracked
+
+
+def test_a_running_run_whose_process_is_gone_is_shown_as_died(tmp_path):
+    import os
+    import socket
+
+    from finetune.runs import list_runs, process_record, show_run, status
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = {"pid": int(gone.stdout), "host": socket.gethostname(), "start_ticks": None}
+    assert status({"status": "running", "process": process_record()}) == "running"  # this very process
+    assert status({"status": "running", "process": dead}) == "died"
+    assert status({"status": "running", "process": {**dead, "host": "another-host"}}) == "running"  # cannot tell
+    assert status({"status": "failed", "process": dead}) == "failed"
+    reused = {**process_record(), "start_ticks": -1}  # our pid, but a process that started at another time
+    assert status({"status": "running", "process": reused}) == (
+        "died" if os.path.exists("/proc/self/stat") else "running"
+    )
+    command = {"resume": "finetune train recipes/x.yaml --set lora.rank=4 --resume", "cwd": str(tmp_path)}
+    manifest = {"name": "x", "status": "running", "process": dead, "command": command}
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "manifest.json").write_text(json.dumps(manifest))
+    assert [r["status"] for r in list_runs(tmp_path)] == ["died"]
+    shown = show_run(tmp_path / "x")
+    assert shown["status"] == "died" and shown["status_detail"].endswith(command["resume"])
+
+
+def test_runs_list_fits_80_columns_and_keeps_status_and_figures_whole():
+    from finetune.cli import _runs_table
+
+    row = {"name": "llama-3.1-8b-qlora-rank16-lr2e-4-with-a-long-name", "status": "completed",
+           "base": "meta-llama/Llama-3.1-8B-Instruct", "rank": 16, "best_eval_loss": 1.23456,
+           "metric": ("mymetrics:first_word_of_the_answer", 0.875), "seconds": 3725.0}  # fmt: skip
+    lines = _runs_table([row, {**row, "name": "r8", "status": "died", "base": "/data/models/tiny"}], 80).splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert lines[0].split() == ["run", "status", "base", "rank", "eval", "loss", "metric", "time"]
+    assert "completed" in lines[2] and "1.2346" in lines[2] and "0.8750" in lines[2] and "3725s" in lines[2]
+    assert lines[3].split()[:3] == ["r8", "died", ".../tiny"]
