@@ -180,7 +180,7 @@ def test_too_little_disk_space_is_refused_before_training_and_a_retry_needs_no_o
     run = tmp_path / "runs" / "tiny"
     assert json.loads((run / "manifest.json").read_text())["status"] == "failed"
     result = train(recipe, progress=False)  # no overwrite needed
-    assert result.steps == 2 and result.eval["tuned"]["metrics"]["mymetrics_retry:first"] == 1.0
+    assert result.steps == 2 and result.eval.tuned.metrics["mymetrics_retry:first"] == 1.0
     assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
 
 
