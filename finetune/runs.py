@@ -245,6 +245,20 @@ def run_summary(root: Path) -> dict[str, Any]:
     }
 
 
+def method_of(target: Path) -> str:
+    """The training method of a run directory (its recipe.yaml) or of a recipe file; `sft` when unknown."""
+    import yaml
+
+    target = Path(target)
+    if target.is_file():
+        from finetune.loading import load_recipe
+
+        return load_recipe(target, check_files=False).train.method
+    recipe = target / "recipe.yaml"
+    data = yaml.safe_load(recipe.read_text(encoding="utf-8")) if recipe.is_file() else None
+    return ((data or {}).get("train") or {}).get("method") or "sft"
+
+
 def list_runs(directory: Path) -> list[dict[str, Any]]:
     """Every run (a folder with manifest.json) directly under `directory`, newest first."""
     if not directory.is_dir():

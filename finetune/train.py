@@ -21,10 +21,12 @@ from typing import Any
 
 import yaml
 
+from finetune import methods
 from finetune.data import PreparedData, prepare_data
 from finetune.errors import RunDirError, TrainingInterrupted, UserError
 from finetune.evaluate import compare, write_comparison
 from finetune.harness import check as check_harness
+from finetune.lineage import check_same_weights, continue_parent, parent_record
 from finetune.modeling import (
     load_model,
     load_tokenizer,
@@ -74,6 +76,7 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
+    recipe = continue_parent(recipe)  # model.from_run: base, adapter settings and template from the parent run
     state = process_state()
     run = RunDir(recipe.run_dir)
     checkpoint = find_resume_point(run, recipe) if resume and run.manifest.exists() else None
@@ -121,7 +124,7 @@ def _claim(run: RunDir, recipe: Recipe, checkpoint: Path | None, overwrite: bool
     if checkpoint is None:
         run.create(overwrite)
         write_recipe(run, recipe)
-        Manifest.start(run, recipe)
+        Manifest.start(run, recipe).update(parent=parent_record(recipe))
         return
     staging = run.checkpoints / STAGING
     if staging.exists():
@@ -188,19 +191,22 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     started = time.perf_counter()
     transformers.set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
+    method = None if recipe.train.method == "sft" else methods.load(recipe.train.method)
     with state.main_process_first():  # the main process fills the preprocessing cache, the others read it
-        data = prepare_data(recipe, tokenizer)
+        data = method.prepare(recipe, tokenizer) if method else prepare_data(recipe, tokenizer)
     manifest.update(data=data.stats.to_dict())
     speed = decide(recipe)
     manifest.update(speed=speed.to_dict())
     model = load_model(recipe)
     if main:
         manifest.update(base_model={**manifest.data["base_model"], **weight_files(recipe, model)})
-    targets = resolve_targets(recipe, model)
+        check_same_weights(manifest.data.get("parent"), manifest.data["base_model"])
     if recipe.quantization.method != "none":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=speed.gradient_checkpointing)
+    model, targets, peft_config = method.policy(recipe, model) if method else (model, None, None)
+    targets = targets or resolve_targets(recipe, model)
 
     def save_best(step: int, loss: float) -> None:
         manifest.update(best_step=step, best_eval_loss=loss)
@@ -210,7 +216,8 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     best = BestAdapter(save_best, manifest.data.get("best_eval_loss") or math.inf)
     stop = StopOnSignal()
     callbacks = [best, stop] + ([EvaluateAtEnd()] if data.eval is not None else [])
-    trainer = _trainer(recipe, run, model, tokenizer, data, speed, targets, callbacks, progress and main, main)
+    trainer = _trainer(recipe, run, model, tokenizer, data, speed, targets, callbacks, progress and main, main,
+                       method, peft_config)  # fmt: skip
     trainable, total = trainer.model.get_nb_trainable_parameters()
     manifest.update(lora={"targets": targets, "trainable_params": trainable, "total_params": total})
     t = recipe.train
@@ -239,7 +246,8 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
         _load_adapter_weights(trainer.model, run.adapter)
     manifest.update(tokenizer_sha256=file_sha256(run.adapter / "tokenizer.json"),
                     chat_template_sha256=file_sha256(run.adapter / "chat_template.jinja"))  # fmt: skip
-    summary = _evaluate(recipe, run, trainer.model, tokenizer, data) if main else None
+    evaluate = method.evaluate if method else _evaluate
+    summary = evaluate(recipe, run, trainer.model, tokenizer, data) if main else None
     manifest.update(steps=output.global_step, train_loss=output.training_loss, eval=summary)
     return TrainResult(
         run_dir=str(run.root),
@@ -272,7 +280,7 @@ def _trackers_write_into(run: RunDir, recipe: Recipe) -> None:
 
 def _save_adapter(run: RunDir, model: Any, tokenizer: Any) -> None:
     with atomic_dir(run.adapter) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, selected_adapters=["default"])  # not a preference method's frozen reference
         tokenizer.save_pretrained(tmp)
 
 
@@ -313,13 +321,25 @@ def _oom_advice(recipe: Recipe, speed: Speed) -> str:
 
 def sft_config(recipe: Recipe, run: RunDir, max_length: int, speed: Speed) -> Any:
     """TRL's SFTConfig from the recipe; every option TRL would otherwise default is set here explicitly."""
-    import torch
     from trl import SFTConfig
+
+    return SFTConfig(
+        **training_arguments(recipe, run, speed),
+        use_liger_kernel=speed.liger_kernel,
+        max_length=max_length,
+        packing=speed.packing,
+        packing_strategy="bfd",
+    )
+
+
+def training_arguments(recipe: Recipe, run: RunDir, speed: Speed) -> dict[str, Any]:
+    """The arguments every TRL trainer config shares (optimisation, checkpoints, logging), from the recipe."""
+    import torch
 
     t = recipe.train
     dtype = resolve_dtype(recipe.model.dtype)
     on_gpu = torch.cuda.is_available()
-    return SFTConfig(
+    return dict(
         output_dir=str(run.checkpoints),
         run_name=recipe.name,
         seed=recipe.seed,
@@ -336,7 +356,6 @@ def sft_config(recipe: Recipe, run: RunDir, max_length: int, speed: Speed) -> An
         max_grad_norm=t.max_grad_norm,
         activation_checkpointing=speed.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if speed.gradient_checkpointing else None,
-        use_liger_kernel=speed.liger_kernel,
         bf16=on_gpu and dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
@@ -349,9 +368,6 @@ def sft_config(recipe: Recipe, run: RunDir, max_length: int, speed: Speed) -> An
         logging_first_step=True,
         logging_nan_inf_filter=False,
         report_to=list(t.report_to) or "none",
-        max_length=max_length,
-        packing=speed.packing,
-        packing_strategy="bfd",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
@@ -368,6 +384,8 @@ def _trainer(
     callbacks: list[Any],
     progress: bool,
     main: bool,
+    method: Any = None,
+    peft_config: Any = None,
 ) -> Any:
     from transformers import PrinterCallback
 
@@ -378,6 +396,11 @@ def _trainer(
         from finetune.progress import TrainProgress
 
         callbacks.append(TrainProgress())
+    if method is not None:
+        args = method.config(recipe, training_arguments(recipe, run, speed), data.stats.max_seq_length)
+        trainer = method.make_trainer(recipe, model, tokenizer, data, args, peft_config, callbacks)
+        trainer.remove_callback(PrinterCallback)
+        return trainer
     trainer = FinetuneTrainer(
         model=model,
         args=sft_config(recipe, run, data.stats.max_seq_length, speed),
