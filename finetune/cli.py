@@ -771,8 +771,11 @@ def runs_show(run: Annotated[Path, typer.Argument(help="Run directory.")], as_js
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
         return
+    from finetune.lineage import lineage
     from finetune.yaml_source import dump
 
+    if manifest.get("parent"):
+        typer.echo("lineage: " + " → ".join(lineage(manifest)))
     typer.echo(dump(manifest))
 
 

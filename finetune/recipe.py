@@ -443,6 +443,7 @@ class Recipe(Section):
         exclude: dict[str, Any] = {"extends": True}
         if self.quantization.method not in ("nf4", "fp4"):
             exclude["quantization"] = set(FOUR_BIT_OPTIONS)
+        exclude["train"] = {m for m in PREFERENCE_METHODS if m != self.train.method}  # other methods' options
         return self.model_dump(mode="json", exclude=exclude)
 
     def fingerprint(self) -> str:
