@@ -147,6 +147,11 @@ def open_run(run_dir: str | Path) -> Run:
         )
     if status not in (None, "completed"):
         notes.append(f"the run's manifest says {status!r}, not 'completed'; its saved adapter is used as it is")
+    if manifest.get("parent"):  # a preference run continued its parent's adapter: one adapter holds both updates
+        notes.append(
+            f"this run continued {manifest['parent']['name']} ({manifest['parent']['path']}): its adapter started as "
+            "that run's and holds both updates, so the merged model is base + SFT + preference in one"
+        )
     config, tensors = check_adapter(run.adapter)
     base = recipe.model.base
     if _looks_like_path(base) and not Path(base).exists():
