@@ -417,7 +417,9 @@ class Recipe(Section):
         if method == "kto" and not formats <= {"preference", "unpaired"}:
             raise FieldRuleError("train.method", "kto needs data in format unpaired or preference")
         if method == "kto" and self.train.kto.loss_type == "kto" and self.train.batch_size < 2:
-            raise FieldRuleError("train.batch_size", "must be at least 2 with kto: its KL estimate pairs batch neighbours")
+            raise FieldRuleError(
+                "train.batch_size", "must be at least 2 with kto: its KL estimate pairs batch neighbours"
+            )
         if method == "sft" and "unpaired" in formats:
             raise FieldRuleError("train.method", "sft cannot train on unpaired (KTO) data: use method kto")
         return self

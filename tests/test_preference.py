@@ -128,7 +128,9 @@ def test_first_step_is_ln2_with_zero_rewards_then_only_the_policy_moves(dpo, par
     moved = reference = 0
     for key, value in sft.items():  # base_model.model...lora_A.weight
         ref = state[key.replace(".lora_A.weight", ".lora_A.ref.weight").replace(".lora_B.weight", ".lora_B.ref.weight")]
-        policy = state[key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")]
+        policy = state[
+            key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+        ]
         assert torch.equal(ref, value), f"reference adapter changed: {key}"
         reference += 1
         moved += not torch.equal(policy, value)
@@ -198,7 +200,9 @@ def test_method_options_belong_to_their_method(tmp_path, parent):
     with pytest.raises(RecipeError, match=r"train.kto: options of method kto, but train.method is dpo"):
         load_recipe(dpo_recipe(tmp_path, parent), ["train.kto.beta=0.2"])
     with pytest.raises(RecipeError, match=r"loss_weights: has 1 weights for 2 loss types"):
-        load_recipe(dpo_recipe(tmp_path, parent), ["train.dpo.loss_type=[sigmoid, sft]", "train.dpo.loss_weights=[1.0]"])
+        load_recipe(
+            dpo_recipe(tmp_path, parent), ["train.dpo.loss_type=[sigmoid, sft]", "train.dpo.loss_weights=[1.0]"]
+        )
 
 
 # --- data: rows and masks ------------------------------------------------------------------------
@@ -346,6 +350,30 @@ output_dir: {tmp_path / "runs" / "kto"}
     assert logs[0]["rewards/chosen"] == 0.0 and "kl" in logs[0], logs[0]  # fresh LoRA == base == reference
     summary = result.eval
     assert summary["method"] == "kto" and summary["reference_is_base"] and summary["base"] is not None
-    assert "parent" not in json.loads((Path(result.run_dir) / "manifest.json").read_text()) or not json.loads(
-        (Path(result.run_dir) / "manifest.json").read_text()
-    )["parent"]
+    assert (
+        "parent" not in json.loads((Path(result.run_dir) / "manifest.json").read_text())
+        or not json.loads((Path(result.run_dir) / "manifest.json").read_text())["parent"]
+    )
+
+
+def test_data_and_plan_count_pairs_sides_and_the_reference(tmp_path, parent):
+    from finetune.data.inspect import inspect_data
+    from finetune.plan import plan
+
+    recipe = load_recipe(dpo_recipe(tmp_path, parent), ["data.max_seq_length=16"])
+    shown = inspect_data(recipe, show=2).to_dict()
+    s = shown["stats"]
+    assert (s["paired"], s["train_rows"] + s["dropped"], s["eval_rows"]) == (True, 40, 8)
+    assert set(s["lengths"]) == {"prompt", "chosen", "rejected"} and s["truncated"] > 0
+    assert s["truncated_identical"] <= s["dropped"]
+    example = shown["examples"][0]
+    assert example["prompt"].endswith("<|im_start|>assistant\n") and example["chosen"] != example["rejected"]
+
+    full = load_recipe(dpo_recipe(tmp_path, parent))
+    sft_like = plan(full.model_copy(update={"train": full.train.model_copy(update={"method": "sft"})}))
+    planned = plan(full).to_dict()
+    assert planned["work"]["sequences_per_epoch"] == 2 * planned["work"]["train_rows"]
+    memory = {t["name"]: t["bytes"] for t in planned["memory"]["terms"]}
+    assert memory["reference adapter"] == memory["adapter weights"]
+    assert memory["activations"] == 2 * {t.name: t.bytes for t in sft_like.memory.terms}["activations"]
+    assert any("reference" in n for n in planned["notes"])
