@@ -95,7 +95,8 @@ class ModelSection(Section):
     def _base_or_parent(self) -> ModelSection:
         if self.base is None and self.from_run is None:
             raise FieldRuleError(
-                "base", "is required (a hub id or local directory), unless from_run names a parent run"
+                "base",
+                "required: Hub model id (`org/name`) or a local directory, unless from_run names a run to continue",
             )
         return self
 
