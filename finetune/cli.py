@@ -285,7 +285,8 @@ def _preference_table(summary: dict) -> Any:
     tuned, reference = summary["tuned"], summary["reference"]
     for key in tuned["metrics"]:
         cells = [f"{summary[n]['metrics'][key]:.4f}" for n in names]
-        table.add_row(key, *cells, f"{tuned['metrics'][key] - reference['metrics'][key]:+.4f}")
+        label = key.rsplit(":", 1)[-1]  # a module:function metric by its function's name
+        table.add_row(label, *cells, f"{tuned['metrics'][key] - reference['metrics'][key]:+.4f}")
     for side in ("chosen", "rejected"):
         cells = [f"{summary[n]['logps'][side]:.3f}" for n in names]
         table.add_row(f"logp {side}", *cells, f"{tuned['logps'][side] - reference['logps'][side]:+.3f}")
