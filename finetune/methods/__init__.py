@@ -1,8 +1,9 @@
-"""Training methods other than SFT, each a module with the same four hooks that `finetune.train` calls:
+"""Training methods other than SFT, each a module with the same five hooks that `finetune.train` calls:
 
-    prepare(recipe, tokenizer) -> data          tokenized train/held-out sets and their stats
-    policy(recipe, model) -> (model, targets)   the model to train (a parent run's adapter, or a new one)
-    make_trainer(recipe, run, model, tokenizer, data, speed, callbacks) -> a TRL trainer with SafeTraining
+    prepare(recipe, tokenizer) -> data                  tokenized train/held-out sets and their stats
+    policy(recipe, model) -> (model, targets, peft_config)   a parent run's adapter, or a new one for TRL
+    config(recipe, common_args, max_length) -> the TRL config (common_args: `train.training_arguments`)
+    make_trainer(recipe, model, tokenizer, data, args, peft_config, callbacks) -> a TRL trainer with SafeTraining
     evaluate(recipe, run, model, tokenizer, data) -> the eval summary written to eval/
 
 SFT stays in `finetune.train` itself. The run directory, manifest, checkpoints, resume, signals,
