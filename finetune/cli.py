@@ -218,6 +218,9 @@ def _print_train_result(r: TrainResult) -> None:
 
 
 def _print_comparison(console: Any, summary: EvalSummary) -> None:
+    if summary.preference is not None:
+        console.print(_preference_table(summary.to_dict()))
+        return
     console.print(_comparison_table(summary))
     if summary.harness:
         console.print(_harness_table(summary.harness))
@@ -249,6 +252,28 @@ def _comparison_table(summary: EvalSummary) -> Any:
         base = "-" if row.base is None else f"{row.base:.{digits}f}"
         delta = "" if row.delta is None else f"{row.delta:+.{digits}f}"
         table.add_row(row.metric, base, f"{row.tuned:.{digits}f}", delta, row.record)
+    return table
+
+
+def _preference_table(summary: dict) -> Any:
+    """A preference run's held-out figures: base, reference (the parent run) and tuned side by side."""
+    from rich.table import Table
+
+    names = [n for n in ("base", "reference", "tuned") if summary.get(n)]
+    title = f"held-out: {summary['pairs']} {'pairs' if summary['method'] == 'dpo' else 'rows'}, {summary['examples']} prompts"
+    table = Table(
+        title=title + (" (reference = base)" if summary.get("reference_is_base") else ""), title_justify="left"
+    )
+    for column in ("metric", *names, "vs reference"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    tuned, reference = summary["tuned"], summary["reference"]
+    for key in tuned["metrics"]:
+        cells = [f"{summary[n]['metrics'][key]:.4f}" for n in names]
+        label = key.rsplit(":", 1)[-1]  # a module:function metric by its function's name
+        table.add_row(label, *cells, f"{tuned['metrics'][key] - reference['metrics'][key]:+.4f}")
+    for side in ("chosen", "rejected"):
+        cells = [f"{summary[n]['logps'][side]:.3f}" for n in names]
+        table.add_row(f"logp {side}", *cells, f"{tuned['logps'][side] - reference['logps'][side]:+.3f}")
     return table
 
 
@@ -392,6 +417,10 @@ def _print_data(result: Any, color: bool | None) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    if "paired" in result.stats:
+        _print_preference_data(result)
+        return
+
     console = _console(markup=False, no_color=color is False, force_terminal=color or None)
     s = result.stats
     table = Table(title="data", title_justify="left", show_header=False)
@@ -429,6 +458,33 @@ def _print_data(result: Any, color: bool | None) -> None:
             else:
                 text.append(piece, style="bold green" if trained else "dim")
         console.print(text)
+
+
+def _print_preference_data(result: Any) -> None:
+    """Preference rows: counts, token lengths per side, truncation, and examples with both answers."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    console, s = _console(), result.stats
+    table = Table(title="preference data", title_justify="left", show_header=False)
+    unit = "pairs" if s["paired"] else "rows"
+    table.add_row(f"train / held-out {unit}", f"{s['train_rows']} / {s['eval_rows']}")
+    if not s["paired"]:
+        table.add_row("desirable / undesirable", f"{s['desirable']} / {s['undesirable']}")
+    for side, q in s["lengths"].items():
+        table.add_row(f"{side} tokens p50 / p95 / max", f"{q['p50']} / {q['p95']} / {q['max']}")
+    table.add_row("max_seq_length", f"{s['max_seq_length']} (suggested: {s['suggested_max_seq_length']})")
+    table.add_row(f"{unit} truncated", str(s["truncated"]))
+    table.add_row("pairs truncated until chosen == rejected (dropped)", str(s["truncated_identical"]))
+    table.add_row(f"{unit} dropped", str(s["dropped"]))
+    table.add_row("duplicates train/held-out", str(s["duplicates_train_eval"]))
+    console.print(table)
+    for e in result.examples:
+        t = e["tokens"]
+        console.print(f"\n{e['where']}: prompt {t['prompt']} tokens, chosen {t['chosen']}, rejected {t['rejected']}")
+        console.print(f"[dim]{escape(e['prompt'])}[/dim]")
+        console.print(f"  chosen:   [bold green]{escape(repr(e['chosen']))}[/bold green]")
+        console.print(f"  rejected: [bold red]{escape(repr(e['rejected']))}[/bold red]")
 
 
 @app.command(name="eval")
@@ -471,7 +527,10 @@ def eval_(
     if fail_under:
         typer.echo("warning: --fail-under is deprecated: use --require 'METRIC>=VALUE'", err=True)
     from finetune.evaluate import evaluate
+    from finetune.runs import method_of
 
+    if method_of(target) in ("dpo", "kto"):
+        from finetune.methods.preference_eval import evaluate_run as evaluate
     result = evaluate(target, against_base=None if against is None else against == "base", limit=limit, out=out)
     failures = gate(result.summary, requirements, fail_if_worse)
     if as_json:
@@ -702,8 +761,11 @@ def runs_show(run: Annotated[Path, typer.Argument(help="Run directory.")], as_js
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
         return
+    from finetune.lineage import lineage
     from finetune.yaml_source import dump
 
+    if manifest.get("parent"):
+        typer.echo("lineage: " + " → ".join(lineage(manifest)))
     typer.echo(dump(manifest))
 
 

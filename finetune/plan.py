@@ -148,8 +148,14 @@ class PlanResult:
 
 def plan(recipe: Recipe, gpu: str | None = None, tflops: float | None = None, mfu: float = 0.4) -> PlanResult:
     """Parameters, memory per component, work and (with `gpu` or `tflops`) time for the recipe; reads no weights."""
+    from finetune.lineage import continue_parent
+
+    recipe = continue_parent(recipe)  # model.from_run: the parent's base and adapter settings
     peak, gpu_name = _peak(gpu, tflops, mfu)
     notes: list[str] = []
+    if recipe.train.method == "dpo":
+        notes.append("dpo: each pair is two sequences (chosen, rejected), each also run through the frozen reference "
+                     "(forward only, no activations kept); counted in activations, steps and time")  # fmt: skip
     config = _load_config(recipe)
     shapes = _Shapes.of(config)
     weights_dtype, compute_dtype = _dtypes(recipe, PLANNED_GPU)
@@ -459,10 +465,13 @@ def _memory(
         with_ckpt, without_ckpt = _activations(recipe, layout, shapes, e, seq_length, attention)
     checkpointing = recipe.train.gradient_checkpointing  # `auto`: the figures without, `fits` allows for it
     activations = with_ckpt if checkpointing is True else without_ckpt
+    if activations is not None and recipe.train.method == "dpo":
+        activations *= 2  # a micro-batch of pairs is 2 x batch_size sequences: chosen then rejected
     transient = layout.largest_quantized * e  # one layer's weight dequantized for its matmul
     if recipe.lora.variant == "dora":  # DoRA's weight norm builds W + BA, one layer at a time
         transient += 2 * max((a.in_features * a.out_features for a in layout.adapted), default=0) * e
-    tensors = layout.base_weights + 2 * adapter + optimizer + (activations or 0)
+    reference = adapter if recipe.model.from_run and recipe.train.method != "sft" else 0  # the frozen "ref" copy
+    tensors = layout.base_weights + 2 * adapter + reference + optimizer + (activations or 0)
     overhead = CUDA_CONTEXT + transient + round(FRAGMENTATION * tensors)
 
     n_trainable = sum(math.prod(shape) for _, shape, _ in layout.trainable)
@@ -473,6 +482,7 @@ def _memory(
         MemoryTerm("base weights", layout.base_weights, layout.weights_detail),
         MemoryTerm("adapter weights", adapter, _by_dtype(layout.trainable)),
         MemoryTerm("gradients", adapter, "one per trainable param, in its dtype"),
+        *([MemoryTerm("reference adapter", reference, "frozen copy of the parent's adapter")] if reference else []),
         MemoryTerm(
             "optimizer state",
             optimizer,
@@ -654,6 +664,8 @@ def _work(recipe: Recipe, packed: bool) -> Work:
     import datasets
 
     datasets.disable_progress_bars()
+    if recipe.train.method != "sft":
+        return _preference_work(recipe, tokenizer)
     prepared = prepare_data(recipe, tokenizer)
     stats = prepared.stats
     sequences = stats.train_rows
@@ -683,6 +695,40 @@ def _work(recipe: Recipe, packed: bool) -> Work:
     )
 
 
+def _preference_work(recipe: Recipe, tokenizer: Any) -> Work:
+    """DPO: a pair is two sequences (prompt+chosen, prompt+rejected); KTO: one sequence per judged completion."""
+    from finetune.data.preference import prepare_preference
+
+    prepared = prepare_preference(recipe, tokenizer)
+    stats, train = prepared.stats, prepared.train
+    if stats.paired:
+        sides = [len(p) + len(c) for p, c in zip(train["prompt_ids"], train["chosen_ids"], strict=True)]
+        sides += [len(p) + len(r) for p, r in zip(train["prompt_ids"], train["rejected_ids"], strict=True)]
+        trained = sum(map(len, train["chosen_ids"])) + sum(map(len, train["rejected_ids"]))
+    else:
+        sides = [len(p) + len(c) for p, c in zip(train["prompt_ids"], train["completion_ids"], strict=True)]
+        trained = sum(map(len, train["completion_ids"]))
+    t = recipe.train
+    steps_per_epoch = max(math.ceil(math.ceil(stats.train_rows / t.batch_size) / t.grad_accum), 1)
+    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+    epochs = total_steps / steps_per_epoch if t.max_steps else t.epochs
+    return Work(
+        available=True,
+        train_rows=stats.train_rows,
+        eval_rows=stats.eval_rows,
+        truncated=stats.truncated,
+        dropped=stats.dropped,
+        max_seq_length=stats.max_seq_length,
+        sequences_per_epoch=len(sides),
+        tokens_per_epoch=sum(sides),
+        trained_tokens_per_epoch=trained,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        epochs=epochs,
+        total_tokens=round(sum(sides) * epochs),
+    )
+
+
 def _time(
     recipe: Recipe, layout: _Layout, work: Work, seq: int | None, gpu: str | None, peak: float, mfu: float
 ) -> Time:
@@ -692,8 +738,11 @@ def _time(
     """
     n = layout.matmul_params
     flops = (4 + (2 if recipe.train.gradient_checkpointing is True else 0)) * n + 2 * layout.output_params
+    if recipe.train.method != "sft":
+        flops += 2 * n  # the reference's forward pass over the same tokens
     rate = peak * 1e12 * mfu
-    step_tokens = recipe.train.batch_size * recipe.train.grad_accum * (seq or 0)  # packed: full sequences
+    sequences = 2 if recipe.train.method == "dpo" else 1  # chosen and rejected
+    step_tokens = sequences * recipe.train.batch_size * recipe.train.grad_accum * (seq or 0)  # packed: full sequences
     return Time(
         gpu=gpu,
         peak_tflops=peak,

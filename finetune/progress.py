@@ -52,6 +52,8 @@ class TrainProgress(TrainerCallback):
         parts = [
             f"loss {logs['loss']:.4f}" if "loss" in logs else "",
             f"eval_loss {logs['eval_loss']:.4f}" if "eval_loss" in logs else "",
+            f"acc {logs['rewards/accuracies']:.2f}" if "rewards/accuracies" in logs else "",  # preference methods
+            f"margin {logs['rewards/margins']:.3f}" if "rewards/margins" in logs else "",
         ]
         parts.append(f"{self.rate:,.0f} tok/s" if self.rate else "")
         info = "  ".join(p for p in parts if p)

@@ -99,8 +99,10 @@ def _by_type(value: Any) -> str:
 
 
 class ModelSection(Section):
-    base: Annotated[str, PathRef("local_or_hub")] = Field(
-        description="Hub model id (`org/name`) or a local directory with config.json and safetensors weights.",
+    base: Annotated[str, PathRef("local_or_hub")] | None = Field(
+        None,
+        description="Hub model id (`org/name`) or a local directory with config.json and safetensors weights. "
+        "Required unless `from_run` names the run whose base is used.",
         min_length=1,
     )
     revision: str | None = Field(
@@ -121,6 +123,23 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model repository. Off unless you trust its author."
     )
+    from_run: str | None = Field(
+        None,
+        min_length=1,
+        description="Continue a completed run directory (e.g. runs/sft, relative to the working directory like the "
+        "default output_dir): its base model, revision, weights, tokenizer, "
+        "chat template and LoRA settings are used, and its adapter is both the starting policy and the frozen "
+        "reference of a preference method. `base` may then be omitted; set, it must equal the parent's.",
+    )
+
+    @model_validator(mode="after")
+    def _base_or_parent(self) -> ModelSection:
+        if self.base is None and self.from_run is None:
+            raise FieldRuleError(
+                "base",
+                "required: Hub model id (`org/name`) or a local directory, unless from_run names a run to continue",
+            )
+        return self
 
 
 class QuantizationSection(Section):
@@ -175,10 +194,12 @@ class DataSource(Section):
     path: Annotated[str, PathRef("local_or_hub")] = Field(
         description="A local .jsonl/.json/.csv/.parquet file, folder or glob, or a hub dataset id.", min_length=1
     )
-    format: Literal["messages", "alpaca", "completion", "preference"] = Field(
+    format: Literal["messages", "alpaca", "completion", "preference", "unpaired"] = Field(
         "messages",
         description="Row format: `messages` (role/content turns), `alpaca` (instruction/input/output), "
-        "`completion` (prompt/completion, or text), `preference` (prompt/chosen/rejected; SFT trains on chosen).",
+        "`completion` (prompt/completion, or text), `preference` (prompt/chosen/rejected as text, or chosen/rejected "
+        "conversations sharing their prompt turns; SFT trains on chosen), `unpaired` (prompt/completion/label, "
+        "label true for a desirable completion: KTO only).",
     )
     columns: dict[str, str] = Field(
         {}, description="Map the format's field names to this source's column names, e.g. {messages: conversations}."
@@ -238,7 +259,86 @@ class DataSection(Section):
     )
 
 
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")  # fmt: skip
+PREFERENCE_METHODS = ("dpo", "kto")
+
+
+class MethodOptions(Section):
+    """Options of one training method; a key that belongs to another method says which one."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _other_methods_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            method = cls.__name__.removesuffix("Options").lower()
+            for key in data:
+                if key in cls.model_fields:
+                    continue
+                owners = [m.__name__.removesuffix("Options").lower() for m in METHOD_OPTIONS if key in m.model_fields]
+                if owners:
+                    raise FieldRuleError(
+                        key, f"is an option of method {owners[0]} (train.{owners[0]}.{key}), not of {method}"
+                    )
+        return data
+
+
+class DpoOptions(MethodOptions):
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the pull towards the reference: higher stays closer to the parent model."
+    )
+    loss_type: Annotated[
+        Annotated[list[Literal[DPO_LOSSES]], Field(min_length=1), Tag("list")]  # type: ignore[valid-type]
+        | Annotated[Literal[DPO_LOSSES], Tag("one")],  # type: ignore[valid-type]
+        Discriminator(_by_type),
+    ] = Field(
+        "sigmoid",
+        description="TRL DPOConfig loss, or a list summed with `loss_weights`: `sigmoid` (DPO), `ipo`, `hinge`, "
+        "`robust`, `apo_zero`, ...; `[sigmoid, sft]` adds the SFT loss on chosen (RPO), which keeps the model "
+        "generating well-formed answers while it learns the preference.",
+    )
+    loss_weights: list[float] | None = Field(
+        None, description="Weight of each `loss_type` entry (same length); default 1.0 each."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Assumed share of flipped labels (`robust`, cDPO) or EXO's epsilon (`exo_pair`)."
+    )
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> DpoOptions:
+        losses = self.loss_type if isinstance(self.loss_type, list) else [self.loss_type]
+        if self.loss_weights is not None and len(self.loss_weights) != len(losses):
+            raise FieldRuleError(
+                "loss_weights", f"has {len(self.loss_weights)} weights for {len(losses)} loss types ({losses})"
+            )
+        if "exo_pair" in losses and self.label_smoothing == 0:
+            raise FieldRuleError("label_smoothing", "must be > 0 with loss_type exo_pair (the EXO paper uses 1e-3)")
+        return self
+
+
+class KtoOptions(MethodOptions):
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the pull towards the reference: higher stays closer to the parent model."
+    )
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field("kto", description="TRL KTOConfig loss.")
+    desirable_weight: float = Field(
+        1.0, gt=0, description="Weight of desirable examples' losses; raise it when they are fewer than undesirable."
+    )
+    undesirable_weight: float = Field(1.0, gt=0, description="Weight of undesirable examples' losses.")
+
+
+METHOD_OPTIONS = (DpoOptions, KtoOptions)
+
+
 class TrainSection(Section):
+    method: Literal["sft", "dpo", "kto"] = Field(
+        "sft",
+        description="`sft`: supervised fine-tuning; `dpo`: Direct Preference Optimization on `preference` data; "
+        "`kto`: Kahneman-Tversky Optimization on `unpaired` or `preference` data. The preference methods usually "
+        "continue an SFT run (`model.from_run`), whose adapter is then also their frozen reference.",
+    )
+    dpo: DpoOptions = Field(DpoOptions(), description="Options of `method: dpo` (TRL's DPOTrainer).")
+    kto: KtoOptions = Field(KtoOptions(), description="Options of `method: kto` (TRL's KTOTrainer).")
     epochs: float = Field(3, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps; overrides epochs.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -371,6 +471,27 @@ class Recipe(Section):
     _source: RecipeSource | None = PrivateAttr(None)
 
     @model_validator(mode="after")
+    def _method_fits(self) -> Recipe:
+        method = self.train.method
+        for other in PREFERENCE_METHODS:
+            if other != method and other in self.train.model_fields_set:
+                raise FieldRuleError(f"train.{other}", f"options of method {other}, but train.method is {method}")
+        formats = {s.format for s in self.data.train}
+        if method == "dpo" and formats != {"preference"}:
+            raise FieldRuleError(
+                "train.method", f"dpo needs data in format preference, not {', '.join(sorted(formats))}"
+            )
+        if method == "kto" and not formats <= {"preference", "unpaired"}:
+            raise FieldRuleError("train.method", "kto needs data in format unpaired or preference")
+        if method == "kto" and self.train.kto.loss_type == "kto" and self.train.batch_size < 2:
+            raise FieldRuleError(
+                "train.batch_size", "must be at least 2 with kto: its KL estimate pairs batch neighbours"
+            )
+        if method == "sft" and "unpaired" in formats:
+            raise FieldRuleError("train.method", "sft cannot train on unpaired (KTO) data: use method kto")
+        return self
+
+    @model_validator(mode="after")
     def _eval_needs_data(self) -> Recipe:
         if self.train.eval_every is not None and self.data.eval is None:
             raise FieldRuleError("train.eval_every", "needs held-out data: set data.eval")
@@ -407,6 +528,7 @@ class Recipe(Section):
         exclude: dict[str, Any] = {"extends": True}
         if self.quantization.method not in ("nf4", "fp4"):
             exclude["quantization"] = set(FOUR_BIT_OPTIONS)
+        exclude["train"] = {m for m in PREFERENCE_METHODS if m != self.train.method}  # other methods' options
         return self.model_dump(mode="json", exclude=exclude)
 
     def fingerprint(self) -> str:

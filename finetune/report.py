@@ -46,6 +46,11 @@ def render(manifest: dict[str, Any], logs: list[dict[str, Any]], summary: EvalSu
         line_chart("gradient norm", {"grad norm": series(logs, "grad_norm")}),
         line_chart("tokens / s", {"tokens/s": series(logs, "tokens_per_s")}),
     ]
+    if any("rewards/margins" in r for r in logs):  # preference methods (DPO, KTO)
+        charts.append(line_chart("reward margin", {"train": series(logs, "rewards/margins"),
+                                                   "held-out": series(logs, "eval_rewards/margins")}))  # fmt: skip
+        charts.append(line_chart("preference accuracy", {"train": series(logs, "rewards/accuracies"),
+                                                         "held-out": series(logs, "eval_rewards/accuracies")}))  # fmt: skip
     title = html.escape(f"finetune run {manifest.get('name', '')}")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
@@ -101,6 +106,11 @@ def _comparison(summary: EvalSummary | None) -> str:
             f'<tr><td>{row.metric}</td><td>{row.base:.4f}</td><td>{row.tuned:.4f}</td><td class="{css}">{row.delta:+.4f}</td></tr>'
         )
     head = "<tr><th>metric</th><th>base</th><th>tuned</th><th>delta</th></tr>"
+    if summary.preference is not None:  # a preference run: its reference (the parent run) too
+        reference = summary.preference.reference
+        cells = "".join(f"<tr><td>{k}</td><td>{v:.4f}</td></tr>" for k, v in reference.metrics.items())
+        cells += "".join(f"<tr><td>logp {k}</td><td>{v:.3f}</td></tr>" for k, v in (reference.logps or {}).items())
+        rows.append(f'<tr><td colspan="4"><b>reference</b> (the parent run)<table>{cells}</table></td></tr>')
     return f"<table>{head}{''.join(rows)}</table><p>{summary.examples} held-out examples.</p>"
 
 

@@ -395,6 +395,20 @@ def run_summary(root: Path) -> dict[str, Any]:
     }
 
 
+def method_of(target: Path) -> str:
+    """The training method of a run directory (its recipe.yaml) or of a recipe file; `sft` when unknown."""
+    import yaml
+
+    target = Path(target)
+    if target.is_file():
+        from finetune.loading import load_recipe
+
+        return load_recipe(target, check_files=False).train.method
+    recipe = target / "recipe.yaml"
+    data = yaml.safe_load(recipe.read_text(encoding="utf-8")) if recipe.is_file() else None
+    return ((data or {}).get("train") or {}).get("method") or "sft"
+
+
 def list_runs(directory: Path) -> list[dict[str, Any]]:
     """Every run (a folder with manifest.json) directly under `directory`, newest first."""
     if not directory.is_dir():
@@ -514,6 +528,11 @@ def open_run(run_dir: str | Path) -> Run:
         )
     if state not in (None, "completed"):
         notes.append(f"the run's manifest says {state!r}, not 'completed'; its saved adapter is used as it is")
+    if manifest.get("parent"):  # a preference run continued its parent's adapter: one adapter holds both updates
+        notes.append(
+            f"this run continued {manifest['parent']['name']} ({manifest['parent']['path']}): its adapter started as "
+            "that run's and holds both updates, so the merged model is base + SFT + preference in one"
+        )
     config, tensors = check_adapter(run.adapter)
     base = recipe.model.base
     if is_local(base) and not Path(base).exists():

@@ -1,4 +1,4 @@
-"""TRL's SFTTrainer, made safe to lose: atomic checkpoints, a stop on the first non-finite loss or
+"""TRL's trainers (SFT here; DPO and KTO in finetune.methods), made safe to lose: atomic checkpoints, a stop on the first non-finite loss or
 gradient, a clean stop on SIGTERM/SIGINT, the best held-out adapter kept, every log in metrics.jsonl.
 
 Everything is done through the Trainer's extension points (a subclass and callbacks); TRL and
@@ -29,8 +29,12 @@ class NonFiniteError(RuntimeError):
     """The loss or gradient norm became NaN/inf: training stops at once, nothing is saved past it."""
 
 
-class FinetuneTrainer(SFTTrainer):
-    """SFTTrainer whose checkpoints appear only when complete and which refuses to train through NaN."""
+class SafeTraining:
+    """Mixed in before a TRL trainer class: checkpoints appear only when complete, no training through NaN.
+
+    Shared by every training method (`FinetuneTrainer` for SFT, the preference trainers), so that
+    atomic checkpoints, the NaN stop and seeded length grouping are written once.
+    """
 
     _saving = False
 
@@ -89,6 +93,10 @@ class FinetuneTrainer(SFTTrainer):
         os.replace(staged, target)
         _fsync_dir(final_root)
         rotate_checkpoints(str(final_root), save_total_limit=self.args.save_total_limit)
+
+
+class FinetuneTrainer(SafeTraining, SFTTrainer):
+    """SFTTrainer with the safety of `SafeTraining`."""
 
 
 class GroupedByLength(torch.utils.data.Sampler):

@@ -30,6 +30,7 @@ class Scores:
     loss: float | None = None
     perplexity: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    logps: dict[str, float] | None = None  # preference runs: mean log-probability of chosen and rejected answers
 
     def get(self, name: str) -> float | None:
         return {"loss": self.loss, "perplexity": self.perplexity}.get(name, self.metrics.get(name))
@@ -39,13 +40,14 @@ class Scores:
         return [n for n in LOSS_METRICS if self.get(n) is not None] + list(self.metrics)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss, "perplexity": self.perplexity, "metrics": dict(self.metrics)}
+        out = {"loss": self.loss, "perplexity": self.perplexity, "metrics": dict(self.metrics)}
+        return out if self.logps is None else {**out, "logps": dict(self.logps)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Scores | None:
         if not data:
             return None
-        return cls(data.get("loss"), data.get("perplexity"), dict(data.get("metrics") or {}))
+        return cls(data.get("loss"), data.get("perplexity"), dict(data.get("metrics") or {}), data.get("logps"))
 
 
 @dataclass
@@ -76,12 +78,32 @@ class Row:
 
 
 @dataclass
+class Preference:
+    """What a preference run's summary adds: the method, its beta, the held-out pairs and the reference's figures."""
+
+    method: str
+    beta: float
+    pairs: int
+    reference: Scores  # the parent run's adapter (or the base, for a run started from the base)
+    reference_is_base: bool = False
+    records: dict[str, dict[str, int]] = field(default_factory=dict)  # metric -> wins, losses, ties vs reference
+
+    def versus(self, tuned: Scores) -> dict[str, dict[str, Any]]:
+        return {
+            name: {"delta": tuned.metrics[name] - self.reference.metrics[name], **self.records.get(name, {})}
+            for name in tuned.metrics
+            if name in self.reference.metrics
+        }
+
+
+@dataclass
 class EvalSummary:
     tuned: Scores
     base: Scores | None
     examples: int
     records: dict[str, dict[str, int]] = field(default_factory=dict)  # metric -> wins, losses, ties (with a base)
     harness: dict[str, Any] | None = None  # task -> metric -> base, tuned, delta (eval.harness)
+    preference: Preference | None = None  # DPO/KTO runs
 
     def rows(self) -> list[Row]:
         """Every figure of the tuned model, with the base's beside it where there is one."""
@@ -111,6 +133,9 @@ class EvalSummary:
             out["vs_base"] = versus
         if self.harness:
             out["harness"] = self.harness
+        if (p := self.preference) is not None:
+            out |= {"method": p.method, "beta": p.beta, "pairs": p.pairs, "reference_is_base": p.reference_is_base,
+                    "reference": p.reference.to_dict(), "vs_reference": p.versus(self.tuned)}  # fmt: skip
         return out
 
     @classmethod
@@ -119,11 +144,19 @@ class EvalSummary:
         tuned = Scores.from_dict((data or {}).get("tuned"))
         if tuned is None:
             return None
-        versus = data.get("vs_base") or {}
-        records = {k: {n: v[n] for n in ("wins", "losses", "ties")} for k, v in versus.items() if "wins" in v}
+        preference = None
+        if data.get("method") not in (None, "sft") and (reference := Scores.from_dict(data.get("reference"))):
+            preference = Preference(data["method"], data.get("beta") or 0.0, int(data.get("pairs") or 0), reference,
+                                    bool(data.get("reference_is_base")), _records(data.get("vs_reference")))  # fmt: skip
         return cls(
-            tuned, Scores.from_dict(data.get("base")), int(data.get("examples") or 0), records, data.get("harness")
-        )
+            tuned, Scores.from_dict(data.get("base")), int(data.get("examples") or 0), _records(data.get("vs_base")),
+            data.get("harness"), preference,
+        )  # fmt: skip
+
+
+def _records(versus: dict[str, Any] | None) -> dict[str, dict[str, int]]:
+    """metric -> wins, losses, ties, from the `vs_base` / `vs_reference` JSON."""
+    return {k: {n: v[n] for n in ("wins", "losses", "ties")} for k, v in (versus or {}).items() if "wins" in v}
 
 
 # --- the CI gate ------------------------------------------------------------------------------------

@@ -21,10 +21,12 @@ from typing import Any
 
 import yaml
 
+from finetune import methods
 from finetune.data import PreparedData, prepare_data
 from finetune.errors import LaunchError, RunDirError, TrainingInterrupted, UserError
 from finetune.evaluate import compare, write_comparison
 from finetune.harness import check as check_harness
+from finetune.lineage import check_same_weights, continue_parent, parent_record
 from finetune.machine import Machine, process_state, resolve_dtype, this_machine
 from finetune.modeling import (
     load_model,
@@ -89,6 +91,7 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
     preflight(recipe)  # metric modules, the model directory's files: before claiming anything
     if recipe.train.distributed and not launched():
         return _launch(recipe, overwrite, resume, progress)
+    recipe = continue_parent(recipe)  # model.from_run: base, adapter settings and template from the parent run
     state = process_state()
     run = RunDir(recipe.run_dir)
     checkpoint, replace = _start_point(run, recipe, resume, overwrite)
@@ -221,7 +224,7 @@ def _claim(run: RunDir, recipe: Recipe, checkpoint: Path | None, replace: bool, 
         run.create(replace)
         write_recipe(run, recipe)
         manifest = Manifest.start(run, recipe)
-        manifest.update(command=_recorded_command(recipe))
+        manifest.update(command=_recorded_command(recipe), parent=parent_record(recipe))
         if previous is not None:
             attempts = [*previous.get("resumes", []), {"from_step": 0, "at": now()}]
             manifest.update(resumes=attempts)
@@ -286,8 +289,9 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     started = time.perf_counter()
     transformers.set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
+    method = None if recipe.train.method == "sft" else methods.load(recipe.train.method)
     with state.main_process_first():  # the main process fills the preprocessing cache, the others read it
-        data = prepare_data(recipe, tokenizer)
+        data = method.prepare(recipe, tokenizer) if method else prepare_data(recipe, tokenizer)
     manifest.update(data=data.stats.to_dict())
     machine = this_machine()
     attention = model_attention(recipe, machine)
@@ -297,13 +301,15 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     manifest.update(speed=speed.to_dict())
     if main:
         manifest.update(base_model={**manifest.data["base_model"], **weight_files(recipe, model)})
-    targets = resolve_targets(recipe, model)
+        check_same_weights(manifest.data.get("parent"), manifest.data["base_model"])
     if main and (note := tied_output_note(recipe, model)):
         warnings.warn(note, stacklevel=2)
     if recipe.quantization.method != "none":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=speed.gradient_checkpointing)
+    model, targets, peft_config = method.policy(recipe, model) if method else (model, None, None)
+    targets = targets or resolve_targets(recipe, model)
 
     def save_best(step: int, loss: float) -> None:
         manifest.update(best_step=step, best_eval_loss=loss)
@@ -313,7 +319,8 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     best = BestAdapter(save_best, manifest.data.get("best_eval_loss") or math.inf)
     stop = StopOnSignal()
     callbacks = [best, stop] + ([EvaluateAtEnd()] if data.eval is not None else [])
-    trainer = _trainer(recipe, run, model, tokenizer, data, speed, machine, targets, callbacks, progress and main, main)
+    trainer = _trainer(recipe, run, model, tokenizer, data, speed, machine, targets, callbacks, progress and main,
+                       main, method, peft_config)  # fmt: skip
     trainable, total = trainer.model.get_nb_trainable_parameters()
     manifest.update(lora={"targets": targets, "trainable_params": trainable, "total_params": total})
     t = recipe.train
@@ -343,7 +350,8 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
         _load_adapter_weights(trainer.model, run.adapter)
     manifest.update(tokenizer_sha256=file_sha256(run.adapter / "tokenizer.json"),
                     chat_template_sha256=file_sha256(run.adapter / "chat_template.jinja"))  # fmt: skip
-    summary = _evaluate(recipe, run, trainer.model, tokenizer, data) if main else None
+    evaluate = method.evaluate if method else _evaluate
+    summary = evaluate(recipe, run, trainer.model, tokenizer, data) if main else None
     manifest.update(steps=output.global_step, train_loss=output.training_loss, eval=summary and summary.to_dict())
     return TrainResult(
         run_dir=str(run.root),
@@ -398,7 +406,7 @@ def _trackers_write_into(run: RunDir, recipe: Recipe) -> None:
 
 def _save_adapter(run: RunDir, model: Any, tokenizer: Any) -> None:
     with atomic_dir(run.adapter) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, selected_adapters=["default"])  # not a preference method's frozen reference
         tokenizer.save_pretrained(tmp)
 
 
@@ -441,13 +449,25 @@ def _oom_advice(recipe: Recipe, speed: Speed) -> str:
 
 def sft_config(recipe: Recipe, run: RunDir, max_length: int, speed: Speed, machine: Machine) -> Any:
     """TRL's SFTConfig from the recipe; every option TRL would otherwise default is set here explicitly."""
-    import torch
     from trl import SFTConfig
+
+    return SFTConfig(
+        **training_arguments(recipe, run, speed, machine),
+        use_liger_kernel=speed.liger_kernel,
+        max_length=max_length,
+        packing=speed.packing,
+        packing_strategy="bfd",
+    )
+
+
+def training_arguments(recipe: Recipe, run: RunDir, speed: Speed, machine: Machine) -> dict[str, Any]:
+    """The arguments every TRL trainer config shares (optimisation, checkpoints, logging), from the recipe."""
+    import torch
 
     t = recipe.train
     dtype = resolve_dtype(recipe.model.dtype, machine)
     on_gpu = machine.cuda
-    return SFTConfig(
+    return dict(
         output_dir=str(run.checkpoints),
         run_name=recipe.name,
         seed=recipe.seed,
@@ -464,7 +484,6 @@ def sft_config(recipe: Recipe, run: RunDir, max_length: int, speed: Speed, machi
         max_grad_norm=t.max_grad_norm,
         activation_checkpointing=speed.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if speed.gradient_checkpointing else None,
-        use_liger_kernel=speed.liger_kernel,
         bf16=on_gpu and dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
@@ -477,9 +496,6 @@ def sft_config(recipe: Recipe, run: RunDir, max_length: int, speed: Speed, machi
         logging_first_step=True,
         logging_nan_inf_filter=False,
         report_to=list(t.report_to) or "none",
-        max_length=max_length,
-        packing=speed.packing,
-        packing_strategy="bfd",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
@@ -497,6 +513,8 @@ def _trainer(
     callbacks: list[Any],
     progress: bool,
     main: bool,
+    method: Any = None,
+    peft_config: Any = None,
 ) -> Any:
     from transformers import PrinterCallback
 
@@ -507,6 +525,11 @@ def _trainer(
         from finetune.progress import TrainProgress
 
         callbacks.append(TrainProgress())
+    if method is not None:
+        args = method.config(recipe, training_arguments(recipe, run, speed, machine), data.stats.max_seq_length)
+        trainer = method.make_trainer(recipe, model, tokenizer, data, args, peft_config, callbacks)
+        trainer.remove_callback(PrinterCallback)
+        return trainer
     trainer = FinetuneTrainer(
         model=model,
         args=sft_config(recipe, run, data.stats.max_seq_length, speed, machine),

@@ -7,12 +7,16 @@ Instead this script builds everything from material that ships with Python itsel
   tokens and chat template;
 * a ~3.7M-parameter Llama-architecture model, briefly pretrained on the same docstrings so that
   it is a plausible "base model" (it has never seen chat-formatted text, so it cannot do the task);
-* a small deterministic text-transformation dataset that a LoRA learns in about a minute.
+* a small deterministic text-transformation dataset that a LoRA learns in about a minute;
+* a preference set for the DPO quickstart (recipes/quickstart-dpo.yaml): the same reversal answered
+  in a second, equally valid style (items joined with ' | ') preferred over the SFT style (', '),
+  from the SFT training prompts, and held-out pairs from the SFT held-out prompts (disjoint).
 
 Everything is seeded and the data order is fixed, so re-running the script reproduces the assets
 (bitwise on the same CPU type, torch version and thread count).
 
 Usage: python scripts/build_quickstart.py [--out assets/quickstart] [--steps N]
+       python scripts/build_quickstart.py --preference-only   # only the preference files, from the SFT data
 """
 
 from __future__ import annotations
@@ -271,6 +275,44 @@ def write_jsonl(path: Path, rows: list[list[Message]]) -> None:
             fh.write(json.dumps({"messages": messages}, ensure_ascii=True) + "\n")
 
 
+PREFERENCE_TRAIN_ROWS = 800
+PREFERRED_SEPARATOR = " | "
+
+
+def preference_rows(rows: list[list[Message]]) -> list[dict[str, str]]:
+    """Each reversal answered twice: the ' | ' style chosen over the SFT model's own ', ' style.
+
+    Both answers are the correct reversal, so the pair teaches a style the SFT model does not have,
+    not the task; the task's exact match can then be checked to survive the preference stage.
+    """
+    out = []
+    for user, assistant in rows:
+        items = assistant["content"].split(", ")
+        out.append(
+            {"prompt": user["content"], "chosen": PREFERRED_SEPARATOR.join(items), "rejected": assistant["content"]}
+        )
+    return out
+
+
+def write_preference_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", encoding="utf-8", newline="\n") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=True) + "\n")
+
+
+def write_preference_data(data_dir: Path) -> None:
+    """preference_train.jsonl from the first SFT training rows, preference_eval.jsonl from the SFT held-out rows."""
+
+    def read(name: str) -> list[list[Message]]:
+        lines = (data_dir / name).read_text(encoding="utf-8").splitlines()
+        return [json.loads(line)["messages"] for line in lines]
+
+    train, held_out = read("train.jsonl")[:PREFERENCE_TRAIN_ROWS], read("eval.jsonl")
+    write_preference_jsonl(data_dir / "preference_train.jsonl", preference_rows(train))
+    write_preference_jsonl(data_dir / "preference_eval.jsonl", preference_rows(held_out))
+    print(f"preference: {len(train)} train / {len(held_out)} held-out pairs ('{PREFERRED_SEPARATOR}' over ', ')")
+
+
 def verify_assets(model_dir: Path) -> None:
     """Reload the saved assets the way users will (Auto classes, offline) and check the chat contract."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -303,11 +345,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--train-rows", type=int, default=3000)
     parser.add_argument("--eval-rows", type=int, default=100)
+    parser.add_argument(
+        "--preference-only", action="store_true", help="only (re)write the preference files from the SFT data files"
+    )
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.preference_only:
+        write_preference_data(args.out / "data")
+        return
     torch.set_num_threads(NUM_THREADS)  # results depend on the thread count; fixed for reproducibility
     torch.use_deterministic_algorithms(True)
     seed_everything(SEED)
@@ -327,6 +375,7 @@ def main() -> None:
     write_jsonl(args.out / "data" / "eval.jsonl", rows[: args.eval_rows])
     write_jsonl(args.out / "data" / "train.jsonl", rows[args.eval_rows :])
     print(f"task: reverse 3 of {len(words)} words; {args.train_rows} train / {args.eval_rows} eval rows")
+    write_preference_data(args.out / "data")
     verify_assets(model_dir)
 
 

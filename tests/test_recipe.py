@@ -27,8 +27,10 @@ from finetune.loading import load_recipe
 from finetune.recipe import (
     DataSection,
     DataSource,
+    DpoOptions,
     EvalSection,
     EvalSplit,
+    KtoOptions,
     LoraSection,
     ModelSection,
     QuantizationSection,
@@ -496,7 +498,10 @@ SECTIONS = {
     DataSection,
     DataSource,
     EvalSplit,
+    KtoOptions,
     TrainSection,
+    DpoOptions,
+    KtoOptions,
     EvalSection,
 }
 

@@ -1,4 +1,4 @@
-"""Turn rows of the four formats into samples, rejecting malformed rows with their file and row.
+"""Turn rows of the five formats into samples, rejecting malformed rows with their file and row.
 
 A sample is either a chat (`messages`: role/content turns, rendered by the chat template)
 or raw text (`prompt` + `completion`, the completion trained). Every later step sees only
@@ -34,6 +34,25 @@ class Sample:
         return (self.messages, self.prompt, self.completion)
 
 
+@dataclass(frozen=True)
+class Judged:
+    """A completion of a prompt with a verdict: one side of a preference pair, or a KTO row.
+
+    `prompt` holds the turns before the answer (ending on the user's); `pair` numbers the pair a
+    side came from (-1 for an unpaired row), so that paired sides stay together.
+    """
+
+    where: str
+    prompt: tuple[tuple[str, str], ...]
+    completion: str
+    desirable: bool
+    pair: int = -1
+
+    def as_sample(self) -> Sample:
+        """The chat up to and including this completion, for generation metrics (reference = completion)."""
+        return Sample(self.where, messages=(*self.prompt, ("assistant", self.completion)))
+
+
 class BadRow(ValueError):
     """A row that does not fit its format; the message says what is wrong with it."""
 
@@ -63,6 +82,48 @@ def to_sample(row: Any, where: str, source: DataSource) -> Sample:
     turns = _messages(prompt) if isinstance(prompt, list) else (("user", _text(prompt, "prompt")),)
     answer = _text_or_turns(chosen, "chosen")
     return Sample(where, messages=_messages([{"role": r, "content": c} for r, c in (*turns, ("assistant", answer))]))
+
+
+def to_judged(row: Any, where: str, source: DataSource, pair: int = -1) -> list[Judged]:
+    """A `preference` row as [chosen, rejected], an `unpaired` row as [completion]; raise BadRow."""
+    if not isinstance(row, dict):
+        raise BadRow(f"expected an object with fields, got {type(row).__name__}")
+    get = _getter(row, source)
+    if source.format == "unpaired":
+        label = get("label")
+        if not isinstance(label, bool):
+            raise BadRow(f"field 'label' must be true or false, got {label!r}")
+        answer = get("completion")
+        prompt = _prompt_turns(get("prompt"), answer)
+        return [Judged(where, prompt, _text_or_turns(answer, "completion"), label, pair)]
+    if source.format != "preference":
+        raise BadRow(f"format {source.format} has no chosen/rejected answers; preference methods need preference data")
+    chosen, rejected = get("chosen"), get("rejected")
+    prompt_value = get("prompt", None)
+    if prompt_value is None and isinstance(chosen, list) and isinstance(rejected, list):
+        prompt_value = chosen[:-1]  # conversations: the prompt is the turns that chosen and rejected share
+        if list(rejected[:-1]) != list(prompt_value):
+            raise BadRow("chosen and rejected conversations must share every turn but their last")
+    prompt = _prompt_turns(prompt_value, chosen)
+    _prompt_turns(prompt_value, rejected)
+    good, bad = _text_or_turns(chosen, "chosen"), _text_or_turns(rejected, "rejected")
+    if good.strip() == bad.strip():
+        raise BadRow("chosen and rejected are identical: the pair prefers nothing")
+    return [Judged(where, prompt, good, True, pair), Judged(where, prompt, bad, False, pair)]
+
+
+def _prompt_turns(value: Any, answer: Any) -> tuple[tuple[str, str], ...]:
+    """The turns before the answer: a text prompt is one user turn; an answer given as a conversation that
+    repeats the prompt turns must start with them exactly."""
+    if value is None:
+        raise BadRow("missing field 'prompt'")
+    if isinstance(value, str):
+        return (("user", _text(value, "prompt")),)
+    if isinstance(answer, list) and len(answer) > 1 and list(answer[:-1]) != list(value):
+        raise BadRow("an answer given as a conversation must repeat the prompt turns exactly before its last turn")
+    if not isinstance(value, list) or not value:
+        raise BadRow("field 'prompt' must be text or a non-empty list of {role, content} turns")
+    return _messages([*value, {"role": "assistant", "content": "-"}])[:-1]
 
 
 def _getter(row: dict, source: DataSource):

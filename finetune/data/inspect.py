@@ -7,6 +7,7 @@ from typing import Any
 
 from finetune.data.prepare import prepare_data
 from finetune.data.templates import IGNORE
+from finetune.lineage import continue_parent
 from finetune.recipe import Recipe
 
 HISTOGRAM_BINS = 10
@@ -24,13 +25,14 @@ class Example:
 class DataResult:
     stats: dict[str, Any]
     histogram: list[tuple[int, int, int]]  # (from, to, rows) of training row lengths, before truncation
-    examples: list[Example]
+    examples: list[Example] | list[dict[str, Any]]  # dicts: preference pairs (prompt, chosen, rejected, tokens)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "stats": self.stats,
             "histogram": [{"from": a, "to": b, "rows": n} for a, b, n in self.histogram],
             "examples": [
+                e if isinstance(e, dict) else
                 {"where": e.where, "tokens": e.tokens, "trained_tokens": e.trained_tokens,
                  "pieces": [{"text": t, "trained": m} for t, m in e.pieces]}
                 for e in self.examples
@@ -43,7 +45,13 @@ def inspect_data(recipe: Recipe, show: int = 3) -> DataResult:
     from finetune.modeling import load_tokenizer, quiet_libraries
 
     quiet_libraries()
+    recipe = continue_parent(recipe)
     tokenizer = load_tokenizer(recipe)
+    if recipe.train.method != "sft":
+        from finetune.data.preference import prepare_preference
+
+        prepared_pairs = prepare_preference(recipe, tokenizer)
+        return DataResult(prepared_pairs.stats.to_dict(), [], prepared_pairs.examples[:show])  # type: ignore[arg-type]
     prepared = prepare_data(recipe, tokenizer)
     stats = prepared.stats.to_dict()
     lengths = prepared.lengths

@@ -1,0 +1,23 @@
+"""Training methods other than SFT, each a module with the same five hooks that `finetune.train` calls:
+
+    prepare(recipe, tokenizer) -> data                  tokenized train/held-out sets and their stats
+    policy(recipe, model) -> (model, targets, peft_config)   a parent run's adapter, or a new one for TRL
+    config(recipe, common_args, max_length) -> the TRL config (common_args: `train.training_arguments`)
+    make_trainer(recipe, model, tokenizer, data, args, peft_config, callbacks) -> a TRL trainer with SafeTraining
+    evaluate(recipe, run, model, tokenizer, data) -> the eval summary written to eval/
+
+SFT stays in `finetune.train` itself. The run directory, manifest, checkpoints, resume, signals,
+NaN stop and report are shared: a method only says what differs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+MODULES = {"dpo": "preference", "kto": "preference"}
+
+
+def load(method: str) -> ModuleType:
+    """The module implementing `train.method` (never called for sft)."""
+    return importlib.import_module(f"finetune.methods.{MODULES[method]}")

@@ -1,0 +1,230 @@
+"""Held-out evaluation of a preference run: what the stage gained, and what it cost on the task.
+
+Three models from one PEFT model: the tuned adapter, the reference (the parent run's adapter, or
+the base when the run started from the base) and the base (adapters disabled). For each:
+- preference_accuracy: share of held-out pairs where its implicit reward beta*(log p - log p_ref)
+  is higher for chosen than for rejected (ties count half, so the reference scores 0.5 by definition);
+  for unpaired (KTO) rows, the share whose reward sign agrees with the label;
+- reward_margin: mean reward(chosen) - reward(rejected);
+- likelihood_accuracy: share of pairs where the model itself gives chosen the higher log-probability;
+- logps: mean summed log-probability of the chosen and rejected answers;
+- the recipe's generation metrics (eval.metrics) on the held-out prompts, chosen answer as reference.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from finetune.errors import UserError
+from finetune.evaluate import ModelScores, metric_functions, prompt_and_reference, score
+from finetune.summary import EvalSummary, Preference, Scores
+
+if TYPE_CHECKING:
+    from finetune.data.preference import PreferenceData
+    from finetune.evaluate import EvalResult
+    from finetune.recipe import Recipe
+    from finetune.runs import RunDir
+
+MODELS = ("tuned", "reference", "base")
+PREFERENCE_METRICS = ("preference_accuracy", "reward_margin", "likelihood_accuracy")
+
+
+@dataclass
+class PreferenceComparison:
+    method: str
+    beta: float
+    pairs: int
+    scores: dict[str, ModelScores]  # by model name; metrics hold the preference metrics and generation metrics
+    logps: dict[str, dict[str, float]]
+    prompts: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+    reference_is_base: bool = False
+
+    def summary(self) -> EvalSummary:
+        """The typed held-out summary: tuned and base as for SFT runs, plus the reference and the method."""
+
+        def scores(name: str) -> Scores | None:
+            s = self.scores.get(name)
+            return None if s is None else Scores(None, None, dict(s.metrics), dict(self.logps[name]))
+
+        reference = scores("reference")
+        return EvalSummary(
+            tuned=scores("tuned"),
+            base=scores("base"),
+            examples=len(self.prompts),
+            records=self._records("base"),
+            preference=Preference(self.method, self.beta, self.pairs, reference, self.reference_is_base,
+                                  self._records("reference")),
+        )  # fmt: skip
+
+    def _records(self, other: str) -> dict[str, dict[str, int]]:
+        """Per-example wins, losses and ties of tuned against `other`, for the metrics scored per example."""
+        tuned, them = self.scores["tuned"], self.scores.get(other)
+        if them is None:
+            return {}
+        out = {}
+        for metric in tuned.metrics:
+            if metric in tuned.per_example and metric in them.per_example:
+                pairs = list(zip(tuned.per_example[metric], them.per_example[metric], strict=True))
+                out[metric] = {"wins": sum(t > b for t, b in pairs), "losses": sum(t < b for t, b in pairs),
+                               "ties": sum(t == b for t, b in pairs)}  # fmt: skip
+        return out
+
+    def examples(self) -> list[dict[str, Any]]:
+        rows = []
+        for i, (prompt, ref) in enumerate(zip(self.prompts, self.references, strict=True)):
+            row: dict[str, Any] = {"prompt": prompt, "reference": ref}
+            for name, s in self.scores.items():
+                if s is not None and s.outputs:
+                    row[name] = s.outputs[i]
+                    row[f"{name}_scores"] = {k: v[i] for k, v in s.per_example.items()}
+            rows.append(row)
+        return rows
+
+
+@torch.no_grad()
+def completion_logps(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> list[float]:
+    """Summed log-probability of each completion given its prompt (prompt tokens are not scored)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        width = max(len(p) + len(c) for p, c in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        scored = torch.zeros_like(ids, dtype=torch.bool)
+        mask = torch.zeros_like(ids)
+        for i, (p, c) in enumerate(batch):
+            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, : len(p) + len(c)] = 1
+            scored[i, len(p) : len(p) + len(c)] = True
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
+        out += (logp * scored[:, 1:].to(device)).sum(dim=1).tolist()
+    return out
+
+
+def compare_preference(
+    recipe: Recipe, model: Any, tokenizer: Any, data: PreferenceData, has_reference: bool
+) -> PreferenceComparison:
+    """Score tuned, reference and base on the held-out rows: preference metrics, then generation metrics."""
+    from finetune.methods.reference import REFERENCE_ADAPTER, beta
+
+    e = recipe.eval
+    b = beta(recipe)
+    rows = [r for group in data.eval_rows for r in group]
+    sides = [(r["prompt_ids"], r["completion_ids"]) for r in rows]
+    samples = data.eval_samples[: e.limit] if e.limit else data.eval_samples
+    pairs = [prompt_and_reference(tokenizer, s) for s in samples]
+    prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
+    metrics = metric_functions(list(e.metrics))
+
+    contexts = {
+        "tuned": nullcontext,
+        "reference": (lambda: _adapter(model, REFERENCE_ADAPTER)) if has_reference else model.disable_adapter,
+        "base": model.disable_adapter,
+    }
+    wanted = ["tuned", "reference"] + (["base"] if e.compare_base and has_reference else [])
+    logps: dict[str, list[float]] = {}
+    scores: dict[str, ModelScores] = {}
+    for name in wanted:
+        with contexts[name]():
+            logps[name] = completion_logps(model, sides, tokenizer.pad_token_id, e.batch_size)
+            scores[name] = score(model, tokenizer, None, prompts, references, metrics, e.max_new_tokens, e.batch_size)
+    if e.compare_base and not has_reference:  # the reference is the base itself
+        logps["base"], scores["base"] = logps["reference"], _copy(scores["reference"])
+    labels = [bool(r["label"]) for r in rows]
+    groups = [len(g) for g in data.eval_rows]
+    figures = {}
+    for name in logps:
+        preference, figures[name] = _preference_metrics(logps[name], logps["reference"], labels, groups, b)
+        scores[name].metrics = {**preference, **scores[name].metrics}
+    return PreferenceComparison(recipe.train.method, b, len(data.eval_rows), scores, figures, prompts, references,
+                                reference_is_base=not has_reference)  # fmt: skip
+
+
+def _adapter(model: Any, name: str) -> Any:
+    from trl.trainer.utils import use_adapter
+
+    return use_adapter(model, name)
+
+
+def _copy(s: ModelScores) -> ModelScores:
+    return ModelScores(s.loss, s.perplexity, dict(s.metrics), list(s.outputs), dict(s.per_example))
+
+
+def _preference_metrics(
+    ours: list[float], ref: list[float], labels: list[bool], groups: list[int], beta: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Preference accuracy, reward margin and likelihood accuracy over pairs (groups of 2) or labelled rows."""
+    rewards = [beta * (o - r) for o, r in zip(ours, ref, strict=True)]
+    chosen = [i for i, good in enumerate(labels) if good]
+    rejected = [i for i, good in enumerate(labels) if not good]
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    logps = {"chosen": mean([ours[i] for i in chosen]), "rejected": mean([ours[i] for i in rejected])}
+    if groups and all(n == 2 for n in groups):  # pairs: chosen then rejected
+        wins = [_win(rewards[i], rewards[i + 1]) for i in range(0, len(rewards), 2)]
+        likely = [_win(ours[i], ours[i + 1]) for i in range(0, len(ours), 2)]
+        margin = mean([rewards[i] - rewards[i + 1] for i in range(0, len(rewards), 2)])
+    else:
+        wins = [_win(r, 0.0) if good else _win(0.0, r) for r, good in zip(rewards, labels, strict=True)]
+        likely = wins
+        margin = mean([rewards[i] for i in chosen]) - mean([rewards[i] for i in rejected])
+    metrics = {"preference_accuracy": mean(wins), "reward_margin": margin, "likelihood_accuracy": mean(likely)}
+    return metrics, logps
+
+
+def _win(a: float, b: float) -> float:
+    return 1.0 if a > b else 0.5 if a == b else 0.0
+
+
+def write_preference_eval(
+    recipe: Recipe, run: RunDir, comparison: PreferenceComparison, out: Path | None = None
+) -> EvalSummary:
+    """eval/summary.json and examples.jsonl (or `out`, for an ad-hoc `finetune eval`); returns the summary."""
+    from finetune.runs import write_eval
+
+    summary = comparison.summary()
+    write_eval(run, summary.to_dict(), comparison.examples(), None, out)
+    return summary
+
+
+def evaluate_run(
+    target: str | Path, against_base: bool | None = None, limit: int | None = None, out: str | Path | None = None
+) -> EvalResult:
+    """`finetune eval` on a preference run: its adapter, its parent's as the reference, the base, on held-out data.
+
+    Like `evaluate.evaluate`, it writes to `out` or eval/<UTC time>/ and leaves training's record as it was.
+    """
+    from transformers import AutoTokenizer
+
+    from finetune.data.preference import prepare_preference
+    from finetune.evaluate import EvalResult, _out_dir, _run_of
+    from finetune.lineage import continue_parent
+    from finetune.loading import load_recipe
+    from finetune.machine import this_machine
+    from finetune.methods.reference import REFERENCE_ADAPTER, load_for_eval
+    from finetune.modeling import load_model, quiet_libraries
+    from finetune.speed import model_attention
+
+    quiet_libraries()
+    run = _run_of(Path(target))
+    out_dir = _out_dir(run, out)
+    recipe = continue_parent(load_recipe(run.recipe))
+    if recipe.data.eval is None:
+        raise UserError(f"{run.recipe}: data.eval is not set, so the run has no held-out data to evaluate on")
+    changes = {"limit": limit or recipe.eval.limit}
+    if against_base is not None:
+        changes["compare_base"] = against_base
+    recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update=changes)})
+    tokenizer = AutoTokenizer.from_pretrained(run.adapter)
+    data = prepare_preference(recipe, tokenizer)
+    model = load_for_eval(recipe, run.adapter, load_model(recipe, model_attention(recipe, this_machine())))
+    comparison = compare_preference(recipe, model, tokenizer, data, REFERENCE_ADAPTER in model.peft_config)
+    summary = write_preference_eval(recipe, run, comparison, out_dir)
+    return EvalResult(str(run.root), summary, str(out_dir))
