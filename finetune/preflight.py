@@ -44,6 +44,8 @@ def _where(recipe: Recipe, key: tuple[str | int, ...]) -> str:
 
 def _model_directory(recipe: Recipe) -> list[Problem]:
     """A local base model: config, weights, tokenizer and chat template, as `finetune train` will read them."""
+    if recipe.model.base is None:
+        return []  # model.from_run: the parent run's base, checked when the run is continued
     base = Path(recipe.model.base)
     if not base.is_dir():
         return []  # a hub id: checked for form only (no network in validate)

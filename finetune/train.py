@@ -88,10 +88,11 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
-    preflight(recipe)  # metric modules, the model directory's files: before claiming anything
     if recipe.train.distributed and not launched():
+        preflight(recipe)
         return _launch(recipe, overwrite, resume, progress)
     recipe = continue_parent(recipe)  # model.from_run: base, adapter settings and template from the parent run
+    preflight(recipe)  # metric modules, the model directory's files: before claiming anything
     state = process_state()
     run = RunDir(recipe.run_dir)
     checkpoint, replace = _start_point(run, recipe, resume, overwrite)

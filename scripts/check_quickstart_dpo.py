@@ -71,7 +71,7 @@ def main() -> None:
     if seconds > 180:
         misses.append(f"the DPO stage took {seconds:.0f} s, over 180 s (was the machine loaded?)")
     run = work / "runs" / "quickstart-dpo"
-    evaluated, _ = finetune("eval", str(run), "--json", "--fail-under", "preference_accuracy=0.9", cwd=work)
+    evaluated, _ = finetune("eval", str(run), "--json", "--require", "preference_accuracy>=0.9", cwd=work)
     again = json.loads(evaluated.stdout)
     if again["tuned"]["metrics"] != summary["tuned"]["metrics"]:
         misses.append("finetune eval disagrees with the end-of-training evaluation")

@@ -348,7 +348,7 @@ output_dir: {tmp_path / "runs" / "kto"}
     result = train(load_recipe(recipe), progress=False)
     logs = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert logs[0]["rewards/chosen"] == 0.0 and "kl" in logs[0], logs[0]  # fresh LoRA == base == reference
-    summary = result.eval
+    summary = result.eval.to_dict()
     assert summary["method"] == "kto" and summary["reference_is_base"] and summary["base"] is not None
     assert (
         "parent" not in json.loads((Path(result.run_dir) / "manifest.json").read_text())

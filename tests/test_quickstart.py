@@ -31,7 +31,7 @@ def test_quickstart_tunes_the_model_far_past_its_base_and_eval_agrees(tmp_path):
     assert tuned["loss"] < base["loss"]
 
     run = tmp_path / "runs" / "quickstart"
-    evaluated = finetune("eval", str(run), "--json", "--fail-under", "exact_match=0.8", cwd=tmp_path)
+    evaluated = finetune("eval", str(run), "--json", "--require", "exact_match>=0.8", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     again = json.loads(evaluated.stdout)
     assert again["tuned"]["metrics"]["exact_match"] == tuned["metrics"]["exact_match"]
