@@ -25,6 +25,7 @@ from finetune.data import PreparedData, prepare_data
 from finetune.errors import RunDirError, TrainingInterrupted, UserError
 from finetune.evaluate import compare, write_comparison
 from finetune.harness import check as check_harness
+from finetune.lock import RunLock, describe
 from finetune.modeling import (
     load_model,
     load_tokenizer,
@@ -74,6 +75,16 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
+    state = process_state()
+    if not state.is_main_process:
+        return _train_run(recipe, overwrite, resume, progress)
+    with RunLock(recipe.run_dir) as lock:  # a second train on this directory is refused, naming this one
+        if lock.stale:
+            warnings.warn(f"took over the lock left by a killed run ({describe(lock.stale)})", stacklevel=2)
+        return _train_run(recipe, overwrite, resume, progress)
+
+
+def _train_run(recipe: Recipe, overwrite: bool, resume: bool, progress: bool) -> TrainResult:
     state = process_state()
     run = RunDir(recipe.run_dir)
     checkpoint = find_resume_point(run, recipe) if resume and run.manifest.exists() else None
@@ -171,8 +182,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop logs past the checkpoint, so that the resumed run's curve continues without a double."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if _logged_step(line) <= step]
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill mid-append counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | None, progress: bool) -> TrainResult:

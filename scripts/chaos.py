@@ -1,0 +1,337 @@
+"""Kill the quickstart with SIGKILL at random moments, N times, and check what a user would then rely on.
+
+    python scripts/chaos.py --n 20 [--seed 1] [--workdir /tmp/chaos] > chaos.log
+
+Moments, in turn: mid-step (at a random logged step plus a random delay), mid-checkpoint-write
+(while checkpoints/.staging/ exists), mid-data-cache-write (while the cache's temporary folder
+exists, cache empty), mid-merge and mid-export (at a random time within their measured duration).
+After each kill it checks:
+  - nothing that looks complete is partial: every checkpoint-N folder, adapter/, manifest.json,
+    cache entry, merged or exported folder that exists is whole (loads, parses, has its files);
+  - `finetune train --resume` (or a plain rerun where no checkpoint was written yet) ends with an
+    adapter whose tensors are bit for bit those of the uninterrupted run, and the same losses;
+  - a rerun merge/export succeeds and its weights are bit for bit those of an uninterrupted one.
+The quickstart is shortened (20 steps of batch 8, a checkpoint every 5, a held-out loss every 10, eval on 4 rows)
+so that one kill-and-resume takes well under a minute on 2 cores. Prints one line per kill and a
+JSON summary last; exits 0 only when every check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "quickstart.yaml"
+SHORT = ["train.max_steps=20", "train.batch_size=8", "train.save_every=5", "train.eval_every=10",
+         "train.keep_checkpoints=2", "eval.compare_base=false", "eval.limit=4", "train.logging_every=1"]  # fmt: skip
+STEPS, SAVE_EVERY = 20, 5
+PHASES = ("step", "checkpoint", "cache", "merge", "export")
+CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json", "optimizer.pt",
+                    "scheduler.pt", "rng_state.pth")  # fmt: skip
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "finetune.cli", *args]
+
+
+def train_args(out: Path, *extra: str) -> list[str]:
+    sets = [x for key in [*SHORT, f"output_dir={out}"] for x in ("--set", key)]
+    return command("train", str(RECIPE), *sets, "--json", *extra)
+
+
+def env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "FINETUNE_CACHE": str(cache), "PYTHONHASHSEED": "0"}
+
+
+def run(cmd: list[str], cache: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env(cache), capture_output=True, text=True, timeout=900)
+
+
+def start(cmd: list[str], cache: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def kill_when(proc: subprocess.Popen, ready, delay: float, timeout: float = 600) -> bool:
+    """SIGKILL `delay` seconds after `ready()` first holds; False when the process ended before that."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        if ready():
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.001)
+    proc.kill()
+    raise TimeoutError("the moment to kill never came")
+
+
+def last_step(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else -1
+    except (OSError, ValueError):
+        return -1
+
+
+# --- what must hold after a kill --------------------------------------------------------------------
+
+
+def tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    x, y = tensors(a), tensors(b)
+    return x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and x[k].equal(y[k]) for k in x)
+
+
+def partial_things(run_dir: Path) -> list[str]:
+    """Everything in a run directory that looks complete but is not."""
+    bad = []
+    for name in ("manifest.json",):
+        if (run_dir / name).exists():
+            try:
+                json.loads((run_dir / name).read_text())
+            except ValueError:
+                bad.append(f"{name} does not parse")
+    for ckpt in sorted((run_dir / "checkpoints").glob("checkpoint-*")):
+        missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).is_file()]
+        if missing:
+            bad.append(f"{ckpt.name} lacks {missing}")
+            continue
+        try:
+            tensors(ckpt / "adapter_model.safetensors")
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            if state["global_step"] != int(ckpt.name.split("-")[1]):
+                bad.append(f"{ckpt.name} holds step {state['global_step']}")
+        except Exception as e:
+            bad.append(f"{ckpt.name} unreadable: {type(e).__name__}: {e}")
+    adapter = run_dir / "adapter"
+    if adapter.exists():
+        bad += whole_adapter(adapter)
+    return bad
+
+
+def whole_adapter(adapter: Path) -> list[str]:
+    try:
+        json.loads((adapter / "adapter_config.json").read_text())
+        tensors(adapter / "adapter_model.safetensors")
+        json.loads((adapter / "tokenizer_config.json").read_text())
+        return []
+    except Exception as e:
+        return [f"adapter/ partial: {type(e).__name__}: {e}"]
+
+
+def partial_cache_entries(cache: Path) -> list[str]:
+    """Cache entries that would be served (not a dot-named temporary) but do not load whole."""
+    sys.path.insert(0, str(ROOT))
+    os.environ["FINETUNE_CACHE"] = str(cache)
+    from finetune.data import prepare
+
+    bad = []
+    root = cache / "data"
+    for entry in sorted(root.iterdir()) if root.exists() else []:
+        if entry.name.startswith("."):
+            continue
+        loaded = prepare._load_cached(entry.name)
+        if loaded is None or len(loaded.train) != loaded.stats.train_rows:
+            bad.append(f"cache entry {entry.name} is served but partial")
+    return bad
+
+
+def whole_model(out: Path) -> list[str]:
+    """A merged or exported folder that exists must hold a model that loads and passed its check."""
+    if not out.exists():
+        return []
+    try:
+        files = sorted(out.rglob("*.safetensors"))
+        if not files:
+            return [f"{out.name}: no weights"]
+        for f in files:
+            tensors(f)
+        check = next(out.rglob("merge_check.json"), None)
+        if check is None or not json.loads(check.read_text()).get("passed", True):
+            return [f"{out.name}: no passing merge_check.json"]
+        return []
+    except Exception as e:
+        return [f"{out.name} partial: {type(e).__name__}: {e}"]
+
+
+def weights_digest(out: Path) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(out.rglob("*.safetensors")):
+        for name, t in sorted(tensors(f).items()):
+            digest.update(
+                name.encode() + t.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes()
+            )
+    return digest.hexdigest()
+
+
+def losses(run_dir: Path) -> list:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(x["step"], x.get("loss"), x.get("eval_loss")) for x in lines]
+
+
+# --- one kill ---------------------------------------------------------------------------------------
+
+
+def kill_training(phase: str, ws: Path, i: int, rng: random.Random, ref: Path, cache: Path) -> dict:
+    out = ws / f"run-{i}"
+    if phase == "cache":  # an empty cache, so that this run writes it
+        cache = ws / f"cache-{i}"
+    proc = start(train_args(out), cache)
+    if phase == "step":
+        k, delay = rng.randint(1, STEPS - 1), rng.uniform(0, 0.3)
+        killed = kill_when(proc, lambda: last_step(out) >= k, delay)
+        moment = f"after step {k} + {delay:.2f}s"
+    elif phase == "checkpoint":
+        k, delay = rng.choice(range(SAVE_EVERY, STEPS + 1, SAVE_EVERY)), rng.uniform(0, 0.05)
+        staging = out / "checkpoints" / ".staging" / f"checkpoint-{k}"
+        killed = kill_when(proc, staging.exists, delay)
+        moment = f"writing checkpoint-{k} + {delay * 1000:.0f}ms"
+    else:
+        delay = rng.uniform(0, 0.5)
+        killed = kill_when(proc, lambda: any((cache / "data").glob(".*.tmp")), delay)
+        moment = f"writing the data cache + {delay * 1000:.0f}ms"
+    if not killed:
+        proc.communicate()
+        return {"phase": phase, "moment": moment, "killed": False, "ok": proc.returncode == 0, "problems": []}
+    mid_write = (phase == "checkpoint" and (out / "checkpoints" / ".staging").exists()) or (
+        phase == "cache" and any((cache / "data").glob(".*.tmp"))
+    )
+    problems = partial_things(out) + partial_cache_entries(cache)
+    resumable = any((out / "checkpoints").glob("checkpoint-*"))
+    again = run(train_args(out, "--resume" if resumable else "--overwrite"), cache)
+    if again.returncode != 0:
+        problems.append(f"rerun exit {again.returncode}: {again.stderr.strip()[-600:]}")
+    else:
+        if not same_tensors(
+            out / "adapter" / "adapter_model.safetensors", ref / "adapter" / "adapter_model.safetensors"
+        ):
+            problems.append("adapter differs from the uninterrupted run")
+        if losses(out) != losses(ref):
+            problems.append("losses differ from the uninterrupted run")
+        problems += partial_cache_entries(cache)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"phase": phase, "moment": moment, "killed": True, "mid_write": mid_write,
+            "rerun": "resume" if resumable else "overwrite", "ok": not problems, "problems": problems}  # fmt: skip
+
+
+def stage_args(phase: str, ref: Path, out: Path) -> list[str]:
+    if phase == "merge":
+        return ["merge", str(ref), "--out", str(out)]
+    return ["export", str(ref), "--format", "merged", "--out", str(out)]
+
+
+def writing(out: Path):
+    """True while the stage's temporary output folder (atomic_dir's) exists."""
+    return lambda: any(out.parent.glob(f".{out.name}.*.tmp"))
+
+
+def kill_stage(phase: str, ws: Path, i: int, rng: random.Random, ref: Path, cache: Path, timing: dict) -> dict:
+    """Kill a merge or export at a random moment while it writes its output (the measured write span)."""
+    out = ws / f"{phase}-{i}"
+    args = stage_args(phase, ref, out)
+    delay = rng.uniform(0, timing[phase])
+    proc = start(command(*args), cache)
+    killed = kill_when(proc, writing(out), delay)
+    if not killed:
+        proc.communicate()
+    mid_write = killed and writing(out)()
+    problems = whole_model(out)
+    again = run(command(*args, "--overwrite"), cache)
+    if again.returncode != 0:
+        problems.append(f"rerun exit {again.returncode}: {again.stderr.strip()[-600:]}")
+    elif weights_digest(out) != timing[f"{phase}_digest"]:
+        problems.append(f"{phase} weights differ from the uninterrupted {phase}")
+    shutil.rmtree(out, ignore_errors=True)
+    moment = f"{delay:.2f}s into its {timing[phase]:.1f}s of writing"
+    return {"phase": phase, "moment": moment, "killed": killed, "mid_write": mid_write, "ok": not problems,
+            "problems": problems}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=20, help="kills (default 20)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}")
+    args = parser.parse_args()
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    rng = random.Random(seed)
+    ws = args.workdir or Path(tempfile.mkdtemp(prefix="finetune-chaos-"))
+    ws.mkdir(parents=True, exist_ok=True)
+    cache, ref = ws / "cache", ws / "reference"
+    phases = args.phases.split(",")
+    began = time.time()
+    print(f"chaos: seed {seed}, {args.n} kills, workdir {ws}", flush=True)
+
+    t = time.time()
+    done = run(train_args(ref), cache)
+    if done.returncode != 0:
+        print(done.stderr[-3000:])
+        return 1
+    timing: dict = {"train": time.time() - t}
+    for phase in ("merge", "export"):
+        if phase in phases:
+            out = ws / f"{phase}-reference"
+            proc = start(command(*stage_args(phase, ref, out)), cache)
+            while proc.poll() is None and not writing(out)():
+                time.sleep(0.001)
+            t = time.time()
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                print(err[-3000:])
+                return 1
+            timing[phase], timing[f"{phase}_digest"] = time.time() - t, weights_digest(out)
+    print("uninterrupted: " + ", ".join(f"{k} {v:.1f}s" for k, v in timing.items() if isinstance(v, float)), flush=True)
+
+    results = []
+    for i in range(args.n):
+        phase = phases[i % len(phases)]
+        if phase in ("merge", "export"):
+            r = kill_stage(phase, ws, i, rng, ref, cache, timing)
+        else:
+            r = kill_training(phase, ws, i, rng, ref, cache)
+        results.append(r)
+        extra = f", mid-write: {r['mid_write']}" if "mid_write" in r else ""
+        verdict = "ok" if r["ok"] else "FAIL " + "; ".join(r["problems"])
+        print(f"[{i + 1}/{args.n}] {phase}: killed {r['moment']}{extra} -> {verdict}", flush=True)
+
+    killed = [r for r in results if r["killed"]]
+    summary = {
+        "seed": seed,
+        "kills": len(killed),
+        "passed": sum(r["ok"] for r in results),
+        "tried": len(results),
+        "identical_after_resume": f"{sum(r['ok'] for r in killed if r['phase'] in ('step', 'checkpoint', 'cache'))}"
+        f"/{sum(r['phase'] in ('step', 'checkpoint', 'cache') for r in killed)}",
+        "by_phase": {
+            p: f"{sum(r['ok'] for r in results if r['phase'] == p)}/{sum(r['phase'] == p for r in results)}"
+            for p in phases
+        },
+        "killed_mid_write": sum(bool(r.get("mid_write")) for r in results),
+        "leftover_temporaries": len(list((cache / "data").glob(".*.tmp"))) if (cache / "data").exists() else 0,
+        "minutes": round((time.time() - began) / 60, 1),
+    }
+    print(json.dumps(summary, indent=2), flush=True)
+    return 0 if summary["passed"] == summary["tried"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
