@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from finetune.data import PreparedData, prepare_data
-from finetune.errors import RunDirError, TrainingInterrupted, UserError
+from finetune.errors import RunDirError, TrainingInterrupted, UserError, WriteError
 from finetune.evaluate import compare, write_comparison
 from finetune.harness import check as check_harness
 from finetune.lock import RunLock, describe
@@ -99,13 +99,13 @@ def _train_run(recipe: Recipe, overwrite: bool, resume: bool, progress: bool) ->
     try:
         result = _train(recipe, run, manifest, checkpoint, progress)
     except TrainingInterrupted as e:
-        manifest.update(status="interrupted", finished=now(), error=str(e))
+        _mark(manifest, status="interrupted", finished=now(), error=str(e))
         raise
     except KeyboardInterrupt:
-        manifest.update(status="interrupted", finished=now())
+        _mark(manifest, status="interrupted", finished=now())
         raise
     except BaseException as e:
-        manifest.update(status="failed", finished=now(), error=redact_text(f"{type(e).__name__}: {e}"))
+        _mark(manifest, status="failed", finished=now(), error=redact_text(f"{type(e).__name__}: {e}"))
         raise
     else:
         manifest.update(status="completed", finished=now())
@@ -113,6 +113,14 @@ def _train_run(recipe: Recipe, overwrite: bool, resume: bool, progress: bool) ->
         if state.is_main_process:
             _write_report(run)
     return result
+
+
+def _mark(manifest: Manifest, **fields: Any) -> None:
+    """Record how the run ended; on a full disk this write fails too, and must not hide the run's own error."""
+    try:
+        manifest.update(**fields)
+    except (OSError, WriteError) as e:
+        warnings.warn(f"could not record the run's status in {manifest.run.manifest}: {e}", stacklevel=2)
 
 
 def _write_report(run: RunDir) -> None:
@@ -134,6 +142,7 @@ def _claim(run: RunDir, recipe: Recipe, checkpoint: Path | None, overwrite: bool
         write_recipe(run, recipe)
         Manifest.start(run, recipe)
         return
+    run.check_writable()
     staging = run.checkpoints / STAGING
     if staging.exists():
         warnings.warn(f"removing partial checkpoint(s) in {staging} left by an interrupted save", stacklevel=2)
@@ -148,7 +157,10 @@ def find_resume_point(run: RunDir, recipe: Recipe) -> Path:
     """The newest complete checkpoint of a run whose recipe still matches (a read-only check)."""
     from finetune.trainer import complete_checkpoints
 
-    previous = yaml.safe_load(run.recipe.read_text(encoding="utf-8")) if run.recipe.exists() else None
+    try:
+        previous = yaml.safe_load(run.recipe.read_text(encoding="utf-8")) if run.recipe.exists() else None
+    except OSError as e:
+        raise RunDirError(f"cannot read {run.recipe}: {e.strerror}") from None
     if previous is None:
         raise RunDirError(f"{run.root} has no recipe.yaml: not a finetune run; use --overwrite to start afresh")
     changed = [k for k in _differing_keys(previous, recipe.resolved()) if not k.startswith(RESUMABLE_CHANGES)]
@@ -242,7 +254,9 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
         raise RuntimeError(_oom_advice(recipe, speed)) from e
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise RuntimeError(f"disk full while writing to {run.root}: {e}; no partial checkpoint was kept") from e
+            raise WriteError(
+                f"could not write {e.filename or run.root}: disk full; the last complete checkpoint is kept"
+            ) from e
         raise
     finally:
         stop.uninstall()

@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import os
 import random
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from finetune.data import sources
 from finetune.data.formats import BadRow, Sample, to_sample
 from finetune.data.templates import IGNORE, apply_chat_template, segments, tokenize
-from finetune.errors import DataError, Problem
+from finetune.errors import DataError, Problem, WriteError
 from finetune.recipe import DataSource, Recipe
 
 CACHE_VERSION = 2  # bump when preprocessing changes what it produces
@@ -264,8 +265,9 @@ def _store(key: str, prepared: PreparedData) -> None:
                 "lengths": prepared.lengths,
             }
             write_json_atomic(tmp / "meta.json", meta)
-    except OSError:
-        pass  # an unwritable cache costs time next run, nothing else
+    except (OSError, WriteError) as e:  # an unwritable cache costs time next run, nothing else
+        reason = e.strerror if isinstance(e, OSError) else str(e)
+        warnings.warn(f"could not write the data cache {final} ({reason}); going on without it", stacklevel=2)
 
 
 def percentile(sorted_values: list[int], q: float) -> int:

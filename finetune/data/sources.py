@@ -65,9 +65,12 @@ def fingerprint(source: DataSource) -> str:
     if is_local(source):
         for f in files_of(source):
             digest.update(f.name.encode())
-            with f.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
+            try:
+                with f.open("rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        digest.update(block)
+            except OSError as e:
+                raise DataError(Problem(f"cannot read the file ({e.strerror or e})", display_path(f))) from None
     else:
         snapshot = hub_snapshot(source)
         digest.update(json.dumps([source.path, snapshot.name, source.subset, source.split]).encode())
@@ -91,6 +94,8 @@ def _local_rows(source: DataSource) -> Iterator[Row]:
             raise DataError(f"{name}: unsupported file type; use {', '.join(SUFFIXES)}")
         rows = 0
         try:
+            if path.stat().st_size == 0:
+                raise DataError(Problem(f"empty file (0 bytes); {EXPECTED[path.suffix.lower()]}", name))
             for row in reader(path, name):
                 rows += 1
                 yield row
@@ -167,10 +172,13 @@ def _json(path: Path, name: str) -> Iterator[Row]:
         start = e.start + (len(BOM) if raw.startswith(BOM) else 0)
         line = raw[:start].count(b"\n") + 1
         raise DataError(Problem(_not_utf8(raw[raw.rfind(b"\n", 0, start) + 1 :], e, start), f"{name}:{line}")) from None
+    if not text.strip():
+        raise DataError(Problem(f"no rows: the file holds only blank space; {EXPECTED['.json']}", name))
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        cut = " (the file ends early: truncated?)" if e.pos >= len(text.rstrip()) else ""
+        ends = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated")
+        cut = " (the file ends early: truncated?)" if ends else ""
         raise DataError(Problem(f"invalid JSON: {e.msg} (column {e.colno}){cut}", f"{name}:{e.lineno}")) from None
     except (ValueError, RecursionError) as e:
         raise DataError(Problem(f"invalid JSON: {str(e) or 'nested too deeply'}", name)) from None
