@@ -37,7 +37,6 @@ SHORT = ["train.max_steps=12", "train.batch_size=4", "train.save_every=3", "trai
          "train.keep_checkpoints=2", "data.eval.0.limit=16", "eval.compare_base=false", "eval.limit=4",
          "train.logging_every=1"]  # fmt: skip
 STEPS, SAVE_EVERY = 12, 3
-PHASES = ("step", "checkpoint", "cache", "merge", "export")
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json", "optimizer.pt",
                     "scheduler.pt", "rng_state.pth")  # fmt: skip
 
@@ -191,46 +190,65 @@ def losses(run_dir: Path) -> list:
 # --- one kill ---------------------------------------------------------------------------------------
 
 
-def kill_training(phase: str, ws: Path, i: int, rng: random.Random, ref: Path, cache: Path) -> dict:
-    out = ws / f"run-{i}"
-    if phase == "cache":  # an empty cache, so that this run writes it
-        cache = ws / f"cache-{i}"
+def complete_step(run_dir: Path) -> int:
+    """The step of the newest complete checkpoint (0 without one)."""
+    steps = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*")]
+    return max(steps, default=0)
+
+
+def kill_chain(c: int, kills: int, ws: Path, rng: random.Random, ref: Path) -> list[dict]:
+    """One run killed `kills` times: first while it writes the (empty) data cache, then mid-step or
+    mid-checkpoint at random, each time restarted with --resume (or afresh when no checkpoint exists yet);
+    its final adapter and losses must be bit for bit the uninterrupted run's."""
+    out, cache = ws / f"chain-{c}", ws / f"cache-{c}"
+    records: list[dict] = []
     proc = start(train_args(out), cache)
-    if phase == "step":
-        k, delay = rng.randint(1, STEPS - 1), rng.uniform(0, 0.3)
-        killed = kill_when(proc, lambda: last_step(out) >= k, delay)
-        moment = f"after step {k} + {delay:.2f}s"
-    elif phase == "checkpoint":
-        k, delay = rng.choice(range(SAVE_EVERY, STEPS + 1, SAVE_EVERY)), rng.uniform(0, 0.05)
-        staging = out / "checkpoints" / ".staging" / f"checkpoint-{k}"
-        killed = kill_when(proc, staging.exists, delay)
-        moment = f"writing checkpoint-{k} + {delay * 1000:.0f}ms"
-    else:
-        delay = rng.uniform(0, 0.5)
-        killed = kill_when(proc, lambda: any((cache / "data").glob(".*.tmp")), delay)
-        moment = f"writing the data cache + {delay * 1000:.0f}ms"
-    if not killed:
-        proc.communicate()
-        return {"phase": phase, "moment": moment, "killed": False, "ok": proc.returncode == 0, "problems": []}
-    mid_write = (phase == "checkpoint" and (out / "checkpoints" / ".staging").exists()) or (
-        phase == "cache" and any((cache / "data").glob(".*.tmp"))
-    )
-    problems = partial_things(out) + partial_cache_entries(cache)
-    resumable = any((out / "checkpoints").glob("checkpoint-*"))
-    again = run(train_args(out, "--resume" if resumable else "--overwrite"), cache)
-    if again.returncode != 0:
-        problems.append(f"rerun exit {again.returncode}: {again.stderr.strip()[-600:]}")
+    for n in range(kills):
+        base = complete_step(out)
+        moment = "cache" if n == 0 else rng.choice(("step", "checkpoint"))
+        if moment == "step" and base + 1 <= STEPS - 1:
+            k, delay = rng.randint(base + 1, STEPS - 1), rng.uniform(0, 0.3)
+            killed = kill_when(proc, lambda k=k: last_step(out) >= k, delay)
+            said = f"mid-step: after step {k} + {delay:.2f}s"
+            mid = False
+        elif moment in ("step", "checkpoint") and base + SAVE_EVERY <= STEPS:
+            k = rng.choice(range(base + SAVE_EVERY, STEPS + 1, SAVE_EVERY))
+            delay = rng.uniform(0, 0.05)
+            staging = out / "checkpoints" / ".staging" / f"checkpoint-{k}"
+            killed = kill_when(proc, staging.exists, delay)
+            said = f"mid-checkpoint: writing checkpoint-{k} + {delay * 1000:.0f}ms"
+            mid = (out / "checkpoints" / ".staging").exists()
+        elif moment == "cache":
+            delay = rng.uniform(0, 0.5)
+            killed = kill_when(proc, lambda: any((cache / "data").glob(".*.tmp")), delay)
+            said = f"mid-data-cache-write + {delay * 1000:.0f}ms"
+            mid = any((cache / "data").glob(".*.tmp"))
+        else:
+            break  # the run is past its last checkpoint: nothing left to kill in
+        if not killed:
+            break
+        problems = partial_things(out) + partial_cache_entries(cache)
+        rerun = "resume" if any((out / "checkpoints").glob("checkpoint-*")) else "overwrite"
+        records.append({"phase": said.split(":")[0].split(" +")[0], "moment": said, "killed": True,
+                        "mid_write": mid, "rerun": rerun, "problems": problems})  # fmt: skip
+        proc = start(train_args(out, f"--{rerun}"), cache)
+    _, err = proc.communicate()
+    final: list[str] = []
+    if proc.returncode != 0:
+        final.append(f"last rerun exit {proc.returncode}: {err.strip()[-600:]}")
     else:
         if not same_tensors(
             out / "adapter" / "adapter_model.safetensors", ref / "adapter" / "adapter_model.safetensors"
         ):
-            problems.append("adapter differs from the uninterrupted run")
+            final.append("adapter differs from the uninterrupted run")
         if losses(out) != losses(ref):
-            problems.append("losses differ from the uninterrupted run")
-        problems += partial_cache_entries(cache)
+            final.append("losses differ from the uninterrupted run")
+        final += partial_cache_entries(cache)
+    for r in records:
+        r["problems"] += final
+        r["ok"] = not r["problems"]
     shutil.rmtree(out, ignore_errors=True)
-    return {"phase": phase, "moment": moment, "killed": True, "mid_write": mid_write,
-            "rerun": "resume" if resumable else "overwrite", "ok": not problems, "problems": problems}  # fmt: skip
+    return records
 
 
 def stage_args(phase: str, ref: Path, out: Path) -> list[str]:
@@ -261,77 +279,86 @@ def kill_stage(phase: str, ws: Path, i: int, rng: random.Random, ref: Path, cach
     elif weights_digest(out) != timing[f"{phase}_digest"]:
         problems.append(f"{phase} weights differ from the uninterrupted {phase}")
     shutil.rmtree(out, ignore_errors=True)
-    moment = f"{delay:.2f}s into its {timing[phase]:.1f}s of writing"
+    moment = f"mid-{phase}: {delay:.2f}s into its {timing[phase]:.1f}s of writing"
     return {"phase": phase, "moment": moment, "killed": killed, "mid_write": mid_write, "ok": not problems,
             "problems": problems}  # fmt: skip
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=20, help="kills (default 20)")
+    parser.add_argument("--chains", type=int, default=4, help="runs killed repeatedly (default 4)")
+    parser.add_argument("--kills", type=int, default=4, help="kills per run (default 4)")
+    parser.add_argument("--stage-kills", type=int, default=2, help="kills of merge and of export each (default 2)")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}")
+    parser.add_argument("--workdir", type=Path, default=None, help="reuses its uninterrupted runs when present")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     ws = args.workdir or Path(tempfile.mkdtemp(prefix="finetune-chaos-"))
     ws.mkdir(parents=True, exist_ok=True)
-    cache, ref = ws / "cache", ws / "reference"
-    phases = args.phases.split(",")
     began = time.time()
-    print(f"chaos: seed {seed}, {args.n} kills, workdir {ws}", flush=True)
-
-    t = time.time()
-    done = run(train_args(ref), cache)
-    if done.returncode != 0:
-        print(done.stderr[-3000:])
+    print(f"chaos: seed {seed}, {args.chains} runs x {args.kills} kills, {args.stage_kills} kills of merge and "
+          f"of export each; workdir {ws}", flush=True)  # fmt: skip
+    timing = uninterrupted(ws)
+    if timing is None:
         return 1
-    timing: dict = {"train": time.time() - t}
-    for phase in ("merge", "export"):
-        if phase in phases:
-            out = ws / f"{phase}-reference"
-            proc = start(command(*stage_args(phase, ref, out)), cache)
-            while proc.poll() is None and not writing(out)():
-                time.sleep(0.001)
-            t = time.time()
-            _, err = proc.communicate()
-            if proc.returncode != 0:
-                print(err[-3000:])
-                return 1
-            timing[phase], timing[f"{phase}_digest"] = time.time() - t, weights_digest(out)
     print("uninterrupted: " + ", ".join(f"{k} {v:.1f}s" for k, v in timing.items() if isinstance(v, float)), flush=True)
 
-    results = []
-    for i in range(args.n):
-        phase = phases[i % len(phases)]
-        if phase in ("merge", "export"):
-            r = kill_stage(phase, ws, i, rng, ref, cache, timing)
-        else:
-            r = kill_training(phase, ws, i, rng, ref, cache)
-        results.append(r)
-        extra = f", mid-write: {r['mid_write']}" if "mid_write" in r else ""
-        verdict = "ok" if r["ok"] else "FAIL " + "; ".join(r["problems"])
-        print(f"[{i + 1}/{args.n}] {phase}: killed {r['moment']}{extra} -> {verdict}", flush=True)
+    ref, results = ws / "reference", []
+    stages = [p for _ in range(args.stage_kills) for p in ("merge", "export")]
+    for c in range(max(args.chains, len(stages))):
+        batch = kill_chain(c, args.kills, ws, rng, ref) if c < args.chains else []
+        if c < len(stages):
+            batch.append(kill_stage(stages[c], ws, c, rng, ref, ws / "cache", timing))
+        for r in batch:
+            results.append(r)
+            verdict = "ok" if r["ok"] else "FAIL " + "; ".join(r["problems"])
+            print(f"[{len(results)}] {r['moment']} (mid-write: {r.get('mid_write')}) -> {verdict}", flush=True)
 
     killed = [r for r in results if r["killed"]]
+    training = [r for r in killed if r["phase"] not in ("merge", "export")]
     summary = {
         "seed": seed,
         "kills": len(killed),
         "passed": sum(r["ok"] for r in results),
         "tried": len(results),
-        "identical_after_resume": f"{sum(r['ok'] for r in killed if r['phase'] in ('step', 'checkpoint', 'cache'))}"
-        f"/{sum(r['phase'] in ('step', 'checkpoint', 'cache') for r in killed)}",
-        "by_phase": {
+        "identical_after_resume": f"{sum(r['ok'] for r in training)}/{len(training)}",
+        "by_moment": {
             p: f"{sum(r['ok'] for r in results if r['phase'] == p)}/{sum(r['phase'] == p for r in results)}"
-            for p in phases
+            for p in sorted({r["phase"] for r in results})
         },
         "killed_mid_write": sum(bool(r.get("mid_write")) for r in results),
-        "leftover_temporaries": len(list((cache / "data").glob(".*.tmp"))) if (cache / "data").exists() else 0,
         "minutes": round((time.time() - began) / 60, 1),
     }
     print(json.dumps(summary, indent=2), flush=True)
     return 0 if summary["passed"] == summary["tried"] else 1
+
+
+def uninterrupted(ws: Path) -> dict | None:
+    """Train, merge and export once without a kill (or reuse them from an earlier call on this workdir)."""
+    saved = ws / "uninterrupted.json"
+    if saved.exists():
+        return json.loads(saved.read_text())
+    cache, ref = ws / "cache", ws / "reference"
+    t = time.time()
+    done = run(train_args(ref), cache)
+    if done.returncode != 0:
+        print(done.stderr[-3000:])
+        return None
+    timing: dict = {"train": time.time() - t}
+    for phase in ("merge", "export"):
+        out = ws / f"{phase}-reference"
+        proc = start(command(*stage_args(phase, ref, out)), cache)
+        while proc.poll() is None and not writing(out)():
+            time.sleep(0.001)
+        t = time.time()
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            print(err[-3000:])
+            return None
+        timing[phase], timing[f"{phase}_digest"] = time.time() - t, weights_digest(out)
+    saved.write_text(json.dumps(timing))
+    return timing
 
 
 if __name__ == "__main__":
