@@ -189,14 +189,12 @@ def _json(path: Path, name: str) -> Iterator[Row]:
 
 
 def _csv(path: Path, name: str) -> Iterator[Row]:
-    """Every CSV cell is text (no type guessing turns an answer "2" into a number); rows named by line.
-
-    Undecodable bytes are kept as surrogates while parsing, so that only their row is refused.
+    """Every CSV cell is text (no type guessing turns an answer "2" into a number); rows named by the line they
+    end on. Undecodable bytes are kept as surrogates while parsing, so that only their row is refused.
     """
     csv.field_size_limit(MAX_ROW_BYTES)
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh)
-        line = 1
         while True:
             try:
                 row = next(reader)
@@ -204,15 +202,13 @@ def _csv(path: Path, name: str) -> Iterator[Row]:
                 return
             except csv.Error as e:
                 yield _bad(f"{name}:{reader.line_num}", "invalid_csv", f"malformed CSV: {e}")
-                line = reader.line_num + 1
                 continue
-            where, line = f"{name}:{line}", reader.line_num + 1
+            where = f"{name}:{reader.line_num}"
             if None in row or None in row.values():
-                yield _bad(where, "invalid_csv", f"{len(reader.fieldnames or [])} columns in the header, another "
-                           "number in this row")  # fmt: skip
+                columns = len(reader.fieldnames or [])
+                yield _bad(where, "invalid_csv", f"{columns} columns in the header, another number in this row")
                 continue
-            text = "".join(row.values()) + "".join(row)
-            if any("\udc80" <= c <= "\udcff" for c in text):
+            if any("\udc80" <= c <= "\udcff" for c in "".join(row.values()) + "".join(row)):
                 yield _bad(where, "not_utf8", "not UTF-8 text (a byte such as Latin-1's); save the file as UTF-8")
                 continue
             yield Row(row, where)
