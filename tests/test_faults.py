@@ -103,6 +103,7 @@ def test_a_full_disk_while_writing_the_data_cache_warns_and_leaves_no_entry(
     assert list((cache_root() / "data").iterdir()) == []  # no entry, no temporary: nothing half-written to serve
 
 
+@pytest.mark.slow
 def test_a_full_disk_mid_checkpoint_stops_naming_it_and_keeps_the_last_complete_one(
     tmp_path, tiny_model_dir, monkeypatch
 ):
@@ -130,6 +131,7 @@ def test_a_full_disk_mid_checkpoint_stops_naming_it_and_keeps_the_last_complete_
     assert manifest["status"] == "failed" and "checkpoint-6" in manifest["error"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_merging_names_the_output_and_writes_nothing(tmp_path, tiny_model_dir, monkeypatch):
     from transformers import PreTrainedModel
 
