@@ -196,7 +196,7 @@ def complete_step(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def kill_chain(c: int, kills: int, ws: Path, rng: random.Random, ref: Path) -> list[dict]:
+def kill_chain(c: int, kills: int, ws: Path, rng: random.Random, ref: Path, moments: tuple[str, ...]) -> list[dict]:
     """One run killed `kills` times: first while it writes the (empty) data cache, then mid-step or
     mid-checkpoint at random, each time restarted with --resume (or afresh when no checkpoint exists yet);
     its final adapter and losses must be bit for bit the uninterrupted run's."""
@@ -205,7 +205,7 @@ def kill_chain(c: int, kills: int, ws: Path, rng: random.Random, ref: Path) -> l
     proc = start(train_args(out), cache)
     for n in range(kills):
         base = complete_step(out)
-        moment = "cache" if n == 0 else rng.choice(("step", "checkpoint"))
+        moment = "cache" if n == 0 else rng.choice(moments)
         if moment == "step" and base + 1 <= STEPS - 1:
             k, delay = rng.randint(base + 1, STEPS - 1), rng.uniform(0, 0.3)
             killed = kill_when(proc, lambda k=k: last_step(out) >= k, delay)
@@ -289,6 +289,7 @@ def main() -> int:
     parser.add_argument("--chains", type=int, default=4, help="runs killed repeatedly (default 4)")
     parser.add_argument("--kills", type=int, default=4, help="kills per run (default 4)")
     parser.add_argument("--stage-kills", type=int, default=2, help="kills of merge and of export each (default 2)")
+    parser.add_argument("--moments", default="step,checkpoint", help="what the kills after the first aim at")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="reuses its uninterrupted runs when present")
     args = parser.parse_args()
@@ -307,7 +308,8 @@ def main() -> int:
     ref, results = ws / "reference", []
     stages = [p for _ in range(args.stage_kills) for p in ("merge", "export")]
     for c in range(max(args.chains, len(stages))):
-        batch = kill_chain(c, args.kills, ws, rng, ref) if c < args.chains else []
+        moments = tuple(args.moments.split(","))
+        batch = kill_chain(c, args.kills, ws, rng, ref, moments) if c < args.chains else []
         if c < len(stages):
             batch.append(kill_stage(stages[c], ws, c, rng, ref, ws / "cache", timing))
         for r in batch:
