@@ -70,6 +70,8 @@ def kill_when(proc: subprocess.Popen, ready, delay: float, timeout: float = 600)
             return False
         if ready():
             time.sleep(delay)
+            if proc.poll() is not None:  # it ended during the delay: no kill to count
+                return False
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             return True
