@@ -413,6 +413,11 @@ def data(
         _print_data(result, color)
 
 
+def _skipped(source: dict) -> str:
+    reasons = ", ".join(f"{n} {r}" for r, n in source.get("skipped_by_reason", {}).items())
+    return f"{source['skipped']} skipped" + (f": {reasons}" if reasons else "")
+
+
 def _print_data(result: Any, color: bool | None) -> None:
     from rich.table import Table
     from rich.text import Text
@@ -425,9 +430,7 @@ def _print_data(result: Any, color: bool | None) -> None:
     s = result.stats
     table = Table(title="data", title_justify="left", show_header=False)
     for source in s["sources"]:
-        table.add_row(
-            f"source {source['path']}", f"{source['rows']} rows ({source['skipped']} skipped), {source['format']}"
-        )
+        table.add_row(f"source {source['path']}", f"{source['rows']} rows ({_skipped(source)}), {source['format']}")
     p = s["length_percentiles"]
     trained_share = s["trained_tokens"] / max(s["train_tokens"], 1)
     for label, value in (

@@ -48,6 +48,10 @@ class RunDirError(UserError):
     """The run directory exists and would be overwritten, or cannot be used."""
 
 
+class WriteError(Exception):
+    """The disk is full, over quota or read-only: names what could not be written and what was kept (exit 1)."""
+
+
 class TrainingInterrupted(Exception):
     """SIGTERM/SIGINT stopped training after a checkpoint: exit code 3, resumable with --resume."""
 

@@ -255,7 +255,9 @@ class DataSection(Section):
     )
     on_bad_row: Literal["error", "skip"] = Field(
         "error",
-        description="A malformed row stops with its file and row (`error`), or is skipped and counted (`skip`).",
+        description="A malformed row stops with its file and row (`error`), or is skipped and counted per reason "
+        "in the manifest and `finetune data` (`skip`). A file that cannot be read at all (empty, truncated, not a "
+        "list) stops either way.",
     )
 
 

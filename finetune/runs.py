@@ -11,6 +11,7 @@ runs/<name>/
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import RunDirError, UserError
+from finetune.errors import RunDirError, UserError, WriteError
 from finetune.loading import is_local, load_recipe
 from finetune.recipe import Recipe
 from finetune.secrets import redact
@@ -37,6 +38,8 @@ from finetune.summary import EvalSummary
 from finetune.yaml_source import dump
 
 CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR, without importing transformers
+# Write failures that no retry fixes; reported as WriteError naming the path instead of a bare OSError.
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate")
 
 
@@ -135,8 +138,16 @@ class RunDir:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunDirError(f"cannot create run directory {self.root}: {e.strerror}") from None
-        if not os.access(self.root, os.W_OK):
-            raise RunDirError(f"run directory {self.root} is not writable")
+        self.check_writable()
+
+    def check_writable(self) -> None:
+        """Write and remove a probe file: a read-only, full or foreign directory is refused before any work."""
+        try:
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".probe.")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise RunDirError(f"run directory {self.root} is not writable: {e.strerror}") from None
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -154,20 +165,41 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+@contextmanager
+def no_room_names(path: Path, kept: str):
+    """Turn a disk-full / read-only OSError into a WriteError that says what could not be written and what was kept."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in NO_ROOM:
+            raise
+        raise WriteError(f"could not write {path}: {e.strerror}; {kept}") from e
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 @contextmanager
 def atomic_dir(final: Path):
-    """Yield a temporary directory beside `final`, renamed to `final` only when the block completes."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    """Yield a temporary directory beside `final`, renamed to `final` only when the block completes.
+
+    A full or read-only disk is reported as WriteError naming `final`; `final` is then as it was.
+    """
+    kept = f"{final} is unchanged" if final.exists() else "nothing was written there"
+    with no_room_names(final, kept):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with no_room_names(final, kept):
+            yield tmp
+        if final.exists():  # moved aside whole, never deleted in place: a kill leaves it absent, not half-deleted
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
+            os.replace(final, old / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

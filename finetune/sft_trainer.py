@@ -22,6 +22,8 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 
+from finetune.runs import no_room_names
+
 STAGING = ".staging"
 
 
@@ -77,7 +79,13 @@ class SafeTraining:
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self._saving = True
         try:
-            super()._save_checkpoint(model, trial)
+            with no_room_names(final_root / name, "the last complete checkpoint is kept; free space, then --resume"):
+                super()._save_checkpoint(model, trial)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(final_root / STAGING / name, ignore_errors=True)  # a partial checkpoint frees its space
+            raise
         finally:
             self._saving = False
         self.accelerator.wait_for_everyone()  # every process's RNG state is in before the rename

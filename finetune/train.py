@@ -23,10 +23,11 @@ import yaml
 
 from finetune import methods
 from finetune.data import PreparedData, prepare_data
-from finetune.errors import LaunchError, RunDirError, TrainingInterrupted, UserError
+from finetune.errors import LaunchError, RunDirError, TrainingInterrupted, UserError, WriteError
 from finetune.evaluate import compare, write_comparison
 from finetune.harness import check as check_harness
 from finetune.lineage import check_same_weights, continue_parent, parent_record
+from finetune.lock import RunLock, describe
 from finetune.machine import Machine, process_state, resolve_dtype, this_machine
 from finetune.modeling import (
     load_model,
@@ -94,6 +95,16 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
     recipe = continue_parent(recipe)  # model.from_run: base, adapter settings and template from the parent run
     preflight(recipe)  # metric modules, the model directory's files: before claiming anything
     state = process_state()
+    if not state.is_main_process:
+        return _train_run(recipe, overwrite, resume, progress)
+    with RunLock(recipe.run_dir) as lock:  # a second train on this directory is refused, naming this one
+        if lock.stale:
+            warnings.warn(f"took over the lock left by a killed run ({describe(lock.stale)})", stacklevel=2)
+        return _train_run(recipe, overwrite, resume, progress)
+
+
+def _train_run(recipe: Recipe, overwrite: bool, resume: bool, progress: bool) -> TrainResult:
+    state = process_state()
     run = RunDir(recipe.run_dir)
     checkpoint, replace = _start_point(run, recipe, resume, overwrite)
     check_harness(recipe)  # lm-eval installed and every task found, before hours of training
@@ -105,13 +116,13 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
     try:
         result = _train(recipe, run, manifest, checkpoint, progress)
     except TrainingInterrupted as e:
-        manifest.update(status="interrupted", finished=now(), error=str(e))
+        _mark(manifest, status="interrupted", finished=now(), error=str(e))
         raise
     except KeyboardInterrupt:
-        manifest.update(status="interrupted", finished=now())
+        _mark(manifest, status="interrupted", finished=now())
         raise
     except BaseException as e:
-        manifest.update(status="failed", finished=now(), error=redact_text(f"{type(e).__name__}: {e}"))
+        _mark(manifest, status="failed", finished=now(), error=redact_text(f"{type(e).__name__}: {e}"))
         raise
     else:
         manifest.update(status="completed", finished=now())
@@ -166,6 +177,14 @@ def _result_of(run: RunDir) -> TrainResult:
         eval=EvalSummary.from_dict(m.get("eval")),
         main_process=False,  # the launched main process has reported it
     )
+
+
+def _mark(manifest: Manifest, **fields: Any) -> None:
+    """Record how the run ended; on a full disk this write fails too, and must not hide the run's own error."""
+    try:
+        manifest.update(**fields)
+    except (OSError, WriteError) as e:
+        warnings.warn(f"could not record the run's status in {manifest.run.manifest}: {e}", stacklevel=2)
 
 
 def _write_report(run: RunDir) -> None:
@@ -230,6 +249,7 @@ def _claim(run: RunDir, recipe: Recipe, checkpoint: Path | None, replace: bool, 
             attempts = [*previous.get("resumes", []), {"from_step": 0, "at": now()}]
             manifest.update(resumes=attempts)
         return
+    run.check_writable()
     staging = run.checkpoints / STAGING
     if staging.exists():
         if any(staging.iterdir()):
@@ -250,7 +270,10 @@ def _recorded_command(recipe: Recipe) -> dict[str, str] | None:
 
 def find_resume_point(run: RunDir, recipe: Recipe) -> Path | None:
     """The newest complete checkpoint of a run whose recipe still matches (a read-only check); None if none."""
-    previous = yaml.safe_load(run.recipe.read_text(encoding="utf-8")) if run.recipe.exists() else None
+    try:
+        previous = yaml.safe_load(run.recipe.read_text(encoding="utf-8")) if run.recipe.exists() else None
+    except OSError as e:
+        raise RunDirError(f"cannot read {run.recipe}: {e.strerror}") from None
     if previous is None:
         raise RunDirError(f"{run.root} has no recipe.yaml: not a finetune run; use --overwrite to start afresh")
     resumable = resumable_keys()  # marked on the schema: they do not change what is trained
@@ -273,8 +296,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop logs past the checkpoint, so that the resumed run's curve continues without a double."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if _logged_step(line) <= step]
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill mid-append counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | None, progress: bool) -> TrainResult:
@@ -334,7 +365,9 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
         raise RuntimeError(_oom_advice(recipe, speed)) from e
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise RuntimeError(f"disk full while writing to {run.root}: {e}; no partial checkpoint was kept") from e
+            raise WriteError(
+                f"could not write {e.filename or run.root}: disk full; the last complete checkpoint is kept"
+            ) from e
         raise
     finally:
         stop.uninstall()

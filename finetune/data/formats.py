@@ -13,6 +13,10 @@ from typing import Any
 from finetune.recipe import DataSource
 
 ROLES = ("system", "user", "assistant")
+# A conversation of more turns is refused: masks are found by rendering each assistant turn's prefix, which
+# costs turns^2 (a 10,000-turn row would take hours); real multi-turn data stays far below.
+MAX_TURNS = 1000
+MAX_ROW_CHARS = 16 * 2**20  # the same bound as one row's bytes in sources.MAX_ROW_BYTES
 
 
 @dataclass(frozen=True)
@@ -54,13 +58,24 @@ class Judged:
 
 
 class BadRow(ValueError):
-    """A row that does not fit its format; the message says what is wrong with it."""
+    """A row that does not fit its format; the message says what is wrong with it, `reason` counts it."""
+
+    def __init__(self, message: str, reason: str = "wrong_type"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def to_sample(row: Any, where: str, source: DataSource) -> Sample:
     """Validate one row of `source.format` and return it as a Sample; raise BadRow."""
     if not isinstance(row, dict):
-        raise BadRow(f"expected an object with fields, got {type(row).__name__}")
+        raise BadRow(f"expected an object with fields, got {type(row).__name__}", "not_an_object")
+    sample = _sample(row, where, source)
+    if sum(len(c) for _, c in sample.messages) + len(sample.prompt) + len(sample.completion) > MAX_ROW_CHARS:
+        raise BadRow(f"more than {MAX_ROW_CHARS // 2**20}M characters of text in one row", "too_large")
+    return sample
+
+
+def _sample(row: dict, where: str, source: DataSource) -> Sample:
     get = _getter(row, source)
     if source.format == "messages":
         return Sample(where, messages=_messages(get("messages")))
@@ -136,7 +151,8 @@ def _getter(row: dict, source: DataSource):
         if default is not missing:
             return default
         raise BadRow(
-            f"missing field {column!r}" + (f" (the {field!r} of format {source.format})" if column != field else "")
+            f"missing field {column!r}" + (f" (the {field!r} of format {source.format})" if column != field else ""),
+            "missing_field",
         )
 
     return get
@@ -150,7 +166,7 @@ def _text(value: Any, field: str, empty: bool = False) -> str:
     if not isinstance(value, str):
         raise BadRow(f"field {field!r} must be text, got {type(value).__name__}")
     if not empty and not value.strip():
-        raise BadRow(f"field {field!r} is empty")
+        raise BadRow(f"field {field!r} is empty", "empty_text")
     return value
 
 
@@ -165,17 +181,20 @@ def _messages(value: Any) -> tuple[tuple[str, str], ...]:
     """Check role/content turns: known roles, system first only, user and assistant alternating, ending on assistant."""
     if not isinstance(value, list) or not value:
         raise BadRow("'messages' must be a non-empty list of {role, content} turns")
+    if len(value) > MAX_TURNS:
+        raise BadRow(f"{len(value)} turns; at most {MAX_TURNS} per row (split long conversations)", "too_many_turns")
     turns = []
     for i, turn in enumerate(value):
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
             raise BadRow(f"turn {i} must be an object with 'role' and 'content'")
         role, content = turn["role"], turn["content"]
         if role not in ROLES:
-            raise BadRow(f"turn {i} has unknown role {role!r}; roles are {', '.join(ROLES)}")
+            hint = " (ShareGPT's human/gpt: map them to user/assistant)" if role in ("human", "gpt") else ""
+            raise BadRow(f"turn {i} has unknown role {role!r}; roles are {', '.join(ROLES)}{hint}", "unknown_role")
         if not isinstance(content, str):
             raise BadRow(f"turn {i} ({role}) content must be text, got {type(content).__name__}")
         if role == "assistant" and not content.strip():
-            raise BadRow(f"turn {i} (assistant) is empty")
+            raise BadRow(f"turn {i} (assistant) is empty", "empty_text")
         turns.append((role, content))
     body = turns[1:] if turns[0][0] == "system" else turns
     for i, (role, _) in enumerate(body):
@@ -183,8 +202,10 @@ def _messages(value: Any) -> tuple[tuple[str, str], ...]:
         if role != expected:
             offset = len(turns) - len(body)
             raise BadRow(
-                f"turn {i + offset} is {role!r} where {expected!r} was expected (system first, then user/assistant alternating)"
+                f"turn {i + offset} is {role!r} where {expected!r} was expected (system first, then user/assistant "
+                "alternating)",
+                "turn_order",
             )
     if body[-1][0] != "assistant" if body else True:
-        raise BadRow("the last turn must be the assistant's (it is what the model learns)")
+        raise BadRow("the last turn must be the assistant's (it is what the model learns)", "turn_order")
     return tuple(turns)

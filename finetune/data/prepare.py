@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import os
 import random
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 from finetune.data import sources
 from finetune.data.formats import BadRow, Sample, to_sample
 from finetune.data.templates import IGNORE, apply_chat_template, segments, tokenize
-from finetune.errors import DataError, Problem
+from finetune.errors import DataError, Problem, WriteError
 from finetune.recipe import DataSource, Recipe
 
-CACHE_VERSION = 1  # bump when preprocessing changes what it produces
+CACHE_VERSION = 2  # bump when preprocessing changes what it produces
 CHUNK = 1000
 PARALLEL_MIN_ROWS = 4000
 
@@ -39,6 +40,11 @@ class SourceStats:
     sha256: str
     rows: int = 0
     skipped: int = 0
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)  # e.g. {"not_utf8": 2, "unknown_role": 1}
+
+    def skip(self, reason: str) -> None:
+        self.skipped += 1
+        self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
 
 
 @dataclass
@@ -78,12 +84,14 @@ def load_samples(sources_: list[DataSource], on_bad_row: str, stats: DataStats) 
         stats.sources.append(entry)
         for row in sources.read_rows(source):
             try:
+                if row.problem is not None:
+                    raise BadRow(row.problem[1], row.problem[0])
                 samples.append(to_sample(row.data, row.where, source))
                 entry.rows += 1
             except BadRow as e:
                 if on_bad_row == "error":
                     raise DataError(Problem(f"{e} (set data.on_bad_row: skip to skip such rows)", row.where)) from None
-                entry.skipped += 1
+                entry.skip(e.reason)
     return samples
 
 
@@ -91,6 +99,8 @@ def split(recipe: Recipe, stats: DataStats) -> tuple[list[Sample], list[Sample]]
     """Train and eval samples: explicit eval sources, or a seeded `split_ratio` of the training rows."""
     data = recipe.data
     train = load_samples(list(data.train), data.on_bad_row, stats)
+    if not train:
+        raise DataError(_nothing_left(stats, 0))
     if data.eval is None:
         return train, []
     if isinstance(data.eval, list):
@@ -142,7 +152,7 @@ def _prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData
     train_rows, kept = _fit(encoded_train, max_len, recipe.data.truncation, stats)
     eval_rows, _ = _fit(encoded_eval, max_len, recipe.data.truncation, DataStats())
     if not train_rows:
-        raise DataError("no training rows left after validation and truncation")
+        raise DataError(_nothing_left(stats, len(train)))
     stats.train_rows, stats.eval_rows = len(train_rows), len(eval_rows)
     stats.train_tokens = sum(len(ids) for ids, _ in train_rows)
     stats.trained_tokens = sum(sum(label != IGNORE for label in labels) for _, labels in train_rows)
@@ -157,6 +167,21 @@ def _prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData
         stats,
         train_where=[train[i].where for i in kept],
         lengths=lengths,
+    )
+
+
+def _nothing_left(stats: DataStats, valid: int) -> str:
+    """Why no training row is left, naming the files and what took their rows."""
+    read = "; ".join(
+        f"{s.path}: {s.rows} valid rows, {s.skipped} skipped"
+        + (f" ({', '.join(f'{n} {r}' for r, n in s.skipped_by_reason.items())})" if s.skipped else "")
+        for s in stats.sources
+    )
+    if not valid:
+        return f"no valid training rows: {read}"
+    return (
+        f"no training rows left: {read}; of {valid} valid training rows, {stats.dropped} dropped "
+        f"(over max_seq_length {stats.max_seq_length} with truncation: drop, or nothing left to train on)"
     )
 
 
@@ -240,8 +265,9 @@ def _store(key: str, prepared: PreparedData) -> None:
                 "lengths": prepared.lengths,
             }
             write_json_atomic(tmp / "meta.json", meta)
-    except OSError:
-        pass  # an unwritable cache costs time next run, nothing else
+    except (OSError, WriteError) as e:  # an unwritable cache costs time next run, nothing else
+        reason = e.strerror if isinstance(e, OSError) else str(e)
+        warnings.warn(f"could not write the data cache {final} ({reason}); going on without it", stacklevel=2)
 
 
 def percentile(sorted_values: list[int], q: float) -> int:
