@@ -52,3 +52,8 @@ class TrainingInterrupted(Exception):
     """SIGTERM/SIGINT stopped training after a checkpoint: exit code 3, resumable with --resume."""
 
     exit_code = 3
+
+
+class TrainingStopped(Exception):
+    """A caller's `on_eval` hook stopped training early (a sweep pruning a hopeless trial): the run is
+    marked `stopped`, not failed, and the caller decides what it means."""

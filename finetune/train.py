@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import yaml
 
 from finetune.data import PreparedData, prepare_data
-from finetune.errors import RunDirError, TrainingInterrupted, UserError
+from finetune.errors import RunDirError, TrainingInterrupted, TrainingStopped, UserError
 from finetune.evaluate import compare, write_comparison
 from finetune.harness import check as check_harness
 from finetune.modeling import (
@@ -66,8 +67,17 @@ class TrainResult:
         return {k: v for k, v in asdict(self).items() if k != "model"}
 
 
-def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(
+    recipe: Recipe,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    on_eval: Callable[[int, float], None] | None = None,
+) -> TrainResult:
     """Train the recipe's adapter into its run directory; `resume` continues from the newest checkpoint.
+
+    `on_eval(step, held_out_loss)` is called after each held-out evaluation; raising `TrainingStopped`
+    from it ends the run as `stopped` (a sweep prunes hopeless trials this way).
 
     Under `accelerate launch` or `torchrun` every process runs this; all check, only the main
     process writes the run directory, manifest, metrics and report.
@@ -86,7 +96,10 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
     state.wait_for_everyone()
     manifest = Manifest.load(run) if state.is_main_process else Manifest.disabled(run)
     try:
-        result = _train(recipe, run, manifest, checkpoint, progress)
+        result = _train(recipe, run, manifest, checkpoint, progress, on_eval)
+    except TrainingStopped as e:
+        manifest.update(status="stopped", finished=now(), error=str(e))
+        raise
     except TrainingInterrupted as e:
         manifest.update(status="interrupted", finished=now(), error=str(e))
         raise
@@ -175,11 +188,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
-def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | None, progress: bool) -> TrainResult:
+def _train(
+    recipe: Recipe,
+    run: RunDir,
+    manifest: Manifest,
+    checkpoint: Path | None,
+    progress: bool,
+    on_eval: Callable[[int, float], None] | None,
+) -> TrainResult:
     import torch
     import transformers
 
-    from finetune.trainer import BestAdapter, EvaluateAtEnd, StopOnSignal
+    from finetune.trainer import BestAdapter, EvaluateAtEnd, ReportEval, StopOnSignal
 
     state = process_state()
     main = state.is_main_process
@@ -210,6 +230,7 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     best = BestAdapter(save_best, manifest.data.get("best_eval_loss") or math.inf)
     stop = StopOnSignal()
     callbacks = [best, stop] + ([EvaluateAtEnd()] if data.eval is not None else [])
+    callbacks += [ReportEval(on_eval)] if on_eval is not None else []
     trainer = _trainer(recipe, run, model, tokenizer, data, speed, targets, callbacks, progress and main, main)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     manifest.update(lora={"targets": targets, "trainable_params": trainable, "total_params": total})
