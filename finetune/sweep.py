@@ -220,9 +220,9 @@ def _run_trial(s: Sweep, study: Any, trial: Any, progress: bool) -> str | None:
             runs.append(_train_run(s, values, seed, s.run_name(name, seed), report, progress))
             trial.set_user_attr("runs", runs)
     except TrainingStopped as e:
-        runs.append(
-            {"status": "stopped", "error": str(e), "run_dir": str(s.dir / s.run_name(name, s.seeds[len(runs)]))}
-        )
+        seed = s.seeds[len(runs)]
+        stopped = _outcome(RunDir(s.dir / s.run_name(name, seed)), seed, None, s.spec.metric)
+        runs.append({**stopped, "error": str(e)})
         trial.set_user_attr("runs", runs)
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         _say(progress, f"trial {trial.number} pruned: {e}")
@@ -351,7 +351,7 @@ def _trial_row(s: Sweep, t: Any) -> dict[str, Any]:
         "metric_std": _std([r["metric"] for r in done]),
         "figures": _mean_figures(done),
         "trainable_params": next((r["trainable_params"] for r in runs if r.get("trainable_params")), None),
-        "seconds": sum(r["seconds"] or 0 for r in runs) or None,
+        "seconds": sum(r.get("seconds") or 0 for r in runs) or None,
         "run_dirs": [r["run_dir"] for r in runs],
         "seeds": [r.get("seed") for r in runs],
         "error": t.user_attrs.get("error") or next((r["error"] for r in runs if r.get("error")), None),

@@ -19,7 +19,7 @@ from finetune.sweep_file import load_sweep
 
 GRID = """\
 recipe: recipe.yaml
-fixed: {train.max_steps: 4, train.save_every: 2, eval.compare_base: false, eval.metrics: [loss]}
+fixed: {train.max_steps: 4, train.save_every: 2, eval.compare_base: false}
 grid:
   lora.rank: [2, 8]
   lora.targets: [attention, all-linear]
@@ -65,7 +65,9 @@ def test_a_2x2_grid_trains_four_run_directories_ranked_in_sweep_json_and_html(ti
     sweep_dir = tmp_path / "runs" / "sweep"
     names = {"rank-2_targets-attention", "rank-2_targets-all-linear", "rank-8_targets-attention", "rank-8_targets-all-linear"}  # fmt: skip
     runs = manifests(sweep_dir)
-    assert set(runs) == names and all(m["status"] == "completed" for m in runs.values())
+    assert set(runs) == names and all(m["status"] == "completed" for m in runs.values()), {
+        n: (m["status"], m.get("error")) for n, m in runs.items()
+    }
     assert {m["name"] for m in runs.values()} == {f"sweep_{n}" for n in names}  # ordinary runs, named apart
     data = json.loads((sweep_dir / "sweep.json").read_text())
     metrics = [t["metric"] for t in data["trials"]]
@@ -141,14 +143,14 @@ def test_a_search_with_pruning_stops_a_diverging_learning_rate_early(tiny_model_
 
     body = """\
         recipe: recipe.yaml
-        fixed: {train.max_steps: 6, train.eval_every: 1, eval.compare_base: false, eval.metrics: [loss]}
+        fixed: {train.max_steps: 6, train.eval_every: 1, eval.compare_base: false}
         search:
-          trials: 4
-          sampler: random
+          trials: 3
+          sampler: random  # seeded by seeds[0]: 0.005, 0.005, then 50.0
           space:
             train.lr: {choice: [0.005, 50.0]}
         pruning: {method: median, startup_trials: 1}
-        seeds: [3]
+        seeds: [6]
     """
     monkeypatch.chdir(tmp_path)
     result = sweep(load_sweep(write_sweep(tmp_path, tiny_model_dir(), body)), progress=False)
@@ -234,5 +236,5 @@ def test_sweep_validation_imports_no_torch(tiny_model_dir, tmp_path):
 
 def test_the_shipped_rank_sweep_validates():
     sweep = load_sweep(Path(__file__).parent.parent / "recipes" / "quickstart-rank-sweep.yaml")
-    assert len(sweep.points()) == 14 and sweep.direction == "maximize" and sweep.pruner == "none"
-    assert sweep.trial_name(sweep.points()[0]) == "rank-1_targets-all-linear"
+    assert len(sweep.points()) == 7 and sweep.direction == "maximize" and sweep.pruner == "none"
+    assert sweep.trial_name(sweep.points()[0]) == "rank-1"
