@@ -280,8 +280,8 @@ def _train_run(s: Sweep, values: dict[str, Any], seed: int, run_name: str, on_ev
             find_resume_point(run, recipe)
             resume = True
             _say(progress, f"  {run_name}: resuming from its newest checkpoint")
-        except RunDirError as e:
-            _say(progress, f"  {run_name}: starting again ({e})")
+        except RunDirError:
+            _say(progress, f"  {run_name}: no complete checkpoint to resume from: training it from the start")
     train(recipe, overwrite=status is not None and not resume, resume=resume, progress=False, on_eval=on_eval)
     outcome = _outcome(run, seed, time.perf_counter() - started, s.spec.metric)
     _say(progress, f"  {run_name}: {s.spec.metric} {outcome['metric']}")
