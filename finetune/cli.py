@@ -743,8 +743,9 @@ def _print_sweep(r: dict) -> None:
     console.print(table)
     for k in r["knees"]:
         group = ", ".join(f"{key} {v}" for key, v in k["group"].items())
-        console.print(f"{group + ': ' if group else ''}doubling the rank stops paying at rank {k['rank']} "
-                      f"(no larger rank is better by more than {k['margin']:g})")  # fmt: skip
+        says = "still paid up to the largest rank tried," if k["still_paying"] else "stops paying at"
+        console.print(f"{group + ': ' if group else ''}doubling the rank {says} rank {k['rank']} "
+                      f"(margin {k['margin']:g} in {r['metric']})")  # fmt: skip
     console.print(f"sweep.json and sweep.html in {r['dir']}; trained this time: {len(r['trained'])}")
 
 

@@ -30,9 +30,10 @@ def knees(trials: list[dict[str, Any]], keys: list[str], metric: str, direction:
         points = _points(rows, RANK, lambda t: t["metric"])
         for i, (rank, value, _) in enumerate(points):
             larger = [v for _, v, _ in points[i + 1 :]]
-            if all(sign * (v - value) <= margin for v in larger):
+            if all(sign * (v - value) <= margin for v in larger):  # the largest rank always passes: no knee
                 best = max(larger, key=lambda v: sign * v) if larger else None
-                out.append({"group": group, "rank": rank, "metric": value, "best_larger": best, "margin": margin})
+                out.append({"group": group, "rank": rank, "metric": value, "best_larger": best, "margin": margin,
+                            "still_paying": not larger})  # fmt: skip
                 break
     return out
 
@@ -104,6 +105,9 @@ td.l, th.l {{ text-align: left; }} .charts {{ display: flex; flex-wrap: wrap; ga
 
 def _knee_text(k: dict[str, Any], metric: str) -> str:
     group = ", ".join(f"{key.split('.')[-1]} {v}" for key, v in k["group"].items())
+    if k["still_paying"]:
+        return html.escape(f"{group + ': ' if group else ''}doubling the rank still paid up to rank {k['rank']}, "
+                           f"the largest tried (by more than {k['margin']:g} in {metric})")  # fmt: skip
     larger = (
         "no larger rank was tried"
         if k["best_larger"] is None
@@ -163,7 +167,7 @@ def _params_line(trials: list[dict], groups: list[tuple[dict, list[dict]]]) -> l
 def _knee_marks(frame: Frame, data: dict[str, Any], group: dict[str, Any], color: str) -> list[str]:
     parts = []
     for k in data.get("knees", []):
-        if k["group"] == group:
+        if k["group"] == group and not k["still_paying"]:
             x, y = frame.sx(k["rank"]), frame.sy(k["metric"])
             parts.append(
                 f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{frame.top}" y2="{frame.height - frame.bottom}" stroke="{color}" stroke-dasharray="2,3"/>'

@@ -238,3 +238,40 @@ def test_the_shipped_rank_sweep_validates():
     sweep = load_sweep(Path(__file__).parent.parent / "recipes" / "quickstart-rank-sweep.yaml")
     assert len(sweep.points()) == 7 and sweep.direction == "maximize" and sweep.pruner == "none"
     assert sweep.trial_name(sweep.points()[0]) == "rank-1"
+
+
+def _trial(rank: int, metric: float, std: float | None = None, targets: str = "all-linear") -> dict:
+    return {"number": rank, "name": f"rank-{rank}", "values": {"lora.rank": rank, "lora.targets": targets},
+            "status": "completed", "metric": metric, "metric_std": std, "figures": {"loss": 1 / (metric + 1)},
+            "trainable_params": 1000 * rank, "seconds": 1.0, "rank": 1, "error": None}  # fmt: skip
+
+
+def test_the_knee_is_the_smallest_rank_no_larger_rank_beats_by_more_than_the_margin():
+    from finetune.sweep_report import knees
+
+    curve = {1: 0.1, 2: 0.3, 4: 0.6, 8: 0.8, 16: 0.805, 32: 0.81, 64: 0.8}
+    trials = [_trial(r, m) for r, m in curve.items()] + [_trial(r, 0.5, targets="attention") for r in (4, 8)]
+    found = {
+        k["group"]["lora.targets"]: k for k in knees(trials, ["lora.rank", "lora.targets"], "em", "maximize", 0.015)
+    }
+    assert found["all-linear"]["rank"] == 8 and found["all-linear"]["best_larger"] == 0.81
+    assert found["attention"]["rank"] == 4 and not found["attention"]["still_paying"]
+    rising = [_trial(r, r / 100) for r in (1, 2, 4)]  # still improving at the largest rank: no knee to mark
+    (k,) = knees(rising, ["lora.rank", "lora.targets"], "em", "maximize", 0.001)
+    assert k["still_paying"] and k["rank"] == 4
+    losses = [_trial(r, m) for r, m in {1: 2.0, 2: 1.5, 4: 1.45, 8: 1.46}.items()]  # lower is better
+    assert knees(losses, ["lora.rank", "lora.targets"], "loss", "minimize", 0.1)[0]["rank"] == 2
+
+
+def test_sweep_html_draws_mean_and_spread_over_seeds_and_the_parameters_axis():
+    from finetune.sweep_report import knees, render
+
+    trials = [_trial(r, m, std) for r, m, std in ((2, 0.4, 0.05), (4, 0.6, 0.1), (8, 0.61, None))]
+    data = {"sweep": "s", "file": "s.yaml", "updated": "now", "seeds": [1, 2], "metric": "em", "direction": "maximize",
+            "keys": ["lora.rank", "lora.targets"], "trials": trials,
+            "knees": knees(trials, ["lora.rank", "lora.targets"], "em", "maximize", 0.02)}  # fmt: skip
+    page = render(data)
+    assert "0.6000 ± 0.1000" in page  # the table gives the spread
+    assert page.count('stroke="#2563eb"/>') >= 6  # two error bars of three strokes each on the metric chart
+    assert 'stroke-dasharray="5,4"' in page and "8k" in page  # trainable params, dashed, labelled on the right
+    assert "r=4: doubling stops paying" in page
