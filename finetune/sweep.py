@@ -227,8 +227,11 @@ def _run_trial(s: Sweep, study: Any, trial: Any, progress: bool) -> str | None:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         _say(progress, f"trial {trial.number} pruned: {e}")
         return name
-    except (UserError, TrainingInterrupted):
-        raise  # a run directory in the way, or SIGTERM: stop the sweep; the trial stays RUNNING to continue
+    except UserError:
+        raise  # a run directory in the way: stop the sweep; the trial stays RUNNING, to continue once fixed
+    except TrainingInterrupted as e:  # SIGTERM/SIGINT: checkpoint saved; the trial stays RUNNING
+        raise TrainingInterrupted(f"{e}".split("; continue with")[0] + f"; continue the sweep with: "
+                                  f"finetune sweep {s.path}") from None  # fmt: skip
     except Exception as e:
         trial.set_user_attr("error", f"{type(e).__name__}: {e}")
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -337,9 +340,7 @@ def write_results(s: Sweep, study: Any) -> SweepResult:
 
 
 def _trial_row(s: Sweep, t: Any) -> dict[str, Any]:
-    runs = list(t.user_attrs.get("runs", []))
-    for r in runs:
-        r["metric"] = (r.get("figures") or {}).get(s.spec.metric)
+    runs = [{**r, "metric": (r.get("figures") or {}).get(s.spec.metric)} for r in t.user_attrs.get("runs", [])]
     done = [r for r in runs if r.get("figures")]
     status = {"COMPLETE": "completed", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}.get(t.state.name)
     row = {
