@@ -64,3 +64,8 @@ class LaunchError(Exception):
     def __init__(self, exit_code: int):
         super().__init__(f"the launched training processes exited with {exit_code}; their errors are above")
         self.exit_code = exit_code or 1
+
+
+class TrainingStopped(Exception):
+    """A caller's `on_eval` hook stopped training early (a sweep pruning a hopeless trial): the run is
+    marked `stopped`, not failed, and the caller decides what it means."""

@@ -42,7 +42,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        loader.problems.extend(_problem(err, data, locs) for err in e.errors())
+        loader.problems.extend(located_problems(e, data, locs, Recipe))
     if loader.problems:
         raise RecipeError(sorted(loader.problems, key=_problem_order))
     recipe._source = RecipeSource(Path(path), tuple(overrides), {k: str(v) for k, v in locs.items()})
@@ -292,13 +292,13 @@ def _flatten(annotation: Any, metadata: list) -> tuple[list[Any], list[PathRef |
     return types_, markers
 
 
-def _model_at(path: KeyPath) -> type[BaseModel] | None:
+def _model_at(path: KeyPath, root: type[BaseModel] = Recipe) -> type[BaseModel] | None:
     """The schema section a key path points into, for did-you-mean suggestions.
 
     A field may hold a section either directly or as list items (`data.eval` is `{split_ratio}`
     or a list of sources): the next part of the path, an index or a key, says which.
     """
-    model: type[BaseModel] | None = Recipe
+    model: type[BaseModel] | None = root
     for i, part in enumerate(path):
         if isinstance(part, int):
             continue
@@ -327,13 +327,20 @@ def _sections_in(annotation: Any) -> list[tuple[type[BaseModel], bool]]:
 # --- pydantic errors -> located, readable problems -------------------------------------------
 
 
-def _problem(err: dict, data: dict, locs: dict[KeyPath, Loc]) -> Problem:
+def located_problems(
+    error: ValidationError, data: dict, locs: dict[KeyPath, Loc], root: type[BaseModel]
+) -> list[Problem]:
+    """Every pydantic error of validating `data` as `root`, located at the file:line that set it."""
+    return [_problem(err, data, locs, root) for err in error.errors()]
+
+
+def _problem(err: dict, data: dict, locs: dict[KeyPath, Loc], root: type[BaseModel]) -> Problem:
     kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
     path = _data_path(err["loc"], data, missing=kind == "missing")
     if kind == "value_error" and isinstance(ctx.get("error"), FieldRuleError):
         path = (*path, *_parse_dotted(ctx["error"].field))
     where = _nearest_loc(locs, path)
-    return Problem(_message(kind, ctx, value, err["msg"], path), str(where), dotted(path))
+    return Problem(_message(kind, ctx, value, err["msg"], path, root), str(where), dotted(path))
 
 
 def _data_path(loc: tuple, data: Any, missing: bool) -> KeyPath:
@@ -369,12 +376,12 @@ def _nearest_loc(locs: dict[KeyPath, Loc], path: KeyPath) -> Loc:
     return Loc(SET_ORIGIN)
 
 
-def _message(kind: str, ctx: dict, value: Any, msg: str, path: KeyPath) -> str:
+def _message(kind: str, ctx: dict, value: Any, msg: str, path: KeyPath, root: type[BaseModel]) -> str:
     got = f" (got {_show(value)})"
     if kind == "extra_forbidden":
-        return _unknown_key(path)
+        return _unknown_key(path, root)
     if kind == "missing":
-        model = _model_at(path[:-1])
+        model = _model_at(path[:-1], root)
         field = model.model_fields.get(str(path[-1])) if model else None
         return "required" + (f": {field.description}" if field and field.description else "")
     bounds = {
@@ -388,7 +395,7 @@ def _message(kind: str, ctx: dict, value: Any, msg: str, path: KeyPath) -> str:
     if kind == "literal_error":
         allowed = re.findall(r"'([^']*)'", ctx.get("expected", ""))
         if allowed == ["auto"]:  # a value that may also be `auto` (AutoBool, max_seq_length)
-            model = _model_at(path[:-1])
+            model = _model_at(path[:-1], root)
             field = model.model_fields.get(str(path[-1])) if model else None
             kinds = {get_args(member)[0] for member in get_args(field.annotation)} if field else set()
             other = "true, false" if bool in kinds else "a whole number"
@@ -427,11 +434,11 @@ def _takes_list(path: KeyPath) -> bool:
     return field is not None and any(typing.get_origin(t) is list for t in _flatten(field.annotation, [])[0])
 
 
-def _unknown_key(path: KeyPath) -> str:
+def _unknown_key(path: KeyPath, root: type[BaseModel]) -> str:
     key = str(path[-1])
-    model = _model_at(path[:-1])
+    model = _model_at(path[:-1], root)
     allowed = list(model.model_fields) if model else []
-    elsewhere = [dotted(p) for p in _all_field_paths(Recipe, ()) if p[-1] == key]
+    elsewhere = [dotted(p) for p in _all_field_paths(root, ()) if p[-1] == key]
     if elsewhere:  # an exact name in another section beats a near miss here (`lr` is not `lora`)
         return f"unknown key here; it belongs at {' or '.join(elsewhere)}"
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)

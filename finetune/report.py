@@ -119,33 +119,84 @@ def line_chart(title: str, lines: dict[str, list[tuple[float, float]]], width: i
     points = [p for pts in lines.values() for p in pts]
     if not points:
         return f'<svg width="{width}" height="{height}"><text x="10" y="20">{html.escape(title)}: no data</text></svg>'
-    left, right, top, bottom = 56, 12, 28, 28
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * (width - left - right)
-
-    def sy(y: float) -> float:
-        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
-
-    parts = [f'<text x="{left}" y="16" font-weight="bold">{html.escape(title)}</text>']
-    for y in (y0, (y0 + y1) / 2, y1):
-        label = f"{y / 1000:.3g}k" if abs(y) >= 1000 else f"{y:.3g}"
-        parts.append(f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end" font-size="11">{label}</text>')
-        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eee"/>')
-    for x in (x0, x1):
-        parts.append(f'<text x="{sx(x):.1f}" y="{height - 10}" text-anchor="middle" font-size="11">{x:g}</text>')
+    frame = Frame(title, [p[0] for p in points], [p[1] for p in points], width, height)
+    parts = frame.axes()
     for i, (name, pts) in enumerate((n, p) for n, p in lines.items() if p):
         color = COLORS[i % len(COLORS)]
-        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{coords}"/>')
-        parts += [
-            f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in pts if len(pts) < 30
-        ]
-        parts.append(
-            f'<text x="{width - right}" y="{16 + 14 * i}" text-anchor="end" fill="{color}" font-size="12">{html.escape(name)}</text>'
+        parts += frame.line(pts, color, dots=len(pts) < 30)
+        parts.append(frame.legend(i, name, color))
+    return frame.svg(parts)
+
+
+class Frame:
+    """The axes of one SVG chart: data-to-pixel scales, gridlines, tick labels, title and legend.
+
+    `log_x` spaces x by log2 (LoRA ranks 1..64 evenly); `right` leaves room for a second y axis.
+    """
+
+    def __init__(
+        self, title: str, xs: list[float], ys: list[float], width: int = 420, height: int = 240,
+        log_x: bool = False, right: int = 12,
+    ) -> None:  # fmt: skip
+        self.title, self.width, self.height, self.log_x = title, width, height, log_x
+        self.left, self.right, self.top, self.bottom = 56, right, 28, 28
+        xs = [self._x(x) for x in xs]
+        self.x0, self.x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+        self.y0, self.y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+
+    def _x(self, x: float) -> float:
+        return math.log2(x) if self.log_x else x
+
+    def sx(self, x: float) -> float:
+        return self.left + (self._x(x) - self.x0) / (self.x1 - self.x0) * (self.width - self.left - self.right)
+
+    def sy(self, y: float, y0: float | None = None, y1: float | None = None) -> float:
+        """y in pixels; `y0`, `y1` give another scale (a second axis) over the same height."""
+        y0, y1 = (self.y0, self.y1) if y0 is None else (y0, y1)
+        return self.height - self.bottom - (y - y0) / (y1 - y0) * (self.height - self.top - self.bottom)
+
+    def axes(self, x_ticks: list[tuple[float, str]] | None = None) -> list[str]:
+        """Title, three y gridlines with labels, and x labels (the ends, or the ticks given)."""
+        parts = [f'<text x="{self.left}" y="16" font-weight="bold">{html.escape(self.title)}</text>']
+        for y in (self.y0, (self.y0 + self.y1) / 2, self.y1):
+            parts.append(
+                f'<text x="{self.left - 6}" y="{self.sy(y) + 4:.1f}" text-anchor="end" font-size="11">{_tick(y)}</text>'
+            )
+            parts.append(
+                f'<line x1="{self.left}" x2="{self.width - self.right}" y1="{self.sy(y):.1f}" y2="{self.sy(y):.1f}" stroke="#eee"/>'
+            )
+        if x_ticks is None:  # the two ends, in data units
+            x_ticks = [(2**x if self.log_x else x, "") for x in (self.x0, self.x1)]
+            x_ticks = [(x, f"{x:g}") for x, _ in x_ticks]
+        for x, label in x_ticks:
+            parts.append(
+                f'<text x="{self.sx(x):.1f}" y="{self.height - 10}" text-anchor="middle" font-size="11">{html.escape(label)}</text>'
+            )
+        return parts
+
+    def line(self, pts: list[tuple[float, float]], color: str, dots: bool = True, dashed: bool = False,
+             scale: tuple[float, float] | None = None) -> list[str]:  # fmt: skip
+        """A polyline (and dots) through the points; `scale` = (y0, y1) of a second axis."""
+        y0, y1 = scale or (None, None)
+        coords = " ".join(f"{self.sx(x):.1f},{self.sy(y, y0, y1):.1f}" for x, y in pts)
+        dash = ' stroke-dasharray="5,4"' if dashed else ""
+        parts = [f'<polyline fill="none" stroke="{color}" stroke-width="1.8"{dash} points="{coords}"/>']
+        if dots:
+            parts += [
+                f'<circle cx="{self.sx(x):.1f}" cy="{self.sy(y, y0, y1):.1f}" r="2.5" fill="{color}"/>' for x, y in pts
+            ]
+        return parts
+
+    def legend(self, i: int, name: str, color: str) -> str:
+        return (
+            f'<text x="{self.width - self.right}" y="{16 + 14 * i}" text-anchor="end" fill="{color}" '
+            f'font-size="12">{html.escape(name)}</text>'
         )
-    body = "".join(parts)
-    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">{body}</svg>'
+
+    def svg(self, parts: list[str]) -> str:
+        body = "".join(parts)
+        return f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.width}" height="{self.height}" role="img">{body}</svg>'
+
+
+def _tick(y: float) -> str:
+    return f"{y / 1000:.3g}k" if abs(y) >= 1000 else f"{y:.3g}"

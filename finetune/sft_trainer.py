@@ -181,6 +181,18 @@ class BestAdapter(TrainerCallback):
             self.save(state.global_step, loss)
 
 
+class ReportEval(TrainerCallback):
+    """Hands each held-out loss to a caller's hook (`train(on_eval=...)`), which may raise to stop the run."""
+
+    def __init__(self, hook: Callable[[int, float], None]) -> None:
+        self.hook = hook
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is not None:
+            self.hook(state.global_step, float(loss))
+
+
 class EvaluateAtEnd(TrainerCallback):
     """Held-out loss at the last step too, inside training (so trackers log it in the same run)."""
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import yaml
 
 from finetune import methods
 from finetune.data import PreparedData, prepare_data
-from finetune.errors import LaunchError, RunDirError, TrainingInterrupted, UserError, WriteError
+from finetune.errors import LaunchError, RunDirError, TrainingInterrupted, TrainingStopped, UserError, WriteError
 from finetune.evaluate import compare, write_comparison
 from finetune.harness import check as check_harness
 from finetune.lineage import check_same_weights, continue_parent, parent_record
@@ -80,8 +81,17 @@ class TrainResult:
         return {**out, "eval": None if self.eval is None else self.eval.to_dict()}
 
 
-def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(
+    recipe: Recipe,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    on_eval: Callable[[int, float], None] | None = None,
+) -> TrainResult:
     """Train the recipe's adapter into its run directory; `resume` continues from the newest checkpoint.
+
+    `on_eval(step, held_out_loss)` is called after each held-out evaluation; raising `TrainingStopped`
+    from it ends the run as `stopped` (a sweep prunes hopeless trials this way).
 
     Under `accelerate launch` or `torchrun` every process runs this; all check, only the main
     process writes the run directory, manifest, metrics and report. With `train.distributed`
@@ -96,14 +106,16 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
     preflight(recipe)  # metric modules, the model directory's files: before claiming anything
     state = process_state()
     if not state.is_main_process:
-        return _train_run(recipe, overwrite, resume, progress)
+        return _train_run(recipe, overwrite, resume, progress, on_eval)
     with RunLock(recipe.run_dir) as lock:  # a second train on this directory is refused, naming this one
         if lock.stale:
             warnings.warn(f"took over the lock left by a killed run ({describe(lock.stale)})", stacklevel=2)
-        return _train_run(recipe, overwrite, resume, progress)
+        return _train_run(recipe, overwrite, resume, progress, on_eval)
 
 
-def _train_run(recipe: Recipe, overwrite: bool, resume: bool, progress: bool) -> TrainResult:
+def _train_run(
+    recipe: Recipe, overwrite: bool, resume: bool, progress: bool, on_eval: Callable[[int, float], None] | None
+) -> TrainResult:
     state = process_state()
     run = RunDir(recipe.run_dir)
     checkpoint, replace = _start_point(run, recipe, resume, overwrite)
@@ -114,7 +126,10 @@ def _train_run(recipe: Recipe, overwrite: bool, resume: bool, progress: bool) ->
     state.wait_for_everyone()
     manifest = Manifest.load(run) if state.is_main_process else Manifest.disabled(run)
     try:
-        result = _train(recipe, run, manifest, checkpoint, progress)
+        result = _train(recipe, run, manifest, checkpoint, progress, on_eval)
+    except TrainingStopped as e:
+        _mark(manifest, status="stopped", finished=now(), error=str(e))
+        raise
     except TrainingInterrupted as e:
         _mark(manifest, status="interrupted", finished=now(), error=str(e))
         raise
@@ -308,11 +323,18 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
-def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | None, progress: bool) -> TrainResult:
+def _train(
+    recipe: Recipe,
+    run: RunDir,
+    manifest: Manifest,
+    checkpoint: Path | None,
+    progress: bool,
+    on_eval: Callable[[int, float], None] | None,
+) -> TrainResult:
     import torch
     import transformers
 
-    from finetune.sft_trainer import BestAdapter, EvaluateAtEnd, StopOnSignal
+    from finetune.sft_trainer import BestAdapter, EvaluateAtEnd, ReportEval, StopOnSignal
 
     state = process_state()
     main = state.is_main_process
@@ -351,6 +373,7 @@ def _train(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     best = BestAdapter(save_best, manifest.data.get("best_eval_loss") or math.inf)
     stop = StopOnSignal()
     callbacks = [best, stop] + ([EvaluateAtEnd()] if data.eval is not None else [])
+    callbacks += [ReportEval(on_eval)] if on_eval is not None else []
     trainer = _trainer(recipe, run, model, tokenizer, data, speed, machine, targets, callbacks, progress and main,
                        main, method, peft_config)  # fmt: skip
     trainable, total = trainer.model.get_nb_trainable_parameters()
