@@ -147,7 +147,7 @@ def stream(
     thread.start()
     finished = False
     try:
-        yield from streamer
+        yield from (piece for piece in streamer if piece)  # the streamer also emits empty pieces
         finished = True
     finally:
         if not finished:  # the consumer stopped early: free the model at the next token

@@ -106,6 +106,7 @@ class Models:
         self.counter = threading.Lock()
         self.waiting = 0  # requests blocked on `lock`
         self.served: dict[str, Served] = {self.base_name: Served(self.base_name, loaded.tokenizer, None)}
+        self._check_free(loaded.name)
         self._check_holdable(loaded.run)
         self.served[loaded.name] = Served(loaded.name, loaded.tokenizer, loaded.run)
 
@@ -128,20 +129,25 @@ class Models:
         except UserError as e:
             raise ApiError(400, f"cannot load adapter from {path}: {e}", "lora_path") from None
         name = name or run.recipe.name
-        if name in self.served:
-            raise ApiError(400, f"an adapter named {name!r} is already loaded; unload it first", "lora_name")
+        self._check_free(name)
         refused = same_base(self.first, run)
         if refused:
             raise ApiError(400, f"adapter {name!r} ({run.root}) was trained on another base: {refused}", "lora_path")
         self._check_holdable(run)
         tokenizer = _tokenizer(run.adapter)
         with self.lock:
+            self._check_free(name)  # again: another load may have taken the name meanwhile
             try:
                 self.model.load_adapter(str(run.adapter), adapter_name=name)
             except (ValueError, KeyError, RuntimeError) as e:
                 raise ApiError(400, f"adapter {name!r} cannot be held by this base: {e}", "lora_path") from None
         self.served[name] = Served(name, tokenizer, run)
         return name
+
+    def _check_free(self, name: str) -> None:
+        if name in self.served:
+            what = "the base model's name" if name == self.base_name else "already loaded; unload it first"
+            raise ApiError(400, f"an adapter named {name!r}: {what}", "lora_name")
 
     def remove(self, name: str) -> None:
         if name == self.base_name:
@@ -198,8 +204,8 @@ def base_name(run: Run) -> str:
 
 def same_base(first: Run, other: Run) -> str | None:
     """Why `other` was not trained on `first`'s base (id, revision, weights sha256 from the manifests), or None."""
-    a, b = first.manifest.get("base_model") or {}, other.manifest.get("base_model") or {}
-    a.setdefault("id", first.recipe.model.base), b.setdefault("id", other.recipe.model.base)
+    a = {"id": first.recipe.model.base, **(first.manifest.get("base_model") or {})}
+    b = {"id": other.recipe.model.base, **(other.manifest.get("base_model") or {})}
     weights_a, weights_b = a.get("weights_sha256"), b.get("weights_sha256")
     if weights_a and weights_b:
         return None if weights_a == weights_b else f"its base weights' sha256 differ ({b.get('id')} vs {a.get('id')})"
@@ -225,7 +231,7 @@ class _Request(BaseModel):
     stream_options: dict[str, bool] | None = None
     seed: int | None = None
     user: str | None = None
-    stop: None = None  # not supported: refused rather than silently ignored
+    stop: str | list[str] | None = None  # not supported: refused (in `sampling`) rather than silently ignored
     presence_penalty: Literal[0] = 0
     frequency_penalty: Literal[0] = 0
 
@@ -379,7 +385,7 @@ def create_app(models: Models, api_key: str | None = None) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    return BodyLimit(app, limits.max_body_bytes)
+    return Guard(app, limits.max_body_bytes)
 
 
 def validation_error(errors: list[dict]) -> ApiError:
@@ -399,6 +405,9 @@ def validation_error(errors: list[dict]) -> ApiError:
 def sampling(body: _Request, budget: int | None, prompt: str, served: Served, models: Models) -> Sampling:
     """The request's sampling, its budget and its prompt checked against the server's limits."""
     limits = models.limits
+    if body.stop:
+        raise ApiError(400, "stop: stop sequences are not supported by finetune serve; the run's end-of-turn "
+                            "token ends each answer", "stop", "unsupported_parameter")  # fmt: skip
     if budget is not None and budget > limits.max_tokens:
         raise ApiError(400, f"max_tokens {budget} is above this server's limit of {limits.max_tokens} "
                             "(finetune serve --max-tokens)", "max_tokens", "max_tokens_exceeded")  # fmt: skip
@@ -531,8 +540,9 @@ async def _guarded(pieces: AsyncIterator[str]) -> AsyncIterator[str | dict]:
         yield ApiError(500, f"internal error ({type(e).__name__})").body()
 
 
-class BodyLimit:
-    """ASGI middleware: a request body above `limit` bytes gets 413 naming the limit, before it is parsed."""
+class Guard:
+    """Outermost ASGI layer: a body above `limit` bytes gets 413 naming the limit before it is parsed, and an
+    exception that Starlette re-raises after its 500 answer (to let servers print a traceback) stops here."""
 
     def __init__(self, app: Any, limit: int):
         self.app, self.limit = app, limit
@@ -543,7 +553,7 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(send)
-        seen = 0
+        seen, started = 0, False
 
         async def counted() -> dict:
             nonlocal seen
@@ -553,18 +563,32 @@ class BodyLimit:
                 raise _TooLarge
             return message
 
+        async def sending(message: dict) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
         try:
-            await self.app(scope, counted, send)
+            await self.app(scope, counted, sending)
         except _TooLarge:
-            await self._refuse(send)
+            if not started:
+                await self._refuse(send)
+        except Exception:  # already answered with a 500 and logged in one line by the app's handler
+            if not started:
+                await self._send(send, 500, ApiError(500, "internal error").body())
 
     async def _refuse(self, send: Any) -> None:
         error = ApiError(413, f"request body above this server's limit of {self.limit} bytes "
                               "(finetune serve --max-body-bytes)", code="request_too_large")  # fmt: skip
-        body = json.dumps(error.body()).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
-        await send({"type": "http.response.body", "body": body})
+        log.info("request refused: %s", error.message)
+        await self._send(send, 413, error.body())
+
+    @staticmethod
+    async def _send(send: Any, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
 
 
 class _TooLarge(Exception):
@@ -592,12 +616,12 @@ def load_models(targets: list[str | Path], limits: Limits) -> Models:
     for target in targets:
         if is_merged_dir(run_dir_of(target)):
             raise UserError(f"{target}: a merged model; serve takes run directories (adapters on one base)")
-    models = Models(load(targets[0]), limits)
-    for target in targets[1:]:
-        try:
+    try:
+        models = Models(load(targets[0]), limits)
+        for target in targets[1:]:
             models.add(target)
-        except ApiError as e:
-            raise UserError(e.message) from None
+    except ApiError as e:
+        raise UserError(e.message) from None
     return models
 
 

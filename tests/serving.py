@@ -2,8 +2,8 @@
 
 - quickstart: the quickstart recipe, a few steps, eval on the first held-out rows (eval/examples.jsonl
   holds the tuned and base predictions that chat and serve must reproduce);
-- yes / no: two adapters on the same base taught to answer every prompt with one word each, so an
-  answer shows which adapter produced it;
+- say-yes / say-no: two adapters on the same base taught to answer every prompt with one word each
+  ("yes", "no"), so an answer shows which adapter produced it;
 - other-base: an adapter trained on a different (tiny random) base, which the server must refuse.
 """
 
@@ -18,7 +18,6 @@ import tiny
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 EVAL_ROWS = 6
-ANSWERS = {"yes": "yes", "no": "no"}
 
 
 @dataclass
@@ -50,12 +49,12 @@ def _one_word_run(root: Path, word: str) -> Path:
                (ROOT / "assets" / "quickstart" / "data" / "train.jsonl").read_text().splitlines()[:64]]  # fmt: skip
     rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": word}]} for p in prompts]
     data = tiny.write_jsonl(root / f"{word}.jsonl", rows)
-    return _train(QUICKSTART, [f"name={word}", f"output_dir={root / word}", f"data.train=[{{path: {data}}}]",
-                               "data.eval=null", "train.max_steps=24", "train.lr=5.0e-3"])  # fmt: skip
+    return _train(QUICKSTART, [f"name=say-{word}", f"output_dir={root / f'say-{word}'}", f"data.train=[{{path: {data}}}]",
+                               "data.eval=null", "train.max_steps=16", "train.lr=1.0e-2"])  # fmt: skip
 
 
 def build(root: Path, other_model: Path) -> ServingRuns:
-    quickstart = _train(QUICKSTART, [f"output_dir={root / 'quickstart'}", "train.max_steps=120",
+    quickstart = _train(QUICKSTART, [f"output_dir={root / 'quickstart'}", "train.max_steps=40",
                                      f"data.eval.0.limit={EVAL_ROWS}"])  # fmt: skip
     rows = tiny.write_jsonl(root / "other.jsonl", tiny.reverse_rows(16))
     body = (f"name: other-base\nmodel: {{base: {other_model}}}\nlora: {{rank: 8, alpha: 16}}\n"

@@ -20,7 +20,7 @@ from finetune import __version__
 from finetune.cli import app
 from finetune.recipe import Recipe
 
-COMMANDS = {"validate", "plan", "data", "train", "eval", "merge", "export", "runs", "schema"}
+COMMANDS = {"validate", "plan", "data", "train", "eval", "merge", "export", "runs", "schema", "chat", "serve"}
 runner = CliRunner()
 
 

@@ -80,8 +80,8 @@ def ask(client: openai.OpenAI, model: str, user: str, **kwargs) -> str:
 
 def test_models_are_the_base_and_each_run(server):
     models = {m.id: m for m in server.client().models.list().data}
-    assert set(models) == {"model", "quickstart", "yes", "no"}  # the quickstart base is assets/quickstart/model
-    assert models["yes"].model_extra["parent"] == "model"
+    assert set(models) == {"model", "quickstart", "say-yes", "say-no"}  # the quickstart base is assets/quickstart/model
+    assert models["say-yes"].model_extra["parent"] == "model"
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
 
 
@@ -116,10 +116,10 @@ def test_streaming_yields_the_same_text_as_a_single_answer(server, serving_runs)
 def test_interleaved_requests_from_threads_each_get_their_adapters_answer(server, serving_runs):
     client = server.client()
     users = [row["user"] for row in serving_runs.examples()]
-    alone = {(m, u): ask(client, m, u, max_tokens=8) for m in ("yes", "no", "quickstart") for u in users[:2]}
-    assert {alone[("yes", u)] for u in users[:2]} == {"yes"}
-    assert {alone[("no", u)] for u in users[:2]} == {"no"}
-    jobs = [(m, u) for _ in range(3) for u in users[:2] for m in ("yes", "no", "quickstart")]
+    alone = {(m, u): ask(client, m, u, max_tokens=8) for m in ("say-yes", "say-no", "quickstart") for u in users[:2]}
+    assert {alone[("say-yes", u)] for u in users[:2]} == {"yes"}
+    assert {alone[("say-no", u)] for u in users[:2]} == {"no"}
+    jobs = [(m, u) for _ in range(3) for u in users[:2] for m in ("say-yes", "say-no", "quickstart")]
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda job: ask(client, job[0], job[1], max_tokens=8), jobs))
     assert [alone[job] for job in jobs] == answers
@@ -133,7 +133,7 @@ def test_adapters_load_and_unload_at_run_time(server, serving_runs):
     assert loaded.status_code == 200, loaded.text
     assert "yes-again" in {m.id for m in client.models.list().data}
     assert ask(client, "yes-again", "Reverse the list: a, b, c", max_tokens=8) == "yes"
-    assert ask(client, "no", "Reverse the list: a, b, c", max_tokens=8) == "no"  # the others are untouched
+    assert ask(client, "say-no", "Reverse the list: a, b, c", max_tokens=8) == "no"  # the others are untouched
     again = httpx.post(f"{server.url}/v1/load_lora_adapter", headers=headers,
                        json={"lora_name": "yes-again", "lora_path": str(serving_runs.yes)})  # fmt: skip
     assert again.status_code == 400 and "already loaded" in again.json()["error"]["message"]
@@ -142,7 +142,7 @@ def test_adapters_load_and_unload_at_run_time(server, serving_runs):
     assert "yes-again" not in {m.id for m in client.models.list().data}
     with pytest.raises(openai.NotFoundError):
         ask(client, "yes-again", "hello")
-    assert ask(client, "yes", "Reverse the list: a, b, c", max_tokens=8) == "yes"
+    assert ask(client, "say-yes", "Reverse the list: a, b, c", max_tokens=8) == "yes"
 
 
 def test_an_adapter_trained_on_another_base_is_refused(server, serving_runs):
@@ -195,7 +195,7 @@ def test_a_client_that_disconnects_mid_stream_frees_the_model(server, caplog):
         assert time.monotonic() < deadline, caplog.text
         time.sleep(0.05)
     assert not server.models.lock.locked() or server.models.waiting == 0
-    assert ask(server.client(), "yes", "hello", max_tokens=4) == "yes"
+    assert ask(server.client(), "say-yes", "hello", max_tokens=4) == "yes"
 
 
 def test_binding_beyond_localhost_needs_an_api_key(serving_runs, monkeypatch):
@@ -214,7 +214,7 @@ def test_vllm_command_has_the_runs_as_lora_modules_after_the_compatibility_check
     assert "--max-lora-rank 16" in command
     assert (
         f"quickstart={serving_runs.quickstart / 'adapter'}" in command
-        and f"yes={serving_runs.yes / 'adapter'}" in command
+        and f"say-yes={serving_runs.yes / 'adapter'}" in command
     )
     dora = shutil.copytree(serving_runs.yes, tmp_path / "dora")
     config = json.loads((dora / "adapter" / "adapter_config.json").read_text())
