@@ -8,7 +8,6 @@ answer here is the prediction `eval` wrote for the same prompt. `serve` loads ru
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -23,8 +22,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from finetune.merge import Run
-
-WHICH = ("tuned", "base")
 
 
 @dataclass
@@ -225,7 +222,3 @@ def repl(conversation: Conversation, which: tuple[str, ...], read: Callable[[str
                 out.write(piece)
                 out.flush()
             out.write("\n")
-
-
-def as_json_lines(result: ChatResult) -> str:
-    return json.dumps(result.to_dict(), ensure_ascii=False, indent=2)

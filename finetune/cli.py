@@ -696,6 +696,8 @@ def chat(
     prompts = list(prompt) if prompt is not None else stdin
     loaded = load(target)
     if not scripted:
+        import readline  # noqa: F401  (line editing and history for input())
+
         conversation = Conversation(loaded, sampling_for(loaded, max_new_tokens, temperature, top_p, seed), system)
         return repl(conversation, which, input, sys.stdout)
     result = chat_stage(target, prompts, which, system, max_new_tokens, temperature, top_p, seed, loaded=loaded)
