@@ -217,7 +217,9 @@ def main() -> int:
             folder = Path(tmp) / name
             base = QUICKSTART if name == "quickstart" else random_llama(folder / "base")
             runs = make_runs(base, folder, ADAPTERS)
+            print(f"{name}: generation (base, unmerged, merged, mixed), {args.rounds} rounds ...", flush=True)
             gen = bench_generation(base, runs, args.rounds, args.new_tokens, args.prompt_tokens)
+            print(f"{name}: server, 1 vs {ADAPTERS} resident adapters ...", flush=True)
             srv = bench_server(runs, args.rounds, args.server_tokens, args.server_requests)
             results["models"][name] = {"generation": gen, "server": srv}
             print(f"\n{name}")
