@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune.data.formats import Sample
-from finetune.data.templates import IGNORE, render
+from finetune.data.templates import IGNORE
 from finetune.errors import UserError
+from finetune.generation import generate, prompt_and_reference
 from finetune.recipe import GENERATION_METRICS, LOSS_METRICS
 from finetune.summary import EvalSummary, Scores
 
@@ -153,52 +154,6 @@ def held_out_loss(model: PreTrainedModel, dataset: Dataset, pad_id: int, batch_s
         ).item()
         count += int((shift_labels != IGNORE).sum())
     return total / max(count, 1)
-
-
-def prompt_and_reference(tokenizer: PreTrainedTokenizerBase, sample: Sample) -> tuple[str, str]:
-    """The text the model is given (up to the generation prompt) and the answer expected after it."""
-    if sample.is_chat:
-        messages = sample.as_messages()
-        return render(tokenizer, messages[:-1], generation_prompt=True), messages[-1]["content"]
-    return sample.prompt, sample.completion
-
-
-@torch.no_grad()
-def generate(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, batch_size: int
-) -> list[str]:
-    """Greedy, batched, left-padded generation with the KV cache; returns only the new text."""
-    model.eval()
-    device = next(model.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    outputs: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(
-                prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            )
-            generated = model.generate(
-                **batch.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=stop_ids(model.generation_config, tokenizer),
-            )
-            new = generated[:, batch["input_ids"].shape[1] :]
-            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return outputs
-
-
-def stop_ids(generation_config: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Where a reply ends: the model's end-of-sequence id(s) and the tokenizer's, which the chat template's
-    end-of-turn token is when training added it."""
-    ids = generation_config.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def score(

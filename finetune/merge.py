@@ -389,7 +389,7 @@ def _untie_if_diverged(model: PreTrainedModel) -> bool:
 
 def _set_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Stop at the chat template's end-of-turn token, as evaluation did with base + adapter."""
-    from finetune.evaluate import stop_ids
+    from finetune.generation import stop_ids
 
     gen = model.generation_config
     ids = stop_ids(gen, tokenizer)

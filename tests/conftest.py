@@ -33,3 +33,11 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
         return built[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def serving_runs(tmp_path_factory, tiny_model_dir):
+    """The quickstart run and the yes/no/other-base adapters of tests/serving.py, trained once per session."""
+    import serving
+
+    return serving.build(tmp_path_factory.mktemp("serving"), tiny_model_dir("llama"))

@@ -20,7 +20,7 @@ from finetune import __version__
 from finetune.cli import app
 from finetune.recipe import Recipe
 
-COMMANDS = {"validate", "plan", "data", "train", "eval", "merge", "export", "runs", "schema", "sweep"}
+COMMANDS = {"validate", "plan", "data", "train", "eval", "merge", "export", "runs", "schema", "sweep", "chat", "serve"}
 runner = CliRunner()
 
 

@@ -150,7 +150,7 @@ def test_eval_on_a_run_reproduces_the_training_summary_and_gates(tiny_model_dir,
 def test_eval_and_merge_describe_a_missing_run_directory_the_same_way(tmp_path):
     from finetune.errors import UserError
     from finetune.evaluate import _run_of
-    from finetune.merge import open_run
+    from finetune.runs import open_run
 
     for target in (tmp_path / "nope", tmp_path):  # missing; a folder that is not a run
         with pytest.raises(UserError) as by_eval:

@@ -203,8 +203,7 @@ def test_a_model_directory_without_tokenizer_files_is_refused_before_claiming_th
 def test_a_run_killed_before_its_first_checkpoint_is_shown_dead_and_resumes_from_step_0(tiny_model_dir, tmp_path):
     """The bug: `--resume` said "no complete checkpoint" forever and `runs list` said `running` forever."""
     from finetune.errors import UserError
-    from finetune.merge import open_run
-    from finetune.runs import list_runs, show_run
+    from finetune.runs import list_runs, open_run, show_run
 
     recipe = recipe_for_resume(tmp_path, tiny_model_dir())
     started = ("--set", "train.save_every=100", "--set", "train.max_steps=12", "--set", "eval.compare_base=false")

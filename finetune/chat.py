@@ -1,0 +1,227 @@
+"""`finetune chat`: talk to a trained run with its own tokenizer, chat template and stop ids.
+
+A run is opened as `merge` and `export` open it (resolved recipe, manifest, checked adapter), its
+base loaded as in training (4-bit for a QLoRA run) with the adapter on top; a merged directory
+loads as a plain model. Decoding is `finetune.generation`'s, the same as `eval`'s, so a greedy
+answer here is the prediction `eval` wrote for the same prompt. `serve` loads runs with `load`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from finetune.errors import UserError
+from finetune.generation import Sampling, chat_prompt, stream
+from finetune.recipe import EvalSection
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from finetune.runs import Run
+
+
+@dataclass
+class Loaded:
+    """A model ready to answer: a run's base + adapter (PEFT), or a merged directory (plain transformers)."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    max_new_tokens: int  # the run's eval.max_new_tokens: chat answers as long as eval's
+    run: Run | None = None
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.run is not None
+
+
+def run_dir_of(target: str | Path) -> Path:
+    """A run directory given directly, or through the recipe that made it (its output_dir)."""
+    from finetune.loading import load_recipe
+
+    path = Path(target).expanduser()
+    if path.is_file():
+        return Path(load_recipe(path, check_files=False).run_dir)
+    if not path.exists():
+        raise UserError(f"{target}: no such run directory or recipe")
+    return path
+
+
+def is_merged_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "adapter").exists()
+
+
+def load(target: str | Path) -> Loaded:
+    """Open a run (base + adapter, the base quantized as in training) or a merged model directory."""
+    from peft import PeftModel
+
+    from finetune.machine import this_machine
+    from finetune.modeling import load_model, quiet_libraries
+    from finetune.runs import open_run
+    from finetune.speed import model_attention
+
+    quiet_libraries()
+    path = run_dir_of(target)
+    if is_merged_dir(path):
+        return _load_merged(path)
+    run = open_run(path)
+    tokenizer = _tokenizer(run.adapter)
+    base = load_model(run.recipe, model_attention(run.recipe, this_machine()))
+    model = PeftModel.from_pretrained(base, str(run.adapter), adapter_name=run.recipe.name)
+    model.eval()
+    return Loaded(run.recipe.name, model, tokenizer, run.recipe.eval.max_new_tokens, run)
+
+
+def _load_merged(path: Path) -> Loaded:
+    """A merged model (`finetune merge` or `export --format merged`): weights, tokenizer and template together."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.loading import load_recipe
+    from finetune.machine import device
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True).to(device()).eval()
+    recipe_file = next((p for p in (path / "recipe.yaml", path.parent / "recipe.yaml") if p.is_file()), None)
+    budget = EvalSection.model_fields["max_new_tokens"].default
+    name = path.resolve().name
+    if recipe_file is not None:
+        recipe = load_recipe(recipe_file, check_files=False)
+        budget, name = recipe.eval.max_new_tokens, f"{recipe.name}-merged"
+    return Loaded(name, model, _tokenizer(path), budget)
+
+
+def _tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer and chat template saved with the adapter (or merged model): what training rendered with."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if tokenizer.chat_template is None:
+        raise UserError(f"{directory}: the saved tokenizer has no chat template, so a conversation cannot be rendered")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+@contextmanager
+def adapter_off(loaded: Loaded, which: str):
+    """`base`: the run's base model, the adapter disabled for the duration; `tuned`: as loaded."""
+    if which == "base":
+        if not loaded.has_adapter:
+            raise UserError(f"{loaded.name}: a merged model has no adapter to disable; --base and --compare need a run")
+        with loaded.model.disable_adapter():
+            yield
+    else:
+        with nullcontext():
+            yield
+
+
+class Conversation:
+    """One conversation with a loaded model: its messages, an optional system prompt, streamed replies."""
+
+    def __init__(self, loaded: Loaded, sampling: Sampling, system: str | None = None):
+        self.loaded, self.sampling, self.system = loaded, sampling, system
+        self.turns: list[dict[str, str]] = []
+
+    def messages(self, user: str) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return [*head, *self.turns, {"role": "user", "content": user}]
+
+    def reply(self, user: str, which: str = "tuned", remember: bool = True) -> Iterator[str]:
+        """Stream the answer to `user`; remembered in the conversation (as the tuned answer) when it ends."""
+        prompt = chat_prompt(self.loaded.tokenizer, self.messages(user))
+        pieces = []
+        with adapter_off(self.loaded, which):
+            for piece in stream(self.loaded.model, self.loaded.tokenizer, prompt, self.sampling):
+                pieces.append(piece)
+                yield piece
+        if remember:
+            self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": "".join(pieces)}]
+
+    def reset(self) -> None:
+        self.turns = []
+
+
+def sampling_for(loaded: Loaded, max_new_tokens: int | None, temperature: float, top_p: float, seed: int | None):
+    """The run's eval budget unless given; greedy unless a temperature is."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise UserError("--temperature must be ≥ 0 and --top-p in (0, 1]")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be ≥ 1 (got {max_new_tokens})")
+    return Sampling(max_new_tokens or loaded.max_new_tokens, temperature, top_p, seed)
+
+
+# --- the `finetune chat` stage, scripted: prompts in, answers out -----------------------------------
+
+
+@dataclass
+class ChatResult:
+    model: str
+    answers: list[dict[str, str]] = field(default_factory=list)  # {prompt, tuned?, base?}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def chat(
+    target: str | Path,
+    prompts: list[str],
+    which: tuple[str, ...] = ("tuned",),
+    system: str | None = None,
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    loaded: Loaded | None = None,
+) -> ChatResult:
+    """Answer each prompt as its own conversation (greedy by default, as `eval` does), with each model asked for."""
+    loaded = loaded or load(target)
+    conversation = Conversation(loaded, sampling_for(loaded, max_new_tokens, temperature, top_p, seed), system)
+    result = ChatResult(loaded.name)
+    for prompt in prompts:
+        row = {"prompt": prompt}
+        for model in which:
+            row[model] = "".join(conversation.reply(prompt, model, remember=False))
+        result.answers.append(row)
+    return result
+
+
+# --- interactive ------------------------------------------------------------------------------------
+
+HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), /quit"
+
+
+def repl(conversation: Conversation, which: tuple[str, ...], read: Callable[[str], str], out: TextIO) -> None:
+    """Read a line, stream the answer(s); /reset, /system TEXT, /quit. Ends on /quit or end of input."""
+    out.write(
+        f"chatting with {conversation.loaded.name} ({'greedy' if conversation.sampling.temperature <= 0 else 'sampling'}); {HELP}\n"
+    )
+    while True:
+        try:
+            line = read("> ").strip()
+        except EOFError:
+            return
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            conversation.reset()
+            out.write("(conversation reset)\n")
+            continue
+        if line.startswith("/system"):
+            conversation.system = line.removeprefix("/system").strip() or None
+            conversation.reset()
+            out.write(f"(system prompt {'set' if conversation.system else 'cleared'}; conversation reset)\n")
+            continue
+        if line.startswith("/"):
+            out.write(f"unknown command {line.split()[0]}; {HELP}\n")
+            continue
+        for model in which:
+            out.write(f"{model}: " if len(which) > 1 else "")
+            for piece in conversation.reply(line, model, remember=model == which[-1]):
+                out.write(piece)
+                out.flush()
+            out.write("\n")

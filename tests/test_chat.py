@@ -1,0 +1,85 @@
+"""`finetune chat`: scripted through stdin it answers as `eval` predicted; --compare shows base and tuned;
+the interactive loop keeps the conversation, /system, /reset and /quit; a merged directory chats the same."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from finetune.chat import Conversation, chat, load, repl
+from finetune.cli import app
+from finetune.generation import Sampling
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def loaded(serving_runs):
+    return load(serving_runs.quickstart)
+
+
+def test_chat_through_stdin_answers_as_eval_predicted(serving_runs):
+    examples = serving_runs.examples()
+    stdin = "".join(row["user"] + "\n" for row in examples)
+    result = runner.invoke(app, ["chat", str(serving_runs.quickstart)], input=stdin)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [row["tuned"] for row in examples]
+
+
+def test_compare_shows_base_and_tuned_for_each_prompt(serving_runs):
+    examples = serving_runs.examples()[:3]
+    args = ["chat", str(serving_runs.quickstart), "--compare", "--json"]
+    for row in examples:
+        args += ["--prompt", row["user"]]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    answers = json.loads(result.stdout)["answers"]
+    assert [(a["prompt"], a["tuned"], a["base"]) for a in answers] == [
+        (row["user"], row["tuned"], row["base"]) for row in examples
+    ]
+    table = runner.invoke(app, ["chat", str(serving_runs.quickstart), "--compare", "-p", examples[0]["user"]])
+    assert table.exit_code == 0, table.output
+    assert "base" in table.stdout and "tuned" in table.stdout
+    assert examples[0]["tuned"].split(",")[0] in table.stdout
+
+
+def test_the_interactive_loop_keeps_the_conversation_and_its_commands(loaded, serving_runs):
+    user = serving_runs.examples()[0]["user"]
+    lines = iter([user, "/system Be brief.", "/bogus", user, user, "/reset", "/quit", "never read"])
+    out = io.StringIO()
+    conversation = Conversation(loaded, Sampling(8))
+    repl(conversation, ("tuned",), lambda _prompt: next(lines), out)
+    assert conversation.system == "Be brief." and conversation.turns == []  # reset after the last two turns
+    text = out.getvalue()
+    assert "unknown command /bogus" in text and "system prompt set" in text and "conversation reset" in text
+    assert next(lines) == "never read"
+    # a second turn sees the first: its prompt holds the first answer
+    conversation.turns = []
+    first = "".join(conversation.reply(user))
+    assert conversation.messages("again")[-2] == {"role": "assistant", "content": first}
+    assert conversation.messages("again")[0] == {"role": "system", "content": "Be brief."}
+
+
+def test_sampling_is_seeded_and_greedy_by_default(loaded, serving_runs):
+    user = serving_runs.examples()[0]["user"]
+    once = chat(None, [user] * 2, ("base",), temperature=1.0, seed=7, loaded=loaded).answers
+    again = chat(None, [user], ("base",), temperature=1.0, seed=7, loaded=loaded).answers
+    assert again[0]["base"] == once[0]["base"]
+    assert chat(None, [user], loaded=loaded).answers[0]["tuned"] == serving_runs.examples()[0]["tuned"]
+
+
+def test_a_merged_directory_chats_like_the_run(serving_runs, tmp_path):
+    from finetune.merge import merge
+
+    merged = merge(serving_runs.quickstart, out=tmp_path / "merged").out_dir
+    examples = serving_runs.examples()[:2]
+    args = ["chat", merged, "--json", *[a for row in examples for a in ("-p", row["user"])]]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert [a["tuned"] for a in json.loads(result.stdout)["answers"]] == [row["tuned"] for row in examples]
+    refused = runner.invoke(app, ["chat", merged, "--base", "-p", "hi"])
+    assert refused.exit_code == 2 and "no adapter to disable" in refused.output
