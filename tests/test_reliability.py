@@ -210,7 +210,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_shown_dead_and_resumes_from
     started = ("--set", "train.save_every=100", "--set", "train.max_steps=12", "--set", "eval.compare_base=false")
     proc = start(recipe, tmp_path, *started)
     run = tmp_path / "runs" / "tiny"
-    wait_for_step(run, 3, proc)
+    wait_for_step(run, 3, proc, timeout=600)  # a loaded machine can take minutes to start
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert [r["status"] for r in list_runs(tmp_path / "runs")] == ["died"]
