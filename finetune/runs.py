@@ -73,11 +73,11 @@ class RunDir:
         if overwrite or not self.root.exists() or not any(self.root.iterdir()) or self.replaceable():
             return
         manifest = self.read_manifest() or {}
-        resumable = manifest.get("status") not in (None, "completed")
-        hint = f"continue it with: {command} --resume; " if command and resumable else ""
+        resumable = command and manifest.get("status") not in (None, "completed")
+        hint = f"; the run there is {status(manifest)}: continue it with: {command} --resume" if resumable else ""
         raise RunDirError(
-            f"run directory {self.root} already exists ({status(manifest) if manifest else 'not a finetune run'}); "
-            f"{hint}pass --overwrite to replace it (or set a new name / output_dir)"
+            f"run directory {self.root} already exists; pass --overwrite to replace it "
+            f"(or set a new name / output_dir){hint}"
         )
 
     def read_manifest(self) -> dict[str, Any] | None:

@@ -62,7 +62,7 @@ def test_a_full_disk_while_saving_the_adapter_keeps_the_previous_adapter(tmp_pat
         def __init__(self, fail: bool):
             self.fail = fail
 
-        def save_pretrained(self, folder):
+        def save_pretrained(self, folder, **kwargs):
             (Path(folder) / "adapter_model.safetensors").write_bytes(b"half" if self.fail else b"whole adapter")
             if self.fail:
                 raise disk_full(Path(folder) / "adapter_model.safetensors")

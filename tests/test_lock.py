@@ -65,6 +65,9 @@ def test_the_lock_file_lives_beside_the_run_directory_so_overwrite_cannot_delete
 def write_recipe(root: Path) -> Path:
     (root / "model").mkdir(parents=True, exist_ok=True)
     (root / "model" / "config.json").write_text("{}")
+    for name in ("model.safetensors", "tokenizer.json"):  # what `train`'s preflight asks of a model directory
+        (root / "model" / name).write_text("")
+    (root / "model" / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}\n')
     (root / "train.jsonl").write_text(
         '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
     )
@@ -116,7 +119,7 @@ def test_train_holds_the_lock_for_the_whole_run(tmp_path, monkeypatch):
     probe = "import sys; from finetune.lock import RunLock; RunLock(sys.argv[1]).acquire()"
     seen = {}
 
-    def fake_run(recipe, overwrite, resume, progress):
+    def fake_run(recipe, overwrite, resume, progress, on_eval):
         seen["during"] = subprocess.run([sys.executable, "-c", probe, recipe.run_dir], capture_output=True, text=True)
         return "result"
 

@@ -203,13 +203,13 @@ def test_a_model_directory_without_tokenizer_files_is_refused_before_claiming_th
 def test_a_run_killed_before_its_first_checkpoint_is_shown_dead_and_resumes_from_step_0(tiny_model_dir, tmp_path):
     """The bug: `--resume` said "no complete checkpoint" forever and `runs list` said `running` forever."""
     from finetune.errors import UserError
-    from finetune.runs import list_runs, open_run, show_run
+    from finetune.runs import RunDir, list_runs, open_run, show_run
 
     recipe = recipe_for_resume(tmp_path, tiny_model_dir())
     started = ("--set", "train.save_every=100", "--set", "train.max_steps=12", "--set", "eval.compare_base=false")
     proc = start(recipe, tmp_path, *started)
     run = tmp_path / "runs" / "tiny"
-    wait_for_step(run, 3, proc)
+    wait_for_step(run, 3, proc, timeout=600)  # a loaded machine can take minutes to start
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert [r["status"] for r in list_runs(tmp_path / "runs")] == ["died"]
@@ -218,6 +218,9 @@ def test_a_run_killed_before_its_first_checkpoint_is_shown_dead_and_resumes_from
     with pytest.raises(UserError, match="its training process died") as info:
         open_run(run)  # what `finetune merge` and `finetune eval` say
     assert info.value.problems[0].message.endswith(command)
+    with pytest.raises(UserError, match="already exists; pass --overwrite") as info:
+        RunDir(run).refuse_existing(False, command.removesuffix(" --resume"))  # `finetune train` without --resume
+    assert info.value.problems[0].message.endswith(f"the run there is died: continue it with: {command}")
 
     resumed = finetune(*shlex.split(command)[1:], cwd=tmp_path)  # the suggested command, as given
     assert resumed.returncode == 0, resumed.stderr[-2000:]
