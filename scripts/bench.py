@@ -63,12 +63,14 @@ PLAIN_TRL = textwrap.dedent("""
             with open(w["metrics"], "a") as fh:
                 fh.write(json.dumps({"step": state.global_step, "time": time.time(), **(logs or {})}) + "\\n")
 
+    dtype = getattr(torch, w.get("dtype", "float32"))  # bfloat16 on a GPU (scripts/gpu_check.py)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32) if w["nf4"] else None
-    model = AutoModelForCausalLM.from_pretrained(w["model"], dtype=torch.float32, quantization_config=quant)
+                               bnb_4bit_compute_dtype=dtype) if w["nf4"] else None
+    model = AutoModelForCausalLM.from_pretrained(w["model"], dtype=dtype, quantization_config=quant)
     args = SFTConfig(output_dir=w["out"], max_steps=w["steps"], learning_rate=w["lr"],
                      per_device_train_batch_size=w["batch_size"], max_length=w["max_length"],
-                     packing=w["packing"], gradient_checkpointing=w["gradient_checkpointing"], bf16=False,
+                     packing=w["packing"], gradient_checkpointing=w["gradient_checkpointing"],
+                     bf16=dtype == torch.bfloat16,
                      logging_steps=1, logging_first_step=True, save_strategy="no", report_to="none", seed=42)
     lora = LoraConfig(r=w["rank"], lora_alpha=w["alpha"], lora_dropout=0.05, target_modules="all-linear",
                       task_type="CAUSAL_LM")
@@ -133,8 +135,7 @@ def varied_rows(path: Path, n_rows: int = 4000) -> str:
     """The quickstart's task with lists of 1 to 40 words: 15 to 260 tokens a row, as real SFT data varies."""
     import random
 
-    rows = (json.loads(line)["messages"] for line in (ROOT / "assets/quickstart/data/train.jsonl").open())
-    words = sorted({w for m in rows for w in m[-1]["content"].split(", ")})
+    words = quickstart_words()
     rng = random.Random(0)
     with path.open("w") as fh:
         for _ in range(n_rows):
@@ -143,6 +144,12 @@ def varied_rows(path: Path, n_rows: int = 4000) -> str:
                     {"role": "assistant", "content": ", ".join(reversed(picked))}]  # fmt: skip
             fh.write(json.dumps({"messages": chat}) + "\n")
     return str(path)
+
+
+def quickstart_words() -> list[str]:
+    """The words of the quickstart's lists: every one a few tokens of the quickstart tokenizer."""
+    rows = (json.loads(line)["messages"] for line in (ROOT / "assets/quickstart/data/train.jsonl").open())
+    return sorted({w for m in rows for w in m[-1]["content"].split(", ")})
 
 
 def trained_share(workload: dict) -> float:
