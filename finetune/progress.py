@@ -7,6 +7,8 @@ import time
 
 from transformers import TrainerCallback
 
+REDRAW_S = 0.5  # the bar is redrawn from the training loop at most this often
+
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
@@ -22,6 +24,7 @@ class TrainProgress(TrainerCallback):
         self.start = 0.0
         self.tokens = (0.0, 0.0)  # (time, cumulative tokens) at the last log
         self.rate = 0.0
+        self.drawn = 0.0  # when the bar was last drawn
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
@@ -31,15 +34,25 @@ class TrainProgress(TrainerCallback):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
-                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(), console=Console(stderr=True), transient=False,
-            )  # fmt: skip
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+                auto_refresh=False,
+            )  # fmt: skip  (no refresh thread taking the GIL from the training loop 10 times a second)
             self.task = self.bar.add_task("train", total=state.max_steps, info="")
             self.bar.start()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
-            self.bar.update(self.task, completed=state.global_step)
+            now = time.perf_counter()
+            redraw = now - self.drawn > REDRAW_S
+            self.bar.update(self.task, completed=state.global_step, refresh=redraw)
+            if redraw:
+                self.drawn = now
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -54,7 +67,7 @@ class TrainProgress(TrainerCallback):
         parts.append(f"{self.rate:,.0f} tok/s" if self.rate else "")
         info = "  ".join(p for p in parts if p)
         if self.bar is not None:
-            self.bar.update(self.task, completed=state.global_step, info=info)
+            self.bar.update(self.task, completed=state.global_step, info=info, refresh=True)
             return
         elapsed = now - self.start
         eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
@@ -66,4 +79,5 @@ class TrainProgress(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
+            self.bar.refresh()
             self.bar.stop()
