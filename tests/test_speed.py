@@ -51,3 +51,29 @@ def test_plan_counts_checkpointing_in_where_auto_would_turn_it_on(tmp_path, tiny
     assert memory.gradient_checkpointing == "auto"
     assert memory.activations_with_checkpointing < memory.activations_without_checkpointing
     assert memory.total == memory.lower_bound + memory.activations_without_checkpointing
+
+
+def test_nonfinite_loss_or_grad_norm_is_noted_on_the_device_and_raised_at_the_next_log_naming_the_first_step():
+    """The per-step check costs no host sync; the log (and any checkpoint) after it raises, naming the first one."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from finetune.trainer import FinetuneTrainer, NonFiniteError
+
+    trainer = FinetuneTrainer.__new__(FinetuneTrainer)  # only the check's state, no model
+    trainer.state = SimpleNamespace(global_step=0)
+    for step, loss, norm in [(0, 1.5, 2.0), (1, 1.2, 0.5)]:
+        trainer.state.global_step = step
+        trainer._watch(0, torch.tensor(loss))
+        trainer._watch(1, torch.tensor(norm))
+    trainer._stop_if_nonfinite()  # all finite: nothing raised
+    trainer.state.global_step = 4
+    trainer._watch(1, torch.tensor(float("inf")))  # the gradient norm first, at step 5
+    trainer.state.global_step = 5
+    trainer._watch(0, torch.tensor(float("nan")))
+    trainer._watch(1, torch.tensor(float("nan")))  # later ones do not overwrite the first
+    with pytest.raises(NonFiniteError, match=r"^gradient norm is inf at step 5$"):
+        trainer._stop_if_nonfinite()
+    with pytest.raises(NonFiniteError, match="at step 5"):
+        trainer.log({"loss": float("nan")})  # the log that would record it raises first
