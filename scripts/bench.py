@@ -124,11 +124,11 @@ def plain_trl(workload: dict, settings: dict, folder: Path) -> tuple[list[str], 
     return [sys.executable, "-c", PLAIN_TRL, json.dumps(spec)], folder / "metrics.jsonl"
 
 
-def measure(command: list[str], metrics: Path, trained_share: float) -> dict:
-    """Run one training process; read its per-step log; take its peak RSS from the kernel."""
+def measure(command: list[str], metrics: Path, trained_share: float, stdout_path: Path | None = None) -> dict:
+    """Run one training process; read its per-step log; take its peak RSS from the kernel; keep its stdout."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FINETUNE_CACHE": str(metrics.parent.parent / "cache")}
     start = time.time()
-    with (metrics.parent / "stdout.txt").open("w") as stdout:
+    with open(stdout_path or os.devnull, "w") as stdout:
         proc = subprocess.Popen(command, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
         stderr = proc.stderr.read()
         _, status, usage = os.wait4(proc.pid, 0)
@@ -164,9 +164,9 @@ def varied_rows(path: Path, n_rows: int = 4000, seed: int = 0) -> str:
     return str(path)
 
 
-def finetune_quality(metrics: Path) -> dict:
+def finetune_quality(stdout: Path) -> dict:
     """Held-out exact match and loss from `finetune train --json`'s result."""
-    tuned = json.loads((metrics.parent.parent / "stdout.txt").read_text())["eval"]["tuned"]
+    tuned = json.loads(stdout.read_text())["eval"]["tuned"]
     return {"exact_match": tuned["metrics"]["exact_match"], "loss": tuned["loss"]}
 
 
@@ -245,9 +245,9 @@ def main() -> int:
                     folder = Path(tmp)
                     command, metrics = (finetune_recipe(workload, overrides, folder) if who == "finetune"
                                         else plain_trl(workload, settings, folder))  # fmt: skip
-                    results[variant][who].append(measure(command, metrics, share))
+                    results[variant][who].append(measure(command, metrics, share, folder / "stdout.txt"))
                     if args.quality and round_ == 0:  # quality depends on the seed, not the round
-                        quality[variant][who] = (finetune_quality(metrics) if who == "finetune"
+                        quality[variant][who] = (finetune_quality(folder / "stdout.txt") if who == "finetune"
                                                  else trl_quality(workload, folder / "out" / "adapter"))  # fmt: skip
                 print(f"{variant:14} {who:8} round {round_ + 1}: {results[variant][who][-1]}", file=sys.stderr)
     table = summarise(results)
