@@ -24,6 +24,7 @@ from finetune.errors import Problem, UserError
 from finetune.loading import is_local
 from finetune.machine import PLANNED_GPU, Machine, resolve_dtype, this_machine
 from finetune.modeling import hub_kwargs, load_tokenizer, lora_config, resolve_targets
+from finetune.preflight import TOKENIZER_FILES
 from finetune.recipe import Recipe
 from finetune.speed import decide_checkpointing, decide_packing, model_attention
 
@@ -45,6 +46,7 @@ FRAGMENTATION = 0.05  # caching-allocator slack on top of the tensors
 # only as tiles of 4096 tokens x 32768 vocabulary entries, recomputed in the backward pass
 HEAD_TOKEN_TILE = 4096
 HEAD_VOCAB_TILE = 32768
+# Files one of which a model directory with a tokenizer holds; without any, the directory is config-only
 
 
 @dataclass
@@ -656,11 +658,9 @@ def _work(recipe: Recipe, packed: bool) -> Work:
     remote = [s.path for s in all_sources if not is_local(s.path)]
     if remote:
         return Work(False, f"data not available locally: {', '.join(remote)} (hub datasets are not downloaded by plan)")
-    try:
-        tokenizer = load_tokenizer(recipe)
-    except Exception as e:  # any failure to load a tokenizer means: no work section, said plainly
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return Work(False, f"tokenizer of {recipe.model.base} could not be loaded offline ({reason}); work skipped")
+    tokenizer, note = _tokenizer(recipe)
+    if tokenizer is None:
+        return Work(False, note)
     import datasets
 
     datasets.disable_progress_bars()
@@ -727,6 +727,22 @@ def _preference_work(recipe: Recipe, tokenizer: Any) -> Work:
         epochs=epochs,
         total_tokens=round(sum(sides) * epochs),
     )
+
+
+def _tokenizer(recipe: Recipe) -> tuple[Any, str | None]:
+    """The tokenizer, or why there is none: a config-only directory or an offline hub id is planned without it."""
+    base = Path(recipe.model.base)
+    skipped = "chat template and work skipped"
+    if base.is_dir() and not any((base / name).exists() for name in TOKENIZER_FILES):
+        return None, f"{base} has no tokenizer files (config only): {skipped}"
+    try:
+        tokenizer = load_tokenizer(recipe)
+    except Exception as e:  # any failure to load a tokenizer means: no work section, said plainly
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, f"tokenizer of {recipe.model.base} could not be loaded offline ({reason}); {skipped}"
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):  # transformers can build an empty one from a config
+        return None, f"tokenizer of {recipe.model.base} has no vocabulary: {skipped}"
+    return tokenizer, None
 
 
 def _time(

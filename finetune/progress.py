@@ -9,6 +9,8 @@ from transformers import TrainerCallback
 
 from finetune.units import duration
 
+REDRAW_S = 0.5  # the bar is redrawn from the training loop at most this often
+
 
 class TrainProgress(TrainerCallback):
     """Step, loss, tokens/s and ETA, on stderr so that --json output on stdout stays clean."""
@@ -20,6 +22,7 @@ class TrainProgress(TrainerCallback):
         self.tokens = (0.0, 0.0)  # (time, cumulative tokens) at the last log
         self.rate = 0.0
         self.first_step: int | None = None  # the step this process started from (a resumed run's checkpoint)
+        self.drawn = 0.0  # when the bar was last drawn
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
@@ -29,9 +32,15 @@ class TrainProgress(TrainerCallback):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
-                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(), console=Console(stderr=True), transient=False,
-            )  # fmt: skip
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+                auto_refresh=False,
+            )  # fmt: skip  (no refresh thread taking the GIL from the training loop 10 times a second)
             self.task = self.bar.add_task("train", total=state.max_steps, info="")
             self.bar.start()
 
@@ -41,7 +50,11 @@ class TrainProgress(TrainerCallback):
             if self.bar is not None:  # the bar's speed must not count the resumed steps as done just now
                 self.bar.reset(self.task, total=state.max_steps, completed=self.first_step, info="")
         if self.bar is not None:
-            self.bar.update(self.task, completed=state.global_step)
+            now = time.perf_counter()
+            redraw = now - self.drawn > REDRAW_S
+            self.bar.update(self.task, completed=state.global_step, refresh=redraw)
+            if redraw:
+                self.drawn = now
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -58,7 +71,7 @@ class TrainProgress(TrainerCallback):
         parts.append(f"{self.rate:,.0f} tok/s" if self.rate else "")
         info = "  ".join(p for p in parts if p)
         if self.bar is not None:
-            self.bar.update(self.task, completed=state.global_step, info=info)
+            self.bar.update(self.task, completed=state.global_step, info=info, refresh=True)
             return
         elapsed = now - self.start
         done = state.global_step - (self.first_step or 0)  # steps this process did: the rate after a resume
@@ -71,4 +84,5 @@ class TrainProgress(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
+            self.bar.refresh()
             self.bar.stop()

@@ -28,7 +28,8 @@ STAGING = ".staging"
 
 
 class NonFiniteError(RuntimeError):
-    """The loss or gradient norm became NaN/inf: training stops at once, nothing is saved past it."""
+    """The loss or gradient norm became NaN/inf: training stops at the next log or checkpoint, whichever comes
+    first (the check costs no host sync per step), and nothing trained past it is saved."""
 
 
 class SafeTraining:
@@ -39,6 +40,7 @@ class SafeTraining:
     """
 
     _saving = False
+    _nonfinite: torch.Tensor | None = None  # see _watch
 
     def __init__(self, *args: Any, group_by_length: bool = False, **kwargs: Any) -> None:
         self.group_by_length = group_by_length
@@ -46,16 +48,41 @@ class SafeTraining:
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            raise NonFiniteError(f"loss is {loss.item()} at step {self.state.global_step + 1}")
+        self._watch(0, loss)
         return loss
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        value = float(grad_norm) if grad_norm is not None else 0.0
-        if not math.isfinite(value):
-            raise NonFiniteError(f"gradient norm is {value} at step {self.state.global_step + 1}")
+        if grad_norm is not None:
+            self._watch(1, grad_norm)
         return grad_norm
+
+    def _watch(self, which: int, value: Any) -> None:
+        """Note the first step whose loss (0) or gradient norm (1) is not finite, on the device: no host sync.
+
+        Reading the value every step would stall a GPU's queue twice a step (transformers itself syncs
+        only when it logs); it is read where it matters: before each log and each checkpoint.
+        """
+        value = torch.as_tensor(value).detach()
+        if self._nonfinite is None:
+            self._nonfinite = torch.zeros(2, 2, dtype=torch.float64, device=value.device)  # [step, value] per kind
+        value = value.to(self._nonfinite.device, torch.float64).sum()  # a NaN or inf anywhere stays one
+        first = ~torch.isfinite(value) & (self._nonfinite[which, 0] == 0)
+        found = torch.stack([torch.full_like(value, self.state.global_step + 1), value])  # kernels, no copies
+        self._nonfinite[which] = torch.where(first, found, self._nonfinite[which])
+
+    def _stop_if_nonfinite(self) -> None:
+        if self._nonfinite is None:
+            return
+        found = [(step, name, value) for name, (step, value) in zip(("loss", "gradient norm"),
+                                                                     self._nonfinite.tolist(), strict=True) if step]  # fmt: skip
+        if found:
+            step, name, value = min(found)
+            raise NonFiniteError(f"{name} is {value} at step {int(step)}")
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self._stop_if_nonfinite()
+        super().log(logs, start_time)
 
     def _get_train_sampler(self, train_dataset=None):
         """Length-grouped batches in an order fixed by the seed and the epoch (transformers' own sampler draws
@@ -75,6 +102,7 @@ class SafeTraining:
 
     def _save_checkpoint(self, model, trial) -> None:
         """Write the checkpoint under checkpoints/.staging/, fsync it, then rename it into place."""
+        self._stop_if_nonfinite()  # nothing trained through a NaN is ever saved
         final_root = Path(super()._get_output_dir(trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self._saving = True

@@ -353,3 +353,31 @@ def test_every_optimizer_the_schema_allows_has_a_memory_rule():
     assert "adamw_torch_fused" in optimizers
     for name in optimizers:  # a new optimizer in the schema fails here until plan counts its state
         assert _optimizer_bytes(torch.Size([4096, 16]), torch.float32, name) >= 0, name
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_config_only_directory_plans_params_and_memory_and_skips_the_tokenizer(name, tmp_path):
+    """A directory with only config.json (planning before a download): counts and memory, work skipped with a note."""
+    recipe = load_recipe(write_recipe(tmp_path, CONFIGS / name), [SEVEN, "lora.rank=16", "lora.alpha=32"])
+    result = plan(recipe)
+    assert (result.params.base, result.params.trainable) == PUBLISHED[name]
+    assert result.memory.total > 2 * result.params.base  # bf16 weights, at least
+    assert not result.work.available and "no tokenizer files (config only)" in result.work.note
+
+
+def test_hub_id_offline_with_only_its_config_cached(tmp_path, monkeypatch):
+    """A hub id whose config.json is in the cache but nothing else, no network: planned like a config-only dir."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        pytest.skip("needs HF_HUB_OFFLINE=1 (conftest sets it)")
+    repo = tmp_path / "hub" / "models--Qwen--Qwen2.5-7B"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copy(CONFIGS / "qwen2.5-7b" / "config.json", snapshot / "config.json")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    result = plan(load_recipe(write_recipe(tmp_path, "Qwen/Qwen2.5-7B"), [SEVEN, "lora.rank=16"]))
+    assert (result.params.base, result.params.trainable) == PUBLISHED["qwen2.5-7b"]
+    assert not result.work.available and "work skipped" in result.work.note

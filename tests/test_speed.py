@@ -101,3 +101,29 @@ def test_on_a_gpu_train_prepares_hub_data_once_and_estimates_its_peak(tmp_path, 
     assert len(preparations) == 1, "train prepares (and hashes) its data once"
     assert len(peaks) == 1 and peaks[0] is not None and 0 < peaks[0] < 10**10, peaks
     assert manifest["speed"]["gradient_checkpointing"] is False, "a tiny model fits an 80 GB GPU without it"
+
+
+def test_nonfinite_loss_or_grad_norm_is_noted_on_the_device_and_raised_at_the_next_log_naming_the_first_step():
+    """The per-step check costs no host sync; the log (and any checkpoint) after it raises, naming the first one."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from finetune.sft_trainer import FinetuneTrainer, NonFiniteError
+
+    trainer = FinetuneTrainer.__new__(FinetuneTrainer)  # only the check's state, no model
+    trainer.state = SimpleNamespace(global_step=0)
+    for step, loss, norm in [(0, 1.5, 2.0), (1, 1.2, 0.5)]:
+        trainer.state.global_step = step
+        trainer._watch(0, torch.tensor(loss))
+        trainer._watch(1, torch.tensor(norm))
+    trainer._stop_if_nonfinite()  # all finite: nothing raised
+    trainer.state.global_step = 4
+    trainer._watch(1, torch.tensor(float("inf")))  # the gradient norm first, at step 5
+    trainer.state.global_step = 5
+    trainer._watch(0, torch.tensor(float("nan")))
+    trainer._watch(1, torch.tensor(float("nan")))  # later ones do not overwrite the first
+    with pytest.raises(NonFiniteError, match=r"^gradient norm is inf at step 5$"):
+        trainer._stop_if_nonfinite()
+    with pytest.raises(NonFiniteError, match="at step 5"):
+        trainer.log({"loss": float("nan")})  # the log that would record it raises first

@@ -1,0 +1,185 @@
+"""Quality gate for every speed default that changes what the model sees or how it is optimised.
+
+    python scripts/quality_gate.py                         # 3 tasks x 3 seeds x every variant (~30-40 min, 2 cores)
+    python scripts/quality_gate.py --tasks quickstart --seeds 0 --steps 50 --json gate.json   # a smoke run
+
+Each variant is trained with `finetune train` on the same task, seed and steps as the same-settings run
+(TRL's own settings: random batches, no packing, no checkpointing) and scored on the same held-out rows:
+exact match and held-out loss. A variant passes on a task when its mean exact match is within 1 point
+(0.01) of the same-settings mean and its mean held-out loss within 2%. Load on the machine changes the
+time a run takes, never these figures: they depend on the seed and the settings only.
+
+Tasks (built deterministically from the quickstart model's vocabulary, so nothing is downloaded):
+  quickstart  the shipped task: reverse a list of 3 words (every row the same length)
+  uniform     rotate a list of 6 words left by one (near-uniform lengths, another transformation)
+  varied      2 to 30 words, half the rows "drop the first item", half "swap the first and last item":
+              ~20 to ~190 tokens a row, the profile where length grouping saves most padding
+
+Variants measured here (CPU): `grouped` (data.group_by_length: true, rows sorted by length within groups
+of 50 batches). Packing, gradient checkpointing, Liger and bf16 are decided `auto` to the same values as
+TRL's on a CPU (off, off, off, float32); they differ only on a GPU, where `scripts/gpu_check.py` runs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "assets/quickstart"
+VARIANTS = {"same-settings": ["data.group_by_length=false"], "grouped": ["data.group_by_length=true"]}
+TASKS = ("varied", "uniform", "quickstart")  # the most telling first
+EXACT_MATCH_POINTS = 0.01  # pass rule: mean exact match within 1 point of the same-settings mean
+LOSS_SHARE = 0.02  # and mean held-out loss within 2%
+
+
+def _words() -> list[str]:
+    rows = (json.loads(line)["messages"] for line in (QUICKSTART / "data/train.jsonl").open())
+    return sorted({w for m in rows for w in m[-1]["content"].split(", ")})
+
+
+def _row(instruction: str, words: list[str], answer: list[str]) -> dict:
+    return {"messages": [{"role": "user", "content": f"{instruction}: {', '.join(words)}"},
+                         {"role": "assistant", "content": ", ".join(answer)}]}  # fmt: skip
+
+
+def _uniform(rng: random.Random, vocab: list[str]) -> dict:
+    w = rng.sample(vocab, 6)
+    return _row("Rotate the list", w, w[1:] + w[:1])
+
+
+def _varied(rng: random.Random, vocab: list[str]) -> dict:
+    w = rng.choices(vocab, k=rng.randint(2, 30))
+    if rng.random() < 0.5:
+        return _row("Drop the first item", w, w[1:])
+    return _row("Swap the first and last item", w, [w[-1], *w[1:-1], w[0]])
+
+
+def build_task(task: str, folder: Path) -> tuple[Path, Path, int]:
+    """(train file, held-out file, max_seq_length) of a task; the same files for the same task name."""
+    if task == "quickstart":
+        return QUICKSTART / "data/train.jsonl", QUICKSTART / "data/eval.jsonl", 64
+    make, n_train, max_len = {"uniform": (_uniform, 3000, 64), "varied": (_varied, 3000, 192)}[task]
+    rng, vocab = random.Random(f"quality-gate-{task}"), _words()
+    paths = []
+    for split, n in (("train", n_train), ("eval", 100)):
+        path = folder / f"{task}-{split}.jsonl"
+        path.write_text("".join(json.dumps(make(rng, vocab)) + "\n" for _ in range(n)))
+        paths.append(path)
+    return paths[0], paths[1], max_len
+
+
+def recipe_text(train: Path, held_out: Path, max_len: int, steps: int, seed: int, out: Path) -> str:
+    """The quickstart recipe's settings (lr, rank, schedule, batch) on any task, for `steps` steps."""
+    return textwrap.dedent(f"""\
+        name: gate
+        seed: {seed}
+        model: {{base: {QUICKSTART / "model"}, dtype: float32}}
+        lora: {{rank: 16, alpha: 32, dropout: 0.0, targets: all-linear}}
+        data:
+          train: [{{path: {train}}}]
+          eval: [{{path: {held_out}}}]
+          max_seq_length: {max_len}
+        train: {{max_steps: {steps}, lr: 2.0e-3, scheduler: cosine, warmup_ratio: 0.05, batch_size: 16,
+                 logging_every: 50}}
+        eval: {{metrics: [loss, exact_match], max_new_tokens: 80, batch_size: 50, compare_base: false}}
+        output_dir: {out}
+        """)
+
+
+def train_once(
+    task_files: tuple[Path, Path, int], variant: str, seed: int, steps: int, folder: Path, threads: str
+) -> dict:
+    """One `finetune train` in a fresh process (`threads` CPU threads); its held-out exact match and loss."""
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(recipe_text(*task_files, steps, seed, folder / "run"))
+    sets = [a for o in VARIANTS[variant] for a in ("--set", o)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FINETUNE_CACHE": str(folder / "cache"), "OMP_NUM_THREADS": threads}
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "finetune.cli", "train", str(recipe), "--json", *sets],
+                          env=env, capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"finetune train ({variant}, seed {seed}) failed:\n{proc.stderr[-3000:]}")
+    tuned = json.loads(proc.stdout)["eval"]["tuned"]
+    return {"exact_match": tuned["metrics"]["exact_match"], "loss": tuned["loss"], "seconds": time.time() - start}
+
+
+def verdict(runs: dict[str, list[dict]]) -> dict:
+    """Mean and spread (min-max) per variant, and the pass rule against the same-settings run."""
+    out = {}
+    for variant, rs in runs.items():
+        stats = {}
+        for key in ("exact_match", "loss"):
+            values = [r[key] for r in rs]
+            stats[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+        out[variant] = stats
+    ref = out["same-settings"]
+    for stats in out.values():
+        em_gap = stats["exact_match"]["mean"] - ref["exact_match"]["mean"]
+        loss_gap = stats["loss"]["mean"] / ref["loss"]["mean"] - 1
+        stats["passes"] = em_gap >= -EXACT_MATCH_POINTS and loss_gap <= LOSS_SHARE
+        stats["exact_match_gap"], stats["loss_gap"] = em_gap, loss_gap
+    return out
+
+
+def markdown(results: dict, steps: int, seeds: list[int]) -> str:
+    lines = [f"{steps} steps of 16 rows, seeds {', '.join(map(str, seeds))}; mean (min-max) over seeds; "
+             "pass: exact match within 1 point and held-out loss within 2% of same-settings", "",
+             "| task | variant | exact match | held-out loss | vs same settings | passes |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for task, table in results.items():
+        for variant, s in table.items():
+            em, loss = s["exact_match"], s["loss"]
+            gap = "" if variant == "same-settings" else f"{s['exact_match_gap']:+.3f} EM, {s['loss_gap']:+.1%} loss"
+            lines.append(f"| {task} | {variant} | {em['mean']:.3f} ({em['min']:.2f}-{em['max']:.2f}) | "
+                         f"{loss['mean']:.4f} ({loss['min']:.4f}-{loss['max']:.4f}) | {gap} | "
+                         f"{'yes' if s['passes'] else '**no**'} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="same-settings is always included")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each on cpu_count/jobs threads")
+    parser.add_argument("--json", type=Path, help="also write every run and the verdicts here")
+    parser.add_argument("--markdown", type=Path, help="also write the table here")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = ["same-settings", *(v for v in args.variants.split(",") if v != "same-settings")]
+    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
+        tasks = {task: build_task(task, Path(tmp)) for task in args.tasks.split(",")}
+
+        def one(task: str, variant: str, seed: int) -> dict:
+            with tempfile.TemporaryDirectory(dir=tmp) as run_tmp:
+                result = train_once(tasks[task], variant, seed, args.steps, Path(run_tmp), threads)
+            print(f"{task:10} {variant:14} seed {seed}: {result}", file=sys.stderr, flush=True)
+            return {"seed": seed, **result}
+
+        futures = {(t, v, s): pool.submit(one, t, v, s) for t in tasks for s in seeds for v in variants}
+        runs = {t: {v: [futures[t, v, s].result() for s in seeds] for v in variants} for t in tasks}
+    results = {task: verdict(by_variant) for task, by_variant in runs.items()}
+    table = markdown(results, args.steps, seeds)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"steps": args.steps, "seeds": seeds, "runs": runs, "verdict": results},
+                                        indent=2))  # fmt: skip
+    if args.markdown:
+        args.markdown.write_text(table)
+    return 0 if all(s["passes"] for table_ in results.values() for s in table_.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
