@@ -104,6 +104,7 @@ def train(
         return _launch(recipe, overwrite, resume, progress)
     recipe = continue_parent(recipe)  # model.from_run: base, adapter settings and template from the parent run
     preflight(recipe)  # metric modules, the model directory's files: before claiming anything
+    check_harness(recipe)  # lm-eval installed and every task found, before hours of training
     state = process_state()
     if not state.is_main_process:
         return _train_run(recipe, overwrite, resume, progress, on_eval)
@@ -119,7 +120,6 @@ def _train_run(
     state = process_state()
     run = RunDir(recipe.run_dir)
     checkpoint, replace = _start_point(run, recipe, resume, overwrite)
-    check_harness(recipe)  # lm-eval installed and every task found, before hours of training
     state.wait_for_everyone()
     if state.is_main_process:
         _claim(run, recipe, checkpoint, replace, resume)

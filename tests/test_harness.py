@@ -123,4 +123,6 @@ def test_train_and_eval_store_harness_results_for_base_and_tuned(tmp_path, tiny_
     again = finetune("eval", str(run), "--against", "none", "--json", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["harness"]["tiny_text"]["bits_per_byte"] == pytest.approx({"tuned": bpb["tuned"]})
-    assert set(json.loads((run / "eval" / "harness.json").read_text())) == {"tuned"}
+    ad_hoc = Path(json.loads(again.stdout)["out_dir"])  # eval/<UTC time>/: training's record stays
+    assert set(json.loads((ad_hoc / "harness.json").read_text())) == {"tuned"}
+    assert set(json.loads((run / "eval" / "harness.json").read_text())) == {"base", "tuned"}
