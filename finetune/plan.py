@@ -673,9 +673,14 @@ def _work(recipe: Recipe, packed: bool) -> Work:
         from trl.data_utils import pack_dataset
 
         sequences = len(pack_dataset(prepared.train.select_columns(["input_ids", "labels"]), stats.max_seq_length))
+    return _counted_work(recipe, stats, sequences, sequences, stats.train_tokens, stats.trained_tokens)
+
+
+def _counted_work(recipe: Recipe, stats: Any, batched: int, sequences: int, tokens: int, trained: int) -> Work:
+    """Steps, epochs and tokens of a run whose data is counted: `batched` items per epoch (rows, packed sequences,
+    or preference pairs) make the micro-batches; `sequences`, `tokens` and `trained` are one epoch's model inputs."""
     t = recipe.train
-    micro_batches = math.ceil(sequences / t.batch_size)
-    steps_per_epoch = max(math.ceil(micro_batches / t.grad_accum), 1)
+    steps_per_epoch = max(math.ceil(math.ceil(batched / t.batch_size) / t.grad_accum), 1)
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
     epochs = total_steps / steps_per_epoch if t.max_steps else t.epochs
     return Work(
@@ -686,12 +691,12 @@ def _work(recipe: Recipe, packed: bool) -> Work:
         dropped=stats.dropped,
         max_seq_length=stats.max_seq_length,
         sequences_per_epoch=sequences,
-        tokens_per_epoch=stats.train_tokens,
-        trained_tokens_per_epoch=stats.trained_tokens,
+        tokens_per_epoch=tokens,
+        trained_tokens_per_epoch=trained,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         epochs=epochs,
-        total_tokens=round(stats.train_tokens * epochs),
+        total_tokens=round(tokens * epochs),
     )
 
 
@@ -708,25 +713,7 @@ def _preference_work(recipe: Recipe, tokenizer: Any) -> Work:
     else:
         sides = [len(p) + len(c) for p, c in zip(train["prompt_ids"], train["completion_ids"], strict=True)]
         trained = sum(map(len, train["completion_ids"]))
-    t = recipe.train
-    steps_per_epoch = max(math.ceil(math.ceil(stats.train_rows / t.batch_size) / t.grad_accum), 1)
-    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
-    epochs = total_steps / steps_per_epoch if t.max_steps else t.epochs
-    return Work(
-        available=True,
-        train_rows=stats.train_rows,
-        eval_rows=stats.eval_rows,
-        truncated=stats.truncated,
-        dropped=stats.dropped,
-        max_seq_length=stats.max_seq_length,
-        sequences_per_epoch=len(sides),
-        tokens_per_epoch=sum(sides),
-        trained_tokens_per_epoch=trained,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        epochs=epochs,
-        total_tokens=round(sum(sides) * epochs),
-    )
+    return _counted_work(recipe, stats, stats.train_rows, len(sides), sum(sides), trained)
 
 
 def _tokenizer(recipe: Recipe) -> tuple[Any, str | None]:

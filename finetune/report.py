@@ -52,16 +52,7 @@ def render(manifest: dict[str, Any], logs: list[dict[str, Any]], summary: EvalSu
         charts.append(line_chart("preference accuracy", {"train": series(logs, "rewards/accuracies"),
                                                          "held-out": series(logs, "eval_rewards/accuracies")}))  # fmt: skip
     title = html.escape(f"finetune run {manifest.get('name', '')}")
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>
-body {{ font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1360px; color: #111; }}
-h1 {{ font-size: 1.4em; }} h2 {{ font-size: 1.1em; margin-top: 1.6em; }}
-table {{ border-collapse: collapse; }} td, th {{ padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: right; }}
-td:first-child, th:first-child, .facts td {{ text-align: left; }} .charts {{ display: flex; flex-wrap: wrap; gap: 12px; }}
-.better {{ color: #16a34a; }} .worse {{ color: #dc2626; }} code {{ font-size: 0.92em; }}
-</style></head><body>
-<h1>{title}</h1>
+    return f"""{page_head(title, RUN_CSS)}
 {_facts(manifest)}
 <h2>Held-out: base vs tuned</h2>
 {_comparison(summary)}
@@ -112,6 +103,22 @@ def _comparison(summary: EvalSummary | None) -> str:
         cells += "".join(f"<tr><td>logp {k}</td><td>{v:.3f}</td></tr>" for k, v in (reference.logps or {}).items())
         rows.append(f'<tr><td colspan="4"><b>reference</b> (the parent run)<table>{cells}</table></td></tr>')
     return f"<table>{head}{''.join(rows)}</table><p>{summary.examples} held-out examples.</p>"
+
+
+PAGE_CSS = """body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1360px; color: #111; }
+h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 1.6em; }
+table { border-collapse: collapse; } td, th { padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: right; }
+.charts { display: flex; flex-wrap: wrap; gap: 12px; }"""
+RUN_CSS = """td:first-child, th:first-child, .facts td { text-align: left; }
+.better { color: #16a34a; } .worse { color: #dc2626; } code { font-size: 0.92em; }"""
+
+
+def page_head(title: str, css: str = "") -> str:
+    """The start of a self-contained page (no script, no external file), up to its <h1>: one look for every page."""
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>\n'
+        f"<style>\n{PAGE_CSS}\n{css}\n</style></head><body>\n<h1>{title}</h1>"
+    )
 
 
 def line_chart(title: str, lines: dict[str, list[tuple[float, float]]], width: int = 420, height: int = 240) -> str:

@@ -14,7 +14,7 @@ import statistics
 from itertools import groupby
 from typing import Any
 
-from finetune.report import COLORS, Frame
+from finetune.report import COLORS, Frame, page_head
 
 RANK = "lora.rank"
 PARAMS_COLOR = "#6b7280"
@@ -84,15 +84,7 @@ def render(data: dict[str, Any]) -> str:
             charts.append(_key_chart(trials, keys, key, metric))
     title = html.escape(f"finetune sweep {data['sweep']}")
     knee_lines = "".join(f"<li>{_knee_text(k, metric)}</li>" for k in data.get("knees", []))
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>
-body {{ font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1360px; color: #111; }}
-h1 {{ font-size: 1.4em; }} h2 {{ font-size: 1.1em; margin-top: 1.6em; }}
-table {{ border-collapse: collapse; }} td, th {{ padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: right; }}
-td.l, th.l {{ text-align: left; }} .charts {{ display: flex; flex-wrap: wrap; gap: 12px; }}
-</style></head><body>
-<h1>{title}</h1>
+    return f"""{page_head(title, "td.l, th.l { text-align: left; }")}
 <p>{len(trials)} trial(s) of <code>{html.escape(str(data["file"]))}</code>, ranked by {html.escape(metric)}
 ({data["direction"]}); seeds {html.escape(", ".join(map(str, data["seeds"])))}; updated {html.escape(str(data["updated"]))}.</p>
 {f"<ul>{knee_lines}</ul>" if knee_lines else ""}
