@@ -95,9 +95,9 @@ def _load_merged(path: Path) -> Loaded:
 
 def _tokenizer(directory: Path) -> PreTrainedTokenizerBase:
     """The tokenizer and chat template saved with the adapter (or merged model): what training rendered with."""
-    from transformers import AutoTokenizer
+    from finetune.evaluate import saved_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = saved_tokenizer(directory)
     if tokenizer.chat_template is None:
         raise UserError(f"{directory}: the saved tokenizer has no chat template, so a conversation cannot be rendered")
     if tokenizer.pad_token is None:

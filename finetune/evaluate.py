@@ -237,13 +237,12 @@ def evaluate(
     from finetune.speed import model_attention
 
     quiet_libraries()
-    run = _run_of(Path(target))
-    out_dir = _out_dir(run, out)
+    run, out_dir = open_for_eval(target, out)
     recipe = load_recipe(run.recipe)
     if recipe.data.eval is None:
         raise UserError(f"{run.recipe}: data.eval is not set, so the run has no held-out data to evaluate on")
     check_harness(recipe)
-    tokenizer = _tokenizer(run.adapter)
+    tokenizer = saved_tokenizer(run.adapter)
     data = prepare_data(recipe, tokenizer)
     model = PeftModel.from_pretrained(load_model(recipe, model_attention(recipe, this_machine())), run.adapter)
     e = recipe.eval
@@ -255,6 +254,13 @@ def evaluate(
     )  # fmt: skip
     summary = write_comparison(recipe, run, comparison, with_base, limit or e.limit, out_dir)
     return EvalResult(str(run.root), summary, str(out_dir))
+
+
+def open_for_eval(target: str | Path, out: str | Path | None) -> tuple[RunDir, Path]:
+    """The run to evaluate (a run directory or its recipe) and where this evaluation writes (never over
+    training's own record); shared by every method's `finetune eval`."""
+    run = _run_of(Path(target))
+    return run, _out_dir(run, out)
 
 
 def _out_dir(run: RunDir, out: str | Path | None) -> Path:
@@ -305,7 +311,8 @@ def _run_of(target: Path) -> Any:
     return RunDir(open_run(target).root)
 
 
-def _tokenizer(adapter_dir: Path) -> PreTrainedTokenizerBase:
+def saved_tokenizer(adapter_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer and chat template saved with the adapter: what training rendered with."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(adapter_dir)

@@ -201,10 +201,9 @@ def evaluate_run(
 
     Like `evaluate.evaluate`, it writes to `out` or eval/<UTC time>/ and leaves training's record as it was.
     """
-    from transformers import AutoTokenizer
 
     from finetune.data.preference import prepare_preference
-    from finetune.evaluate import EvalResult, _out_dir, _run_of
+    from finetune.evaluate import EvalResult, open_for_eval, saved_tokenizer
     from finetune.lineage import continue_parent
     from finetune.loading import load_recipe
     from finetune.machine import this_machine
@@ -213,8 +212,7 @@ def evaluate_run(
     from finetune.speed import model_attention
 
     quiet_libraries()
-    run = _run_of(Path(target))
-    out_dir = _out_dir(run, out)
+    run, out_dir = open_for_eval(target, out)
     recipe = continue_parent(load_recipe(run.recipe))
     if recipe.data.eval is None:
         raise UserError(f"{run.recipe}: data.eval is not set, so the run has no held-out data to evaluate on")
@@ -222,7 +220,7 @@ def evaluate_run(
     if against_base is not None:
         changes["compare_base"] = against_base
     recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update=changes)})
-    tokenizer = AutoTokenizer.from_pretrained(run.adapter)
+    tokenizer = saved_tokenizer(run.adapter)
     data = prepare_preference(recipe, tokenizer)
     model = load_for_eval(recipe, run.adapter, load_model(recipe, model_attention(recipe, this_machine())))
     comparison = compare_preference(recipe, model, tokenizer, data, REFERENCE_ADAPTER in model.peft_config)
