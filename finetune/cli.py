@@ -209,7 +209,8 @@ def _print_train_result(r: TrainResult) -> None:
         f"trained {r.steps} steps in {r.seconds:.0f}s, train loss {r.train_loss:.4f}; "
         f"{r.trainable_params:,} of {r.total_params:,} parameters trained ({share:.2%})"
     )
-    best = f" (best held-out loss at step {r.best_step})" if r.best_step else ""
+    what = "reward" if r.eval and r.eval.preference and r.eval.preference.method == "grpo" else "loss"
+    best = f" (best held-out {what} at step {r.best_step})" if r.best_step else ""
     console.print(f"adapter: {r.adapter_dir}{best}")
     if not r.eval:
         console.print("no held-out data (data.eval): nothing to compare against the base model")
@@ -256,11 +257,12 @@ def _comparison_table(summary: EvalSummary) -> Any:
 
 
 def _preference_table(summary: dict) -> Any:
-    """A preference run's held-out figures: base, reference (the parent run) and tuned side by side."""
+    """A DPO, KTO or GRPO run's held-out figures: base, reference (the parent run) and tuned side by side."""
     from rich.table import Table
 
     names = [n for n in ("base", "reference", "tuned") if summary.get(n)]
-    title = f"held-out: {summary['pairs']} {'pairs' if summary['method'] == 'dpo' else 'rows'}, {summary['examples']} prompts"
+    rows = {"dpo": f"{summary['pairs']} pairs, ", "kto": f"{summary['pairs']} rows, "}.get(summary["method"], "")
+    title = f"held-out: {rows}{summary['examples']} prompts"
     table = Table(
         title=title + (" (reference = base)" if summary.get("reference_is_base") else ""), title_justify="left"
     )
@@ -271,7 +273,7 @@ def _preference_table(summary: dict) -> Any:
         cells = [f"{summary[n]['metrics'][key]:.4f}" for n in names]
         label = key.rsplit(":", 1)[-1]  # a module:function metric by its function's name
         table.add_row(label, *cells, f"{tuned['metrics'][key] - reference['metrics'][key]:+.4f}")
-    for side in ("chosen", "rejected"):
+    for side in ("chosen", "rejected") if tuned.get("logps") else ():  # preference methods score both answers
         cells = [f"{summary[n]['logps'][side]:.3f}" for n in names]
         table.add_row(f"logp {side}", *cells, f"{tuned['logps'][side] - reference['logps'][side]:+.3f}")
     return table
@@ -425,6 +427,9 @@ def _print_data(result: Any, color: bool | None) -> None:
     if "paired" in result.stats:
         _print_preference_data(result)
         return
+    if "prompt_lengths" in result.stats:
+        _print_prompt_data(result)
+        return
 
     console = _console(markup=False, no_color=color is False, force_terminal=color or None)
     s = result.stats
@@ -490,6 +495,26 @@ def _print_preference_data(result: Any) -> None:
         console.print(f"  rejected: [bold red]{escape(repr(e['rejected']))}[/bold red]")
 
 
+def _print_prompt_data(result: Any) -> None:
+    """GRPO prompts: counts, token lengths, what was dropped, and examples with the reference the rewards get."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    console, s = _console(), result.stats
+    table = Table(title="prompts (grpo)", title_justify="left", show_header=False)
+    table.add_row("train / held-out prompts", f"{s['train_rows']} / {s['eval_rows']}")
+    for label, q in (("prompt", s["prompt_lengths"]), ("reference", s["reference_lengths"])):
+        table.add_row(f"{label} tokens p50 / p95 / max", f"{q['p50']} / {q['p95']} / {q['max']}")
+    table.add_row("longest prompt + max_completion_length", str(s["max_seq_length"]))
+    table.add_row("prompts dropped (over max_seq_length)", str(s["dropped"]))
+    table.add_row("duplicates train/held-out", str(s["duplicates_train_eval"]))
+    console.print(table)
+    for e in result.examples:
+        console.print(f"\n{e['where']}: prompt {e['tokens']} tokens")
+        console.print(f"[dim]{escape(e['prompt'])}[/dim]")
+        console.print(f"  reference: [bold green]{escape(repr(e['reference']))}[/bold green]")
+
+
 @app.command(name="eval")
 @handles_errors
 def eval_(
@@ -532,7 +557,7 @@ def eval_(
     from finetune.evaluate import evaluate
     from finetune.runs import method_of
 
-    if method_of(target) in ("dpo", "kto"):
+    if method_of(target) != "sft":
         from finetune.methods.preference_eval import evaluate_run as evaluate
     result = evaluate(target, against_base=None if against is None else against == "base", limit=limit, out=out)
     failures = gate(result.summary, requirements, fail_if_worse)

@@ -69,3 +69,15 @@ class LaunchError(Exception):
 class TrainingStopped(Exception):
     """A caller's `on_eval` hook stopped training early (a sweep pruning a hopeless trial): the run is
     marked `stopped`, not failed, and the caller decides what it means."""
+
+
+class RewardFailed(Exception):
+    """A reward function raised or returned something other than a finite number during training.
+
+    The trainer saves a checkpoint of the last completed step first (`checkpoint_step`, None when no
+    step was completed); `finetune train` then stops with exit code 3, resumable once the function is fixed.
+    """
+
+    def __init__(self, message: str, checkpoint_step: int | None = None):
+        super().__init__(message)
+        self.checkpoint_step = checkpoint_step

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune.data.formats import Sample
-from finetune.data.templates import IGNORE
+from finetune.data.templates import IGNORE, prompt_and_reference
 from finetune.errors import UserError
-from finetune.generation import generate, prompt_and_reference
+from finetune.generation import generate
 from finetune.recipe import GENERATION_METRICS, LOSS_METRICS
 from finetune.summary import EvalSummary, Scores
 

@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import StoppingCriteria
 
-from finetune.data.formats import Sample
-from finetune.data.templates import render
+from finetune.data.templates import encode, render
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -35,14 +34,6 @@ class Sampling:
         if self.temperature <= 0:
             return {"do_sample": False}
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
-
-
-def prompt_and_reference(tokenizer: PreTrainedTokenizerBase, sample: Sample) -> tuple[str, str]:
-    """The text the model is given (up to the generation prompt) and the answer expected after it."""
-    if sample.is_chat:
-        messages = sample.as_messages()
-        return render(tokenizer, messages[:-1], generation_prompt=True), messages[-1]["content"]
-    return sample.prompt, sample.completion
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
@@ -89,11 +80,6 @@ def generate(
     finally:
         tokenizer.padding_side = side
     return outputs
-
-
-def encode(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Prompt token ids as generate() sees them (the template already holds any special tokens)."""
-    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
 class Cancelled(StoppingCriteria):

@@ -155,6 +155,10 @@ def plan(recipe: Recipe, gpu: str | None = None, tflops: float | None = None, mf
     recipe = continue_parent(recipe)  # model.from_run: the parent's base and adapter settings
     peak, gpu_name = _peak(gpu, tflops, mfu)
     notes: list[str] = []
+    if recipe.train.method == "grpo":
+        notes.append("grpo: steps and tokens count num_generations completions per prompt at max_completion_length "
+                     "(an upper bound); the time counts training FLOPs only, and sampling the completions usually "
+                     "costs more than training on them")  # fmt: skip
     if recipe.train.method == "dpo":
         notes.append("dpo: each pair is two sequences (chosen, rejected), each also run through the frozen reference "
                      "(forward only, no activations kept); counted in activations, steps and time")  # fmt: skip
@@ -664,6 +668,8 @@ def _work(recipe: Recipe, packed: bool) -> Work:
     import datasets
 
     datasets.disable_progress_bars()
+    if recipe.train.method == "grpo":
+        return _prompt_work(recipe, tokenizer)
     if recipe.train.method != "sft":
         return _preference_work(recipe, tokenizer)
     prepared = prepare_data(recipe, tokenizer)
@@ -714,6 +720,20 @@ def _preference_work(recipe: Recipe, tokenizer: Any) -> Work:
         sides = [len(p) + len(c) for p, c in zip(train["prompt_ids"], train["completion_ids"], strict=True)]
         trained = sum(map(len, train["completion_ids"]))
     return _counted_work(recipe, stats, stats.train_rows, len(sides), sum(sides), trained)
+
+
+def _prompt_work(recipe: Recipe, tokenizer: Any) -> Work:
+    """GRPO: `num_generations` completions per prompt, each at most prompt + max_completion_length tokens (an upper
+    bound: completions that stop early are shorter); batch_size counts completions."""
+    from finetune.data.prompts import prepare_prompts
+
+    prepared = prepare_prompts(recipe, tokenizer)
+    stats, n, budget = prepared.stats, recipe.train.grpo.num_generations, recipe.train.grpo.max_completion_length
+    completions = stats.train_rows * n
+    tokens = n * sum(
+        len(ids) + budget for ids in tokenizer(list(prepared.train["prompt"]), add_special_tokens=False)["input_ids"]
+    )
+    return _counted_work(recipe, stats, completions, completions, tokens, completions * budget)
 
 
 def _tokenizer(recipe: Recipe) -> tuple[Any, str | None]:

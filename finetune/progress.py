@@ -67,6 +67,8 @@ class TrainProgress(TrainerCallback):
             f"eval_loss {logs['eval_loss']:.4f}" if "eval_loss" in logs else "",
             f"acc {logs['rewards/accuracies']:.2f}" if "rewards/accuracies" in logs else "",  # preference methods
             f"margin {logs['rewards/margins']:.3f}" if "rewards/margins" in logs else "",
+            f"reward {logs['reward']:.3f}" if "reward" in logs else "",  # GRPO: the mean of this step's groups
+            f"kl {logs['kl']:.4f}" if "kl" in logs else "",
         ]
         parts.append(f"{self.rate:,.0f} tok/s" if self.rate else "")
         info = "  ".join(p for p in parts if p)

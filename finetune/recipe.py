@@ -265,6 +265,8 @@ class DataSection(Section):
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")  # fmt: skip
 PREFERENCE_METHODS = ("dpo", "kto")
+OPTION_METHODS = (*PREFERENCE_METHODS, "grpo")  # methods with an options section of their own (train.<method>)
+GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
 
 
 class MethodOptions(Section):
@@ -330,18 +332,85 @@ class KtoOptions(MethodOptions):
     undesirable_weight: float = Field(1.0, gt=0, description="Weight of undesirable examples' losses.")
 
 
-METHOD_OPTIONS = (DpoOptions, KtoOptions)
+Reward = Annotated[str, Field(min_length=1), CallableRef(("prediction", "reference"))]
+
+
+class GrpoOptions(MethodOptions):
+    rewards: list[Reward] = Field(
+        min_length=1,
+        description="Reward functions, summed with `reward_weights`: a built-in generation metric "
+        f"({', '.join(GENERATION_METRICS)}) or `module:function(prediction, reference) -> float`, the same convention "
+        "as `eval.metrics` (found beside the recipe; `validate` imports it). The reference is the row's answer "
+        "(the last assistant turn, or `completion`); every reward is also scored on held-out data.",
+    )
+    reward_weights: list[float] | None = Field(
+        None, description="Weight of each reward (same length as `rewards`); default 1.0 each."
+    )
+    num_generations: int = Field(
+        8,
+        ge=2,
+        description="Completions sampled per prompt; advantages compare them within their group. "
+        "`train.batch_size` x `grad_accum` counts completions, so it must be a multiple of this.",
+    )
+    max_completion_length: int = Field(256, ge=1, description="Tokens generated per completion at most.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the completions (1.0: off).")
+    beta: float = Field(
+        0.0,
+        ge=0,
+        description="KL penalty towards the reference (the parent run's adapter, or the base): 0 loads no "
+        "reference and is TRL's default; 0.001-0.04 keeps the policy closer to where it started.",
+    )
+    loss_type: Literal[GRPO_LOSSES] = Field(  # type: ignore[valid-type]
+        "dapo",
+        description="TRL GRPOConfig loss: `dapo` (token-level, no length bias; TRL's default), `grpo`, `dr_grpo`, "
+        "`bnpo`, `cispo`, `sapo`.",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide advantages by the reward's standard deviation in the group, the batch, or not."
+    )
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Clipping range of the policy ratio.")
+    num_iterations: int = Field(1, ge=1, description="Optimisation passes over each batch of generated completions.")
+    mask_truncated_completions: bool = Field(
+        False, description="Leave completions cut at `max_completion_length` out of the loss (DAPO)."
+    )
+    use_vllm: bool = Field(
+        False,
+        description="Generate with vLLM inside the training process (TRL's colocate mode) instead of transformers' "
+        "generate with the KV cache: much faster on a CUDA GPU; needs `pip install vllm`.",
+    )
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> GrpoOptions:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise FieldRuleError(
+                "reward_weights", f"has {len(self.reward_weights)} weights for {len(self.rewards)} rewards"
+            )
+        for i, reward in enumerate(self.rewards):
+            if reward not in GENERATION_METRICS and ":" not in reward:
+                raise FieldRuleError(
+                    f"rewards[{i}]",
+                    f"unknown reward {reward!r}: use {', '.join(GENERATION_METRICS)} or module:function",
+                )
+        return self
+
+
+METHOD_OPTIONS = (DpoOptions, KtoOptions, GrpoOptions)
 
 
 class TrainSection(Section):
-    method: Literal["sft", "dpo", "kto"] = Field(
+    method: Literal["sft", "dpo", "kto", "grpo"] = Field(
         "sft",
         description="`sft`: supervised fine-tuning; `dpo`: Direct Preference Optimization on `preference` data; "
-        "`kto`: Kahneman-Tversky Optimization on `unpaired` or `preference` data. The preference methods usually "
-        "continue an SFT run (`model.from_run`), whose adapter is then also their frozen reference.",
+        "`kto`: Kahneman-Tversky Optimization on `unpaired` or `preference` data; `grpo`: reinforcement learning "
+        "from `train.grpo.rewards` on the prompts of any SFT format. These usually continue an SFT run "
+        "(`model.from_run`), whose adapter is then also their frozen reference.",
     )
     dpo: DpoOptions = Field(DpoOptions(), description="Options of `method: dpo` (TRL's DPOTrainer).")
     kto: KtoOptions = Field(KtoOptions(), description="Options of `method: kto` (TRL's KTOTrainer).")
+    grpo: GrpoOptions | None = Field(
+        None, description="Options of `method: grpo` (TRL's GRPOTrainer); required with it, for its `rewards`."
+    )
     epochs: float = Field(3, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps; overrides epochs.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -476,10 +545,12 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _method_fits(self) -> Recipe:
         method = self.train.method
-        for other in PREFERENCE_METHODS:
+        for other in OPTION_METHODS:
             if other != method and other in self.train.model_fields_set:
                 raise FieldRuleError(f"train.{other}", f"options of method {other}, but train.method is {method}")
         formats = {s.format for s in self.data.train}
+        if method == "grpo":
+            self._grpo_fits(formats)
         if method == "dpo" and formats != {"preference"}:
             raise FieldRuleError(
                 "train.method", f"dpo needs data in format preference, not {', '.join(sorted(formats))}"
@@ -493,6 +564,20 @@ class Recipe(Section):
         if method == "sft" and "unpaired" in formats:
             raise FieldRuleError("train.method", "sft cannot train on unpaired (KTO) data: use method kto")
         return self
+
+    def _grpo_fits(self, formats: set[str]) -> None:
+        t, o = self.train, self.train.grpo
+        if o is None:
+            raise FieldRuleError("train.grpo", "method grpo needs train.grpo.rewards: the functions it maximises")
+        if "unpaired" in formats:
+            raise FieldRuleError("train.method", "grpo reads prompts (and answers as references), not unpaired data")
+        completions = t.batch_size * t.grad_accum
+        if completions % o.num_generations:
+            raise FieldRuleError(
+                "train.batch_size",
+                f"batch_size x grad_accum ({completions}) counts completions with grpo and must be a multiple of "
+                f"train.grpo.num_generations ({o.num_generations}), so that every prompt's group is whole",
+            )
 
     @model_validator(mode="after")
     def _eval_needs_data(self) -> Recipe:
@@ -531,7 +616,7 @@ class Recipe(Section):
         exclude: dict[str, Any] = {"extends": True}
         if self.quantization.method not in ("nf4", "fp4"):
             exclude["quantization"] = set(FOUR_BIT_OPTIONS)
-        exclude["train"] = {m for m in PREFERENCE_METHODS if m != self.train.method}  # other methods' options
+        exclude["train"] = {m for m in OPTION_METHODS if m != self.train.method}  # other methods' options
         return self.model_dump(mode="json", exclude=exclude)
 
     def fingerprint(self) -> str:

@@ -51,6 +51,8 @@ def render(manifest: dict[str, Any], logs: list[dict[str, Any]], summary: EvalSu
                                                    "held-out": series(logs, "eval_rewards/margins")}))  # fmt: skip
         charts.append(line_chart("preference accuracy", {"train": series(logs, "rewards/accuracies"),
                                                          "held-out": series(logs, "eval_rewards/accuracies")}))  # fmt: skip
+    if any("reward" in r for r in logs):  # GRPO
+        charts += _reward_charts(logs)
     title = html.escape(f"finetune run {manifest.get('name', '')}")
     return f"""{page_head(title, RUN_CSS)}
 {_facts(manifest)}
@@ -60,6 +62,22 @@ def render(manifest: dict[str, Any], logs: list[dict[str, Any]], summary: EvalSu
 <div class="charts">{"".join(charts)}</div>
 </body></html>
 """
+
+
+def _reward_charts(logs: list[dict[str, Any]]) -> list[str]:
+    """GRPO: the reward (each function's mean, their weighted sum, held-out), its spread, KL and completion lengths."""
+    names = sorted({k.split("/")[1] for r in logs for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    rewards = {"reward (weighted sum)": series(logs, "reward"), "held-out": series(logs, "eval_reward")}
+    rewards |= {name: series(logs, f"rewards/{name}/mean") for name in names}
+    return [
+        line_chart("reward", rewards),
+        line_chart(
+            "reward spread", {"std": series(logs, "reward_std"), "equal groups": series(logs, "frac_reward_zero_std")}
+        ),
+        line_chart("KL to the reference", {"kl": series(logs, "kl")}),
+        line_chart("completion tokens", {"mean": series(logs, "completions/mean_length")}),
+        line_chart("completions cut at max length (share)", {"clipped": series(logs, "completions/clipped_ratio")}),
+    ]
 
 
 def _facts(m: dict[str, Any]) -> str:

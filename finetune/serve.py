@@ -40,8 +40,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from finetune.data.templates import encode
 from finetune.errors import UserError
-from finetune.generation import Sampling, chat_prompt, encode, stream
+from finetune.generation import Sampling, chat_prompt, stream
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

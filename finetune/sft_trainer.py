@@ -197,16 +197,19 @@ class MetricsJsonl(TrainerCallback):
 
 
 class BestAdapter(TrainerCallback):
-    """After each held-out evaluation, keep the adapter with the lowest held-out loss (via `save`)."""
+    """After each held-out evaluation, keep the adapter with the best `metric` (via `save`): the lowest held-out
+    loss by default, the highest held-out reward for GRPO. `best` is the value to beat (a resumed run's)."""
 
-    def __init__(self, save: Callable[[int, float], None], best_loss: float = math.inf) -> None:
-        self.save, self.best_loss = save, best_loss
+    def __init__(self, save: Callable[[int, float], None], best: float | None = None, metric: str = "eval_loss",
+                 higher: bool = False) -> None:  # fmt: skip
+        self.save, self.metric, self.higher = save, metric, higher
+        self.best = best if best is not None else (-math.inf if higher else math.inf)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        loss = (metrics or {}).get("eval_loss")
-        if loss is not None and loss < self.best_loss:
-            self.best_loss = loss
-            self.save(state.global_step, loss)
+        value = (metrics or {}).get(self.metric)
+        if value is not None and (value > self.best if self.higher else value < self.best):
+            self.best = value
+            self.save(state.global_step, value)
 
 
 class ReportEval(TrainerCallback):

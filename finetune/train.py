@@ -24,7 +24,15 @@ import yaml
 
 from finetune import methods
 from finetune.data import PreparedData, prepare_data
-from finetune.errors import LaunchError, RunDirError, TrainingInterrupted, TrainingStopped, UserError, WriteError
+from finetune.errors import (
+    LaunchError,
+    RewardFailed,
+    RunDirError,
+    TrainingInterrupted,
+    TrainingStopped,
+    UserError,
+    WriteError,
+)
 from finetune.evaluate import compare, write_comparison
 from finetune.harness import check as check_harness
 from finetune.lineage import check_same_weights, continue_parent, parent_record
@@ -365,14 +373,18 @@ def _train(
     model, targets, peft_config = method.policy(recipe, model) if method else (model, None, None)
     targets = targets or resolve_targets(recipe, model)
 
-    def save_best(step: int, loss: float) -> None:
-        manifest.update(best_step=step, best_eval_loss=loss)
+    metric, higher = getattr(method, "BEST", ("eval_loss", False))  # what "best held-out" means for the method
+    key = f"best_{metric}"
+
+    def save_best(step: int, value: float) -> None:
+        manifest.update(best_step=step, **{key: value})
         if main:
             _save_adapter(run, trainer.model, tokenizer)
 
-    best = BestAdapter(save_best, manifest.data.get("best_eval_loss") or math.inf)
+    best = BestAdapter(save_best, manifest.data.get(key), metric, higher)
     stop = StopOnSignal()
-    callbacks = [best, stop] + ([EvaluateAtEnd()] if data.eval is not None else [])
+    at_end = data.eval is not None and (metric == "eval_loss" or recipe.train.eval_every)  # GRPO's is generation
+    callbacks = [best, stop] + ([EvaluateAtEnd()] if at_end else [])
     callbacks += [ReportEval(on_eval)] if on_eval is not None else []
     trainer = _trainer(recipe, run, model, tokenizer, data, speed, machine, targets, callbacks, progress and main,
                        main, method, peft_config)  # fmt: skip
@@ -386,6 +398,10 @@ def _train(
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError as e:
         raise RuntimeError(_oom_advice(recipe, speed)) from e
+    except RewardFailed as e:
+        command = _command(recipe) or "finetune train RECIPE"
+        saved = f"checkpoint saved at step {e.checkpoint_step}" if e.checkpoint_step else "no step completed"
+        raise TrainingInterrupted(f"{e}; {saved}; fix the function, then: {redact_text(command)} --resume") from None
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise WriteError(

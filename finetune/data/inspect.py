@@ -25,7 +25,7 @@ class Example:
 class DataResult:
     stats: dict[str, Any]
     histogram: list[tuple[int, int, int]]  # (from, to, rows) of training row lengths, before truncation
-    examples: list[Example] | list[dict[str, Any]]  # dicts: preference pairs (prompt, chosen, rejected, tokens)
+    examples: list[Example] | list[dict[str, Any]]  # dicts: preference pairs, or GRPO prompts with references
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +47,11 @@ def inspect_data(recipe: Recipe, show: int = 3) -> DataResult:
     quiet_libraries()
     recipe = continue_parent(recipe)
     tokenizer = load_tokenizer(recipe)
+    if recipe.train.method == "grpo":
+        from finetune.data.prompts import prepare_prompts
+
+        prompts = prepare_prompts(recipe, tokenizer)
+        return DataResult(prompts.stats.to_dict(), [], prompts.examples[:show])  # type: ignore[arg-type]
     if recipe.train.method != "sft":
         from finetune.data.preference import prepare_preference
 

@@ -97,3 +97,16 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, batch: list[Segments]) -> list[
         ]
         out.append((list(ids), labels))
     return out
+
+
+def prompt_and_reference(tokenizer: PreTrainedTokenizerBase, sample: Sample) -> tuple[str, str]:
+    """The text the model is given (up to the generation prompt) and the answer expected after it."""
+    if sample.is_chat:
+        messages = sample.as_messages()
+        return render(tokenizer, messages[:-1], generation_prompt=True), messages[-1]["content"]
+    return sample.prompt, sample.completion
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Prompt token ids as generate() sees them (the template already holds any special tokens)."""
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -1,10 +1,11 @@
-"""Training methods other than SFT, each a module with the same five hooks that `finetune.train` calls:
+"""Training methods other than SFT, each a module with the same hooks that `finetune.train` calls:
 
     prepare(recipe, tokenizer) -> data                  tokenized train/held-out sets and their stats
     policy(recipe, model) -> (model, targets, peft_config)   a parent run's adapter, or a new one for TRL
     config(recipe, common_args, max_length) -> the TRL config (common_args: `train.training_arguments`)
     make_trainer(recipe, model, tokenizer, data, args, peft_config, callbacks) -> a TRL trainer with SafeTraining
-    evaluate(recipe, run, model, tokenizer, data) -> the eval summary written to eval/
+    compare(recipe, model, tokenizer, data, has_reference) -> held-out scores of tuned, reference and base
+    evaluate(recipe, run, model, tokenizer, data) -> the eval summary written to eval/ (compare, then write)
 
 SFT stays in `finetune.train` itself. The run directory, manifest, checkpoints, resume, signals,
 NaN stop and report are shared: a method only says what differs.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-MODULES = {"dpo": "preference", "kto": "preference"}
+MODULES = {"dpo": "preference", "kto": "preference", "grpo": "grpo"}
 
 
 def load(method: str) -> ModuleType:

@@ -14,9 +14,7 @@ from typing import TYPE_CHECKING, Any
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from finetune.data.preference import PreferenceData, prepare_preference
-from finetune.lineage import parent_of
-from finetune.methods.reference import REFERENCE_ADAPTER
-from finetune.modeling import lora_config, resolve_targets
+from finetune.methods.reference import REFERENCE_ADAPTER, policy
 from finetune.recipe import Recipe
 from finetune.sft_trainer import SafeTraining
 
@@ -29,17 +27,7 @@ def prepare(recipe: Recipe, tokenizer: Any) -> PreferenceData:
     return prepare_preference(recipe, tokenizer)
 
 
-def policy(recipe: Recipe, model: Any) -> tuple[Any, list[str], Any]:
-    """(model, LoRA target modules, peft_config for TRL or None): the parent's adapter, trainable, or a new one."""
-    parent = parent_of(recipe)
-    if parent is None:
-        targets = resolve_targets(recipe, model)
-        return model, targets, lora_config(recipe, targets)
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(model, parent.adapter, is_trainable=True)
-    targets = sorted(model.peft_config["default"].target_modules)
-    return model, targets, None
+__all__ = ["compare", "config", "evaluate", "make_trainer", "policy", "prepare"]  # the hooks finetune.train calls
 
 
 def config(recipe: Recipe, common: dict[str, Any], max_length: int) -> DPOConfig | KTOConfig:
@@ -96,13 +84,18 @@ def make_trainer(
     )
 
 
+def compare(recipe: Recipe, model: Any, tokenizer: Any, data: PreferenceData, has_reference: bool) -> Any:
+    from finetune.methods.preference_eval import compare_preference
+
+    return compare_preference(recipe, model, tokenizer, data, has_reference)
+
+
 def evaluate(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, data: PreferenceData) -> EvalSummary | None:
     """Held-out preference metrics and generation metrics for tuned, reference and base; written to eval/."""
-    from finetune.methods.preference_eval import compare_preference, write_preference_eval
+    from finetune.methods.preference_eval import write_preference_eval
 
     if not data.eval_rows:
         return None
-    comparison = compare_preference(
-        recipe, model, tokenizer, data, has_reference=REFERENCE_ADAPTER in model.peft_config
+    return write_preference_eval(
+        recipe, run, compare(recipe, model, tokenizer, data, REFERENCE_ADAPTER in model.peft_config)
     )
-    return write_preference_eval(recipe, run, comparison)

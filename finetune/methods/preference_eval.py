@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from finetune.data.templates import prompt_and_reference
 from finetune.errors import UserError
-from finetune.evaluate import ModelScores, metric_functions, prompt_and_reference, score
+from finetune.evaluate import ModelScores, metric_functions, score
 from finetune.summary import EvalSummary, Preference, Scores
 
 if TYPE_CHECKING:
@@ -50,7 +51,8 @@ class PreferenceComparison:
 
         def scores(name: str) -> Scores | None:
             s = self.scores.get(name)
-            return None if s is None else Scores(None, None, dict(s.metrics), dict(self.logps[name]))
+            logps = self.logps.get(name)
+            return None if s is None else Scores(None, None, dict(s.metrics), None if logps is None else dict(logps))
 
         reference = scores("reference")
         return EvalSummary(
@@ -126,7 +128,7 @@ def compare_preference(
 
     contexts = {
         "tuned": nullcontext,
-        "reference": (lambda: _adapter(model, REFERENCE_ADAPTER)) if has_reference else model.disable_adapter,
+        "reference": (lambda: adapter_context(model, REFERENCE_ADAPTER)) if has_reference else model.disable_adapter,
         "base": model.disable_adapter,
     }
     wanted = ["tuned", "reference"] + (["base"] if e.compare_base and has_reference else [])
@@ -148,7 +150,8 @@ def compare_preference(
                                 reference_is_base=not has_reference)  # fmt: skip
 
 
-def _adapter(model: Any, name: str) -> Any:
+def adapter_context(model: Any, name: str) -> Any:
+    """A context in which `model` runs with its adapter `name` (then the previous one again)."""
     from trl.trainer.utils import use_adapter
 
     return use_adapter(model, name)
@@ -197,12 +200,12 @@ def write_preference_eval(
 def evaluate_run(
     target: str | Path, against_base: bool | None = None, limit: int | None = None, out: str | Path | None = None
 ) -> EvalResult:
-    """`finetune eval` on a preference run: its adapter, its parent's as the reference, the base, on held-out data.
+    """`finetune eval` on a DPO, KTO or GRPO run: its adapter, its parent's as the reference, the base, on held-out data.
 
     Like `evaluate.evaluate`, it writes to `out` or eval/<UTC time>/ and leaves training's record as it was.
     """
 
-    from finetune.data.preference import prepare_preference
+    from finetune import methods
     from finetune.evaluate import EvalResult, open_for_eval, saved_tokenizer
     from finetune.lineage import continue_parent
     from finetune.loading import load_recipe
@@ -221,8 +224,9 @@ def evaluate_run(
         changes["compare_base"] = against_base
     recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update=changes)})
     tokenizer = saved_tokenizer(run.adapter)
-    data = prepare_preference(recipe, tokenizer)
+    method = methods.load(recipe.train.method)
+    data = method.prepare(recipe, tokenizer)
     model = load_for_eval(recipe, run.adapter, load_model(recipe, model_attention(recipe, this_machine())))
-    comparison = compare_preference(recipe, model, tokenizer, data, REFERENCE_ADAPTER in model.peft_config)
+    comparison = method.compare(recipe, model, tokenizer, data, REFERENCE_ADAPTER in model.peft_config)
     summary = write_preference_eval(recipe, run, comparison, out_dir)
     return EvalResult(str(run.root), summary, str(out_dir))

@@ -1,4 +1,5 @@
-"""The reference of a preference run: the parent's adapter, loaded beside the policy under TRL's name for it."""
+"""A continued run's parent adapter: trained further as the policy, and kept frozen beside it as the reference
+(under TRL's name for it) by the methods that use one (DPO, KTO, GRPO with beta > 0)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,28 @@ from pathlib import Path
 from typing import Any
 
 from finetune.lineage import parent_of
+from finetune.modeling import lora_config, resolve_targets
 from finetune.recipe import Recipe
 
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of a continued adapter
 
 
+def policy(recipe: Recipe, model: Any) -> tuple[Any, list[str], Any]:
+    """(model, LoRA target modules, peft_config for TRL or None): the parent's adapter, trainable, or a new one."""
+    parent = parent_of(recipe)
+    if parent is None:
+        targets = resolve_targets(recipe, model)
+        return model, targets, lora_config(recipe, targets)
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, parent.adapter, is_trainable=True)
+    targets = sorted(model.peft_config["default"].target_modules)
+    return model, targets, None
+
+
 def beta(recipe: Recipe) -> float:
-    """The method's beta: how far the implicit reward scales the log-probability ratio to the reference."""
-    return recipe.train.dpo.beta if recipe.train.method == "dpo" else recipe.train.kto.beta
+    """The method's beta: how strongly the policy is tied to the reference (the implicit reward's scale, or GRPO's KL)."""
+    return getattr(recipe.train, recipe.train.method).beta
 
 
 def load_for_eval(recipe: Recipe, adapter: Path, model: Any) -> Any:
