@@ -104,17 +104,26 @@ def validate(
     as_json: JsonOpt = False,
     show: Annotated[bool, typer.Option("--print", help="Print the fully resolved recipe.")] = False,
 ) -> None:
-    """Check recipes (schema, extends, overrides, local files) without touching a model or GPU.
+    """Check recipes and sweep files (schema, extends, overrides, local files) without touching a model or GPU.
 
     Example: finetune validate recipes/*.yaml --set lora.rank=32
     """
     from finetune.errors import RecipeError
     from finetune.loading import load_recipe
     from finetune.preflight import preflight
+    from finetune.sweep_file import is_sweep_file, load_sweep
 
     results = []
     for path in recipes:
         try:
+            if is_sweep_file(path):  # every combination of the sweep, validated as a recipe
+                if overrides:
+                    raise UserError(f"{path}: --set applies to recipes; a sweep file sets its keys under fixed:")
+                sweep = load_sweep(path)
+                preflight(sweep.base)
+                results.append({"path": str(path), "valid": True, "problems": [], "recipe": sweep.base.resolved(),
+                                "trials": _trials(sweep)})  # fmt: skip
+                continue
             recipe = load_recipe(path, overrides or [])
             preflight(recipe)
             results.append({"path": str(path), "valid": True, "problems": [], "recipe": recipe.resolved()})
@@ -130,12 +139,18 @@ def validate(
         raise typer.Exit(2)
 
 
+def _trials(sweep: Any) -> int:
+    points = len(sweep.points()) if sweep.spec.grid else sweep.spec.search.trials
+    return points * len(sweep.seeds)
+
+
 def _print_validation(results: list[dict], show: bool) -> None:
     from finetune.yaml_source import dump
 
     for r in results:
         if r["valid"]:
-            typer.echo(f"ok: {r['path']}")
+            trials = f" (sweep: {r['trials']} trials, each a valid recipe)" if "trials" in r else ""
+            typer.echo(f"ok: {r['path']}{trials}")
             if show:
                 typer.echo(dump(r["recipe"]))
         for p in r["problems"]:

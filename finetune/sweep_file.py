@@ -211,6 +211,17 @@ def _show(value: Any) -> str:
 # --- loading ---------------------------------------------------------------------------------
 
 
+def is_sweep_file(path: str | Path) -> bool:
+    """A sweep file names a recipe and what varies (`recipe:` with `grid:` or `search:`); anything else is a recipe."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False  # the recipe loader reports the file's problem with its location
+    return isinstance(doc, dict) and "recipe" in doc and bool({"grid", "search"} & doc.keys())
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file and every combination it makes; raise `RecipeError` with all problems."""
     path = Path(path).expanduser().resolve()

@@ -186,6 +186,9 @@ def test_an_invalid_combination_is_reported_with_its_line_and_values_before_trai
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr and ":5:30" in result.stderr
     assert not (tmp_path / "runs").exists()  # nothing trained, nothing created
+    validated = subprocess.run([sys.executable, "-m", "finetune.cli", "validate", str(path)], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert validated.returncode == 2 and "sweep.yaml:5:30 grid.quantization.method" in validated.stderr, validated
 
 
 def test_a_value_the_recipe_refuses_is_located_at_its_grid_item(tiny_model_dir, tmp_path):
@@ -235,7 +238,11 @@ def test_sweep_validation_imports_no_torch(tiny_model_dir, tmp_path):
 
 
 def test_the_shipped_rank_sweep_validates():
-    sweep = load_sweep(Path(__file__).parent.parent / "recipes" / "quickstart-rank-sweep.yaml")
+    path = Path(__file__).parent.parent / "recipes" / "quickstart-rank-sweep.yaml"
+    validated = subprocess.run([sys.executable, "-m", "finetune.cli", "validate", str(path)], capture_output=True,
+                               text=True, timeout=120)  # fmt: skip
+    assert validated.returncode == 0 and "(sweep: 7 trials, each a valid recipe)" in validated.stdout, validated
+    sweep = load_sweep(path)
     assert len(sweep.points()) == 7 and sweep.direction == "maximize" and sweep.pruner == "none"
     assert sweep.trial_name(sweep.points()[0]) == "rank-1"
 
