@@ -15,7 +15,8 @@ from typing import Any
 from finetune.runs import RunDir, read_summary, write_text_atomic
 from finetune.summary import EvalSummary
 
-COLORS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea")
+COLORS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4d7c0f", "#db2777")
+LEGEND_ROW, CHAR_WIDTH = 14, 6.6  # pixels: a legend row, and the width of a character at font-size 12
 
 
 def write_report(run: RunDir) -> Path:
@@ -144,7 +145,8 @@ def line_chart(title: str, lines: dict[str, list[tuple[float, float]]], width: i
     points = [p for pts in lines.values() for p in pts]
     if not points:
         return f'<svg width="{width}" height="{height}"><text x="10" y="20">{html.escape(title)}: no data</text></svg>'
-    frame = Frame(title, [p[0] for p in points], [p[1] for p in points], width, height)
+    names = [n for n, pts in lines.items() if pts]
+    frame = Frame(title, [p[0] for p in points], [p[1] for p in points], width, height, legend=names)
     parts = frame.axes()
     for i, (name, pts) in enumerate((n, p) for n, p in lines.items() if p):
         color = COLORS[i % len(COLORS)]
@@ -161,10 +163,13 @@ class Frame:
 
     def __init__(
         self, title: str, xs: list[float], ys: list[float], width: int = 420, height: int = 240,
-        log_x: bool = False, right: int = 12,
+        log_x: bool = False, right: int = 12, legend: list[str] | tuple[str, ...] = (),
     ) -> None:  # fmt: skip
         self.title, self.width, self.height, self.log_x = title, width, height, log_x
-        self.left, self.right, self.top, self.bottom = 56, right, 28, 28
+        self.left, self.right, self.bottom = 56, right, 28
+        self.slots = self._legend_slots(list(legend))
+        rows = 1 + max((y for _, y in self.slots), default=-1)
+        self.top = 28 + LEGEND_ROW * rows  # the legend sits between the title and the plot, never over a line
         xs = [self._x(x) for x in xs]
         self.x0, self.x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
         self.y0, self.y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
@@ -212,11 +217,21 @@ class Frame:
             ]
         return parts
 
+    def _legend_slots(self, names: list[str]) -> list[tuple[float, int]]:
+        """(x, row) of each legend entry, left to right in rows as wide as the chart."""
+        slots, x, row = [], float(self.left), 0
+        for name in names:
+            width = len(name) * CHAR_WIDTH
+            if x > self.left and x + width > self.width - 4:
+                x, row = float(self.left), row + 1
+            slots.append((x, row))
+            x += width + 14
+        return slots
+
     def legend(self, i: int, name: str, color: str) -> str:
-        return (
-            f'<text x="{self.width - self.right}" y="{16 + 14 * i}" text-anchor="end" fill="{color}" '
-            f'font-size="12">{html.escape(name)}</text>'
-        )
+        """Entry `i` of the legend given to the frame (its slot above the plot)."""
+        x, row = self.slots[i] if i < len(self.slots) else (self.left, 0)
+        return f'<text x="{x:.1f}" y="{30 + LEGEND_ROW * row}" fill="{color}" font-size="12">{html.escape(name)}</text>'
 
     def svg(self, parts: list[str]) -> str:
         body = "".join(parts)

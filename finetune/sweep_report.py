@@ -46,7 +46,13 @@ def _groups(trials: list[dict[str, Any]], keys: list[str], key: str) -> list[tup
     def label(t: dict) -> str:
         return json.dumps([t["values"].get(k) for k in others])
 
-    done.sort(key=label)
+    def order(t: dict) -> list[tuple[int, Any]]:  # numbers by value (rank 2 before 16), anything else by its text
+        values = [t["values"].get(k) for k in others]
+        return [
+            (0, v) if isinstance(v, int | float) and not isinstance(v, bool) else (1, json.dumps(v)) for v in values
+        ]
+
+    done.sort(key=order)
     return [(dict(zip(others, json.loads(g), strict=True)), list(rows)) for g, rows in groupby(done, key=label)]
 
 
@@ -125,9 +131,12 @@ def _rank_chart(data: dict[str, Any], figure: str, title: str) -> str:
         return _empty(title)
     ys = [m + s * (std or 0) for _, m, std in points for s in (-1, 1)]
     ranks = sorted({p[0] for p in points})
-    frame = Frame(title, ranks, ys, width=520, height=280, log_x=True, right=64)
-    parts = frame.axes([(r, str(r)) for r in ranks])
     params = _params_line(trials, groups)
+    names = [_group_label(g) or figure for g, _ in lines] + (
+        ["trainable params (right axis, dashed)"] if params else []
+    )
+    frame = Frame(title, ranks, ys, width=520, height=280, log_x=True, right=64, legend=names)
+    parts = frame.axes([(r, str(r)) for r in ranks])
     if params:
         p0, p1 = min(v for _, v in params), max(v for _, v in params)
         p1 = p1 if p1 > p0 else p0 + 1
@@ -165,8 +174,10 @@ def _knee_marks(frame: Frame, data: dict[str, Any], group: dict[str, Any], color
                 f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{frame.top}" y2="{frame.height - frame.bottom}" stroke="{color}" stroke-dasharray="2,3"/>'
             )
             parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="none" stroke="{color}" stroke-width="2"/>')
+            left = x > (frame.left + frame.width - frame.right) / 2  # the label extends away from the chart's edge
+            anchor, tx = ("end", x - 4) if left else ("start", x + 4)
             parts.append(
-                f'<text x="{x + 4:.1f}" y="{frame.height - frame.bottom - 4}" font-size="11" fill="{color}">r={k["rank"]}: doubling stops paying</text>'
+                f'<text x="{tx:.1f}" y="{frame.height - frame.bottom - 4}" text-anchor="{anchor}" font-size="11" fill="{color}">r={k["rank"]}: doubling stops paying</text>'
             )
     return parts
 
@@ -204,7 +215,9 @@ def _key_chart(trials: list[dict], keys: list[str], key: str, metric: str) -> st
     xs = [position(x) for x in raw] if numeric or len(categories) > 1 else [-0.5, 0.5]
     if not numeric:
         xs = [-0.5, len(categories) - 0.5]
-    frame = Frame(title, xs, ys, width=520, height=280, log_x=log_x)
+    frame = Frame(
+        title, xs, ys, width=520, height=280, log_x=log_x, legend=[_group_label(g) or metric for g, _ in lines]
+    )
     ticks = sorted({position(x) for x in raw})
     labels = [(t, f"{t:g}" if numeric else _category(categories[int(t)])) for t in ticks]
     parts = frame.axes(labels if len(labels) <= 12 else None)
