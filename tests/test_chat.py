@@ -83,3 +83,20 @@ def test_a_merged_directory_chats_like_the_run(serving_runs, tmp_path):
     assert [a["tuned"] for a in json.loads(result.stdout)["answers"]] == [row["tuned"] for row in examples]
     refused = runner.invoke(app, ["chat", merged, "--base", "-p", "hi"])
     assert refused.exit_code == 2 and "no adapter to disable" in refused.output
+
+
+def test_a_qlora_run_chats_on_its_4bit_base_as_eval_predicted(tmp_path):
+    """A QLoRA run: chat loads the base in NF4 as training and eval did, and answers as eval predicted."""
+    import serving
+
+    run = serving._train(serving.QUICKSTART, [f"output_dir={tmp_path / 'nf4'}", "quantization.method=nf4",
+                                              "train.max_steps=8", "data.eval.0.limit=3", "eval.compare_base=false",
+                                              "eval.max_new_tokens=12"])  # fmt: skip
+    rows = [json.loads(line) for line in (run / "eval" / "examples.jsonl").read_text().splitlines()]
+    prompts = [json.loads(line)["messages"][0]["content"] for line in
+               (serving.ROOT / "assets" / "quickstart" / "data" / "eval.jsonl").read_text().splitlines()[:3]]  # fmt: skip
+    args = ["chat", str(run), "--json", "--max-new-tokens", "12", *[a for p in prompts for a in ("--prompt", p)]]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    answers = json.loads(result.stdout)["answers"]
+    assert [a["tuned"] for a in answers] == [row["tuned"] for row in rows]
