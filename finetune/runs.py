@@ -560,10 +560,11 @@ def open_run(run_dir: str | Path) -> Run:
         )
     if state not in (None, "completed"):
         notes.append(f"the run's manifest says {state!r}, not 'completed'; its saved adapter is used as it is")
-    if manifest.get("parent"):  # a preference run continued its parent's adapter: one adapter holds both updates
+    if manifest.get("parent"):  # a DPO/KTO/GRPO run continued its parent's adapter: one adapter holds both updates
+        stage = recipe.train.method.upper()
         notes.append(
             f"this run continued {manifest['parent']['name']} ({manifest['parent']['path']}): its adapter started as "
-            "that run's and holds both updates, so the merged model is base + SFT + preference in one"
+            f"that run's and holds both updates, so the merged model is base + {manifest['parent']['name']} + {stage} in one"
         )
     config, tensors = check_adapter(run.adapter)
     base = recipe.model.base

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import finetune, write_recipe
+from helpers import write_recipe
 
 from finetune.errors import UserError
 from finetune.evaluate import contains, exact_match, json_valid, metric_functions, regex
@@ -108,10 +108,16 @@ def test_best_adapter_keeps_the_lowest_held_out_loss_even_when_not_last():
 
 
 @pytest.mark.slow
-def test_eval_on_a_run_reproduces_the_training_summary_and_gates(tiny_model_dir, tmp_path):
+def test_eval_on_a_run_reproduces_the_training_summary_and_gates(tiny_model_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    monkeypatch.chdir(tmp_path)  # in-process: the CLI as a user runs it, without a Python start-up per command
+    runner = CliRunner()
     recipe = write_recipe(tmp_path, tiny_model_dir())
     recipe.write_text(recipe.read_text().replace("logging_every: 1", "logging_every: 1\n  eval_every: 3"))
-    assert finetune("train", str(recipe), cwd=tmp_path).returncode == 0
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
     run = tmp_path / "runs" / "tiny"
     manifest = json.loads((run / "manifest.json").read_text())
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -120,8 +126,8 @@ def test_eval_on_a_run_reproduces_the_training_summary_and_gates(tiny_model_dir,
     trained = json.loads((run / "eval" / "summary.json").read_text())
     record = {name: (run / "eval" / name).read_bytes() for name in ("summary.json", "examples.jsonl")}
 
-    result = finetune("eval", str(run), "--json", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = runner.invoke(app, ["eval", str(run), "--json"])
+    assert result.exit_code == 0, result.stderr[-2000:]
     again = json.loads(result.stdout)
     assert {name: (run / "eval" / name).read_bytes() for name in record} == record  # training's record is kept
     assert Path(again["out_dir"]).parent == run / "eval"  # eval/<UTC time>/
@@ -133,18 +139,18 @@ def test_eval_on_a_run_reproduces_the_training_summary_and_gates(tiny_model_dir,
     rows = [json.loads(line) for line in (run / "eval" / "examples.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and {"prompt", "reference", "tuned", "base", "tuned_scores", "base_scores"} <= set(rows[0])
 
-    gated = finetune("eval", str(recipe), "--require", "exact_match>=1.01", "--require", "loss<=100", cwd=tmp_path)
-    assert gated.returncode == 1 and "gate failed: exact_match" in gated.stderr
+    gated = runner.invoke(app, ["eval", str(recipe), "--require", "exact_match>=1.01", "--require", "loss<=100"])
+    assert gated.exit_code == 1 and "gate failed: exact_match" in gated.stderr
     assert "gate failed: loss" not in gated.stderr, "a loss under its maximum passes"
     out = tmp_path / "first-3"
-    limited_run = finetune("eval", str(recipe), "--require", "exact_match>=1.01", "--limit", "3", "--against", "none",
-                           "--out", str(out), cwd=tmp_path)  # fmt: skip
-    assert limited_run.returncode == 1 and "gate failed: exact_match" in limited_run.stderr
+    limited_run = runner.invoke(app, ["eval", str(recipe), "--require", "exact_match>=1.01", "--limit", "3",
+                                      "--against", "none", "--out", str(out)])  # fmt: skip
+    assert limited_run.exit_code == 1 and "gate failed: exact_match" in limited_run.stderr
     limited = json.loads((out / "summary.json").read_text())
     assert limited["examples"] == 3 and len((out / "examples.jsonl").read_text().splitlines()) == 3
     assert limited["tuned"]["loss"] != pytest.approx(again["tuned"]["loss"], abs=1e-6)  # --limit applies to the loss
-    assert finetune("eval", str(run), "--out", str(out), cwd=tmp_path).returncode == 2  # never overwritten
-    assert finetune("eval", str(tmp_path / "nope"), cwd=tmp_path).returncode == 2
+    assert runner.invoke(app, ["eval", str(run), "--out", str(out)]).exit_code == 2  # never overwritten
+    assert runner.invoke(app, ["eval", str(tmp_path / "nope")]).exit_code == 2
 
 
 def test_eval_and_merge_describe_a_missing_run_directory_the_same_way(tmp_path):
