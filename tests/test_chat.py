@@ -86,7 +86,8 @@ def test_a_merged_directory_chats_like_the_run(serving_runs, tmp_path):
 
 
 def test_a_qlora_run_chats_on_its_4bit_base_as_eval_predicted(tmp_path):
-    """A QLoRA run: chat loads the base in NF4 as training and eval did, and answers as eval predicted."""
+    """The quickstart as QLoRA: it trains in NF4, and chat loads the base in NF4 as training and eval did and
+    answers as eval predicted."""
     import serving
 
     run = serving._train(serving.QUICKSTART, [f"output_dir={tmp_path / 'nf4'}", "quantization.method=nf4",
@@ -100,3 +101,4 @@ def test_a_qlora_run_chats_on_its_4bit_base_as_eval_predicted(tmp_path):
     assert result.exit_code == 0, result.output
     answers = json.loads(result.stdout)["answers"]
     assert [a["tuned"] for a in answers] == [row["tuned"] for row in rows]
+    assert "method: nf4" in (run / "recipe.yaml").read_text() and len((run / "metrics.jsonl").read_text()) > 0

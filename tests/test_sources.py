@@ -253,26 +253,27 @@ def test_an_unreadable_file_is_named(tmp_path, monkeypatch):
         sources.fingerprint(DataSource(path=str(path)))
 
 
-def test_finetune_data_answers_a_latin1_line_and_a_bom(tmp_path, tiny_tokenizer_dir):
-    """Through the CLI: exit 2 naming file and line; with skip, counted by reason; the BOM line read.
+def test_finetune_data_answers_a_latin1_line_and_a_bom(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """Through the CLI (in-process): exit 2 naming file and line; with skip, counted by reason; the BOM line read.
     (The empty file's answer is the same DataError, checked in-process above.)"""
-    import os
     import shutil
-    import subprocess
-    import sys
+
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
 
     shutil.copytree(tiny_tokenizer_dir, tmp_path / "tok")
     data = tmp_path / "train.jsonl"
     data.write_bytes(b"\xef\xbb\xbf" + jsonl(ROWS[:2]).encode() + latin1_line() + b"\r\n" + jsonl(ROWS[2:]).encode())
     (tmp_path / "r.yaml").write_text("name: t\nmodel: {base: tok}\ndata:\n  train: [{path: train.jsonl}]\n")
+    monkeypatch.chdir(tmp_path)
 
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "finetune.cli", "data", "r.yaml", "--show", "0", *args],
-                              cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    def run(*args: str):
+        return CliRunner().invoke(app, ["data", "r.yaml", "--show", "0", *args])
 
     refused = run()
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.exit_code == 2 and "Traceback" not in refused.stderr
     assert "error: train.jsonl:3: not UTF-8 text: byte 0xe9" in refused.stderr
     skipped = run("--set", "data.on_bad_row=skip")
-    assert skipped.returncode == 0, skipped.stderr
+    assert skipped.exit_code == 0, skipped.stderr
     assert "3 rows (1 skipped: 1 not_utf8)" in skipped.stdout  # the BOM line 1 is a row like the others
