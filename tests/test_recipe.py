@@ -630,11 +630,11 @@ def test_shipped_folders_exist():
 @pytest.mark.parametrize("path", SHIPPED_RECIPES, ids=_rel)
 def test_shipped_recipe_validates(path: Path, monkeypatch):
     """Recipes, and sweep files (a `recipe:` key names the recipe they vary), which `finetune sweep` reads."""
-    from finetune.sweep_file import load_sweep
+    from finetune.sweep_file import is_sweep_file, load_sweep
 
     monkeypatch.chdir(ROOT)
     try:
-        load_sweep(path) if "recipe" in (yaml_source.load_file(path).data or {}) else load_recipe(path)
+        load_sweep(path) if is_sweep_file(path) else load_recipe(path)
     except RecipeError as e:
         pytest.fail(f"{_rel(path)} does not validate:\n{e}")
 
