@@ -235,7 +235,10 @@ class Frame:
 
     def svg(self, parts: list[str]) -> str:
         body = "".join(parts)
-        return f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.width}" height="{self.height}" role="img">{body}</svg>'
+        return (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.width}" height="{self.height}" role="img" '
+            f'font-family="system-ui, sans-serif">{body}</svg>'
+        )
 
 
 def _tick(y: float) -> str:
