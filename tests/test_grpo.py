@@ -231,3 +231,17 @@ def test_grpo_options_are_validated_with_their_reasons(tmp_path, parent):  # noq
         load_recipe(recipe, ["train.grpo.rewards=[bleu, exact_match]"])
     with pytest.raises(RecipeError, match=r"train.grpo: options of method grpo, but train.method is sft"):
         load_recipe(recipe, ["train.method=sft"])
+
+
+def test_grpo_from_the_base_trains_a_new_adapter_whose_reference_is_the_base(tmp_path, tiny_model_dir):
+    from finetune.train import train
+
+    recipe = grpo_recipe(tmp_path, tmp_path, name="from-base")
+    text = recipe.read_text().replace(f"model: {{from_run: {tmp_path}}}", f"model: {{base: {tiny_model_dir()}}}")
+    recipe.write_text(text + "lora: {rank: 4, alpha: 8}\n")
+    result = train(load_recipe(recipe, ["train.max_steps=2", "train.save_every=null"]), progress=False)
+    summary = json.loads((Path(result.run_dir) / "eval" / "summary.json").read_text())
+    assert summary["reference_is_base"] and summary["reference"] == summary["base"]
+    manifest = json.loads((Path(result.run_dir) / "manifest.json").read_text())
+    assert manifest["parent"] is None and manifest["lora"]["trainable_params"] > 0
+    assert len(logs(Path(result.run_dir))) == 2
