@@ -245,3 +245,12 @@ def test_grpo_from_the_base_trains_a_new_adapter_whose_reference_is_the_base(tmp
     manifest = json.loads((Path(result.run_dir) / "manifest.json").read_text())
     assert manifest["parent"] is None and manifest["lora"]["trainable_params"] > 0
     assert len(logs(Path(result.run_dir))) == 2
+
+
+def test_vllm_generation_without_a_gpu_is_refused_plainly(tmp_path, parent):  # noqa: F811
+    from finetune.errors import UserError
+    from finetune.methods import grpo
+
+    recipe = load_recipe(grpo_recipe(tmp_path, parent), ["train.grpo.use_vllm=true"])
+    with pytest.raises(UserError, match=r"train.grpo.use_vllm: true needs a CUDA GPU"):
+        grpo.config(recipe, {"output_dir": str(tmp_path), "use_cpu": True}, 64)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from trl import GRPOConfig, GRPOTrainer
 
 from finetune.data.prompts import PromptData, prepare_prompts
-from finetune.errors import RewardFailed
+from finetune.errors import RewardFailed, UserError
 from finetune.methods.reference import REFERENCE_ADAPTER, policy
 from finetune.methods.rewards import Reward
 from finetune.recipe import Recipe
@@ -45,6 +45,8 @@ def prepare(recipe: Recipe, tokenizer: Any) -> PromptData:
 def config(recipe: Recipe, common: dict[str, Any], max_length: int) -> GRPOConfig:
     """TRL's GRPOConfig: the shared training arguments plus the method's own options."""
     o = recipe.train.grpo
+    if o.use_vllm:
+        _check_vllm()
     groups = max(1, recipe.train.batch_size // o.num_generations)
     return GRPOConfig(
         **{**common, "per_device_eval_batch_size": groups * o.num_generations},  # whole groups in held-out batches
@@ -64,6 +66,19 @@ def config(recipe: Recipe, common: dict[str, Any], max_length: int) -> GRPOConfi
         disable_dropout=True,
         log_completions=False,
     )
+
+
+def _check_vllm() -> None:
+    """train.grpo.use_vllm: said plainly before the model is wrapped, rather than as TRL's import error mid-setup."""
+    import importlib.util
+
+    from finetune.machine import this_machine
+
+    missing = [why for why, ok in (("a CUDA GPU", this_machine().cuda),
+                                   ("vLLM (pip install vllm)", importlib.util.find_spec("vllm") is not None)) if not ok]  # fmt: skip
+    if missing:
+        raise UserError(f"train.grpo.use_vllm: true needs {' and '.join(missing)}; set it to false to generate with "
+                        "transformers (the KV cache)")  # fmt: skip
 
 
 class FinetuneGRPOTrainer(SafeTraining, GRPOTrainer):
