@@ -241,10 +241,10 @@ def test_the_shipped_rank_sweep_validates():
     path = Path(__file__).parent.parent / "recipes" / "quickstart-rank-sweep.yaml"
     validated = subprocess.run([sys.executable, "-m", "finetune.cli", "validate", str(path)], capture_output=True,
                                text=True, timeout=120)  # fmt: skip
-    assert validated.returncode == 0 and "(sweep: 7 trials, each a valid recipe)" in validated.stdout, validated
+    assert validated.returncode == 0 and "(sweep: 14 trials, each a valid recipe)" in validated.stdout, validated
     sweep = load_sweep(path)
-    assert len(sweep.points()) == 7 and sweep.direction == "maximize" and sweep.pruner == "none"
-    assert sweep.trial_name(sweep.points()[0]) == "rank-1"
+    assert len(sweep.points()) == 14 and sweep.direction == "maximize" and sweep.pruner == "none"
+    assert sweep.trial_name(sweep.points()[0]) == "rank-1_targets-all-linear"
 
 
 def _trial(rank: int, metric: float, std: float | None = None, targets: str = "all-linear") -> dict:
