@@ -5,7 +5,7 @@ scores them with the recipe's rewards, and pushes the policy towards the complet
 their group's mean. Continuing a run (`model.from_run`), the parent's adapter is the policy's start
 and, with beta > 0, its frozen reference (TRL copies it into a "ref" adapter); from the base, a fresh
 adapter is trained and the reference is the base. The prompts are the text `eval` renders, tokenized
-the same way, so the rewards seen in training and the held-out rewards score the same decoding setup.
+the same way, so training samples answers to exactly the prompts that `eval`, `chat` and `serve` give.
 """
 
 from __future__ import annotations
@@ -25,15 +25,8 @@ if TYPE_CHECKING:
     from finetune.runs import RunDir
     from finetune.summary import EvalSummary
 
-__all__ = [
-    "BEST",
-    "compare",
-    "config",
-    "evaluate",
-    "make_trainer",
-    "policy",
-    "prepare",
-]  # the hooks finetune.train calls
+# the hooks finetune.train calls
+__all__ = ["BEST", "compare", "config", "evaluate", "make_trainer", "policy", "prepare"]
 
 BEST = ("eval_reward", True)  # in-training evaluation keeps the adapter with the highest held-out reward
 

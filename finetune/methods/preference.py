@@ -27,7 +27,8 @@ def prepare(recipe: Recipe, tokenizer: Any) -> PreferenceData:
     return prepare_preference(recipe, tokenizer)
 
 
-__all__ = ["compare", "config", "evaluate", "make_trainer", "policy", "prepare"]  # the hooks finetune.train calls
+# the hooks finetune.train calls
+__all__ = ["compare", "config", "evaluate", "make_trainer", "policy", "prepare"]
 
 
 def config(recipe: Recipe, common: dict[str, Any], max_length: int) -> DPOConfig | KTOConfig:
