@@ -30,6 +30,7 @@ from finetune.recipe import (
     DpoOptions,
     EvalSection,
     EvalSplit,
+    GrpoOptions,
     KtoOptions,
     LoraSection,
     ModelSection,
@@ -498,10 +499,10 @@ SECTIONS = {
     DataSection,
     DataSource,
     EvalSplit,
-    KtoOptions,
     TrainSection,
     DpoOptions,
     KtoOptions,
+    GrpoOptions,
     EvalSection,
 }
 
