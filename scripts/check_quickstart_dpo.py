@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from example_checks import eval_and_merge, finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUNDS = {  # (model, metric, lower, upper)
@@ -31,16 +30,6 @@ BOUNDS = {  # (model, metric, lower, upper)
     "tuned ' | ' share": ("tuned", "quickstart_style:preferred_style", 0.8, 1.0),
     "tuned task exact match": ("tuned", "quickstart_style:task_exact_match", 0.9, 1.0),
 }
-
-
-def finetune(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}  # the metrics are found beside the recipe
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "finetune.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True)  # fmt: skip
-    if done.returncode != 0:
-        sys.exit(f"finetune {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return done, time.perf_counter() - started
 
 
 def main() -> None:
@@ -71,15 +60,7 @@ def main() -> None:
     if seconds > 180:
         misses.append(f"the DPO stage took {seconds:.0f} s, over 180 s (was the machine loaded?)")
     run = work / "runs" / "quickstart-dpo"
-    evaluated, _ = finetune("eval", str(run), "--json", "--require", "preference_accuracy>=0.9", cwd=work)
-    again = json.loads(evaluated.stdout)
-    if again["tuned"]["metrics"] != summary["tuned"]["metrics"]:
-        misses.append("finetune eval disagrees with the end-of-training evaluation")
-    merged, _ = finetune("merge", str(run), "--json", cwd=work)
-    check = json.loads(merged.stdout)["check"]
-    print(f"merge: passed {check['passed']}, max |logit diff| {check['max_abs_diff']:.2e}")
-    if not check["passed"]:
-        misses.append("the merged model failed its logits check")
+    misses += eval_and_merge(run, work, "preference_accuracy>=0.9")
     if misses:
         sys.exit("\n".join(misses))
     print(f"all figures within bounds; runs in {work}")

@@ -17,26 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from example_checks import eval_and_merge, finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 MARGIN = 0.6  # of the summed reward (0-2): at least +0.3 on each 0-1 reward on average
 STYLE, TASK = "quickstart_style:preferred_style", "quickstart_style:task_exact_match"
-
-
-def finetune(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "finetune.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True)  # fmt: skip
-    if done.returncode not in (0, 1) or (done.returncode == 1 and args[0] != "eval"):
-        sys.exit(f"finetune {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return done, time.perf_counter() - started
 
 
 def curve(run: Path) -> str:
@@ -87,17 +76,7 @@ def main() -> None:
         if seconds > 360:
             misses.append(f"seed {seed}: the GRPO stage took {seconds:.0f} s, over 360 s (was the machine loaded?)")
     run = work / "runs" / f"quickstart-grpo-{args.seeds.split(',')[0]}"
-    evaluated, _ = finetune("eval", str(run), "--json", "--require", "reward>=1.5", cwd=work)
-    again = json.loads(evaluated.stdout)
-    if again["tuned"]["metrics"] != json.loads((run / "eval" / "summary.json").read_text())["tuned"]["metrics"]:
-        misses.append("finetune eval disagrees with the end-of-training evaluation")
-    if again["gate_failures"]:
-        misses.append(f"finetune eval gate: {again['gate_failures']}")
-    merged, _ = finetune("merge", str(run), "--json", cwd=work)
-    check = json.loads(merged.stdout)["check"]
-    print(f"merge: passed {check['passed']}, max |logit diff| {check['max_abs_diff']:.2e}")
-    if not check["passed"]:
-        misses.append("the merged model failed its logits check")
+    misses += eval_and_merge(run, work, "reward>=1.5")
     if misses:
         sys.exit("\n".join(misses))
     print(f"all figures within bounds; runs in {work}")
