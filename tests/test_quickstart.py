@@ -21,7 +21,7 @@ def finetune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_quickstart_tunes_the_model_far_past_its_base_and_eval_agrees(tmp_path):
+def test_quickstart_tunes_the_model_far_past_its_base_and_eval_agrees(tmp_path, monkeypatch):
     trained = finetune("train", str(RECIPE), "--json", cwd=tmp_path)  # from another directory than the repo's
     assert trained.returncode == 0, trained.stderr[-3000:]
     summary = json.loads(trained.stdout)["eval"]
@@ -31,8 +31,13 @@ def test_quickstart_tunes_the_model_far_past_its_base_and_eval_agrees(tmp_path):
     assert tuned["loss"] < base["loss"]
 
     run = tmp_path / "runs" / "quickstart"
-    evaluated = finetune("eval", str(run), "--json", "--require", "exact_match>=0.8", cwd=tmp_path)
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    monkeypatch.chdir(tmp_path)  # eval in-process: training above ran as a new user runs it
+    evaluated = CliRunner().invoke(app, ["eval", str(run), "--json", "--require", "exact_match>=0.8"])
+    assert evaluated.exit_code == 0, evaluated.output[-3000:]
     again = json.loads(evaluated.stdout)
     assert again["tuned"]["metrics"]["exact_match"] == tuned["metrics"]["exact_match"]
     assert again["base"]["metrics"]["exact_match"] == base["metrics"]["exact_match"]
