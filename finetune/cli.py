@@ -122,7 +122,7 @@ def validate(
                 sweep = load_sweep(path)
                 preflight(sweep.base)
                 results.append({"path": str(path), "valid": True, "problems": [], "recipe": sweep.base.resolved(),
-                                "trials": _trials(sweep)})  # fmt: skip
+                                "trials": sweep.trial_count})  # fmt: skip
                 continue
             recipe = load_recipe(path, overrides or [])
             preflight(recipe)
@@ -137,11 +137,6 @@ def validate(
         _print_validation(results, show)
     if not ok:
         raise typer.Exit(2)
-
-
-def _trials(sweep: Any) -> int:
-    points = len(sweep.points()) if sweep.spec.grid else sweep.spec.search.trials
-    return points * len(sweep.seeds)
 
 
 def _print_validation(results: list[dict], show: bool) -> None:

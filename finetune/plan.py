@@ -727,12 +727,10 @@ def _prompt_work(recipe: Recipe, tokenizer: Any) -> Work:
     bound: completions that stop early are shorter); batch_size counts completions."""
     from finetune.data.prompts import prepare_prompts
 
-    prepared = prepare_prompts(recipe, tokenizer)
-    stats, n, budget = prepared.stats, recipe.train.grpo.num_generations, recipe.train.grpo.max_completion_length
+    stats = prepare_prompts(recipe, tokenizer).stats
+    n, budget = recipe.train.grpo.num_generations, recipe.train.grpo.max_completion_length
     completions = stats.train_rows * n
-    tokens = n * sum(
-        len(ids) + budget for ids in tokenizer(list(prepared.train["prompt"]), add_special_tokens=False)["input_ids"]
-    )
+    tokens = n * (stats.prompt_tokens + stats.train_rows * budget)
     return _counted_work(recipe, stats, completions, completions, tokens, completions * budget)
 
 

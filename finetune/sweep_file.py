@@ -163,6 +163,11 @@ class Sweep:
         method = self.spec.pruning.method
         return ("median" if self.spec.search else "none") if method == "auto" else method
 
+    @property
+    def trial_count(self) -> int:
+        """Trials the sweep runs: every grid point (or the search's trials) once per seed."""
+        return (len(self.points()) if self.spec.grid else self.spec.search.trials) * len(self.seeds)
+
     def points(self) -> list[dict[str, Any]]:
         """Every point of the grid, in the file's order (empty for a search)."""
         grid = self.spec.grid or {}

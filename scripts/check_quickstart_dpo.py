@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
-from example_checks import eval_and_merge, finetune
+from example_checks import completed, eval_and_merge, finetune, workdir
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUNDS = {  # (model, metric, lower, upper)
@@ -37,11 +36,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--reuse-sft", action="store_true")
     args = parser.parse_args()
-    work = (args.workdir or Path(tempfile.mkdtemp(prefix="quickstart-dpo-"))).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    sft_manifest = work / "runs" / "quickstart" / "manifest.json"
-    reuse = args.reuse_sft and sft_manifest.is_file() and json.loads(sft_manifest.read_text())["status"] == "completed"
-    if not reuse:
+    work = workdir(args.workdir, "quickstart-dpo-")
+    if not (args.reuse_sft and completed(work, "quickstart")):
         _, seconds = finetune("train", str(ROOT / "recipes" / "quickstart.yaml"), "--overwrite", cwd=work)
         print(f"sft: {seconds:.0f} s")
     trained, seconds = finetune("train", str(ROOT / "recipes" / "quickstart-dpo.yaml"), "--overwrite", "--json",

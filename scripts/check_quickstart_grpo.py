@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
-from example_checks import eval_and_merge, finetune
+from example_checks import completed, eval_and_merge, finetune, workdir
 
 ROOT = Path(__file__).resolve().parent.parent
 MARGIN = 0.6  # of the summed reward (0-2): at least +0.3 on each 0-1 reward on average
@@ -43,11 +42,8 @@ def main() -> None:
     parser.add_argument("--reuse-parent", action="store_true")
     parser.add_argument("--seeds", default="42")
     args = parser.parse_args()
-    work = (args.workdir or Path(tempfile.mkdtemp(prefix="quickstart-grpo-"))).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    manifest = work / "runs" / "quickstart-two-styles" / "manifest.json"
-    reuse = args.reuse_parent and manifest.is_file() and json.loads(manifest.read_text())["status"] == "completed"
-    if not reuse:
+    work = workdir(args.workdir, "quickstart-grpo-")
+    if not (args.reuse_parent and completed(work, "quickstart-two-styles")):
         _, seconds = finetune("train", str(ROOT / "recipes" / "quickstart-two-styles.yaml"), "--overwrite", cwd=work)
         print(f"parent (SFT, two styles): {seconds:.0f} s")
     misses = []

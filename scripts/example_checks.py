@@ -7,8 +7,22 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+
+def workdir(given: Path | None, prefix: str) -> Path:
+    """The directory the check's runs go in: the one given, or a new temporary one."""
+    work = (given or Path(tempfile.mkdtemp(prefix=prefix))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def completed(work: Path, run: str) -> bool:
+    """Whether WORK/runs/RUN finished, so that a rerun may reuse it as the parent."""
+    manifest = work / "runs" / run / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text())["status"] == "completed"
 
 
 def finetune(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:

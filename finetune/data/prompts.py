@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from finetune.data.formats import Sample
-from finetune.data.prepare import SourceStats, _round_up, percentile, split
+from finetune.data.prepare import DataStats, SourceStats, _round_up, percentile, split
 from finetune.data.templates import apply_chat_template, encode, prompt_and_reference
 from finetune.errors import DataError
 from finetune.recipe import Recipe
@@ -31,6 +31,7 @@ class PromptStats:
     max_seq_length: int = 0  # prompt tokens at most + train.grpo.max_completion_length
     dropped: int = 0  # prompts longer than data.max_seq_length allows: never cut (a cut prompt asks another question)
     truncated: int = 0  # always 0, for the same reason
+    prompt_tokens: int = 0  # all training prompts together, once each
     prompt_lengths: dict[str, int] = field(default_factory=dict)  # p50/p95/max tokens of the training prompts
     reference_lengths: dict[str, int] = field(default_factory=dict)
     suggested_max_seq_length: int = 0
@@ -54,8 +55,6 @@ def prepare_prompts(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Promp
     """Validate, split and render the recipe's data as prompts with references; count what is dropped."""
     from datasets import Dataset
 
-    from finetune.data.prepare import DataStats
-
     apply_chat_template(tokenizer, recipe.data.chat_template)
     counted = DataStats()
     train, held_out = split(recipe, counted)
@@ -70,6 +69,7 @@ def prepare_prompts(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Promp
     stats.train_rows, stats.eval_rows = len(train_rows), len(eval_rows)
     lengths = sorted(r["tokens"] for r in train_rows)
     references = sorted(len(encode(tokenizer, r["reference"])) for r in train_rows)
+    stats.prompt_tokens = sum(lengths)
     stats.prompt_lengths = _percentiles(lengths)
     stats.reference_lengths = _percentiles(references)
     stats.max_seq_length = lengths[-1] + budget
