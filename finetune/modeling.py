@@ -140,6 +140,22 @@ def load_model(recipe: Recipe, attention: str, quantized: bool = True) -> PreTra
     return model
 
 
+def prepare_quantized(recipe: Recipe, model: PreTrainedModel, checkpointing: bool) -> PreTrainedModel:
+    """Ready a quantized base for training, the same way `finetune plan` lays it out.
+
+    int8: PEFT's prepare_model_for_kbit_training (every parameter that is not quantized in float32, as
+    LLM.int8() training expects). 4-bit: nothing; the embeddings, head and norms stay in `model.dtype`, as
+    the plain TRL script leaves them: half the memory of float32 (2.1 GB on Llama-3.1-8B) and measured no
+    worse on held-out loss (README, "QLoRA: the parameters that are not quantized"). A recipe that wants
+    them in float32 says `model.dtype: float32` with `quantization.compute_dtype: bfloat16`.
+    """
+    if recipe.quantization.method != "int8":
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+
+
 def weight_files(recipe: Recipe, model: torch.nn.Module) -> dict[str, Any]:
     """Provenance of the loaded weights: the hub commit they came from and the sha256 of each file.
 

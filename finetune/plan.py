@@ -2,7 +2,7 @@
 
 Reads top to bottom: check the arguments, read the model's config.json, build the model on
 the meta device (shapes, no storage), lay out its dtypes as training will (bitsandbytes
-quantization, PEFT's prepare_model_for_kbit_training, TRL's adapter cast), attach the
+quantization, modeling.prepare_quantized, TRL's adapter cast), attach the
 recipe's adapter with PEFT itself (exact parameter counts), then estimate memory per
 component, the work from the local data (tokenizer only), and the time on a named GPU.
 
@@ -357,8 +357,8 @@ def _layout(recipe: Recipe, model: PreTrainedModel) -> _Layout:
     tied = output is not None and embedding is not None and output.weight is embedding.weight
     output_weight = output.weight if output is not None else None
     matmul = base - (embedding.weight.numel() if embedding is not None and not tied else 0)
-    if method != "none":
-        # PEFT's prepare_model_for_kbit_training: every 16-bit parameter that is not quantized goes to fp32
+    if method == "int8":
+        # modeling.prepare_quantized: on int8, every 16-bit parameter that is not quantized goes to fp32
         for p in base_params.values():
             if id(p) not in quantized and p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.to(torch.float32)
@@ -468,7 +468,7 @@ def _memory(
     optimizer = sum(_optimizer_bytes(shape, dtype, optimizer_name) for _, shape, dtype in layout.trainable)
     with_ckpt = without_ckpt = None
     if seq_length is not None and shapes.complete():
-        with_ckpt, without_ckpt = _activations(recipe, layout, shapes, e, seq_length, attention)
+        with_ckpt, without_ckpt = _activations(recipe, layout, shapes, e, _size(weights_dtype), seq_length, attention)
     checkpointing = recipe.train.gradient_checkpointing  # `auto`: the figures without, `fits` allows for it
     activations = with_ckpt if checkpointing is True else without_ckpt
     if activations is not None and recipe.train.method == "dpo":
@@ -607,13 +607,13 @@ def _optimizer_bytes(shape: torch.Size, dtype: torch.dtype, optimizer: str) -> i
     raise ValueError(f"no memory rule for optimizer {optimizer!r}")
 
 
-def _activations(recipe: Recipe, layout: _Layout, s: _Shapes, e: int, seq: int, attn: str) -> tuple[int, int]:
+def _activations(recipe: Recipe, layout: _Layout, s: _Shapes, e: int, w: int, seq: int, attn: str) -> tuple[int, int]:
     """Bytes alive at the peak of the backward pass, with and without gradient checkpointing.
 
-    `e` is the compute dtype's size; `r` the residual stream's: 4 on a quantized base, whose
-    embeddings and norms prepare_model_for_kbit_training keeps in fp32 (so the MLP runs in fp32
-    between the 4-bit matmuls), else `e`. Per token and decoder layer: the two RMSNorm inputs in
-    fp32 (2 * 4h); rotated q, k, v and the attention output (e * (2q + 2kv); kv at the full head
+    `e` is the compute dtype's size; `w` the weights'; `r` the residual stream's, the dtype the
+    embeddings and norms are held in (the MLP's outputs between the quantized matmuls have it too):
+    4 on an int8 base (modeling.prepare_quantized keeps them in fp32), else `w`. Per token and
+    decoder layer: the two RMSNorm inputs in fp32 (2 * 4h); rotated q, k, v and the attention output (e * (2q + 2kv); kv at the full head
     count, as transformers repeats it for SDPA and eager, at the kv heads for flash attention)
     and the log-sum-exp (4 * heads); the MLP's gate, up and activation (3 * r * i); eager
     attention adds its probabilities ((4 + e) * heads * s). Per adapted linear: its input as the
@@ -626,7 +626,7 @@ def _activations(recipe: Recipe, layout: _Layout, s: _Shapes, e: int, seq: int, 
     and a trained head's fp32 gradient (4 * V * h). Checkpointing keeps each layer's input
     (r * h) and recomputes one layer at a time.
     """
-    r = 4 if recipe.quantization.method != "none" else e
+    r = 4 if recipe.quantization.method == "int8" else w
     h, q = s.hidden, s.heads * s.head_dim
     kv_heads = s.kv_heads if attn.startswith("flash") else s.heads
     kv = kv_heads * s.head_dim

@@ -145,7 +145,8 @@ class ModelSection(Section):
 class QuantizationSection(Section):
     method: Literal["none", "nf4", "fp4", "int8"] = Field(
         "none",
-        description="bitsandbytes quantization of the frozen base: `nf4`/`fp4` (4-bit, QLoRA), `int8`, or `none`.",
+        description="bitsandbytes quantization of the frozen base: `nf4`/`fp4` (4-bit, QLoRA), `int8`, or `none`. "
+        "The parameters left unquantized (embeddings, head, norms) stay in `model.dtype` on 4-bit, float32 on int8.",
     )
     double_quant: bool = Field(
         True, description="Also quantize the 4-bit quantization constants (saves ~0.4 bit/param). 4-bit only."

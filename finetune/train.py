@@ -42,6 +42,7 @@ from finetune.modeling import (
     load_model,
     load_tokenizer,
     lora_config,
+    prepare_quantized,
     quiet_libraries,
     resolve_targets,
     tied_output_note,
@@ -366,10 +367,7 @@ def _train(
         check_same_weights(manifest.data.get("parent"), manifest.data["base_model"])
     if main and (note := tied_output_note(recipe, model)):
         warnings.warn(note, stacklevel=2)
-    if recipe.quantization.method != "none":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=speed.gradient_checkpointing)
+    model = prepare_quantized(recipe, model, speed.gradient_checkpointing)
     model, targets, peft_config = method.policy(recipe, model) if method else (model, None, None)
     targets = targets or resolve_targets(recipe, model)
 

@@ -95,15 +95,20 @@ def test_counts_equal_peft_on_the_real_model(family, variant, tiny_model_dir, tm
 
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_quantized_counts_and_weight_bytes_equal_bitsandbytes(method, tiny_model_dir, tmp_path):
-    """On the CPU backend: PEFT's counts and the bytes bitsandbytes really stores for the base."""
+    """On the CPU backend: PEFT's counts and the bytes bitsandbytes really stores for the base, laid out as
+    `finetune train` prepares it (nf4: embeddings and norms in bf16; int8: in fp32)."""
     import bitsandbytes as bnb
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    import torch
+    from peft import get_peft_model
 
-    from finetune.modeling import load_model, lora_config, resolve_targets
+    from finetune.modeling import load_model, lora_config, prepare_quantized, resolve_targets
 
-    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir("qwen2")), [f"quantization.method={method}"])
+    sets = [f"quantization.method={method}", "model.dtype=bfloat16"]
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir("qwen2")), sets)
     result = plan(recipe)
-    model = prepare_model_for_kbit_training(load_model(recipe, "sdpa"), use_gradient_checkpointing=False)
+    model = prepare_quantized(recipe, load_model(recipe, "sdpa"), checkpointing=False)
+    kept = model.get_input_embeddings().weight.dtype
+    assert kept == (torch.float32 if method == "int8" else torch.bfloat16)
     stored = 0
     for module in model.modules():
         stored += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
@@ -166,14 +171,14 @@ def test_bf16_lora_memory_terms():
 
 
 def test_qlora_memory_terms():
-    """NF4: adapter in bf16 (TRL's cast), 8-bit paged AdamW ~2.03 B/param, embeddings and head in fp32."""
+    """NF4: adapter in bf16 (TRL's cast), 8-bit paged AdamW ~2.03 B/param, embeddings and head in bf16."""
     result = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml")
     trainable = result.params.trainable
     assert term(result, "adapter weights") == 2 * trainable
     assert 2.0 * trainable < term(result, "optimizer state") < 2.04 * trainable
-    not_quantized = 2 * 128256 * 4096 + 65 * 4096  # embeddings, head, norms, in fp32
+    not_quantized = 2 * 128256 * 4096 + 65 * 4096  # embeddings, head, norms, in bf16
     quantized = result.params.base - not_quantized
-    assert term(result, "base weights") == pytest.approx(4 * not_quantized + 0.5159 * quantized, rel=1e-3)
+    assert term(result, "base weights") == pytest.approx(2 * not_quantized + 0.5159 * quantized, rel=1e-3)
     dora = planned("llama-3.1-8b", "llama-3.1-8b-qlora.yaml", "lora.variant=dora")
     magnitudes = dora.params.trainable - trainable
     assert term(dora, "adapter weights") == 2 * trainable + 4 * magnitudes  # DoRA magnitudes stay fp32
