@@ -1,6 +1,6 @@
 """Quality gate for every speed default that changes what the model sees or how it is optimised.
 
-    python scripts/quality_gate.py                         # 3 tasks x 3 seeds x every variant (~30-40 min, 2 cores)
+    python scripts/quality_gate.py --jobs 2 --json gate.json --markdown gate.md   # 3 tasks x 3 seeds x 2 variants
     python scripts/quality_gate.py --tasks quickstart --seeds 0 --steps 50 --json gate.json   # a smoke run
 
 Each variant is trained with `finetune train` on the same task, seed and steps as the same-settings run
@@ -39,6 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "assets/quickstart"
 VARIANTS = {"same-settings": ["data.group_by_length=false"], "grouped": ["data.group_by_length=true"]}
 TASKS = ("varied", "uniform", "quickstart")  # the most telling first
+# Steps per task: the quickstart recipe's own 750 (4 epochs: where it learns its task) on the short-row tasks;
+# the varied task's rows cost ~4x more a step and a 4M model does not reach exact match on it in any
+# affordable number of steps, so its held-out loss decides, at 200.
+STEPS = {"quickstart": 750, "uniform": 750, "varied": 200}
 EXACT_MATCH_POINTS = 0.01  # pass rule: mean exact match within 1 point of the same-settings mean
 LOSS_SHARE = 0.02  # and mean held-out loss within 2%
 
@@ -132,15 +136,16 @@ def verdict(runs: dict[str, list[dict]]) -> dict:
     return out
 
 
-def markdown(results: dict, steps: int, seeds: list[int]) -> str:
-    lines = [f"{steps} steps of 16 rows, seeds {', '.join(map(str, seeds))}; mean (min-max) over seeds; "
+def markdown(results: dict, steps: dict[str, int], seeds: list[int]) -> str:
+    lines = [f"batches of 16 rows, seeds {', '.join(map(str, seeds))}; mean (min-max) over seeds; "
              "pass: exact match within 1 point and held-out loss within 2% of same-settings", "",
-             "| task | variant | exact match | held-out loss | vs same settings | passes |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "| task | steps | variant | exact match | held-out loss | vs same settings | passes |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for task, table in results.items():
         for variant, s in table.items():
             em, loss = s["exact_match"], s["loss"]
             gap = "" if variant == "same-settings" else f"{s['exact_match_gap']:+.3f} EM, {s['loss_gap']:+.1%} loss"
-            lines.append(f"| {task} | {variant} | {em['mean']:.3f} ({em['min']:.2f}-{em['max']:.2f}) | "
+            lines.append(f"| {task} | {steps[task]} | {variant} | {em['mean']:.3f} ({em['min']:.2f}-{em['max']:.2f}) | "
                          f"{loss['mean']:.4f} ({loss['min']:.4f}-{loss['max']:.4f}) | {gap} | "
                          f"{'yes' if s['passes'] else '**no**'} |")  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -151,30 +156,31 @@ def main() -> int:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--variants", default=",".join(VARIANTS), help="same-settings is always included")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each on cpu_count/jobs threads")
+    parser.add_argument("--steps", type=int, help=f"the same for every task (default: per task, {STEPS})")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each on (usable cores)/jobs threads")
     parser.add_argument("--json", type=Path, help="also write every run and the verdicts here")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = ["same-settings", *(v for v in args.variants.split(",") if v != "same-settings")]
-    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    threads = str(max(1, len(os.sched_getaffinity(0)) // args.jobs))  # the cores this process may use
+    steps = {task: args.steps or STEPS[task] for task in args.tasks.split(",")}
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         tasks = {task: build_task(task, Path(tmp)) for task in args.tasks.split(",")}
 
         def one(task: str, variant: str, seed: int) -> dict:
             with tempfile.TemporaryDirectory(dir=tmp) as run_tmp:
-                result = train_once(tasks[task], variant, seed, args.steps, Path(run_tmp), threads)
+                result = train_once(tasks[task], variant, seed, steps[task], Path(run_tmp), threads)
             print(f"{task:10} {variant:14} seed {seed}: {result}", file=sys.stderr, flush=True)
             return {"seed": seed, **result}
 
         futures = {(t, v, s): pool.submit(one, t, v, s) for t in tasks for s in seeds for v in variants}
         runs = {t: {v: [futures[t, v, s].result() for s in seeds] for v in variants} for t in tasks}
     results = {task: verdict(by_variant) for task, by_variant in runs.items()}
-    table = markdown(results, args.steps, seeds)
+    table = markdown(results, steps, seeds)
     print(table)
     if args.json:
-        args.json.write_text(json.dumps({"steps": args.steps, "seeds": seeds, "runs": runs, "verdict": results},
+        args.json.write_text(json.dumps({"steps": steps, "seeds": seeds, "runs": runs, "verdict": results},
                                         indent=2))  # fmt: skip
     if args.markdown:
         args.markdown.write_text(table)
