@@ -23,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 
 from finetune.runs import no_room_names
+from finetune.summary import EvalPoint
 
 STAGING = ".staging"
 
@@ -213,15 +214,16 @@ class BestAdapter(TrainerCallback):
 
 
 class ReportEval(TrainerCallback):
-    """Hands each held-out loss to a caller's hook (`train(on_eval=...)`), which may raise to stop the run."""
+    """Hands each held-out evaluation to a caller's hook (`train(on_eval=...)`), which may raise to stop the run:
+    the figure the method ranks adapters by (`BestAdapter`'s), not always the loss (GRPO's is its reward)."""
 
-    def __init__(self, hook: Callable[[int, float], None]) -> None:
-        self.hook = hook
+    def __init__(self, hook: Callable[[EvalPoint], None], metric: str = "eval_loss", higher: bool = False) -> None:
+        self.hook, self.metric, self.higher = hook, metric, higher
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        loss = (metrics or {}).get("eval_loss")
-        if loss is not None:
-            self.hook(state.global_step, float(loss))
+        value = (metrics or {}).get(self.metric)
+        if value is not None:
+            self.hook(EvalPoint(state.global_step, self.metric.removeprefix("eval_"), float(value), self.higher))
 
 
 class EvaluateAtEnd(TrainerCallback):

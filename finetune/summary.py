@@ -23,6 +23,16 @@ def lower_is_better(metric: str) -> bool:
     return metric in LOWER_IS_BETTER
 
 
+@dataclass(frozen=True)
+class EvalPoint:
+    """One held-out evaluation inside training: the figure the method ranks adapters by, and its direction."""
+
+    step: int
+    metric: str  # "loss", or "reward" for GRPO
+    value: float
+    higher_is_better: bool
+
+
 @dataclass
 class Scores:
     """One model's held-out figures."""

@@ -24,6 +24,7 @@ from typing import Any
 
 from finetune.errors import RunDirError, TrainingInterrupted, TrainingStopped, UserError
 from finetune.runs import RunDir, now, write_json_atomic, write_text_atomic
+from finetune.summary import EvalPoint
 from finetune.sweep_file import Sweep
 
 JOURNAL = "optuna.journal"
@@ -247,19 +248,23 @@ def _run_trial(s: Sweep, study: Any, trial: Any, progress: bool) -> str | None:
 
 
 def _reporter(trial: Any, s: Sweep) -> Any:
-    """The hook `train()` calls at each eval step: report the held-out loss, raise if the pruner says stop.
+    """The hook `train()` calls at each eval step: report the held-out figure, raise if the pruner says stop.
 
-    Pruners compare values in the study's direction; for a metric to maximize the loss is negated.
-    A NaN loss is reported as it is: Optuna's median pruner prunes it.
+    The figure is the one the method ranks adapters by (the loss; GRPO's reward), and Optuna's pruners
+    compare values in the study's direction, so a figure whose direction differs from the study's is
+    negated. A NaN is reported as it is: Optuna's median pruner prunes it.
     """
-    sign = 1.0 if s.direction == "minimize" else -1.0
+    maximize = s.direction == "maximize"
 
-    def on_eval(step: int, loss: float) -> None:
+    def on_eval(point: EvalPoint) -> None:
+        value = point.value if point.higher_is_better == maximize else -point.value
         with warnings.catch_warnings():  # a continued trial reports its steps before the checkpoint again
             warnings.simplefilter("ignore")
-            trial.report(sign * loss, step)
+            trial.report(value, point.step)
         if trial.should_prune():
-            raise TrainingStopped(f"pruned at step {step}: held-out loss {loss:.4f} is worse than the median")
+            raise TrainingStopped(
+                f"pruned at step {point.step}: held-out {point.metric} {point.value:.4f} is worse than the median"
+            )
 
     return on_eval
 

@@ -63,7 +63,7 @@ from finetune.runs import (
 )
 from finetune.secrets import redact_text
 from finetune.speed import Speed, decide_checkpointing, decide_liger, decide_packing, model_attention, needs_peak
-from finetune.summary import EvalSummary
+from finetune.summary import EvalPoint, EvalSummary
 
 LAUNCHED = "FINETUNE_LAUNCHED"  # set in the processes `train.distributed` launches
 
@@ -95,12 +95,13 @@ def train(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
-    on_eval: Callable[[int, float], None] | None = None,
+    on_eval: Callable[[EvalPoint], None] | None = None,
 ) -> TrainResult:
     """Train the recipe's adapter into its run directory; `resume` continues from the newest checkpoint.
 
-    `on_eval(step, held_out_loss)` is called after each held-out evaluation; raising `TrainingStopped`
-    from it ends the run as `stopped` (a sweep prunes hopeless trials this way).
+    `on_eval(point)` is called after each held-out evaluation with the figure the method ranks adapters
+    by (the loss; GRPO's reward); raising `TrainingStopped` from it ends the run as `stopped` (a sweep
+    prunes hopeless trials this way).
 
     Under `accelerate launch` or `torchrun` every process runs this; all check, only the main
     process writes the run directory, manifest, metrics and report. With `train.distributed`
@@ -124,7 +125,7 @@ def train(
 
 
 def _train_run(
-    recipe: Recipe, overwrite: bool, resume: bool, progress: bool, on_eval: Callable[[int, float], None] | None
+    recipe: Recipe, overwrite: bool, resume: bool, progress: bool, on_eval: Callable[[EvalPoint], None] | None
 ) -> TrainResult:
     state = process_state()
     run = RunDir(recipe.run_dir)
@@ -338,7 +339,7 @@ def _train(
     manifest: Manifest,
     checkpoint: Path | None,
     progress: bool,
-    on_eval: Callable[[int, float], None] | None,
+    on_eval: Callable[[EvalPoint], None] | None,
 ) -> TrainResult:
     import torch
     import transformers
@@ -383,7 +384,7 @@ def _train(
     stop = StopOnSignal()
     at_end = data.eval is not None and (metric == "eval_loss" or recipe.train.eval_every)  # GRPO's is generation
     callbacks = [best, stop] + ([EvaluateAtEnd()] if at_end else [])
-    callbacks += [ReportEval(on_eval)] if on_eval is not None else []
+    callbacks += [ReportEval(on_eval, metric, higher)] if on_eval is not None else []
     trainer = _trainer(recipe, run, model, tokenizer, data, speed, machine, targets, callbacks, progress and main,
                        main, method, peft_config)  # fmt: skip
     trainable, total = trainer.model.get_nb_trainable_parameters()

@@ -107,6 +107,23 @@ def test_best_adapter_keeps_the_lowest_held_out_loss_even_when_not_last():
     assert saved == [(10, 3.0), (20, 2.0)]
 
 
+def test_in_training_evaluation_reports_the_figure_the_method_ranks_by():
+    """A GRPO evaluation also has an `eval_loss` (its policy loss, no measure of quality): a sweep must prune on
+    the reward, in its direction, and on the loss for every other method."""
+    from finetune.sft_trainer import ReportEval
+    from finetune.summary import EvalPoint
+
+    points = []
+
+    class State:
+        global_step = 7
+
+    metrics = {"eval_loss": 0.01, "eval_reward": 1.72}
+    ReportEval(points.append, "eval_reward", higher=True).on_evaluate(None, State, None, metrics=metrics)
+    ReportEval(points.append).on_evaluate(None, State, None, metrics=metrics)
+    assert points == [EvalPoint(7, "reward", 1.72, True), EvalPoint(7, "loss", 0.01, False)]
+
+
 @pytest.mark.slow
 def test_eval_on_a_run_reproduces_the_training_summary_and_gates(tiny_model_dir, tmp_path, monkeypatch):
     from typer.testing import CliRunner

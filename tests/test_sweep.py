@@ -137,6 +137,38 @@ def test_two_workers_on_one_storage_run_disjoint_trials_and_complete_the_study(t
     assert all("resumes" not in m for m in manifests(sweep_dir).values())
 
 
+@pytest.mark.parametrize(
+    ("direction", "metric", "higher", "reported"),
+    [
+        ("minimize", "loss", False, 2.0),
+        ("maximize", "loss", False, -2.0),
+        ("maximize", "reward", True, 2.0),
+        ("minimize", "reward", True, -2.0),
+    ],
+)
+def test_pruning_compares_the_held_out_figure_in_the_studys_direction(direction, metric, higher, reported):
+    from types import SimpleNamespace
+
+    from finetune.errors import TrainingStopped
+    from finetune.summary import EvalPoint
+    from finetune.sweep import _reporter
+
+    class Trial:
+        def __init__(self):
+            self.reports = []
+
+        def report(self, value, step):
+            self.reports.append((value, step))
+
+        def should_prune(self):
+            return True
+
+    trial = Trial()
+    with pytest.raises(TrainingStopped, match=f"step 5: held-out {metric} 2.0000 is worse than the median"):
+        _reporter(trial, SimpleNamespace(direction=direction))(EvalPoint(5, metric, 2.0, higher))
+    assert trial.reports == [(reported, 5)]
+
+
 @pytest.mark.slow
 def test_a_search_with_pruning_stops_a_diverging_learning_rate_early(tiny_model_dir, tmp_path, monkeypatch):
     from finetune.sweep import sweep
