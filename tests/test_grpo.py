@@ -247,10 +247,14 @@ def test_grpo_from_the_base_trains_a_new_adapter_whose_reference_is_the_base(tmp
     assert len(logs(Path(result.run_dir))) == 2
 
 
-def test_vllm_generation_without_a_gpu_is_refused_plainly(tmp_path, parent):  # noqa: F811
+def test_vllm_generation_without_a_gpu_is_refused_before_any_weight_is_read(tmp_path, parent, monkeypatch):  # noqa: F811
+    from finetune import train as stage
     from finetune.errors import UserError
-    from finetune.methods import grpo
 
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before use_vllm was checked")
+
+    monkeypatch.setattr(stage, "load_model", no_load)
     recipe = load_recipe(grpo_recipe(tmp_path, parent), ["train.grpo.use_vllm=true"])
     with pytest.raises(UserError, match=r"train.grpo.use_vllm: true needs a CUDA GPU"):
-        grpo.config(recipe, {"output_dir": str(tmp_path), "use_cpu": True}, 64)
+        stage.train(recipe, progress=False)

@@ -32,14 +32,15 @@ BEST = ("eval_reward", True)  # in-training evaluation keeps the adapter with th
 
 
 def prepare(recipe: Recipe, tokenizer: Any) -> PromptData:
+    """The prompts; first, what the method needs of the machine, before any weight is read."""
+    if recipe.train.grpo.use_vllm:
+        _check_vllm()
     return prepare_prompts(recipe, tokenizer)
 
 
 def config(recipe: Recipe, common: dict[str, Any], max_length: int) -> GRPOConfig:
     """TRL's GRPOConfig: the shared training arguments plus the method's own options."""
     o = recipe.train.grpo
-    if o.use_vllm:
-        _check_vllm()
     groups = max(1, recipe.train.batch_size // o.num_generations)
     return GRPOConfig(
         **{**common, "per_device_eval_batch_size": groups * o.num_generations},  # whole groups in held-out batches
@@ -62,7 +63,7 @@ def config(recipe: Recipe, common: dict[str, Any], max_length: int) -> GRPOConfi
 
 
 def _check_vllm() -> None:
-    """train.grpo.use_vllm: said plainly before the model is wrapped, rather than as TRL's import error mid-setup."""
+    """train.grpo.use_vllm: said plainly before the model is loaded, rather than as TRL's import error mid-setup."""
     import importlib.util
 
     from finetune.machine import this_machine
