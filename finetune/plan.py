@@ -26,7 +26,7 @@ from finetune.machine import PLANNED_GPU, Machine, resolve_dtype, this_machine
 from finetune.modeling import hub_kwargs, load_tokenizer, lora_config, resolve_targets
 from finetune.preflight import TOKENIZER_FILES
 from finetune.recipe import Recipe
-from finetune.speed import decide_checkpointing, decide_packing, model_attention
+from finetune.speed import decide_checkpointing, decide_padding_free, model_attention
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -170,18 +170,18 @@ def plan(recipe: Recipe, gpu: str | None = None, tflops: float | None = None, mf
     model = _meta_model(recipe, config, weights_dtype)
     layout = _layout(recipe, model)
     attention = model_attention(recipe, this_machine())
-    packed = decide_packing(recipe.data.packing, attention)
-    work = _work(recipe, packed)
+    work = _work(recipe, recipe.data.packing)
     seq_length = work.max_seq_length if recipe.data.max_seq_length == "auto" else recipe.data.max_seq_length
     memory = _memory(recipe, layout, shapes, compute_dtype, weights_dtype, seq_length, attention)
     if seq_length is None:
         notes.append("data.max_seq_length is auto and the data is not available: activations are unknown")
     elif not shapes.complete():
         notes.append("the config does not give every dimension the activation formula needs: activations unknown")
-    if "auto" in (recipe.model.attn_implementation, recipe.data.packing):
+    if "auto" in (recipe.model.attn_implementation, recipe.data.padding_free):
+        flat = decide_padding_free(recipe.data.padding_free, attention)
         notes.append(
-            f"attention auto is planned as {attention}, packing auto as {'on' if packed else 'off'} "
-            "(this machine); with flash-attn on the GPU, packing turns on and the steps change"
+            f"attention auto is planned as {attention}, padding-free batches as {'on' if flat else 'off'} "
+            "(this machine); with flash-attn on the GPU both turn on (the steps stay the same)"
         )
     if recipe.train.optimizer.startswith("paged_"):
         notes.append("paged optimizer: its states can move to CPU memory under pressure; counted here on the GPU")

@@ -235,11 +235,17 @@ class DataSection(Section):
     truncation: Literal["truncate", "drop"] = Field(
         "truncate", description="What happens to rows longer than max_seq_length; they are counted either way."
     )
-    packing: AutoBool = Field(
+    padding_free: AutoBool = Field(
         "auto",
-        description="Pack rows into sequences of up to max_seq_length tokens, without attention across rows "
-        "(padding-free); `train.batch_size` then counts packed sequences. `auto`: on with flash attention, whose "
-        "varlen kernels make it free; off otherwise, as SDPA would attend over the whole packed batch.",
+        description="Run each batch as one flattened sequence without pad tokens, attention kept within each row: "
+        "the same rows and the same loss as padded batches, less compute. `auto`: on with flash attention, whose "
+        "varlen kernels make it free; off otherwise, as SDPA would attend over the whole flattened batch.",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack rows into sequences of up to max_seq_length tokens (padding-free); `train.batch_size` then "
+        "counts packed sequences, so each step holds more rows and an epoch has fewer steps: a different "
+        "optimisation, which cost held-out quality at the same epochs in scripts/quality_gate.py (README, Speed).",
     )
     group_by_length: bool = Field(
         False,
@@ -564,6 +570,8 @@ class Recipe(Section):
             )
         if method == "sft" and "unpaired" in formats:
             raise FieldRuleError("train.method", "sft cannot train on unpaired (KTO) data: use method kto")
+        if method != "sft" and self.data.packing:
+            raise FieldRuleError("data.packing", f"applies to sft only, not train.method {method}")
         return self
 
     def _grpo_fits(self, formats: set[str]) -> None:

@@ -21,6 +21,7 @@ from finetune.recipe import GPU_MEMORY_SHARE, Recipe
 @dataclass(frozen=True)
 class Speed:
     attn_implementation: str
+    padding_free: bool
     packing: bool
     gradient_checkpointing: bool
     liger_kernel: bool
@@ -42,12 +43,13 @@ def model_attention(recipe: Recipe, machine: Machine) -> str:
     return decide_attention(recipe.model.attn_implementation, resolve_dtype(recipe.model.dtype, machine), machine)
 
 
-def decide_packing(setting: bool | str, attention: str) -> bool:
-    """Padding-free packing where the attention kernel takes packed rows as they are (flash attention's varlen).
+def decide_padding_free(setting: bool | str, attention: str) -> bool:
+    """Padding-free batches where the attention kernel takes flattened rows as they are (flash attention's varlen).
 
-    With SDPA or eager attention the packed batch becomes one long sequence under a block mask:
-    attention then costs (batch x length)^2 instead of batch x length^2. Measured on the CPU (README,
-    Speed): packing ran at 0.68x the tokens/s of unpacked rows; `data.group_by_length` cuts padding there.
+    The batch keeps its rows and its loss (tests/test_packing.py); only the pad tokens go. With SDPA or
+    eager attention the flattened batch becomes one long sequence under a block mask: attention then
+    costs (batch x length)^2 instead of batch x length^2 (measured on the CPU with packing: 0.68x the
+    tokens/s of padded rows).
     """
     return attention.startswith("flash") if setting == "auto" else bool(setting)
 

@@ -62,7 +62,7 @@ from finetune.runs import (
     write_recipe,
 )
 from finetune.secrets import redact_text
-from finetune.speed import Speed, decide_checkpointing, decide_liger, decide_packing, model_attention, needs_peak
+from finetune.speed import Speed, decide_checkpointing, decide_liger, decide_padding_free, model_attention, needs_peak
 from finetune.summary import EvalPoint, EvalSummary
 
 LAUNCHED = "FINETUNE_LAUNCHED"  # set in the processes `train.distributed` launches
@@ -449,6 +449,7 @@ def _decide_speed(
     """Every `auto` speed setting, decided once: checkpointing from the peak memory estimated for the model
     and the sequence length this run has already loaded and prepared (no second pass over the data)."""
     setting = recipe.train.gradient_checkpointing
+    sft = recipe.train.method == "sft"
     peak = None
     if needs_peak(setting, machine):
         from finetune.plan import peak_memory
@@ -459,7 +460,9 @@ def _decide_speed(
             warnings.warn(f"no memory estimate ({type(e).__name__}: {e}); gradient checkpointing on", stacklevel=2)
     return Speed(
         attn_implementation=attention,
-        packing=decide_packing(recipe.data.packing, attention),
+        # SFT only: the preference and RL trainers batch their own pairs and groups
+        padding_free=sft and (decide_padding_free(recipe.data.padding_free, attention) or recipe.data.packing),
+        packing=sft and recipe.data.packing,
         gradient_checkpointing=decide_checkpointing(setting, machine, peak),
         liger_kernel=liger,
     )
@@ -526,7 +529,9 @@ def sft_config(recipe: Recipe, run: RunDir, max_length: int, speed: Speed, machi
     return SFTConfig(
         **training_arguments(recipe, run, speed, machine),
         use_liger_kernel=speed.liger_kernel,
-        max_length=max_length,
+        # prepare_data has cut every row to max_seq_length already; TRL refuses padding-free with its own cut
+        max_length=None if speed.padding_free and not speed.packing else max_length,
+        padding_free=speed.padding_free,
         packing=speed.packing,
         packing_strategy="bfd",
     )

@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SAME = [
     "data.packing=false",
+    "data.padding_free=false",
     "data.group_by_length=false",
     "train.gradient_checkpointing=false",
 ]  # TRL's settings, spelled out for finetune

@@ -8,14 +8,15 @@ weights (figures about speed and memory, not quality; the quickstart's tokenizer
 subset of the vocabulary), writes rows of 256 to 2048 tokens, and runs each case below in a fresh process
 for a few optimizer steps:
 
-  lora-bf16 / qlora-nf4      `finetune train` with TRL's settings (random batches, no packing, checkpointing
+  lora-bf16 / qlora-nf4      `finetune train` with TRL's settings (random padded batches, checkpointing
                              on, sdpa) and the plain TRL script on the same workload: tokens/s after the first
                              step, its ratio, MFU, peak memory (torch.cuda.max_memory_allocated) next to
                              `finetune plan`'s estimate
   defaults                   `finetune train` with every speed setting left `auto` (what a user gets)
-  flash-attention, packing,  each fast path alone on the lora-bf16 case; a case whose package is missing
-  liger, paged-adamw-8bit,   (flash-attn, liger-kernel, deepspeed) or that needs a GPU is skipped, with the
-  deepspeed-zero2            reason, never silently dropped
+  flash-attention,           each fast path alone on the lora-bf16 case; a case whose package is missing
+  padding-free, packing,     (flash-attn, liger-kernel, deepspeed) or that needs a GPU is skipped, with the
+  liger, paged-adamw-8bit,   reason, never silently dropped
+  deepspeed-zero2
 
 Writes gpu-check.json (every figure, the machine, package versions) and gpu-check.md (one table) into --out.
 Cases are run in the order above until --budget-s is spent; the rest are listed as skipped for time.
@@ -45,6 +46,7 @@ CONFIG = ROOT / "tests/fixtures/configs/llama-3.1-8b/config.json"
 TOKENIZER = ROOT / "assets/quickstart/model"
 SAME = [
     "data.packing=false",
+    "data.padding_free=false",
     "data.group_by_length=false",
     "train.gradient_checkpointing=true",
     "model.attn_implementation=sdpa",
@@ -65,6 +67,7 @@ CASES: dict[str, tuple[list[str], dict | None, tuple[str, ...]]] = {
     "qlora-nf4": (settings("quantization.method=nf4"), {"gradient_checkpointing": True, "nf4": True}, ()),
     "defaults": ([], None, ()),
     "flash-attention": (settings(FLASH), None, ("cuda", "flash_attn")),
+    "padding-free": (settings(FLASH, "data.padding_free=true"), None, ("cuda", "flash_attn")),
     "packing": (settings(FLASH, "data.packing=true"), None, ("cuda", "flash_attn")),
     "liger": (settings("train.liger_kernel=true"), None, ("cuda", "liger_kernel")),
     "paged-adamw-8bit": (settings("train.optimizer=paged_adamw_8bit"), None, ("cuda",)),

@@ -34,10 +34,16 @@ import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "assets/quickstart"
-VARIANTS = {"same-settings": ["data.group_by_length=false"], "grouped": ["data.group_by_length=true"]}
+VARIANTS = {
+    "same-settings": ["data.group_by_length=false", "data.packing=false"],
+    "grouped": ["data.group_by_length=true"],
+    "packing": ["data.packing=true"],  # trained on the same share of the data: see `length`
+}
+BATCH = 16
 TASKS = ("varied", "uniform", "quickstart")  # the most telling first
 # Steps per task: the quickstart recipe's own 750 (4 epochs: where it learns its task) on the short-row tasks;
 # the varied task's rows cost ~4x more a step and a 4M model does not reach exact match on it in any
@@ -83,8 +89,17 @@ def build_task(task: str, folder: Path) -> tuple[Path, Path, int]:
     return paths[0], paths[1], max_len
 
 
-def recipe_text(train: Path, held_out: Path, max_len: int, steps: int, seed: int, out: Path) -> str:
-    """The quickstart recipe's settings (lr, rank, schedule, batch) on any task, for `steps` steps."""
+def length(variant: str, steps: int, train: Path) -> str:
+    """`max_steps`, except with packing: a packed batch holds several rows, so the packed run is given the same
+    share of the data as `steps` unpacked batches (`epochs`), as a user's epochs-based recipe would be."""
+    if variant != "packing":
+        return f"max_steps: {steps}"
+    rows = sum(1 for _ in train.open())
+    return f"epochs: {steps / -(-rows // BATCH):.6f}"
+
+
+def recipe_text(train: Path, held_out: Path, max_len: int, length: str, seed: int, out: Path) -> str:
+    """The quickstart recipe's settings (lr, rank, schedule, batch) on any task, for `length` of training."""
     return textwrap.dedent(f"""\
         name: gate
         seed: {seed}
@@ -94,7 +109,7 @@ def recipe_text(train: Path, held_out: Path, max_len: int, steps: int, seed: int
           train: [{{path: {train}}}]
           eval: [{{path: {held_out}}}]
           max_seq_length: {max_len}
-        train: {{max_steps: {steps}, lr: 2.0e-3, scheduler: cosine, warmup_ratio: 0.05, batch_size: 16,
+        train: {{{length}, lr: 2.0e-3, scheduler: cosine, warmup_ratio: 0.05, batch_size: {BATCH},
                  logging_every: 50}}
         eval: {{metrics: [loss, exact_match], max_new_tokens: 80, batch_size: 50, compare_base: false}}
         output_dir: {out}
@@ -106,7 +121,7 @@ def train_once(
 ) -> dict:
     """One `finetune train` in a fresh process (`threads` CPU threads); its held-out exact match and loss."""
     recipe = folder / "recipe.yaml"
-    recipe.write_text(recipe_text(*task_files, steps, seed, folder / "run"))
+    recipe.write_text(recipe_text(*task_files, length(variant, steps, task_files[0]), seed, folder / "run"))
     sets = [a for o in VARIANTS[variant] for a in ("--set", o)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FINETUNE_CACHE": str(folder / "cache"), "OMP_NUM_THREADS": threads}
     start = time.time()
@@ -115,7 +130,9 @@ def train_once(
     if proc.returncode != 0:
         raise RuntimeError(f"finetune train ({variant}, seed {seed}) failed:\n{proc.stderr[-3000:]}")
     tuned = json.loads(proc.stdout)["eval"]["tuned"]
-    return {"exact_match": tuned["metrics"]["exact_match"], "loss": tuned["loss"], "seconds": time.time() - start}
+    steps_run = json.loads(proc.stdout).get("steps")
+    return {"exact_match": tuned["metrics"]["exact_match"], "loss": tuned["loss"], "seconds": time.time() - start,
+            "steps": steps_run}  # fmt: skip
 
 
 def verdict(runs: dict[str, list[dict]]) -> dict:
@@ -151,6 +168,21 @@ def markdown(results: dict, steps: dict[str, int], seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reference_runs(files: list[Path], steps: dict[str, int]) -> dict[tuple[str, int], dict]:
+    """(task, seed) -> a same-settings run recorded by an earlier gate with the same steps for that task."""
+    known = {}
+    for file in files:
+        earlier = json.loads(file.read_text())
+        for task, by_variant in earlier["runs"].items():
+            if earlier["steps"].get(task) == steps.get(task):
+                known.update({(task, r["seed"]): r for r in by_variant.get("same-settings", [])})
+    return known
+
+
+def _result(run: Any) -> dict:
+    return run.result() if hasattr(run, "result") else run
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default=",".join(TASKS))
@@ -160,6 +192,9 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each on (usable cores)/jobs threads")
     parser.add_argument("--json", type=Path, help="also write every run and the verdicts here")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
+    parser.add_argument("--reference", type=Path, action="append", default=[],
+                        help="an earlier --json of this script: its same-settings runs (same task, seed and steps) "
+                        "are reused instead of trained again")  # fmt: skip
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = ["same-settings", *(v for v in args.variants.split(",") if v != "same-settings")]
@@ -174,8 +209,10 @@ def main() -> int:
             print(f"{task:10} {variant:14} seed {seed}: {result}", file=sys.stderr, flush=True)
             return {"seed": seed, **result}
 
-        futures = {(t, v, s): pool.submit(one, t, v, s) for t in tasks for s in seeds for v in variants}
-        runs = {t: {v: [futures[t, v, s].result() for s in seeds] for v in variants} for t in tasks}
+        known = reference_runs(args.reference, steps)
+        futures = {(t, v, s): known.get((t, s)) if v == "same-settings" and (t, s) in known else pool.submit(one, t, v, s)
+                   for t in tasks for s in seeds for v in variants}  # fmt: skip
+        runs = {t: {v: [_result(futures[t, v, s]) for s in seeds] for v in variants} for t in tasks}
     results = {task: verdict(by_variant) for task, by_variant in runs.items()}
     table = markdown(results, steps, seeds)
     print(table)

@@ -866,13 +866,13 @@ MIXED_MISTAKES = Broken(
           rank: 16
         data:
           train: [{path: data/train.jsonl}]
-          packing: maybe
+          padding_free: maybe
         train: {lr: 0}
         """
     ),
     (
         ("recipe.yaml:6:3", "lora.rank", "duplicate key (first set at line 5)"),
-        ("recipe.yaml:9:3", "data.packing", "must be true, false or auto (got 'maybe')"),
+        ("recipe.yaml:9:3", "data.padding_free", "must be true, false or auto (got 'maybe')"),
         ("recipe.yaml:10:9", "train.lr", "must be > 0 (got 0)"),
     ),
 )

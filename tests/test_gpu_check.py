@@ -45,6 +45,7 @@ def test_every_case_is_known_and_fast_paths_name_what_they_need():
         "lora-bf16",
         "qlora-nf4",
         "flash-attention",
+        "padding-free",
         "packing",
         "liger",
         "paged-adamw-8bit",

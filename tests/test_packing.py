@@ -1,4 +1,5 @@
-"""Packing: several rows share a sequence with no attention or position leak across rows."""
+"""Padding-free batches and packing: rows share a sequence with no attention or position leak across rows;
+padding-free keeps the batches, and so the training, exactly as padded batches have them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 
 import pytest
 import torch
-from helpers import finetune, write_recipe
+from helpers import finetune, losses, write_recipe
+
+from finetune.loading import load_recipe
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -61,3 +64,25 @@ def test_length_grouped_order_is_fixed_by_seed_and_epoch_and_cuts_padding():
 
     shuffled = random.Random(0).sample(range(4000), 4000)
     assert padded(first) < 0.6 * padded(shuffled)
+
+
+@pytest.mark.slow
+def test_padding_free_batches_train_exactly_as_padded_ones(tiny_model_dir, tmp_path, monkeypatch):
+    """The GPU default (`data.padding_free: auto`, on with flash attention) run here with SDPA: the same rows in
+    every step and the same loss, step for step, as TRL's padded batches. What packing is not (see README)."""
+    from finetune.train import train
+
+    monkeypatch.chdir(tmp_path)
+    curves = {}
+    for flat in (False, True):
+        run = tmp_path / "runs" / f"flat-{flat}"
+        sets = [f"output_dir={run}", f"data.padding_free={str(flat).lower()}", "eval.compare_base=false"]
+        result = train(load_recipe(write_recipe(tmp_path, tiny_model_dir()), sets), progress=False)
+        assert result.steps == 8
+        curves[flat] = (losses(run), result.eval.tuned.loss)
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert manifest["speed"]["padding_free"] is flat and manifest["speed"]["packing"] is False
+    (padded, padded_eval), (flat_curve, flat_eval) = curves[False], curves[True]
+    assert len(padded) == 8 and padded[-1] < padded[0]
+    assert flat_curve == pytest.approx(padded, rel=1e-4), "the same batches, the same loss at every step"
+    assert flat_eval == pytest.approx(padded_eval, rel=1e-4)

@@ -203,6 +203,8 @@ def test_method_options_belong_to_their_method(tmp_path, parent):
         load_recipe(
             dpo_recipe(tmp_path, parent), ["train.dpo.loss_type=[sigmoid, sft]", "train.dpo.loss_weights=[1.0]"]
         )
+    with pytest.raises(RecipeError, match=r"data.packing: applies to sft only, not train.method dpo"):
+        load_recipe(dpo_recipe(tmp_path, parent), ["data.packing=true"])
 
 
 # --- data: rows and masks ------------------------------------------------------------------------

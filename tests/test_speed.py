@@ -16,29 +16,29 @@ from finetune.errors import UserError
 from finetune.loading import load_recipe
 from finetune.machine import Machine, this_machine
 from finetune.plan import plan
-from finetune.speed import decide_attention, decide_checkpointing, decide_liger, decide_packing
+from finetune.speed import decide_attention, decide_checkpointing, decide_liger, decide_padding_free
 
 CPU = Machine(cuda=False, bf16=False, gpu_bytes=None, flash_attn=False, liger_kernel=False)
 GPU = Machine(cuda=True, bf16=True, gpu_bytes=80 * 10**9, flash_attn=True, liger_kernel=True)
 
 
-def test_on_the_cpu_auto_means_sdpa_no_packing_no_checkpointing_no_liger():
+def test_on_the_cpu_auto_means_sdpa_padded_batches_no_checkpointing_no_liger():
     import torch
 
     attention = decide_attention("auto", torch.float32, CPU)
     assert attention == "sdpa"
-    assert decide_packing("auto", attention) is False
+    assert decide_padding_free("auto", attention) is False
     assert decide_checkpointing("auto", CPU, peak_bytes=None) is False
     assert decide_liger("auto", CPU) is False
 
 
-def test_on_a_gpu_with_flash_attn_auto_means_flash_packing_and_liger():
+def test_on_a_gpu_with_flash_attn_auto_means_flash_padding_free_and_liger():
     import torch
 
     assert decide_attention("auto", torch.bfloat16, GPU) == "flash_attention_2"
     assert decide_attention("auto", torch.float32, GPU) == "sdpa", "flash attention runs in half precision only"
     assert decide_attention("auto", torch.bfloat16, dataclasses.replace(GPU, flash_attn=False)) == "sdpa"
-    assert decide_packing("auto", "flash_attention_2") is True
+    assert decide_padding_free("auto", "flash_attention_2") is True
     assert decide_liger("auto", GPU) is True
 
 
@@ -46,7 +46,7 @@ def test_explicit_settings_are_kept_as_written():
     import torch
 
     assert decide_attention("eager", torch.bfloat16, GPU) == "eager"
-    assert decide_packing(True, "sdpa") is True
+    assert decide_padding_free(True, "sdpa") is True
     assert decide_checkpointing(True, CPU, peak_bytes=None) is True
     assert decide_checkpointing(False, GPU, peak_bytes=10**12) is False
 
@@ -56,6 +56,21 @@ def test_checkpointing_turns_on_only_where_the_peak_does_not_fit():
     assert decide_checkpointing("auto", GPU, peak_bytes=gpu // 2) is False
     assert decide_checkpointing("auto", GPU, peak_bytes=gpu) is True  # over 90% of the GPU
     assert decide_checkpointing("auto", GPU, peak_bytes=None) is True  # unknown: the safe choice
+
+
+def test_padding_free_is_the_gpu_default_and_packing_only_when_asked_and_sft_only(tmp_path, tiny_model_dir):
+    """Padding-free keeps the batches (the same rows per step); packing changes them, so it is never automatic."""
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir()), ["train.gradient_checkpointing=false"])
+
+    def decided(r):
+        s = train_module._decide_speed(r, GPU, "flash_attention_2", False, None, 64)
+        return s.padding_free, s.packing
+
+    assert decided(recipe) == (True, False)
+    assert decided(recipe.model_copy(update={"data": recipe.data.model_copy(update={"packing": True})})) == (True, True)
+    dpo = recipe.model_copy(update={"train": recipe.train.model_copy(update={"method": "dpo"})})
+    assert decided(dpo) == (False, False), "the preference and RL trainers batch their own pairs and groups"
+    assert train_module._decide_speed(recipe, CPU, "sdpa", False, None, 64).padding_free is False
 
 
 def test_liger_asked_for_where_it_cannot_run_is_a_clear_error():
