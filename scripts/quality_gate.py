@@ -16,8 +16,11 @@ Tasks (built deterministically from the quickstart model's vocabulary, so nothin
               ~20 to ~190 tokens a row, the profile where length grouping saves most padding
 
 Variants measured here (CPU): `grouped` (data.group_by_length: true, rows sorted by length within groups
-of 50 batches). Packing, gradient checkpointing, Liger and bf16 are decided `auto` to the same values as
-TRL's on a CPU (off, off, off, float32); they differ only on a GPU, where `scripts/gpu_check.py` runs them.
+of 50 batches) and `packing` (data.packing: true, several rows per sequence: trained on the same share of
+the data, so fewer steps). Padding-free batches keep TRL's batches and loss (tests/test_packing.py);
+gradient checkpointing, Liger and bf16 are decided `auto` to TRL's values on a CPU (off, off, float32) and
+differ only on a GPU, where `scripts/gpu_check.py` runs them. `--reference` reuses the same-settings runs
+of an earlier --json, so a new variant costs only its own runs.
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ def verdict(runs: dict[str, list[dict]]) -> dict:
         for key in ("exact_match", "loss"):
             values = [r[key] for r in rs]
             stats[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+        stats["steps"] = rs[0].get("steps")  # the steps run: fewer with packing (same epochs)
         out[variant] = stats
     ref = out["same-settings"]
     for stats in out.values():
@@ -162,7 +166,7 @@ def markdown(results: dict, steps: dict[str, int], seeds: list[int]) -> str:
         for variant, s in table.items():
             em, loss = s["exact_match"], s["loss"]
             gap = "" if variant == "same-settings" else f"{s['exact_match_gap']:+.3f} EM, {s['loss_gap']:+.1%} loss"
-            lines.append(f"| {task} | {steps[task]} | {variant} | {em['mean']:.3f} ({em['min']:.2f}-{em['max']:.2f}) | "
+            lines.append(f"| {task} | {s['steps'] or steps[task]} | {variant} | {em['mean']:.3f} ({em['min']:.2f}-{em['max']:.2f}) | "
                          f"{loss['mean']:.4f} ({loss['min']:.4f}-{loss['max']:.4f}) | {gap} | "
                          f"{'yes' if s['passes'] else '**no**'} |")  # fmt: skip
     return "\n".join(lines) + "\n"
