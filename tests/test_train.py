@@ -1,4 +1,4 @@
-"""`finetune train` end to end on tiny models of five families, through the CLI in a subprocess."""
+"""`finetune train` end to end on tiny models of five families, through the CLI."""
 
 from __future__ import annotations
 
@@ -76,10 +76,16 @@ def test_a_target_that_matches_nothing_lists_the_models_linear_layers(tiny_model
     ],
     ids=lambda v: "-".join(v) if isinstance(v, list) else v,
 )
-def test_train_end_to_end(family, overrides, tiny_model_dir, tmp_path):
+def test_train_end_to_end(family, overrides, tiny_model_dir, tmp_path, monkeypatch):
+    """Through the CLI in this process (the subprocess path is the quickstart's and the faults' tests)."""
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    monkeypatch.chdir(tmp_path)
     sets = [a for o in overrides for a in ("--set", o)]
-    result = finetune("train", str(write_recipe(tmp_path, tiny_model_dir(family))), *sets, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path, tiny_model_dir(family))), *sets])
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
     run = tmp_path / "runs" / "tiny"
     assert run_files(run) == RUN_FILES
     manifest = json.loads((run / "manifest.json").read_text())
