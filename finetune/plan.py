@@ -26,7 +26,7 @@ from finetune.machine import PLANNED_GPU, Machine, resolve_dtype, this_machine
 from finetune.modeling import hub_kwargs, load_tokenizer, lora_config, resolve_targets
 from finetune.preflight import TOKENIZER_FILES
 from finetune.recipe import Recipe
-from finetune.speed import decide_checkpointing, decide_padding_free, model_attention
+from finetune.speed import decide_checkpointing, decide_packing, decide_padding_free, model_attention
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -170,7 +170,7 @@ def plan(recipe: Recipe, gpu: str | None = None, tflops: float | None = None, mf
     model = _meta_model(recipe, config, weights_dtype)
     layout = _layout(recipe, model)
     attention = model_attention(recipe, this_machine())
-    work = _work(recipe, recipe.data.packing)
+    work = _work(recipe, decide_packing(recipe.data.packing, None))
     seq_length = work.max_seq_length if recipe.data.max_seq_length == "auto" else recipe.data.max_seq_length
     memory = _memory(recipe, layout, shapes, compute_dtype, weights_dtype, seq_length, attention)
     if seq_length is None:

@@ -241,11 +241,13 @@ class DataSection(Section):
         "the same rows and the same loss as padded batches, less compute. `auto`: on with flash attention, whose "
         "varlen kernels make it free; off otherwise, as SDPA would attend over the whole flattened batch.",
     )
-    packing: bool = Field(
+    packing: AutoBool = Field(
         False,
         description="Pack rows into sequences of up to max_seq_length tokens (padding-free); `train.batch_size` then "
         "counts packed sequences, so each step holds more rows and an epoch has fewer steps: a different "
-        "optimisation, which cost held-out quality at the same epochs in scripts/quality_gate.py (README, Speed).",
+        "optimisation, which cost held-out quality at the same epochs in scripts/quality_gate.py (README, Speed). "
+        "`auto` (the old default, which packed with flash attention) still loads and means false, except "
+        "when resuming a run that packed.",
     )
     group_by_length: bool = Field(
         False,
@@ -570,7 +572,7 @@ class Recipe(Section):
             )
         if method == "sft" and "unpaired" in formats:
             raise FieldRuleError("train.method", "sft cannot train on unpaired (KTO) data: use method kto")
-        if method != "sft" and self.data.packing:
+        if method != "sft" and self.data.packing is True:
             raise FieldRuleError("data.packing", f"applies to sft only, not train.method {method}")
         return self
 

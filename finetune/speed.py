@@ -54,6 +54,15 @@ def decide_padding_free(setting: bool | str, attention: str) -> bool:
     return attention.startswith("flash") if setting == "auto" else bool(setting)
 
 
+def decide_packing(setting: bool | str, recorded: bool | None) -> bool:
+    """Only when asked: packing changes the batches (more rows a step, fewer steps), which cost held-out quality.
+
+    `auto` is an older recipe's or run directory's (it packed with flash attention until issue #19): off,
+    except for a run being resumed that packed (`recorded`, its manifest's decision), which keeps its batches.
+    """
+    return bool(recorded) if setting == "auto" else bool(setting)
+
+
 def decide_checkpointing(setting: bool | str, machine: Machine, peak_bytes: int | None) -> bool:
     """Off unless the run would not fit without it: recomputing activations cost 22-27% of the tokens/s here.
 

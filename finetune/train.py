@@ -62,7 +62,15 @@ from finetune.runs import (
     write_recipe,
 )
 from finetune.secrets import redact_text
-from finetune.speed import Speed, decide_checkpointing, decide_liger, decide_padding_free, model_attention, needs_peak
+from finetune.speed import (
+    Speed,
+    decide_checkpointing,
+    decide_liger,
+    decide_packing,
+    decide_padding_free,
+    model_attention,
+    needs_peak,
+)
 from finetune.summary import EvalPoint, EvalSummary
 
 LAUNCHED = "FINETUNE_LAUNCHED"  # set in the processes `train.distributed` launches
@@ -361,7 +369,8 @@ def _train(
     attention = model_attention(recipe, machine)
     liger = decide_liger(recipe.train.liger_kernel, machine)
     model = load_model(recipe, attention)
-    speed = _decide_speed(recipe, machine, attention, liger, model.config, data.stats.max_seq_length)
+    recorded = (run.read_manifest() or {}).get("speed") if checkpoint is not None else None  # every process
+    speed = _decide_speed(recipe, machine, attention, liger, model.config, data.stats.max_seq_length, recorded)
     manifest.update(speed=speed.to_dict())
     if main:
         manifest.update(base_model={**manifest.data["base_model"], **weight_files(recipe, model)})
@@ -444,12 +453,20 @@ def _train(
 
 
 def _decide_speed(
-    recipe: Recipe, machine: Machine, attention: str, liger: bool, model_config: Any, seq_length: int
+    recipe: Recipe,
+    machine: Machine,
+    attention: str,
+    liger: bool,
+    model_config: Any,
+    seq_length: int,
+    recorded: dict[str, Any] | None = None,
 ) -> Speed:
     """Every `auto` speed setting, decided once: checkpointing from the peak memory estimated for the model
-    and the sequence length this run has already loaded and prepared (no second pass over the data)."""
+    and the sequence length this run has already loaded and prepared (no second pass over the data).
+    `recorded`: a resumed run's decisions, from its manifest."""
     setting = recipe.train.gradient_checkpointing
     sft = recipe.train.method == "sft"
+    packing = sft and decide_packing(recipe.data.packing, (recorded or {}).get("packing"))
     peak = None
     if needs_peak(setting, machine):
         from finetune.plan import peak_memory
@@ -461,8 +478,8 @@ def _decide_speed(
     return Speed(
         attn_implementation=attention,
         # SFT only: the preference and RL trainers batch their own pairs and groups
-        padding_free=sft and (decide_padding_free(recipe.data.padding_free, attention) or recipe.data.packing),
-        packing=sft and recipe.data.packing,
+        padding_free=sft and (decide_padding_free(recipe.data.padding_free, attention) or packing),
+        packing=packing,
         gradient_checkpointing=decide_checkpointing(setting, machine, peak),
         liger_kernel=liger,
     )

@@ -205,6 +205,7 @@ def test_method_options_belong_to_their_method(tmp_path, parent):
         )
     with pytest.raises(RecipeError, match=r"data.packing: applies to sft only, not train.method dpo"):
         load_recipe(dpo_recipe(tmp_path, parent), ["data.packing=true"])
+    assert load_recipe(dpo_recipe(tmp_path, parent), ["data.packing=auto"]).data.packing == "auto"  # an older run's
 
 
 # --- data: rows and masks ------------------------------------------------------------------------

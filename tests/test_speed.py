@@ -73,6 +73,22 @@ def test_padding_free_is_the_gpu_default_and_packing_only_when_asked_and_sft_onl
     assert train_module._decide_speed(recipe, CPU, "sdpa", False, None, 64).padding_free is False
 
 
+def test_an_older_recipe_with_packing_auto_still_loads_and_packs_only_when_its_run_did(tmp_path, tiny_model_dir):
+    """Run directories keep their resolved recipe, `packing: auto` included (the default until issue #19): eval,
+    merge and continuing runs must still read it, and a resumed run that packed keeps its batches."""
+    from finetune.speed import decide_packing
+
+    old = load_recipe(
+        write_recipe(tmp_path, tiny_model_dir()), ["data.packing=auto", "train.gradient_checkpointing=false"]
+    )
+    assert old.data.packing == "auto"
+    assert decide_packing("auto", None) is False and decide_packing("auto", True) is True
+    assert decide_packing(False, True) is False, "a setting the recipe names is kept as written"
+    decided = train_module._decide_speed(old, GPU, "flash_attention_2", False, None, 64, {"packing": True})
+    assert (decided.packing, decided.padding_free) == (True, True)
+    assert train_module._decide_speed(old, GPU, "flash_attention_2", False, None, 64).packing is False
+
+
 def test_liger_asked_for_where_it_cannot_run_is_a_clear_error():
     with pytest.raises(UserError, match="liger_kernel: true needs a CUDA GPU"):
         decide_liger(True, CPU)
