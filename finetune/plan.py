@@ -613,8 +613,9 @@ def _activations(recipe: Recipe, layout: _Layout, s: _Shapes, e: int, w: int, se
     `e` is the compute dtype's size; `w` the weights'; `r` the residual stream's, the dtype the
     embeddings and norms are held in (the MLP's outputs between the quantized matmuls have it too):
     4 on an int8 base (modeling.prepare_quantized keeps them in fp32), else `w`. Per token and
-    decoder layer: the two RMSNorm inputs in fp32 (2 * 4h); rotated q, k, v and the attention output (e * (2q + 2kv); kv at the full head
-    count, as transformers repeats it for SDPA and eager, at the kv heads for flash attention)
+    decoder layer: the two RMSNorm inputs in fp32 (2 * 4h); rotated q, k, v and the attention
+    output (e * (2q + 2kv); kv at the full head count, as transformers repeats it for SDPA and
+    eager, at the kv heads for flash attention)
     and the log-sum-exp (4 * heads); the MLP's gate, up and activation (3 * r * i); eager
     attention adds its probabilities ((4 + e) * heads * s). Per adapted linear: its input as the
     LoRA path keeps it (e * in), the dropout mask (1 byte per input value when dropout > 0), the
