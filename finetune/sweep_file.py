@@ -26,10 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from finetune.errors import Problem, RecipeError
 from finetune.loading import SET_ORIGIN, load_recipe, located_problems
-from finetune.recipe import NAME_PATTERN, FieldRuleError, Recipe
+from finetune.recipe import LOSS_METRICS, NAME_PATTERN, FieldRuleError, Recipe
 from finetune.yaml_source import KeyPath, Loc, display_path, load_file
 
-LOWER_IS_BETTER = ("loss", "perplexity")
 KINDS = ("choice", "uniform", "log_uniform", "integer", "log_integer")
 MAX_CHECKED = 512  # combinations validated one by one; beyond, each key's values are checked on their own
 
@@ -156,7 +155,7 @@ class Sweep:
     def direction(self) -> str:
         if self.spec.direction:
             return self.spec.direction
-        return "minimize" if self.spec.metric in LOWER_IS_BETTER else "maximize"
+        return "minimize" if self.spec.metric in LOSS_METRICS else "maximize"
 
     @property
     def pruner(self) -> str:
@@ -359,8 +358,8 @@ def _check_metric(sweep: Sweep, locs: dict[KeyPath, Loc]) -> None:
     where = str(locs.get(("metric",), locs[()]))
     if recipe.data.eval is None:
         problems.append(Problem("needs held-out data: set data.eval in the recipe (or fixed:)", where, "metric"))
-    elif metric not in LOWER_IS_BETTER and metric not in recipe.eval.metrics:
-        allowed = ", ".join(dict.fromkeys([*LOWER_IS_BETTER, *recipe.eval.metrics]))
+    elif metric not in LOSS_METRICS and metric not in recipe.eval.metrics:
+        allowed = ", ".join(dict.fromkeys([*LOSS_METRICS, *recipe.eval.metrics]))
         problems.append(Problem(f"{metric!r} is not computed by the recipe: use one of {allowed}", where, "metric"))
     if sweep.pruner != "none" and recipe.train.eval_every is None:
         problems.append(

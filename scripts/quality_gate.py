@@ -37,7 +37,6 @@ import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "assets/quickstart"
@@ -183,10 +182,6 @@ def reference_runs(files: list[Path], steps: dict[str, int]) -> dict[tuple[str, 
     return known
 
 
-def _result(run: Any) -> dict:
-    return run.result() if hasattr(run, "result") else run
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default=",".join(TASKS))
@@ -214,9 +209,10 @@ def main() -> int:
             return {"seed": seed, **result}
 
         known = reference_runs(args.reference, steps)
-        futures = {(t, v, s): known.get((t, s)) if v == "same-settings" and (t, s) in known else pool.submit(one, t, v, s)
-                   for t in tasks for s in seeds for v in variants}  # fmt: skip
-        runs = {t: {v: [_result(futures[t, v, s]) for s in seeds] for v in variants} for t in tasks}
+        futures = {(t, v, s): pool.submit(one, t, v, s) for t in tasks for s in seeds for v in variants
+                   if v != "same-settings" or (t, s) not in known}  # fmt: skip
+        done = {key: future.result() for key, future in futures.items()}
+        runs = {t: {v: [done.get((t, v, s)) or known[t, s] for s in seeds] for v in variants} for t in tasks}
     results = {task: verdict(by_variant) for task, by_variant in runs.items()}
     table = markdown(results, steps, seeds)
     print(table)
