@@ -313,17 +313,27 @@ def process_record() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "start_ticks": _start_ticks(os.getpid())}
 
 
-def _start_ticks(pid: int) -> int | None:
-    """When a process started (clock ticks since boot, Linux), so that a reused pid is not taken for our process."""
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """A process's state letter and start time (clock ticks since boot) from /proc (Linux); None where unreadable."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        return int(fields[19])
+        return fields[0], int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 
 
+def _start_ticks(pid: int) -> int | None:
+    """When a process started, so that a reused pid is not taken for our process."""
+    stat = _proc_stat(pid)
+    return stat[1] if stat else None
+
+
 def process_alive(record: dict[str, Any] | None) -> bool | None:
-    """True/False for a process recorded on this host; None when it ran elsewhere (or was never recorded)."""
+    """True/False for a process recorded on this host; None when it ran elsewhere (or was never recorded).
+
+    A zombie (killed, not yet reaped: what a requeued job sees where PID 1 does not reap) is dead,
+    although `kill(pid, 0)` still succeeds for it.
+    """
     if not record or record.get("host") != socket.gethostname():
         return None
     pid = record.get("pid")
@@ -335,8 +345,13 @@ def process_alive(record: dict[str, Any] | None) -> bool | None:
         pass  # alive, under another user
     except (OSError, TypeError):
         return None
-    ticks = _start_ticks(pid)
-    return record.get("start_ticks") is None or ticks is None or ticks == record["start_ticks"]
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True  # no /proc to ask (not Linux): kill(pid, 0) is all there is
+    state, ticks = stat
+    if state in ("Z", "X"):
+        return False
+    return record.get("start_ticks") is None or ticks == record["start_ticks"]
 
 
 def status(manifest: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -133,6 +134,36 @@ def test_a_running_run_whose_process_is_gone_is_shown_as_died(tmp_path):
     assert [r["status"] for r in list_runs(tmp_path)] == ["died"]
     shown = show_run(tmp_path / "x")
     assert shown["status"] == "died" and shown["status_detail"].endswith(command["resume"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="zombies are read from /proc (Linux)")
+def test_a_killed_process_not_yet_reaped_is_dead_and_its_run_resumable(tmp_path):
+    """A zombie answers kill(pid, 0), yet it is dead: --resume must not call its run "still training"."""
+    import signal
+    import socket
+    import time
+
+    from finetune.runs import RunDir, _start_ticks, process_alive, status
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {"pid": child.pid, "host": socket.gethostname(), "start_ticks": _start_ticks(child.pid)}
+        assert process_alive(record) is True
+        os.kill(child.pid, signal.SIGKILL)  # and do not reap it: it stays a zombie
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the killed child never became a zombie"
+            time.sleep(0.01)
+        os.kill(child.pid, 0)  # the trap: the zombie still answers
+        assert process_alive(record) is False
+        assert status({"status": "running", "process": record}) == "died"
+        run = tmp_path / "killed"
+        run.mkdir()
+        (run / "manifest.json").write_text(json.dumps({"name": "killed", "status": "running", "process": record}))
+        RunDir(run).refuse_resume()  # no "still training"
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_runs_list_fits_80_columns_and_keeps_status_and_figures_whole():
