@@ -72,6 +72,7 @@ from finetune.speed import (
     needs_peak,
 )
 from finetune.summary import EvalPoint, EvalSummary
+from finetune.tracking import log_results
 
 LAUNCHED = "FINETUNE_LAUNCHED"  # set in the processes `train.distributed` launches
 
@@ -159,6 +160,8 @@ def _train_run(
         raise
     else:
         manifest.update(status="completed", finished=now())
+        if state.is_main_process:
+            log_results(recipe, run)  # our held-out figures, recipe, manifest and lineage to the trackers
     finally:
         if state.is_main_process:
             _write_report(run)

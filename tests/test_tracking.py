@@ -31,3 +31,20 @@ def test_tensorboard_and_mlflow_log_the_training_curve(tiny_model_dir, tmp_path,
     [mlrun] = client.search_runs([experiment.experiment_id])
     assert len(client.get_metric_history(mlrun.info.run_id, "loss")) == 8
     assert mlrun.data.params["learning_rate"] == "0.005"
+    # our own results beside the trainer's: the held-out figures, recipe and manifest, lineage tags
+    import json
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    tuned_loss = manifest["eval"]["tuned"]["loss"]
+    [held_out] = events.Scalars("heldout/tuned/loss")
+    assert held_out.step == manifest["steps"] and held_out.value == pytest.approx(tuned_loss, rel=1e-6)
+    assert "heldout/delta_base/loss" in events.Tags()["scalars"]
+    metrics = mlrun.data.metrics
+    assert metrics["heldout/tuned/loss"] == pytest.approx(tuned_loss)
+    base_loss = manifest["eval"]["base"]["loss"]
+    assert metrics["heldout/delta_base/loss"] == pytest.approx(tuned_loss - base_loss)
+    assert metrics["heldout/tuned/exact_match"] == manifest["eval"]["tuned"]["metrics"]["exact_match"]
+    assert mlrun.data.tags["finetune.recipe_sha256"] == manifest["recipe_sha256"]
+    assert mlrun.data.tags["finetune.lineage"].endswith("-> tiny")
+    artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id, "finetune")}
+    assert artifacts == {"finetune/recipe.yaml", "finetune/manifest.json"}
