@@ -68,7 +68,8 @@ def heldout_figures(summary: EvalSummary | None) -> dict[str, float]:
 
 
 def lineage_tags(manifest: dict[str, Any], run: RunDir) -> dict[str, str]:
-    """What the run continues and what it was trained from, as `finetune.*` tags."""
+    """What the run continues and what it was trained from, as `finetune.*` tags (a value that is not a string,
+    such as the weight files' hashes, as JSON)."""
     base = manifest.get("base_model") or {}
     parent = manifest.get("parent") or {}
     git = manifest.get("git") or {}
@@ -85,7 +86,11 @@ def lineage_tags(manifest: dict[str, Any], run: RunDir) -> dict[str, str]:
         "finetune.lineage": " -> ".join(lineage(manifest)),
         "finetune.git_commit": git.get("commit"),
     }
-    return {k: redact_text(str(v)) for k, v in tags.items() if v is not None}
+    return {
+        k: redact_text(v if isinstance(v, str) else json.dumps(v, sort_keys=True))
+        for k, v in tags.items()
+        if v is not None
+    }
 
 
 def _values(scores: Scores | None) -> dict[str, float]:

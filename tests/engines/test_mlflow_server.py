@@ -65,7 +65,7 @@ def test_a_run_on_an_mlflow_server_carries_our_held_out_figures_recipe_manifest_
         tags = mlrun.data.tags
         assert tags["finetune.recipe_sha256"] == manifest["recipe_sha256"]
         assert tags["finetune.base_model"] == str(tiny_model_dir())
-        assert tags["finetune.base_weights_sha256"] == manifest["base_model"]["weights_sha256"]
+        assert json.loads(tags["finetune.base_weights_sha256"]) == manifest["base_model"]["weights_sha256"]
         assert tags["finetune.lineage"] == f"{tiny_model_dir()} -> tiny"
         assert tags["finetune.status"] == "completed"
         downloaded = tmp_path / "downloaded"
