@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from finetune import methods
+from finetune import methods, sharding
 from finetune.data import PreparedData, prepare_data
 from finetune.errors import (
     LaunchError,
@@ -403,6 +403,7 @@ def _train(
     manifest.update(lora={"targets": targets, "trainable_params": trainable, "total_params": total})
     t = recipe.train
     manifest.update(processes=state.num_processes, global_batch=t.batch_size * t.grad_accum * state.num_processes)
+    manifest.update(distributed=sharding.record(trainer.accelerator))  # FSDP asked for is not FSDP run on a CPU
     _check_disk_space(run, recipe, trainable)
     stop.install()
     try:

@@ -10,14 +10,19 @@
 #   .engines/mlflow/               the full `mlflow` server in its own venv: its server extras (Flask,
 #                                  alembic, pandas pins ...) are not for the project env, which has
 #                                  mlflow-skinny as the client. FINETUNE_MLFLOW points at its `mlflow`.
+#   .engines/deepspeed/            deepspeed (pure Python; its CPU accelerator builds its one shared-memory op
+#                                  with g++ at first use) and its small dependencies, installed with
+#                                  --target so that the project env stays without it: put the folder on
+#                                  PYTHONPATH to launch configs/accelerate/deepspeed-*.yaml.
 #
-# Usage: bash scripts/setup_services.sh [postgres|mlflow|all]   (default all), with the project's env active.
+# Usage: bash scripts/setup_services.sh [postgres|mlflow|deepspeed|all]   (default all), with the project's env active.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 ENGINES=$ROOT/.engines
 MLFLOW_VERSION=3.17.2       # the server at the same version as the client (mlflow-skinny) in the project env
 PSYCOPG2_VERSION=2.9.13
+DEEPSPEED_VERSION=0.19.8
 WHAT=${1:-all}
 PY=${PYTHON:-python}
 mkdir -p "$ENGINES"
@@ -74,6 +79,20 @@ mlflow_server() {
   touch "$venv/.finetune-mlflow-$MLFLOW_VERSION"
 }
 
+deepspeed_target() {
+  local target=$ENGINES/deepspeed
+  if [ -f "$target/.finetune-deepspeed-$DEEPSPEED_VERSION" ]; then
+    echo "setup_services: deepspeed $DEEPSPEED_VERSION already in $target"
+    return
+  fi
+  rm -rf "$target"
+  # --no-deps: torch, numpy, pydantic, psutil, packaging and tqdm come from the project env
+  "$PY" -m pip install -q --target "$target" --no-deps "deepspeed==$DEEPSPEED_VERSION" \
+    hjson==3.1.0 py-cpuinfo==9.0.0 einops msgpack ninja
+  PYTHONPATH=$target "$PY" -c "import deepspeed; print('deepspeed', deepspeed.__version__)"
+  touch "$target/.finetune-deepspeed-$DEEPSPEED_VERSION"
+}
+
 total=$SECONDS
 case $WHAT in
   postgres|all)
@@ -85,10 +104,14 @@ case $WHAT in
   mlflow|all) step "mlflow server venv" mlflow_server ;;
 esac
 case $WHAT in
-  postgres|mlflow|all) ;;
-  *) echo "usage: bash scripts/setup_services.sh [postgres|mlflow|all]" >&2; exit 2 ;;
+  deepspeed|all) step "deepspeed (--target)" deepspeed_target ;;
+esac
+case $WHAT in
+  postgres|mlflow|deepspeed|all) ;;
+  *) echo "usage: bash scripts/setup_services.sh [postgres|mlflow|deepspeed|all]" >&2; exit 2 ;;
 esac
 echo "setup_services: done in $((SECONDS - total)) s"
 [ -n "$(pg_bindir)" ] && echo "  FINETUNE_PG_BINDIR=$(pg_bindir)"
 [ -x "$ENGINES/mlflow/bin/mlflow" ] && echo "  FINETUNE_MLFLOW=$ENGINES/mlflow/bin/mlflow"
+[ -d "$ENGINES/deepspeed/deepspeed" ] && echo "  FINETUNE_DEEPSPEED_PATH=$ENGINES/deepspeed"
 exit 0
