@@ -370,3 +370,26 @@ def test_checking_the_docs_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _slug(heading: str) -> str:
+    """Python-Markdown's toc anchor for a heading (what mkdocs links to)."""
+    text = re.sub(r"[^\w\s-]", "", heading.replace("`", "")).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def test_readme_links_reach_pages_and_headings():
+    """mkdocs --strict checks the links inside docs/; the README is outside it, so this checks its links."""
+    missing = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", (ROOT / "README.md").read_text(encoding="utf-8")):
+        if "://" in target:
+            continue
+        path, _, anchor = target.partition("#")
+        page = ROOT / path
+        if not page.is_file():
+            missing.append(target)
+        elif anchor:
+            headings = re.findall(r"^#+ (.+)$", _blocks(page.read_text(encoding="utf-8"))[1], re.M)
+            if anchor not in {_slug(h) for h in headings}:
+                missing.append(target)
+    assert missing == []
