@@ -245,7 +245,7 @@ class DataSection(Section):
         False,
         description="Pack rows into sequences of up to max_seq_length tokens (padding-free); `train.batch_size` then "
         "counts packed sequences, so each step holds more rows and an epoch has fewer steps: a different "
-        "optimisation, which cost held-out quality at the same epochs in scripts/quality_gate.py (README, Speed). "
+        "optimisation, which cost held-out quality at the same epochs in scripts/quality_gate.py (docs/measurements/speed.md). "
         "`auto` (the old default, which packed with flash attention) still loads and means false, except "
         "when resuming a run that packed.",
     )
@@ -253,7 +253,7 @@ class DataSection(Section):
         False,
         description="Without packing, batch rows of similar length together (shuffled in groups of 50 batches): less "
         "padding, but batches far less random; off by default as it cost held-out quality in scripts/quality_gate.py "
-        "(README, Speed).",
+        "(docs/measurements/speed.md).",
     )
     train_on: Literal["assistant", "all"] = Field(
         "assistant",

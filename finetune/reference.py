@@ -1,4 +1,4 @@
-"""The recipe reference (docs/recipe.md), generated from the schema so that it can never disagree with it."""
+"""The recipe reference (docs/reference/recipe.md), generated from the schema so that it can never disagree with it."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ class Result:
 
 
 class RunDir:
-    """Paths of one run directory; the names are the contract in the README."""
+    """Paths of one run directory; the names are the contract in docs/reference/run-directory.md."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)

@@ -9,7 +9,7 @@ Which adapter answers: generation is serialised behind one lock, and the adapter
 (`set_adapter`, or `disable_adapter` for the base) inside it, so an answer can never come from
 another request's adapter. PEFT's mixed-batch `adapter_names` would batch requests for different
 adapters together, but needs a batcher in front; `scripts/bench_serve.py` measures what the lock
-costs (1 vs 4 resident adapters under mixed requests) and the README gives the figures.
+costs (1 vs 4 resident adapters under mixed requests) and docs/measurements/serving.md gives the figures.
 
 Safe by default: localhost; an API key (`--api-key` or FINETUNE_API_KEY) is required for every
 request when set and to bind any other address; max_tokens, prompt tokens, request body and the

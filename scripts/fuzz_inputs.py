@@ -1,4 +1,4 @@
-"""The long run of the bad-input properties of tests/test_fuzz.py, with figures for the README.
+"""The long run of the bad-input properties of tests/test_fuzz.py, with figures for docs/measurements/reliability.md.
 
     python scripts/fuzz_inputs.py [--examples 5000] [--cli 20]
 

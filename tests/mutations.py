@@ -1,7 +1,7 @@
 """Mutations of a valid recipe and of valid data rows, each with what must come of it.
 
 Shared by `test_fuzz.py` (Hypothesis, bounded for CI) and `scripts/fuzz_inputs.py` (the long run
-whose figures are in the README). A mutation is driven by a `random.Random`, so Hypothesis can
+whose figures are in docs/measurements/reliability.md). A mutation is driven by a `random.Random`, so Hypothesis can
 generate and shrink it (`st.randoms()`) and a plain seed can replay it.
 
 Which mutations must stay invalid is decided here, not guessed from the result:

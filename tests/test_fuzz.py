@@ -1,6 +1,6 @@
 """Generated bad input (Hypothesis): mutated recipes and data rows are refused with a location that points
 at the mutation, never accepted when invalid, never a traceback. See `mutations.py` for which mutation
-must fail; `scripts/fuzz_inputs.py` runs the same properties far longer (figures in the README).
+must fail; `scripts/fuzz_inputs.py` runs the same properties far longer (figures in docs/measurements/reliability.md).
 
 Examples are bounded for CI by the `ci` profile (FINETUNE_FUZZ_EXAMPLES overrides it).
 """
