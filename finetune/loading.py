@@ -20,7 +20,17 @@ from pydantic import BaseModel, ValidationError
 from finetune import callables
 from finetune.errors import Problem, RecipeError
 from finetune.recipe import BUILTIN_TEMPLATES, CallableRef, FieldRuleError, PathRef, Recipe, RecipeSource
-from finetune.yaml_source import Ambiguous, Document, KeyPath, Loc, display_path, dotted, load_file, parse
+from finetune.yaml_source import (
+    SURROGATE,
+    Ambiguous,
+    Document,
+    KeyPath,
+    Loc,
+    display_path,
+    dotted,
+    load_file,
+    parse,
+)
 
 SET_ORIGIN = "--set"
 DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt"}
@@ -42,7 +52,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        loader.problems.extend(located_problems(e, data, locs, Recipe))
+        loader.problems.extend(p for p in located_problems(e, data, locs, Recipe) if p.key not in loader.unreadable)
     if loader.problems:
         raise RecipeError(sorted(loader.problems, key=_problem_order))
     recipe._source = RecipeSource(Path(path), tuple(overrides), {k: str(v) for k, v in locs.items()})
@@ -56,12 +66,14 @@ class _Loader:
         self.problems: list[Problem] = []
         self.fatal = False  # some file could not be used at all, so its keys are missing
         self.dirs: dict[str, Path] = {SET_ORIGIN: Path.cwd()}
+        self.unreadable: set[str] = set()  # keys the YAML source refused the value of: no schema error repeats it
 
     def load(self, path: Path, chain: tuple[Path, ...]) -> tuple[Any, dict[KeyPath, Loc]]:
         path = path.expanduser().resolve()
         doc = load_file(path)
         self.dirs[display_path(path)] = path.parent
         self.problems.extend(doc.problems)
+        self.unreadable |= doc.unreadable
         if doc.data is None:
             if doc.problems:
                 self.fatal = True
@@ -122,6 +134,7 @@ class _Loader:
         doc = parse(text, SET_ORIGIN)
         # the value's YAML problems belong to this override: `--set lora.rank`, not `--set:1:3`
         self.problems.extend(Problem(p.message, SET_ORIGIN, f"{key}.{p.key}" if p.key else key) for p in doc.problems)
+        self.unreadable |= {f"{key}.{k}" if k else key for k in doc.unreadable}
         if doc.data is None and doc.problems:
             return  # not YAML: the override is reported and left out
         node: Any = data
@@ -204,6 +217,8 @@ class _Prepass:
 
     def _value(self, annotation: Any, metadata: list, value: Any, path: KeyPath) -> Any:
         types_, markers = _flatten(annotation, metadata)
+        if isinstance(value, str) and SURROGATE.search(value):
+            return value  # already reported where it was written; no path or module can be looked up by it
         if isinstance(value, Ambiguous):
             if bool in types_:
                 return value.as_bool()
@@ -330,8 +345,11 @@ def _sections_in(annotation: Any) -> list[tuple[type[BaseModel], bool]]:
 def located_problems(
     error: ValidationError, data: dict, locs: dict[KeyPath, Loc], root: type[BaseModel]
 ) -> list[Problem]:
-    """Every pydantic error of validating `data` as `root`, located at the file:line that set it."""
-    return [_problem(err, data, locs, root) for err in error.errors()]
+    """Every pydantic error of validating `data` as `root`, located at the file:line that set it.
+
+    Text that is not Unicode (a lone surrogate) was already reported by the YAML source where it was written.
+    """
+    return [_problem(err, data, locs, root) for err in error.errors() if err["type"] != "string_unicode"]
 
 
 def _problem(err: dict, data: dict, locs: dict[KeyPath, Loc], root: type[BaseModel]) -> Problem:

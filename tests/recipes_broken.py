@@ -656,7 +656,43 @@ BROKEN: list[Broken] = [
         ---
         name: other
         """,
-        ("recipe.yaml", "", "expected one YAML document, found several"),
+        ("recipe.yaml:3:1", "", "expected one YAML document, found a second one"),
+    ),
+    # --- input built to hang or crash a parser (issue 28): refused at its line --------------------
+    Broken(
+        "alias-bomb",
+        "a: &a [x, x, x, x, x, x, x, x, x]\n"
+        + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+        + GOOD,
+        (("recipe.yaml:1:29", "e[0]", "aliases here copy more than 10,000 values"),),
+    ),
+    Broken(
+        "deep-nesting",
+        GOOD + "extra: " + "[" * 5000 + "]" * 5000 + "\n",
+        (("recipe.yaml:7:107", "", "nested more than 100 levels deep"),),
+    ),
+    Broken(
+        "huge-integer", GOOD + "seed: " + "9" * 5000 + "\n", (("recipe.yaml:7:7", "seed", "5000 digits is too large"),)
+    ),
+    Broken(
+        "nul-byte", GOOD.replace("name: demo", "name: de\x00mo"), (("recipe.yaml:1:9", "", "0x0000 is not allowed"),)
+    ),
+    _case(
+        "lone-surrogates-in-path-and-text-fields",
+        """
+        name: demo
+        model:
+          base: "./mo\\ud800del"
+        data:
+          train:
+            - path: "data/\\udc80.jsonl"
+          chat_template: "t\\ud800.jinja"
+        output_dir: "runs/\\ud800"
+        """,
+        ("recipe.yaml:3:9", "model.base", "lone surrogate"),
+        ("recipe.yaml:6:13", "data.train[0].path", "lone surrogate"),
+        ("recipe.yaml:7:18", "data.chat_template", "lone surrogate"),
+        ("recipe.yaml:8:13", "output_dir", "lone surrogate"),
     ),
     _case("top-level-list", "- name: demo\n- model: x\n", ("recipe.yaml", "", "a recipe must be a mapping of keys")),
     _case("top-level-scalar", "just some text\n", ("recipe.yaml", "", "a recipe must be a mapping of keys")),
