@@ -34,6 +34,7 @@ from finetune.yaml_source import (
 
 SET_ORIGIN = "--set"
 DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt"}
+SHOWN_CHARS = 80  # of a bad value, in a message
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -239,7 +240,7 @@ class _Prepass:
                     return [self._value(item, [], v, (*path, i)) for i, v in enumerate(value)]
         elif isinstance(value, str) and markers and isinstance(markers[0], CallableRef):
             return callables.locate(value, self._base_dir(path)) if ":" in value else value
-        elif isinstance(value, str) and markers:
+        elif isinstance(value, str) and value and markers:  # "" is left for the schema to refuse
             return self._resolve(markers[0].kind, value, path)
         return value
 
@@ -427,6 +428,8 @@ def _message(kind: str, ctx: dict, value: Any, msg: str, path: KeyPath, root: ty
         return f"must have at least {ctx.get('min_length')} item(s){got}"
     if kind == "string_too_short":
         return "must not be empty"
+    if kind == "string_too_long":
+        return f"must be at most {ctx.get('max_length')} characters (got {len(value)})"
     if kind == "string_pattern_mismatch":
         return f"must match {ctx.get('pattern')} (letters, digits, '.', '_', '-'){got}"
     plain = {
@@ -480,6 +483,8 @@ def _show_bound(value: Any) -> str:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, str) and len(value) > SHOWN_CHARS:  # a 2 MB value is named, not printed
+        return f"{value[:SHOWN_CHARS]!r}... ({len(value):,} characters)"
     if isinstance(value, float) and math.isfinite(value):
         return repr(value)
     if isinstance(value, str | int | float | bool) or value is None:

@@ -658,6 +658,78 @@ BROKEN: list[Broken] = [
         """,
         ("recipe.yaml:3:1", "", "expected one YAML document, found a second one"),
     ),
+    # --- values validate once passed that train then refused, or ignored (issue 28) -----------------
+    _case("negative-seed", GOOD + "seed: -5\n", ("recipe.yaml:7:1", "seed", "must be ≥ 0")),
+    _case("seed-beyond-32-bits", GOOD + "seed: 1099511627776\n", ("recipe.yaml:7:1", "seed", "must be ≤ 4294967295")),
+    _case(
+        "non-finite-numbers",
+        GOOD + "lora:\n  alpha: .inf\n  dropout: .nan\ntrain:\n  lr: .inf\n",
+        ("recipe.yaml:8:3", "lora.alpha", "must be a finite number"),
+        ("recipe.yaml:9:3", "lora.dropout", "must be a finite number"),
+        ("recipe.yaml:11:3", "train.lr", "must be a finite number"),
+    ),
+    _case(
+        "name-too-long",
+        GOOD.replace("name: demo", "name: " + "a" * 300),
+        ("recipe.yaml:1:1", "name", "must be at most 100 characters (got 300)"),
+    ),
+    _case("empty-output-dir", GOOD + "output_dir: ''\n", ("recipe.yaml:7:1", "output_dir", "must not be empty")),
+    _case(
+        "misspelled-column",
+        """
+        name: demo
+        model: {base: ./model}
+        data:
+          train:
+            - path: data/train.jsonl
+              columns: {mesages: conversations}
+        """,
+        ("recipe.yaml:6:17", "data.train[0].columns.mesages", "did you mean 'messages'?"),
+    ),
+    _case(
+        "group-by-length-under-dpo",
+        """
+        name: demo
+        model: {base: ./model}
+        data:
+          train:
+            - path: data/train.jsonl
+              format: preference
+          group_by_length: true
+        train: {method: dpo}
+        """,
+        ("recipe.yaml:7:3", "data.group_by_length", "applies to sft only, not train.method dpo"),
+    ),
+    _case(
+        "padding-free-under-kto",
+        """
+        name: demo
+        model: {base: ./model}
+        data:
+          train:
+            - path: data/train.jsonl
+              format: unpaired
+          padding_free: true
+        train: {method: kto}
+        """,
+        ("recipe.yaml:7:3", "data.padding_free", "applies to sft only, not train.method kto"),
+    ),
+    _case(
+        "grpo-completion-longer-than-the-sequence",
+        """
+        name: demo
+        model: {base: ./model}
+        data:
+          train:
+            - path: data/train.jsonl
+          max_seq_length: 64
+        train:
+          method: grpo
+          batch_size: 8
+          grpo: {rewards: [exact_match], max_completion_length: 64}
+        """,
+        ("recipe.yaml:10:34", "train.grpo.max_completion_length", "must be less than data.max_seq_length (64)"),
+    ),
     # --- input built to hang or crash a parser (issue 28): refused at its line --------------------
     Broken(
         "alias-bomb",

@@ -664,3 +664,16 @@ def test_shipped_config_parses(path: Path, tmp_path: Path, monkeypatch):
         load_recipe(minimal)
     except RecipeError as e:
         pytest.fail(f"{_rel(path)} does not merge into a minimal recipe:\n{e}")
+
+
+def test_a_parent_run_that_does_not_exist_warns_in_validate_and_train_refuses_it_at_its_line(workspace: Path):
+    """CI may validate a pipeline before its parent is trained (a warning); train stops before loading anything."""
+    from finetune.lineage import ParentRunError, continue_parent
+    from finetune.preflight import preflight
+
+    write(workspace, RECIPE, GOOD.replace("  base: ./model\n", "  base: ./model\n  from_run: runs/sft\n"))
+    recipe = load_recipe(RECIPE)
+    with pytest.warns(UserWarning, match=r"recipe.yaml:4:3 model.from_run: runs/sft does not exist"):
+        preflight(recipe)
+    with pytest.raises(ParentRunError, match=r"^recipe.yaml:4:3 model.from_run runs/sft: not a run directory"):
+        continue_parent(recipe)
