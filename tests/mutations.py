@@ -280,6 +280,62 @@ def check_recipe(case: RecipeCase, workspace: Path, baseline: Recipe) -> str:
 
 # --- data rows ---------------------------------------------------------------------------------------
 
+# One valid row of every data format, with its shape variants: what generated tests mutate field by field.
+# `test_format_rows_cover_every_format` fails until a new format (recipe.FORMAT_FIELDS) has its rows here.
+FORMAT_ROWS: dict[str, list[dict[str, Any]]] = {
+    "messages": [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse: a b"},
+                               {"role": "assistant", "content": "b a"}]}],
+    "alpaca": [{"instruction": "Reverse", "input": "a b", "output": "b a", "system": "Be brief."}],
+    "completion": [{"prompt": "Reverse: a b ->", "completion": " b a"}, {"text": "Reverse: a b -> b a"}],
+    "preference": [
+        {"prompt": "Reverse: a b", "chosen": "b a", "rejected": "a b"},
+        {"chosen": [{"role": "user", "content": "Reverse: a b"}, {"role": "assistant", "content": "b a"}],
+         "rejected": [{"role": "user", "content": "Reverse: a b"}, {"role": "assistant", "content": "a b"}]},
+    ],
+    "unpaired": [{"prompt": "Reverse: a b", "completion": "b a", "label": True}],
+}  # fmt: skip
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # every file type a local source reads
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Write rows as the file type `path` ends in, the way other tools write them (CSV: every cell text)."""
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows), encoding="utf-8")
+    elif path.suffix == ".csv":
+        import csv
+
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows({k: str(v).lower() if isinstance(v, bool) else v for k, v in r.items()} for r in rows)
+    else:
+        import pyarrow as pa
+        from pyarrow import parquet
+
+        parquet.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def text_leaves(row: Any, path: tuple = ()) -> list[tuple]:
+    """Key paths of every string in a row (contents, prompts, answers, roles)."""
+    if isinstance(row, dict):
+        return [p for k, v in row.items() for p in text_leaves(v, (*path, k))]
+    if isinstance(row, list):
+        return [p for i, v in enumerate(row) for p in text_leaves(v, (*path, i))]
+    return [path] if isinstance(row, str) else []
+
+
+def with_value(row: Any, path: tuple, value: Any) -> Any:
+    """A deep copy of `row` with the value at `path` replaced."""
+    row = copy.deepcopy(row)
+    get(row, path[:-1])[path[-1]] = value
+    return row
+
+
 ROWS = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Reverse: a{i} b{i}"},
                   {"role": "assistant", "content": f"b{i} a{i}"}]}
