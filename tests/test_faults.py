@@ -58,12 +58,12 @@ def test_a_full_disk_in_an_atomic_write_names_the_file_and_keeps_the_old_one(tmp
 def test_a_failed_write_that_names_no_file_is_named_by_the_newest_file_being_written(tmp_path):
     """write() on a full disk raises ENOSPC without a filename: the file it was writing is still named."""
     final = tmp_path / "eval"
-    with pytest.raises(WriteError, match=rf"could not write {final / 'examples.jsonl'}: No space left on device"):
-        with atomic_dir(final) as tmp:
-            (tmp / "summary.json").write_text("{}")
-            os.utime(tmp / "summary.json", ns=(1, 1))
-            (tmp / "examples.jsonl").write_text("half a li")
-            raise disk_full()
+    message = rf"could not write {final / 'examples.jsonl'}: No space left on device"
+    with pytest.raises(WriteError, match=message), atomic_dir(final) as tmp:
+        (tmp / "summary.json").write_text("{}")
+        os.utime(tmp / "summary.json", ns=(1, 1))
+        (tmp / "examples.jsonl").write_text("half a li")
+        raise disk_full()
     assert not final.exists() and dot_leftovers(tmp_path) == []
 
 
