@@ -129,6 +129,9 @@ class _Loader:
         if not sep or not key.strip() or any(p == "" for p in parts):
             self.problems.append(Problem(f"expected key.path=value, got {override!r}", SET_ORIGIN))
             return
+        if SURROGATE.search(key):
+            self.problems.append(Problem("the key holds bytes that are not UTF-8 text", SET_ORIGIN))
+            return
         if parts[0] == "extends":
             self.problems.append(Problem("cannot be set with --set: write it in the recipe file", SET_ORIGIN, key))
             return
@@ -346,11 +349,8 @@ def _sections_in(annotation: Any) -> list[tuple[type[BaseModel], bool]]:
 def located_problems(
     error: ValidationError, data: dict, locs: dict[KeyPath, Loc], root: type[BaseModel]
 ) -> list[Problem]:
-    """Every pydantic error of validating `data` as `root`, located at the file:line that set it.
-
-    Text that is not Unicode (a lone surrogate) was already reported by the YAML source where it was written.
-    """
-    return [_problem(err, data, locs, root) for err in error.errors() if err["type"] != "string_unicode"]
+    """Every pydantic error of validating `data` as `root`, located at the file:line that set it."""
+    return [_problem(err, data, locs, root) for err in error.errors()]
 
 
 def _problem(err: dict, data: dict, locs: dict[KeyPath, Loc], root: type[BaseModel]) -> Problem:
@@ -428,6 +428,8 @@ def _message(kind: str, ctx: dict, value: Any, msg: str, path: KeyPath, root: ty
         return f"must have at least {ctx.get('min_length')} item(s){got}"
     if kind == "string_too_short":
         return "must not be empty"
+    if kind == "string_unicode":
+        return "holds a lone surrogate (such as \\ud800): not text any file or tokenizer can encode"
     if kind == "string_too_long":
         return f"must be at most {ctx.get('max_length')} characters (got {len(value)})"
     if kind == "string_pattern_mismatch":

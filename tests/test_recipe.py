@@ -677,3 +677,12 @@ def test_a_parent_run_that_does_not_exist_warns_in_validate_and_train_refuses_it
         preflight(recipe)
     with pytest.raises(ParentRunError, match=r"^recipe.yaml:4:3 model.from_run runs/sft: not a run directory"):
         continue_parent(recipe)
+
+
+def test_a_set_override_with_bytes_that_are_not_utf8_is_a_problem_not_a_crash(good: Path):
+    """A shell passes undecodable argument bytes as lone surrogates (`--set $'na\\xffme=1'`)."""
+    assert [(p.where, p.message) for p in problems_of(RECIPE, ["na\udcffme=1"])] == [
+        ("--set", "the key holds bytes that are not UTF-8 text")
+    ]
+    (problem,) = problems_of(RECIPE, ["name=\udcff"])
+    assert (problem.where, problem.key) == ("--set", "name") and "0xdcff is not allowed" in problem.message
