@@ -84,6 +84,9 @@ def load(spec: str, parameters: tuple[str, ...] = ()) -> Callable[..., Any]:
 
 
 def _check_parameters(fn: Callable[..., Any], name: str, parameters: tuple[str, ...]) -> None:
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+        kind = "a generator" if inspect.isgeneratorfunction(fn) else "async"
+        raise CallableError(f"{name} is {kind}: it must be a plain function that returns its value when called")
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -107,6 +110,8 @@ def _import_name(name: str) -> Any:
         raise CallableError(f"importing {name!r} failed: {type(e).__name__}: {e}") from None
     except Exception as e:  # the user's module failed while importing: say how, not where in our code
         raise CallableError(f"importing {name!r} failed: {type(e).__name__}: {e}") from None
+    except SystemExit as e:  # sys.exit() at import would end `validate` with its code and no word
+        raise CallableError(f"importing {name!r} failed: it called sys.exit({e.code!r}) while being imported") from None
 
 
 def _import_file(path: Path) -> Any:
@@ -145,4 +150,6 @@ def _exec_file(name: str, path: Path) -> Any:
         spec.loader.exec_module(module)
     except Exception as e:
         raise CallableError(f"importing {path} failed: {type(e).__name__}: {e}") from None
+    except SystemExit as e:
+        raise CallableError(f"importing {path} failed: it called sys.exit({e.code!r}) while being imported") from None
     return module

@@ -28,7 +28,8 @@ def parent_of(recipe: Recipe) -> RunDir | None:
     if recipe.model.from_run is None:
         return None
     run = RunDir(recipe.model.from_run)
-    where = f"model.from_run {recipe.model.from_run}"
+    located = recipe.source.where(("model", "from_run")) + " " if recipe.source else ""
+    where = f"{located}model.from_run {recipe.model.from_run}"
     if not run.manifest.is_file() or not run.recipe.is_file():
         raise ParentRunError(f"{where}: not a run directory (no manifest.json and recipe.yaml there); train it first")
     status = json.loads(run.manifest.read_text(encoding="utf-8")).get("status")

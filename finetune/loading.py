@@ -20,10 +20,21 @@ from pydantic import BaseModel, ValidationError
 from finetune import callables
 from finetune.errors import Problem, RecipeError
 from finetune.recipe import BUILTIN_TEMPLATES, CallableRef, FieldRuleError, PathRef, Recipe, RecipeSource
-from finetune.yaml_source import Ambiguous, Document, KeyPath, Loc, display_path, dotted, load_file, parse
+from finetune.yaml_source import (
+    SURROGATE,
+    Ambiguous,
+    Document,
+    KeyPath,
+    Loc,
+    display_path,
+    dotted,
+    load_file,
+    parse,
+)
 
 SET_ORIGIN = "--set"
 DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt"}
+SHOWN_CHARS = 80  # of a bad value, in a message
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -42,7 +53,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        loader.problems.extend(located_problems(e, data, locs, Recipe))
+        loader.problems.extend(p for p in located_problems(e, data, locs, Recipe) if p.key not in loader.unreadable)
     if loader.problems:
         raise RecipeError(sorted(loader.problems, key=_problem_order))
     recipe._source = RecipeSource(Path(path), tuple(overrides), {k: str(v) for k, v in locs.items()})
@@ -56,12 +67,14 @@ class _Loader:
         self.problems: list[Problem] = []
         self.fatal = False  # some file could not be used at all, so its keys are missing
         self.dirs: dict[str, Path] = {SET_ORIGIN: Path.cwd()}
+        self.unreadable: set[str] = set()  # keys the YAML source refused the value of: no schema error repeats it
 
     def load(self, path: Path, chain: tuple[Path, ...]) -> tuple[Any, dict[KeyPath, Loc]]:
         path = path.expanduser().resolve()
         doc = load_file(path)
         self.dirs[display_path(path)] = path.parent
         self.problems.extend(doc.problems)
+        self.unreadable |= doc.unreadable
         if doc.data is None:
             if doc.problems:
                 self.fatal = True
@@ -116,12 +129,16 @@ class _Loader:
         if not sep or not key.strip() or any(p == "" for p in parts):
             self.problems.append(Problem(f"expected key.path=value, got {override!r}", SET_ORIGIN))
             return
+        if SURROGATE.search(key):
+            self.problems.append(Problem("the key holds bytes that are not UTF-8 text", SET_ORIGIN))
+            return
         if parts[0] == "extends":
             self.problems.append(Problem("cannot be set with --set: write it in the recipe file", SET_ORIGIN, key))
             return
         doc = parse(text, SET_ORIGIN)
         # the value's YAML problems belong to this override: `--set lora.rank`, not `--set:1:3`
         self.problems.extend(Problem(p.message, SET_ORIGIN, f"{key}.{p.key}" if p.key else key) for p in doc.problems)
+        self.unreadable |= {f"{key}.{k}" if k else key for k in doc.unreadable}
         if doc.data is None and doc.problems:
             return  # not YAML: the override is reported and left out
         node: Any = data
@@ -204,6 +221,8 @@ class _Prepass:
 
     def _value(self, annotation: Any, metadata: list, value: Any, path: KeyPath) -> Any:
         types_, markers = _flatten(annotation, metadata)
+        if isinstance(value, str) and SURROGATE.search(value):
+            return value  # already reported where it was written; no path or module can be looked up by it
         if isinstance(value, Ambiguous):
             if bool in types_:
                 return value.as_bool()
@@ -224,7 +243,7 @@ class _Prepass:
                     return [self._value(item, [], v, (*path, i)) for i, v in enumerate(value)]
         elif isinstance(value, str) and markers and isinstance(markers[0], CallableRef):
             return callables.locate(value, self._base_dir(path)) if ":" in value else value
-        elif isinstance(value, str) and markers:
+        elif isinstance(value, str) and value and markers:  # "" is left for the schema to refuse
             return self._resolve(markers[0].kind, value, path)
         return value
 
@@ -409,6 +428,10 @@ def _message(kind: str, ctx: dict, value: Any, msg: str, path: KeyPath, root: ty
         return f"must have at least {ctx.get('min_length')} item(s){got}"
     if kind == "string_too_short":
         return "must not be empty"
+    if kind == "string_unicode":
+        return "holds a lone surrogate (such as \\ud800): not text any file or tokenizer can encode"
+    if kind == "string_too_long":
+        return f"must be at most {ctx.get('max_length')} characters (got {len(value)})"
     if kind == "string_pattern_mismatch":
         return f"must match {ctx.get('pattern')} (letters, digits, '.', '_', '-'){got}"
     plain = {
@@ -462,6 +485,8 @@ def _show_bound(value: Any) -> str:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, str) and len(value) > SHOWN_CHARS:  # a 2 MB value is named, not printed
+        return f"{value[:SHOWN_CHARS]!r}... ({len(value):,} characters)"
     if isinstance(value, float) and math.isfinite(value):
         return repr(value)
     if isinstance(value, str | int | float | bool) or value is None:

@@ -146,7 +146,7 @@ def prepare_quantized(recipe: Recipe, model: PreTrainedModel, checkpointing: boo
     int8: PEFT's prepare_model_for_kbit_training (every parameter that is not quantized in float32, as
     LLM.int8() training expects). 4-bit: nothing; the embeddings, head and norms stay in `model.dtype`, as
     the plain TRL script leaves them: half the memory of float32 (2.1 GB on Llama-3.1-8B) and measured no
-    worse on held-out loss (README, "QLoRA: the parameters that are not quantized"). A recipe that wants
+    worse on held-out loss (docs/measurements/speed.md, "QLoRA: the parameters that are not quantized"). A recipe that wants
     them in float32 says `model.dtype: float32` with `quantization.compute_dtype: bfloat16`.
     """
     if recipe.quantization.method != "int8":

@@ -6,7 +6,7 @@ quantization, modeling.prepare_quantized, TRL's adapter cast), attach the
 recipe's adapter with PEFT itself (exact parameter counts), then estimate memory per
 component, the work from the local data (tokenizer only), and the time on a named GPU.
 
-Every memory term is a formula of the model's shapes and the recipe; the README states them.
+Every memory term is a formula of the model's shapes and the recipe; docs/guides/plan.md states them.
 The plan is for the GPU a user will rent, so `model.dtype: auto` is planned as bfloat16.
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,13 @@ TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
 def preflight(recipe: Recipe) -> None:
-    """Raise a `RecipeError` with every problem found; return quietly when the recipe is ready to train."""
+    """Raise a `RecipeError` with every problem found; return quietly when the recipe is ready to train.
+
+    A parent run (`model.from_run`) that does not exist yet is a warning only: CI may validate a
+    pipeline's recipes before their parents are trained; `train` refuses it before loading anything.
+    """
+    for message in _warnings(recipe):
+        warnings.warn(message, stacklevel=2)
     found = problems(recipe)
     if found:
         raise RecipeError(found)
@@ -36,6 +43,14 @@ def preflight(recipe: Recipe) -> None:
 
 def problems(recipe: Recipe) -> list[Problem]:
     return [*_model_directory(recipe), *_callables(recipe)]
+
+
+def _warnings(recipe: Recipe) -> list[str]:
+    parent = recipe.model.from_run
+    if parent is None or Path(parent).is_dir():
+        return []
+    where = _where(recipe, ("model", "from_run"))
+    return [f"{where} model.from_run: {parent} does not exist (yet): train that run before this one"]
 
 
 def _where(recipe: Recipe, key: tuple[str | int, ...]) -> str:

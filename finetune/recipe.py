@@ -8,6 +8,7 @@ frozen (a validated recipe cannot drift while a run uses it) and documented fiel
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import shlex
@@ -25,6 +26,17 @@ GENERATION_METRICS = ("exact_match", "contains", "regex", "json_valid")  # score
 BUILTIN_METRICS = LOSS_METRICS + GENERATION_METRICS
 FOUR_BIT_OPTIONS = ("double_quant", "compute_dtype", "quant_storage")  # errors when set without nf4/fp4
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# A run name becomes file and folder names with our prefixes and suffixes (`.name.abc123.tmp`): far below 255 bytes
+NAME_MAX = 100
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit, and transformers' set_seed seeds numpy too
+# The fields each data format reads: what `columns` may map (finetune.data.formats reads them by these names)
+FORMAT_FIELDS = {
+    "messages": ("messages",),
+    "alpaca": ("instruction", "input", "output", "system"),
+    "completion": ("prompt", "completion", "text"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
+}
 GPU_MEMORY_SHARE = 0.9  # `gradient_checkpointing: auto` turns on when the estimated peak exceeds this share of the GPU
 # json_schema_extra of the keys that may change between a run and its `--resume`: they do not change what is trained
 RESUMABLE = {"resumable": True}
@@ -91,7 +103,8 @@ class FieldRuleError(ValueError):
 class Section(BaseModel):
     """Base of every recipe section: nested models do not inherit `model_config` otherwise."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
+    # allow_inf_nan=False: `.inf` and `.nan` are YAML numbers, but no option means anything with them
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True, allow_inf_nan=False)
 
 
 def _by_type(value: Any) -> str:
@@ -203,12 +216,27 @@ class DataSource(Section):
         "label true for a desirable completion: KTO only).",
     )
     columns: dict[str, str] = Field(
-        {}, description="Map the format's field names to this source's column names, e.g. {messages: conversations}."
+        {},
+        description="Map the format's field names to this source's column names, e.g. {messages: conversations}; "
+        "the fields: " + "; ".join(f"{name}: {', '.join(fields)}" for name, fields in FORMAT_FIELDS.items()) + ".",
     )
     split: str = Field("train", description="Split to read from a hub dataset.")
     subset: str | None = Field(None, description="Configuration (subset) of a hub dataset.")
     revision: str | None = Field(None, description="Hub dataset branch, tag or commit.")
     limit: int | None = Field(None, ge=1, description="Use at most this many rows (the first ones).")
+
+    @model_validator(mode="after")
+    def _known_columns(self) -> DataSource:
+        fields = FORMAT_FIELDS[self.format]
+        for key in self.columns:
+            if key not in fields:
+                hint = difflib.get_close_matches(key, fields, n=1)
+                raise FieldRuleError(
+                    f"columns.{key}",
+                    f"format {self.format} has no field {key!r}"
+                    + (f"; did you mean {hint[0]!r}?" if hint else f": map one of {', '.join(fields)}"),
+                )
+        return self
 
 
 class EvalSplit(Section):
@@ -245,7 +273,7 @@ class DataSection(Section):
         False,
         description="Pack rows into sequences of up to max_seq_length tokens (padding-free); `train.batch_size` then "
         "counts packed sequences, so each step holds more rows and an epoch has fewer steps: a different "
-        "optimisation, which cost held-out quality at the same epochs in scripts/quality_gate.py (README, Speed). "
+        "optimisation, which cost held-out quality at the same epochs in scripts/quality_gate.py (docs/measurements/speed.md). "
         "`auto` (the old default, which packed with flash attention) still loads and means false, except "
         "when resuming a run that packed.",
     )
@@ -253,7 +281,7 @@ class DataSection(Section):
         False,
         description="Without packing, batch rows of similar length together (shuffled in groups of 50 batches): less "
         "padding, but batches far less random; off by default as it cost held-out quality in scripts/quality_gate.py "
-        "(README, Speed).",
+        "(docs/measurements/speed.md).",
     )
     train_on: Literal["assistant", "all"] = Field(
         "assistant",
@@ -529,21 +557,31 @@ class EvalSection(Section):
 class Recipe(Section):
     """A complete fine-tuning recipe."""
 
-    name: str = Field(pattern=NAME_PATTERN, description="Run name; output_dir defaults to runs/<name>.")
+    name: str = Field(
+        pattern=NAME_PATTERN,
+        max_length=NAME_MAX,
+        description=f"Run name: letters, digits, `.`, `_`, `-`, at most {NAME_MAX} characters; output_dir defaults to "
+        "runs/<name>.",
+    )
     extends: str | list[str] | None = Field(
         None,
         description="Base recipe file(s), relative to this file, deep-merged in order; this file wins, lists replace.",
     )
-    seed: int = Field(42, description="Seed for data order, the eval split, LoRA initialisation and dropout.")
+    seed: int = Field(
+        42,
+        ge=0,
+        le=SEED_MAX,
+        description="Seed for data order, the eval split, LoRA initialisation and dropout: 0 to 2^32 - 1.",
+    )
     model: ModelSection = Field(description="The base model.")
     quantization: QuantizationSection = Field(QuantizationSection(), description="Quantization of the frozen base.")
     lora: LoraSection = Field(LoraSection(), description="The adapter.")
     data: DataSection = Field(description="Training and held-out data.")
     train: TrainSection = Field(TrainSection(), description="Optimisation.")
     eval: EvalSection = Field(EvalSection(), description="Held-out evaluation.", json_schema_extra=RESUMABLE)
-    output_dir: Annotated[str, PathRef("local")] | None = Field(
+    output_dir: Annotated[str, PathRef("local"), Field(min_length=1)] | None = Field(
         None,
-        description="Run directory; default runs/<name> under the working directory.",
+        description="Run directory (not empty); default runs/<name> under the working directory.",
         json_schema_extra=RESUMABLE,
     )
     # Set by `finetune.loading.load_recipe`, not a recipe key: the file, the --set overrides and the key locations
@@ -572,8 +610,9 @@ class Recipe(Section):
             )
         if method == "sft" and "unpaired" in formats:
             raise FieldRuleError("train.method", "sft cannot train on unpaired (KTO) data: use method kto")
-        if method != "sft" and self.data.packing is True:
-            raise FieldRuleError("data.packing", f"applies to sft only, not train.method {method}")
+        for option in ("packing", "group_by_length", "padding_free"):  # batching of SFT's token sequences
+            if method != "sft" and getattr(self.data, option) is True:
+                raise FieldRuleError(f"data.{option}", f"applies to sft only, not train.method {method}")
         return self
 
     def _grpo_fits(self, formats: set[str]) -> None:
@@ -582,6 +621,13 @@ class Recipe(Section):
             raise FieldRuleError("train.grpo", "method grpo needs train.grpo.rewards: the functions it maximises")
         if "unpaired" in formats:
             raise FieldRuleError("train.method", "grpo reads prompts (and answers as references), not unpaired data")
+        longest = self.data.max_seq_length
+        if longest != "auto" and o.max_completion_length >= longest:
+            raise FieldRuleError(
+                "train.grpo.max_completion_length",
+                f"must be less than data.max_seq_length ({longest}): the prompt and its completion share it "
+                f"(got {o.max_completion_length})",
+            )
         completions = t.batch_size * t.grad_accum
         if completions % o.num_generations:
             raise FieldRuleError(

@@ -1,4 +1,4 @@
-"""The recipe reference (docs/recipe.md), generated from the schema so that it can never disagree with it."""
+"""The recipe reference (docs/reference/recipe.md), generated from the schema so that it can never disagree with it."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ def markdown() -> str:
         "",
         "Generated from `finetune/recipe.py` by `finetune schema --markdown`; do not edit by hand.",
         "Every key is checked: an unknown key, a wrong type or an out-of-range value is an error with its file and line.",
+        "Numbers are YAML 1.2's: integers `42`, `-3`, `0x2A`, `0o52`; floats `2e-4`, `0.5`, `.5`; a float field takes "
+        "an integer too. Every number must be finite: `.inf` and `.nan` are refused.",
         "",
     ]
     for title, model in _sections(Recipe, ""):

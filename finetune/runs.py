@@ -51,7 +51,7 @@ class Result:
 
 
 class RunDir:
-    """Paths of one run directory; the names are the contract in the README."""
+    """Paths of one run directory; the names are the contract in docs/reference/run-directory.md."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -166,14 +166,32 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 @contextmanager
-def no_room_names(path: Path, kept: str):
-    """Turn a disk-full / read-only OSError into a WriteError that says what could not be written and what was kept."""
+def no_room_names(path: Path, kept: str, staging: Path | None = None):
+    """Turn a disk-full / read-only OSError into a WriteError that says what could not be written and what was kept.
+
+    `staging`: the folder the files are written in before they become `path`; the message then names the file
+    that was being written, where it would have ended up (`runs/x/adapter/adapter_model.safetensors`).
+    """
     try:
         yield
     except OSError as e:
         if e.errno not in NO_ROOM:
             raise
-        raise WriteError(f"could not write {path}: {e.strerror}; {kept}") from e
+        raise WriteError(f"could not write {_being_written(e, path, staging)}: {e.strerror}; {kept}") from e
+
+
+def _being_written(e: OSError, path: Path, staging: Path | None) -> Path:
+    """The file an OSError was writing: its own filename, else (a failed write() names none) the newest file in
+    `staging`, which is the one the disk filled up under."""
+    if staging is None:
+        return path
+    written = Path(e.filename) if e.filename else None
+    if written is None and staging.is_dir():
+        files = [f for f in staging.rglob("*") if f.is_file()]
+        written = max(files, key=lambda f: f.stat().st_mtime_ns, default=None)
+    if written is not None and written.is_relative_to(staging) and written != staging:
+        return path / written.relative_to(staging)
+    return written or path
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -184,14 +202,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def atomic_dir(final: Path):
     """Yield a temporary directory beside `final`, renamed to `final` only when the block completes.
 
-    A full or read-only disk is reported as WriteError naming `final`; `final` is then as it was.
+    A full or read-only disk is reported as WriteError naming the file in `final` that was being written;
+    `final` is then as it was.
     """
     kept = f"{final} is unchanged" if final.exists() else "nothing was written there"
     with no_room_names(final, kept):
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        with no_room_names(final, kept):
+        with no_room_names(final, kept, staging=tmp):
             yield tmp
         if final.exists():  # moved aside whole, never deleted in place: a kill leaves it absent, not half-deleted
             old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))

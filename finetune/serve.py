@@ -9,7 +9,7 @@ Which adapter answers: generation is serialised behind one lock, and the adapter
 (`set_adapter`, or `disable_adapter` for the base) inside it, so an answer can never come from
 another request's adapter. PEFT's mixed-batch `adapter_names` would batch requests for different
 adapters together, but needs a batcher in front; `scripts/bench_serve.py` measures what the lock
-costs (1 vs 4 resident adapters under mixed requests) and the README gives the figures.
+costs (1 vs 4 resident adapters under mixed requests) and docs/measurements/serving.md gives the figures.
 
 Safe by default: localhost; an API key (`--api-key` or FINETUNE_API_KEY) is required for every
 request when set and to bind any other address; max_tokens, prompt tokens, request body and the
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from finetune.data.templates import encode
@@ -237,6 +237,17 @@ class _Request(BaseModel):
     frequency_penalty: Literal[0] = 0
 
 
+def _unicode(value: Any) -> Any:
+    """A lone surrogate (`"\\ud800"`) is valid JSON but not text: the tokenizer cannot encode it (a 400, not a 500)."""
+    texts = [value] if isinstance(value, str) else [getattr(v, "text", v) for v in value]  # parts or prompts
+    try:
+        for text in texts:
+            text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone surrogate escape (such as \\ud800), which is not text") from None
+    return value
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
@@ -248,6 +259,7 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
+    _content_is_unicode = field_validator("content")(_unicode)
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -260,6 +272,7 @@ class ChatRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
+    _prompt_is_unicode = field_validator("prompt")(_unicode)
     echo: Literal[False] = False
 
 

@@ -108,7 +108,8 @@ class SafeTraining:
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self._saving = True
         try:
-            with no_room_names(final_root / name, "the last complete checkpoint is kept; free space, then --resume"):
+            kept = "the last complete checkpoint is kept; free space, then --resume"
+            with no_room_names(final_root / name, kept, staging=final_root / STAGING / name):
                 super()._save_checkpoint(model, trial)
         except BaseException:
             import shutil

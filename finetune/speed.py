@@ -3,7 +3,7 @@
 Each decision is a pure function of the recipe's setting, the machine's facts (`finetune.machine`)
 and the figures it is given, so that a test can decide for any machine; `finetune train` makes
 each one once and records it in the run's manifest. A recipe that names a value gets exactly
-that value. Measured effects: README ("Speed") and `scripts/bench.py`.
+that value. Measured effects: docs/measurements/speed.md and `scripts/bench.py`.
 """
 
 from __future__ import annotations

@@ -216,13 +216,12 @@ def _show(value: Any) -> str:
 
 
 def is_sweep_file(path: str | Path) -> bool:
-    """A sweep file names a recipe and what varies (`recipe:` with `grid:` or `search:`); anything else is a recipe."""
-    import yaml
+    """A sweep file names a recipe and what varies (`recipe:` with `grid:` or `search:`); anything else is a recipe.
 
-    try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False  # the recipe loader reports the file's problem with its location
+    Read by our YAML source, which bounds aliases, nesting and numbers; a file it cannot read is left to the
+    recipe loader, which reports the problem with its location.
+    """
+    doc = load_file(Path(path)).data
     return isinstance(doc, dict) and "recipe" in doc and bool({"grid", "search"} & doc.keys())
 
 

@@ -1,4 +1,4 @@
-"""The long run of the bad-input properties of tests/test_fuzz.py, with figures for the README.
+"""The long run of the bad-input properties of tests/test_fuzz.py, with figures for docs/measurements/reliability.md.
 
     python scripts/fuzz_inputs.py [--examples 5000] [--cli 20]
 
@@ -28,7 +28,17 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from mutations import RECIPE, VALID, check_recipe, check_rows, emit, mutate_recipe, mutate_rows  # noqa: E402
+from mutations import (  # noqa: E402
+    RECIPE,
+    VALID,
+    check_hostile,
+    check_recipe,
+    check_rows,
+    emit,
+    hostile_recipes,
+    mutate_recipe,
+    mutate_rows,
+)
 from recipes_broken import make_workspace  # noqa: E402
 
 from finetune.loading import load_recipe  # noqa: E402
@@ -54,6 +64,18 @@ def run_property(name: str, body, examples: int, tally: Counter) -> dict:
     tally.update(tried)
     return {"property": name, "tried": sum(tried.values()), **tried, "failure": failure,
             "seconds": round(time.time() - started, 1)}  # fmt: skip
+
+
+def hostile_checks(workspace: Path, tally: Counter) -> dict:
+    """Every hostile value at every schema field (an exhaustive list, not a sample), and an alias bomb."""
+    started, failures, cases = time.time(), [], hostile_recipes()
+    for case in cases:
+        try:
+            tally[check_hostile(case, workspace)] += 1
+        except Exception as e:
+            failures.append(f"{case.note}: {type(e).__name__}: {e}"[:500])
+    return {"property": "hostile recipes", "tried": len(cases), "failure": failures[0] if failures else None,
+            "failures": len(failures), "seconds": round(time.time() - started, 1)}  # fmt: skip
 
 
 def cli_checks(workspace: Path, n: int) -> dict:
@@ -92,6 +114,7 @@ def main() -> int:
                      args.examples, tally),
         run_property("data rows", lambda rng, ending: check_rows(mutate_rows(rng), workspace, ending),
                      args.examples, tally),
+        hostile_checks(workspace, tally),
     ]  # fmt: skip
     summary = {
         "inputs_tried": sum(p["tried"] for p in properties),

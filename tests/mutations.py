@@ -1,7 +1,7 @@
 """Mutations of a valid recipe and of valid data rows, each with what must come of it.
 
 Shared by `test_fuzz.py` (Hypothesis, bounded for CI) and `scripts/fuzz_inputs.py` (the long run
-whose figures are in the README). A mutation is driven by a `random.Random`, so Hypothesis can
+whose figures are in docs/measurements/reliability.md). A mutation is driven by a `random.Random`, so Hypothesis can
 generate and shrink it (`st.randoms()`) and a plain seed can replay it.
 
 Which mutations must stay invalid is decided here, not guessed from the result:
@@ -25,6 +25,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel
 
 from finetune.data.prepare import DataStats, load_samples
 from finetune.errors import DataError, RecipeError
@@ -202,6 +204,97 @@ def mutate_recipe(rng: random.Random) -> RecipeCase:
     return strange(rng, data)
 
 
+# --- hostile values at every field of the schema ----------------------------------------------------
+# Each is refused at the key and line it was written, whichever field it lands in; generated from the schema, so a
+# field added to it is covered without anyone listing it. (YAML text, put in place of a JSON placeholder.)
+HOSTILE_YAML = {
+    "surrogate": ("any", '"x\\ud800y"', "lone surrogate"),
+    "huge_integer": ("int", "9" * 5000, "5000 digits is too large"),
+    "infinity": ("float", ".inf", "must be a finite number"),
+    "nan": ("float", ".nan", "must be a finite number"),
+    "deep_nesting": ("any", "[" * 200 + "]" * 200, "nested more than 100 levels deep"),
+}
+
+
+def schema_fields(model: Any = Recipe, prefix: tuple = ()) -> list[tuple[tuple, set[str]]]:
+    """(key path, kinds) of every scalar or list field in the schema; kinds among int, float, text.
+
+    A section inside a list (data.train) is entered at item 0; `extends` is left out (it names files to read).
+    """
+    from finetune.loading import _flatten, _sections_in
+
+    out: list[tuple[tuple, set[str]]] = []
+    for name, info in model.model_fields.items():
+        path = (*prefix, name)
+        if path == ("extends",):
+            continue
+        sections = _sections_in(info.annotation)
+        for section, listed in sections:
+            out += schema_fields(section, (*path, 0) if listed else path)
+        types_, _ = _flatten(info.annotation, info.metadata)
+        kinds = {"int" for t in types_ if t is int} | {"float" for t in types_ if t is float}
+        if any(t is not type(None) and not (isinstance(t, type) and issubclass(t, BaseModel)) for t in types_):
+            out.append((path, kinds | {"text", "any"}))
+    return out
+
+
+def hostile_recipes() -> list[RecipeCase]:
+    """Every hostile value at every schema field that fits VALID's shape, plus an alias bomb before the recipe."""
+    cases = []
+    for path, kinds in schema_fields():
+        for kind, (needs, text, phrase) in HOSTILE_YAML.items():
+            data = copy.deepcopy(VALID)
+            if needs not in kinds or not _set_path(data, path, "@HOSTILE@"):
+                continue
+            emitted, where = emit(data)
+            raw = emitted.replace('"@HOSTILE@"', text)
+            key = "" if kind == "deep_nesting" else dotted(path)
+            cases.append(
+                RecipeCase("hostile", raw.encode(), True, key, where[path], f"{kind} at {dotted(path)}|{phrase}")
+            )
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    cases.append(RecipeCase("hostile", (bomb + emit(VALID)[0]).encode(), True, "", 1, "alias bomb|aliases here copy"))
+    return cases
+
+
+def _set_path(data: dict, path: tuple, value: Any) -> bool:
+    """Set `path` in `data`, making sections on the way; False where VALID's shape differs (a list for a section)."""
+    node: Any = data
+    for part in path[:-1]:
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                return False
+            node = node[part]
+            continue
+        if not isinstance(node, dict):
+            return False
+        node = node.setdefault(part, {})
+    if not isinstance(node, dict):
+        return False
+    node[path[-1]] = value
+    return True
+
+
+def check_hostile(case: RecipeCase, workspace: Path) -> str:
+    """A hostile recipe is refused, fast, with a problem at its line (and key); never another exception."""
+    import time
+
+    (workspace / RECIPE).write_bytes(case.text)
+    started = time.monotonic()
+    try:
+        load_recipe(RECIPE)
+    except RecipeError as e:
+        phrase = case.note.split("|")[1]
+        hits = [p for p in e.problems if p.where.startswith(f"{RECIPE}:{case.line}:") and phrase in p.message
+                and (not case.key or p.key == case.key)]  # fmt: skip
+        assert hits, f"{case.note}: no problem at line {case.line} key {case.key!r}: {e}"
+        assert time.monotonic() - started < 5, f"{case.note}: {time.monotonic() - started:.1f} s"
+        return "refused"
+    raise AssertionError(f"{case.note} was accepted")
+
+
 def misspell(rng: random.Random, key: str) -> str:
     i = rng.randrange(len(key))
     edit = rng.choice(("drop", "swap", "double", "case", "replace"))
@@ -280,12 +373,76 @@ def check_recipe(case: RecipeCase, workspace: Path, baseline: Recipe) -> str:
 
 # --- data rows ---------------------------------------------------------------------------------------
 
+# One valid row of every data format, with its shape variants: what generated tests mutate field by field.
+# `test_format_rows_cover_every_format` fails until a new format (recipe.FORMAT_FIELDS) has its rows here.
+FORMAT_ROWS: dict[str, list[dict[str, Any]]] = {
+    "messages": [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse: a b"},
+                               {"role": "assistant", "content": "b a"}]}],
+    "alpaca": [{"instruction": "Reverse", "input": "a b", "output": "b a", "system": "Be brief."}],
+    "completion": [{"prompt": "Reverse: a b ->", "completion": " b a"}, {"text": "Reverse: a b -> b a"}],
+    "preference": [
+        {"prompt": "Reverse: a b", "chosen": "b a", "rejected": "a b"},
+        {"chosen": [{"role": "user", "content": "Reverse: a b"}, {"role": "assistant", "content": "b a"}],
+         "rejected": [{"role": "user", "content": "Reverse: a b"}, {"role": "assistant", "content": "a b"}]},
+    ],
+    "unpaired": [{"prompt": "Reverse: a b", "completion": "b a", "label": True}],
+}  # fmt: skip
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # every file type a local source reads
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Write rows as the file type `path` ends in, the way other tools write them (CSV: every cell text)."""
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows), encoding="utf-8")
+    elif path.suffix == ".csv":
+        import csv
+
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows({k: str(v).lower() if isinstance(v, bool) else v for k, v in r.items()} for r in rows)
+    else:
+        import pyarrow as pa
+        from pyarrow import parquet
+
+        parquet.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def text_leaves(row: Any, path: tuple = ()) -> list[tuple]:
+    """Key paths of every string in a row (contents, prompts, answers, roles)."""
+    if isinstance(row, dict):
+        return [p for k, v in row.items() for p in text_leaves(v, (*path, k))]
+    if isinstance(row, list):
+        return [p for i, v in enumerate(row) for p in text_leaves(v, (*path, i))]
+    return [path] if isinstance(row, str) else []
+
+
+def with_value(row: Any, path: tuple, value: Any) -> Any:
+    """A deep copy of `row` with the value at `path` replaced."""
+    row = copy.deepcopy(row)
+    get(row, path[:-1])[path[-1]] = value
+    return row
+
+
 ROWS = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Reverse: a{i} b{i}"},
                   {"role": "assistant", "content": f"b{i} a{i}"}]}
     for i in range(4)
 ]  # fmt: skip
-DATA_MUTATIONS = ("drop_field", "change_type", "unknown_role", "insert_bytes", "cut_line")
+DATA_MUTATIONS = ("drop_field", "change_type", "unknown_role", "insert_bytes", "cut_line", "hostile")
+# Valid JSON that is no row's text, in place of a turn's content (raw JSON text): each must be refused at its line.
+HOSTILE_JSON = {
+    "surrogate": '"a\\ud800b"',  # a lone surrogate escape: valid JSON, not text
+    "huge_integer": "9" * 5000,  # beyond Python's 4,300-digit int limit
+    "deep_nesting": "[" * 5000 + "]" * 5000,  # beyond the recursion limit
+    "nan": "NaN",  # Python's json reads these; no text field takes them
+    "infinity": "-Infinity",
+}
 WRONG_TYPES = [None, 0, 1.5, True, [], {}, [1], {"x": 1}, ["a"]]
 
 
@@ -304,6 +461,14 @@ def mutate_rows(rng: random.Random) -> DataCase:
     mutation = rng.choice(DATA_MUTATIONS)
     must_fail: bool | None = True
     note = ""
+    if mutation == "hostile":
+        kind = rng.choice(sorted(HOSTILE_JSON))
+        turns = rows[j]["messages"]
+        i = rng.randrange(len(turns))
+        turns[i]["content"] = "@HOSTILE@"
+        lines = [json.dumps(r).encode() for r in rows]
+        lines[j] = lines[j].replace(b'"@HOSTILE@"', HOSTILE_JSON[kind].encode())
+        return DataCase(mutation, lines, j + 1, True, f"{kind} as messages[{i}].content")
     if mutation in ("drop_field", "change_type", "unknown_role"):
         turns = rows[j]["messages"]
         i = rng.randrange(len(turns))

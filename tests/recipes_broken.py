@@ -656,7 +656,115 @@ BROKEN: list[Broken] = [
         ---
         name: other
         """,
-        ("recipe.yaml", "", "expected one YAML document, found several"),
+        ("recipe.yaml:3:1", "", "expected one YAML document, found a second one"),
+    ),
+    # --- values validate once passed that train then refused, or ignored (issue 28) -----------------
+    _case("negative-seed", GOOD + "seed: -5\n", ("recipe.yaml:7:1", "seed", "must be ≥ 0")),
+    _case("seed-beyond-32-bits", GOOD + "seed: 1099511627776\n", ("recipe.yaml:7:1", "seed", "must be ≤ 4294967295")),
+    _case(
+        "non-finite-numbers",
+        GOOD + "lora:\n  alpha: .inf\n  dropout: .nan\ntrain:\n  lr: .inf\n",
+        ("recipe.yaml:8:3", "lora.alpha", "must be a finite number"),
+        ("recipe.yaml:9:3", "lora.dropout", "must be a finite number"),
+        ("recipe.yaml:11:3", "train.lr", "must be a finite number"),
+    ),
+    _case(
+        "name-too-long",
+        GOOD.replace("name: demo", "name: " + "a" * 300),
+        ("recipe.yaml:1:1", "name", "must be at most 100 characters (got 300)"),
+    ),
+    _case("empty-output-dir", GOOD + "output_dir: ''\n", ("recipe.yaml:7:1", "output_dir", "must not be empty")),
+    _case(
+        "misspelled-column",
+        """
+        name: demo
+        model: {base: ./model}
+        data:
+          train:
+            - path: data/train.jsonl
+              columns: {mesages: conversations}
+        """,
+        ("recipe.yaml:6:17", "data.train[0].columns.mesages", "did you mean 'messages'?"),
+    ),
+    _case(
+        "group-by-length-under-dpo",
+        """
+        name: demo
+        model: {base: ./model}
+        data:
+          train:
+            - path: data/train.jsonl
+              format: preference
+          group_by_length: true
+        train: {method: dpo}
+        """,
+        ("recipe.yaml:7:3", "data.group_by_length", "applies to sft only, not train.method dpo"),
+    ),
+    _case(
+        "padding-free-under-kto",
+        """
+        name: demo
+        model: {base: ./model}
+        data:
+          train:
+            - path: data/train.jsonl
+              format: unpaired
+          padding_free: true
+        train: {method: kto}
+        """,
+        ("recipe.yaml:7:3", "data.padding_free", "applies to sft only, not train.method kto"),
+    ),
+    _case(
+        "grpo-completion-longer-than-the-sequence",
+        """
+        name: demo
+        model: {base: ./model}
+        data:
+          train:
+            - path: data/train.jsonl
+          max_seq_length: 64
+        train:
+          method: grpo
+          batch_size: 8
+          grpo: {rewards: [exact_match], max_completion_length: 64}
+        """,
+        ("recipe.yaml:10:34", "train.grpo.max_completion_length", "must be less than data.max_seq_length (64)"),
+    ),
+    # --- input built to hang or crash a parser (issue 28): refused at its line --------------------
+    Broken(
+        "alias-bomb",
+        "a: &a [x, x, x, x, x, x, x, x, x]\n"
+        + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+        + GOOD,
+        (("recipe.yaml:1:29", "e[0]", "aliases here copy more than 10,000 values"),),
+    ),
+    Broken(
+        "deep-nesting",
+        GOOD + "extra: " + "[" * 5000 + "]" * 5000 + "\n",
+        (("recipe.yaml:7:107", "", "nested more than 100 levels deep"),),
+    ),
+    Broken(
+        "huge-integer", GOOD + "seed: " + "9" * 5000 + "\n", (("recipe.yaml:7:7", "seed", "5000 digits is too large"),)
+    ),
+    Broken(
+        "nul-byte", GOOD.replace("name: demo", "name: de\x00mo"), (("recipe.yaml:1:9", "", "0x0000 is not allowed"),)
+    ),
+    _case(
+        "lone-surrogates-in-path-and-text-fields",
+        """
+        name: demo
+        model:
+          base: "./mo\\ud800del"
+        data:
+          train:
+            - path: "data/\\udc80.jsonl"
+          chat_template: "t\\ud800.jinja"
+        output_dir: "runs/\\ud800"
+        """,
+        ("recipe.yaml:3:9", "model.base", "lone surrogate"),
+        ("recipe.yaml:6:13", "data.train[0].path", "lone surrogate"),
+        ("recipe.yaml:7:18", "data.chat_template", "lone surrogate"),
+        ("recipe.yaml:8:13", "output_dir", "lone surrogate"),
     ),
     _case("top-level-list", "- name: demo\n- model: x\n", ("recipe.yaml", "", "a recipe must be a mapping of keys")),
     _case("top-level-scalar", "just some text\n", ("recipe.yaml", "", "a recipe must be a mapping of keys")),

@@ -25,6 +25,14 @@ def one_argument(prediction):
     return 0.0
 
 
+async def later(prediction, reference):
+    return 1.0
+
+
+def lazily(prediction, reference):
+    yield 1.0
+
+
 THRESHOLD = 0.5
 """
 
@@ -35,6 +43,7 @@ def experiment(tmp_path: Path) -> Path:
     make_workspace(tmp_path)
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "mymetrics_rel.py").write_text(METRICS)
+    (tmp_path / "recipes" / "exits_at_import.py").write_text("import sys\n\nsys.exit(7)\n")
     (tmp_path / "elsewhere").mkdir()
     return tmp_path
 
@@ -57,7 +66,10 @@ def test_a_metric_beside_the_recipe_is_found_from_any_working_directory(experime
 @pytest.mark.parametrize(
     ("metric", "message"),
     [
-        ("mymetrics_rel:nope", "has no function 'nope'; it defines first_word, one_argument"),
+        ("mymetrics_rel:nope", "has no function 'nope'; it defines first_word, later, lazily, one_argument"),
+        ("mymetrics_rel:later", "later is async: it must be a plain function"),
+        ("mymetrics_rel:lazily", "lazily is a generator: it must be a plain function"),
+        ("exits_at_import:f", "it called sys.exit(7) while being imported"),
         ("mymetrics_rel:one_argument", "one_argument(prediction) must take (prediction, reference)"),
         ("mymetrics_rel:THRESHOLD", "'THRESHOLD' in "),
         ("no_such_module_here:f", "no module 'no_such_module_here'"),

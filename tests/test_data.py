@@ -301,3 +301,94 @@ def test_hub_dataset_is_read_from_a_prepopulated_hub_cache(tmp_path, tiny_model_
     missing = load_recipe(path, ["data.train.0.path=acme/absent"])
     with pytest.raises(DataError, match="acme/absent: hub dataset not in the local cache"):
         prepare_data(missing, tokenizer)
+
+
+# --- bad input found by generated tests (issue 28) ------------------------------------------------
+
+
+def read_row(row: dict, fmt: str):
+    """A row as training reads it: a sample for SFT, judged completions for the preference formats."""
+    from finetune.data.formats import to_judged
+
+    if fmt == "unpaired":
+        return to_judged(row, "w", source(fmt))
+    return to_sample(row, "w", source(fmt)), (to_judged(row, "w", source(fmt)) if fmt == "preference" else None)
+
+
+def test_format_rows_cover_every_format():
+    from mutations import FORMAT_ROWS
+
+    from finetune.recipe import FORMAT_FIELDS
+
+    assert set(FORMAT_ROWS) == set(FORMAT_FIELDS)
+    for fmt, rows in FORMAT_ROWS.items():
+        for row in rows:
+            read_row(row, fmt)  # each is valid
+
+
+def test_a_lone_surrogate_in_any_text_field_of_any_format_is_a_bad_row():
+    """`"\\ud800"` is valid JSON but not text: refused as not_utf8 (skippable), never a tokenizer TypeError."""
+    from mutations import FORMAT_ROWS, get, text_leaves, with_value
+
+    from finetune.data.formats import to_judged
+
+    tried = 0
+    for fmt, rows in FORMAT_ROWS.items():
+        for row in rows:
+            for path in text_leaves(row):
+                if path[-1] == "role":
+                    continue  # a bad role is refused as an unknown role
+                original, bad = get(row, path), row
+                for same in [p for p in text_leaves(row) if get(row, p) == original]:  # shared prompt turns too
+                    bad = with_value(bad, same, "x\ud800y")
+                readers = (
+                    [to_judged] if fmt == "unpaired" else [to_sample, to_judged] if fmt == "preference" else [to_sample]
+                )
+                for reader in readers:
+                    with pytest.raises(BadRow, match="lone surrogate") as info:
+                        reader(bad, "w", source(fmt))
+                    assert info.value.reason == "not_utf8"
+                    tried += 1
+    assert tried >= 20
+
+
+def test_a_conversation_pair_trains_on_the_chosen_conversation_under_sft():
+    """Both shapes of `preference` give SFT the chosen conversation, as the formats table says."""
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse: a b"}]
+    row = {"chosen": [*turns, {"role": "assistant", "content": "b a"}],
+           "rejected": [*turns, {"role": "assistant", "content": "a b"}]}  # fmt: skip
+    sample = to_sample(row, "w", source("preference"))
+    assert sample.messages == (("system", "Be brief."), ("user", "Reverse: a b"), ("assistant", "b a"))
+    text = to_sample({"prompt": "Reverse: a b", "chosen": "b a", "rejected": "a b"}, "w", source("preference"))
+    assert text.messages == (("user", "Reverse: a b"), ("assistant", "b a"))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json", ".parquet"])
+def test_kto_labels_read_from_every_file_type(tmp_path, suffix):
+    """A CSV label is the text 'true'/'false'; JSON and Parquet hold booleans: all read as the same labels."""
+    from mutations import write_rows
+
+    from finetune.data.preference import PreferenceStats, load_judged
+
+    rows = [{"prompt": f"Reverse: a{i} b", "completion": f"b a{i}", "label": i % 2 == 0} for i in range(4)]
+    path = write_rows(tmp_path / f"kto{suffix}", rows)
+    groups = load_judged([DataSource(path=str(path), format="unpaired")], "error", PreferenceStats())
+    assert [g[0].desirable for g in groups] == [True, False, True, False]
+
+
+def test_kto_with_every_row_skipped_says_why_not_max_of_an_empty_sequence(tmp_path, tokenizer):
+    from finetune.data.preference import prepare_preference
+
+    (tmp_path / "model").mkdir()
+    rows = [{"prompt": "p", "completion": "c", "label": "maybe"}] * 3
+    tiny.write_jsonl(tmp_path / "kto.jsonl", rows)
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(
+        "name: k\nmodel: {base: ./model}\ntrain: {method: kto}\n"
+        "data: {train: [{path: kto.jsonl, format: unpaired}], on_bad_row: skip, eval: {split_ratio: 0.2}}\n"
+    )
+    recipe = load_recipe(recipe_path, check_files=False)
+    with pytest.raises(
+        DataError, match=r"no valid training rows: .*kto.jsonl: 0 valid rows, 3 skipped \(3 wrong_type\)"
+    ):
+        prepare_preference(recipe, tokenizer)

@@ -43,16 +43,28 @@ def recipe_file(root: Path, model_dir: Path, extra: str = "") -> Path:
     return root / "recipe.yaml"
 
 
-def test_a_full_disk_in_an_atomic_write_names_the_folder_and_keeps_the_old_one(tmp_path):
+def test_a_full_disk_in_an_atomic_write_names_the_file_and_keeps_the_old_one(tmp_path):
     final = tmp_path / "adapter"
     with atomic_dir(final) as tmp:
         (tmp / "weights").write_text("complete")
     before = snapshot(final)
-    message = rf"could not write {final}: No space left on device; {final} is unchanged"
+    message = rf"could not write {final / 'weights'}: No space left on device; {final} is unchanged"
     with pytest.raises(WriteError, match=message), atomic_dir(final) as tmp:
         (tmp / "weights").write_text("parti")
         raise disk_full(tmp / "weights")
     assert snapshot(final) == before and dot_leftovers(tmp_path) == []
+
+
+def test_a_failed_write_that_names_no_file_is_named_by_the_newest_file_being_written(tmp_path):
+    """write() on a full disk raises ENOSPC without a filename: the file it was writing is still named."""
+    final = tmp_path / "eval"
+    message = rf"could not write {final / 'examples.jsonl'}: No space left on device"
+    with pytest.raises(WriteError, match=message), atomic_dir(final) as tmp:
+        (tmp / "summary.json").write_text("{}")
+        os.utime(tmp / "summary.json", ns=(1, 1))
+        (tmp / "examples.jsonl").write_text("half a li")
+        raise disk_full()
+    assert not final.exists() and dot_leftovers(tmp_path) == []
 
 
 def test_a_full_disk_while_saving_the_adapter_keeps_the_previous_adapter(tmp_path):
@@ -74,7 +86,8 @@ def test_a_full_disk_while_saving_the_adapter_keeps_the_previous_adapter(tmp_pat
     run = RunDir(tmp_path / "run")
     _save_adapter(run, Model(fail=False), Tokenizer())
     before = snapshot(run.adapter)
-    with pytest.raises(WriteError, match=rf"could not write {run.adapter}: No space left on device; .* is unchanged"):
+    written = run.adapter / "adapter_model.safetensors"
+    with pytest.raises(WriteError, match=rf"could not write {written}: No space left on device; .* is unchanged"):
         _save_adapter(run, Model(fail=True), Tokenizer())
     assert snapshot(run.adapter) == before and dot_leftovers(run.root) == []
 
@@ -123,7 +136,9 @@ def test_a_full_disk_mid_checkpoint_stops_naming_it_and_keeps_the_last_complete_
     with pytest.raises(WriteError) as e:
         train(recipe, progress=False)
     run = RunDir(recipe.run_dir)
-    assert f"could not write {run.checkpoints / 'checkpoint-6'}: No space left on device" in str(e.value)
+    assert f"could not write {run.checkpoints / 'checkpoint-6' / 'optimizer.pt'}: No space left on device" in str(
+        e.value
+    )
     assert "the last complete checkpoint is kept" in str(e.value)
     assert [p.name for p in run.complete_checkpoints()] == ["checkpoint-2", "checkpoint-4"]
     assert not (run.checkpoints / ".staging" / "checkpoint-6").exists()
@@ -148,7 +163,8 @@ def test_a_full_disk_while_merging_names_the_output_and_writes_nothing(tmp_path,
         raise disk_full(Path(folder) / "model.safetensors")
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_half)
-    with pytest.raises(WriteError, match=rf"could not write {out}: No space left on device; nothing was written there"):
+    message = rf"could not write {out / 'model.safetensors'}: No space left on device; nothing was written there"
+    with pytest.raises(WriteError, match=message):
         merge(run, out=out)
     assert not out.exists() and dot_leftovers(tmp_path) == []
 

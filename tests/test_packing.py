@@ -69,7 +69,7 @@ def test_length_grouped_order_is_fixed_by_seed_and_epoch_and_cuts_padding():
 @pytest.mark.slow
 def test_padding_free_batches_train_exactly_as_padded_ones(tiny_model_dir, tmp_path, monkeypatch):
     """The GPU default (`data.padding_free: auto`, on with flash attention) run here with SDPA: the same rows in
-    every step and the same loss, step for step, as TRL's padded batches. What packing is not (see README)."""
+    every step and the same loss, step for step, as TRL's padded batches. What packing is not: docs/guides/data.md."""
     from finetune.train import train
 
     monkeypatch.chdir(tmp_path)

@@ -664,3 +664,25 @@ def test_shipped_config_parses(path: Path, tmp_path: Path, monkeypatch):
         load_recipe(minimal)
     except RecipeError as e:
         pytest.fail(f"{_rel(path)} does not merge into a minimal recipe:\n{e}")
+
+
+def test_a_parent_run_that_does_not_exist_warns_in_validate_and_train_refuses_it_at_its_line(workspace: Path):
+    """CI may validate a pipeline before its parent is trained (a warning); train stops before loading anything."""
+    from finetune.lineage import ParentRunError, continue_parent
+    from finetune.preflight import preflight
+
+    write(workspace, RECIPE, GOOD.replace("  base: ./model\n", "  base: ./model\n  from_run: runs/sft\n"))
+    recipe = load_recipe(RECIPE)
+    with pytest.warns(UserWarning, match=r"recipe.yaml:4:3 model.from_run: runs/sft does not exist"):
+        preflight(recipe)
+    with pytest.raises(ParentRunError, match=r"^recipe.yaml:4:3 model.from_run runs/sft: not a run directory"):
+        continue_parent(recipe)
+
+
+def test_a_set_override_with_bytes_that_are_not_utf8_is_a_problem_not_a_crash(good: Path):
+    """A shell passes undecodable argument bytes as lone surrogates (`--set $'na\\xffme=1'`)."""
+    assert [(p.where, p.message) for p in problems_of(RECIPE, ["na\udcffme=1"])] == [
+        ("--set", "the key holds bytes that are not UTF-8 text")
+    ]
+    (problem,) = problems_of(RECIPE, ["name=\udcff"])
+    assert (problem.where, problem.key) == ("--set", "name") and "0xdcff is not allowed" in problem.message

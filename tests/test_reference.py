@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_recipe_reference_is_generated_from_the_schema():
-    assert (ROOT / "docs" / "recipe.md").read_text() == markdown(), "run: finetune schema --markdown -o docs/recipe.md"
+    assert (ROOT / "docs" / "reference" / "recipe.md").read_text() == markdown(), (
+        "run: finetune schema --markdown -o docs/reference/recipe.md"
+    )
 
 
 def test_json_schema_file_is_current():

@@ -259,3 +259,26 @@ def test_sigterm_drains_the_answer_in_flight_and_exits_0(serving_runs):
             process.kill()
     log = process.stdout.read()
     assert "Traceback" not in log and "Shutting down" in log
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ('{"model": "m", "messages": [{"role": "user", "content": "a\\ud800"}]}', "messages.0.content"),
+        ('{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+         "messages.0.content"),
+        ('{"model": "m", "prompt": "\\ud800"}', "prompt"),
+        ('{"model": "m", "prompt": ["ok", "\\udfff"]}', "prompt"),
+    ],
+)  # fmt: skip
+def test_a_lone_surrogate_in_a_request_is_a_400_naming_the_parameter(body, param):
+    """Valid JSON, not text: refused by request validation (it was a 500 from the tokenizer)."""
+    from pydantic import ValidationError
+
+    from finetune.serve import ChatRequest, CompletionRequest, validation_error
+
+    model = ChatRequest if "messages" in body else CompletionRequest
+    with pytest.raises(ValidationError) as e:
+        model.model_validate(json.loads(body))  # as FastAPI does: Python's json reads the escape
+    error = validation_error(e.value.errors())
+    assert (error.status, error.param) == (400, param) and "lone surrogate" in str(error)

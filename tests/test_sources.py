@@ -277,3 +277,46 @@ def test_finetune_data_answers_a_latin1_line_and_a_bom(tmp_path, tiny_tokenizer_
     skipped = run("--set", "data.on_bad_row=skip")
     assert skipped.exit_code == 0, skipped.stderr
     assert "3 rows (1 skipped: 1 not_utf8)" in skipped.stdout  # the BOM line 1 is a row like the others
+
+
+# --- bad input found by generated tests (issue 28) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ('prompt,completion\n"abc,"Reverse: c","d, c"\nok,fine\n', 2, "',' expected after '\"'"),
+        ('prompt,completion\nok,fine\n"Reverse: a b","b a\n', 3, "the file ends inside a quoted cell"),
+    ],
+    ids=["stray-quote", "cut-inside-a-quoted-cell"],
+)
+def test_csv_with_broken_quoting_is_refused_at_the_line_it_starts(tmp_path, text, line, message):
+    path = tmp_path / "train.csv"
+    path.write_text(text)
+    with pytest.raises(DataError) as e:
+        read(path, "completion")
+    assert e.value.problems[0].where == f"{path}:{line}" and message in str(e.value)
+    samples, stats = read(path, "completion", skip=True)
+    assert [s.prompt for s in samples] == ["ok"] and stats.sources[0].skipped_by_reason == {"invalid_csv": 1}
+
+
+def test_a_parquet_date_beyond_pythons_range_in_an_unused_column_does_not_stop_the_file(tmp_path):
+    import pyarrow as pa
+    from pyarrow import parquet
+
+    path = tmp_path / "train.parquet"
+    dates = pa.array([2**31 - 1, 0], type=pa.date32())  # year 5,881,580: beyond datetime.date
+    parquet.write_table(pa.table({"prompt": ["a", "b"], "completion": ["x", "y"], "added": dates}), path)
+    samples, _ = read(path, "completion")
+    assert [(s.prompt, s.completion) for s in samples] == [("a", "x"), ("b", "y")]
+
+
+def test_a_lone_surrogate_escape_in_jsonl_names_the_line_or_is_skipped_as_not_utf8(tmp_path):
+    path = tmp_path / "train.jsonl"
+    bad = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\ud800"}]}
+    path.write_text(jsonl(ROWS[:1]) + json.dumps(bad) + "\n")  # json.dumps writes it as the escape \ud800
+    with pytest.raises(DataError) as e:
+        read(path)
+    assert e.value.problems[0].where == f"{path}:2" and "lone surrogate" in str(e.value)
+    samples, stats = read(path, skip=True)
+    assert len(samples) == 1 and stats.sources[0].skipped_by_reason == {"not_utf8": 1}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
 
 from finetune.errors import Problem
-from finetune.yaml_source import Ambiguous, Loc, display_path, dotted, load_file, parse
+from finetune.yaml_source import MAX_DEPTH, Ambiguous, Loc, display_path, dotted, load_file, parse
 
 
 def value_of(text: str):
@@ -69,6 +70,9 @@ def test_duplicate_key_inside_a_list_item():
         ("+7", 7),
         ("010", 10),  # YAML 1.1 (PyYAML) reads this as octal 8
         ("0", 0),
+        ("0x2A", 42),  # YAML 1.2 core schema: hex and 0o octal are integers
+        ("0o52", 42),
+        ("0xff", 255),
     ],
 )
 def test_numbers_follow_yaml_1_2(text: str, expected):
@@ -83,7 +87,7 @@ def test_special_floats():
     assert math.isnan(value_of(".nan"))
 
 
-@pytest.mark.parametrize("text", ["1_000", "0x10", "1e", "1.2.3", "12abc", "e5", "v1.0"])
+@pytest.mark.parametrize("text", ["1_000", "0b101", "-0x10", "0x", "0o8", "1e", "1.2.3", "12abc", "e5", "v1.0"])
 def test_not_numbers_stay_text(text: str):
     assert value_of(text) == text
     assert type(value_of(text)) is str
@@ -172,6 +176,53 @@ def test_quoted_double_angle_is_an_ordinary_key():
     assert parse("'<<': 1\n", "t.yaml").data == {"<<": 1}
 
 
+def test_an_alias_bomb_is_refused_at_once_with_a_line():
+    """Nine aliases of nine aliases ... expand to 9^9 values: refused after MAX_ALIAS_COPIES, not built."""
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    started = time.monotonic()
+    doc = parse(bomb + "name: demo\n", "t.yaml")
+    assert time.monotonic() - started < 5
+    assert doc.data is None
+    (problem,) = doc.problems
+    assert problem.where.startswith("t.yaml:1:") and "aliases" in problem.message
+
+
+def test_a_recursive_alias_is_refused():
+    (problem,) = parse("a: &a [1, *a]\n", "t.yaml").problems
+    assert problem.where.startswith("t.yaml:1:") and "refer to themselves" in problem.message
+
+
+@pytest.mark.parametrize("depth", [150, 5000])
+def test_deep_nesting_is_refused_with_a_line_not_a_recursion_error(depth: int):
+    doc = parse("a: " + "[" * depth + "]" * depth + "\n", "t.yaml")
+    (problem,) = doc.problems
+    assert problem.where.startswith("t.yaml:1:") and f"nested more than {MAX_DEPTH} levels" in problem.message
+
+
+def test_an_integer_beyond_pythons_digit_limit_is_a_located_problem():
+    doc = parse("seed: 1\nx: " + "7" * 5000 + "\n", "t.yaml")
+    assert [(p.where, p.key) for p in doc.problems] == [("t.yaml:2:4", "x")]
+    assert "5000 digits is too large" in doc.problems[0].message
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['x: "a\\ud800b"\n', 'x: [ok, "\\udfff"]\n', '"\\ud800": 1\n', 'x: !!str "\\udc80"\n', "x: caf\udce9\n"],
+)
+def test_lone_surrogates_are_refused_where_they_were_written(text: str):
+    """Escaped in a file, or a raw one: what `--set x=$'\\xe9'` makes of a non-UTF-8 argument."""
+    doc = parse(text, "t.yaml")
+    assert len(doc.problems) == 1 and doc.problems[0].where.startswith("t.yaml:1:"), doc.problems
+
+
+def test_a_nul_byte_is_reported_at_its_line_and_column():
+    doc = parse("a: 1\nb: x\x00y\n", "t.yaml")
+    assert [p.where for p in doc.problems] == ["t.yaml:2:5"]
+    assert "0x0000" in doc.problems[0].message
+
+
 def test_anchors_and_aliases_copy_values():
     doc = parse("a: &targets [q_proj, v_proj]\nb: *targets\n", "t.yaml")
     assert doc.problems == []
@@ -208,7 +259,7 @@ def test_invalid_yaml_reports_line_and_column(text: str, where: str, reason: str
 def test_several_documents_are_refused():
     doc = parse("a: 1\n---\nb: 2\n", "t.yaml")
     assert doc.data is None
-    assert doc.problems == [Problem("expected one YAML document, found several (---)", "t.yaml")]
+    assert doc.problems == [Problem("expected one YAML document, found a second one (after ---) here", "t.yaml:3:1")]
 
 
 @pytest.mark.parametrize("text", ["", "\n", "# just a comment\n", "---\n"])
@@ -243,13 +294,16 @@ def test_load_file_missing_or_not_text(tmp_path: Path, monkeypatch):
     missing = load_file(tmp_path / "nope.yaml")
     assert missing.data is None
     assert missing.problems == [Problem("cannot read file: No such file or directory", "nope.yaml")]
-    (tmp_path / "bin.yaml").write_bytes(b"a: \xff\xfe\n")
+    (tmp_path / "bin.yaml").write_bytes(b"a: 1\nb: ok \xff\xfe\n")
     binary = load_file(tmp_path / "bin.yaml")
     assert binary.data is None
-    assert binary.problems == [Problem("not a UTF-8 text file", "bin.yaml")]
+    assert [p.where for p in binary.problems] == ["bin.yaml:2:7"]
+    assert binary.problems[0].message.startswith("not a UTF-8 text file: byte 0xff")
 
 
-@pytest.mark.parametrize("text", ["1234e56", "no", "on", "null", "~", "42", "-1.5", ".inf", "true", "plain", "a: b"])
+@pytest.mark.parametrize(
+    "text", ["1234e56", "no", "on", "null", "~", "42", "-1.5", ".inf", "true", "plain", "a: b", "0x2A", "0o7"]
+)
 def test_dump_quotes_what_would_not_read_back_as_text(text):
     from finetune.yaml_source import dump, parse
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune.recipe import DataSource
+from finetune.yaml_source import SURROGATE
 
 ROLES = ("system", "user", "assistant")
 # A conversation of more turns is refused: masks are found by rendering each assistant turn's prefix, which
@@ -91,12 +92,10 @@ def _sample(row: dict, where: str, source: DataSource) -> Sample:
         return Sample(
             where, prompt=_text(get("prompt"), "prompt", empty=True), completion=_text(get("completion"), "completion")
         )
-    # preference: SFT trains on the chosen answer; rejected is validated and kept for preference stages
-    prompt, chosen = get("prompt"), get("chosen")
-    _text_or_turns(get("rejected"), "rejected")
-    turns = _messages(prompt) if isinstance(prompt, list) else (("user", _text(prompt, "prompt")),)
-    answer = _text_or_turns(chosen, "chosen")
-    return Sample(where, messages=_messages([{"role": r, "content": c} for r, c in (*turns, ("assistant", answer))]))
+    # preference: SFT trains on the chosen conversation, in either shape (a prompt with text answers, or chosen and
+    # rejected conversations sharing their prompt turns); the pair is read as the preference stages read it
+    chosen, _ = to_judged(row, where, source)
+    return Sample(where, messages=_messages([{"role": r, "content": c} for r, c in chosen.as_sample().messages]))
 
 
 def to_judged(row: Any, where: str, source: DataSource, pair: int = -1) -> list[Judged]:
@@ -106,6 +105,8 @@ def to_judged(row: Any, where: str, source: DataSource, pair: int = -1) -> list[
     get = _getter(row, source)
     if source.format == "unpaired":
         label = get("label")
+        if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # CSV cells are text
+            label = label.strip().lower() == "true"
         if not isinstance(label, bool):
             raise BadRow(f"field 'label' must be true or false, got {label!r}")
         answer = get("completion")
@@ -165,9 +166,16 @@ def _has(row: dict, source: DataSource, field: str) -> bool:
 def _text(value: Any, field: str, empty: bool = False) -> str:
     if not isinstance(value, str):
         raise BadRow(f"field {field!r} must be text, got {type(value).__name__}")
+    _encodable(value, f"field {field!r}")
     if not empty and not value.strip():
         raise BadRow(f"field {field!r} is empty", "empty_text")
     return value
+
+
+def _encodable(text: str, what: str) -> None:
+    """A lone surrogate (JSON's `"\\ud800"`) is valid JSON but not text: no tokenizer or file can encode it."""
+    if SURROGATE.search(text):
+        raise BadRow(f"{what} holds a lone surrogate escape (such as \\ud800), which is not text", "not_utf8")
 
 
 def _text_or_turns(value: Any, field: str) -> str:
@@ -193,6 +201,7 @@ def _messages(value: Any) -> tuple[tuple[str, str], ...]:
             raise BadRow(f"turn {i} has unknown role {role!r}; roles are {', '.join(ROLES)}{hint}", "unknown_role")
         if not isinstance(content, str):
             raise BadRow(f"turn {i} ({role}) content must be text, got {type(content).__name__}")
+        _encodable(content, f"turn {i} ({role}) content")
         if role == "assistant" and not content.strip():
             raise BadRow(f"turn {i} (assistant) is empty", "empty_text")
         turns.append((role, content))

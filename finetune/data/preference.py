@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.data import sources
 from finetune.data.formats import BadRow, Judged, Sample, to_judged
-from finetune.data.prepare import SourceStats, _round_up, percentile
+from finetune.data.prepare import SourceStats, _nothing_left, _round_up, percentile
 from finetune.data.templates import apply_chat_template, render
 from finetune.errors import DataError, Problem, UserError
 from finetune.recipe import DataSource, Recipe
@@ -107,12 +107,14 @@ def load_judged(sources_: list[DataSource], on_bad_row: str, stats: PreferenceSt
         stats.sources.append(entry)
         for row in sources.read_rows(source):
             try:
+                if row.problem is not None:  # not UTF-8, not JSON, malformed CSV: said as SFT data says it
+                    raise BadRow(row.problem[1], row.problem[0])
                 groups.append(to_judged(row.data, row.where, source, pair=len(groups)))
                 entry.rows += 1
             except BadRow as e:
                 if on_bad_row == "error":
                     raise DataError(Problem(f"{e} (set data.on_bad_row: skip to skip such rows)", row.where)) from None
-                entry.skipped += 1
+                entry.skip(e.reason)
     return groups
 
 
@@ -120,6 +122,8 @@ def _split(recipe: Recipe, stats: PreferenceStats) -> tuple[list[list[Judged]], 
     """Train and held-out groups: explicit eval sources, or a seeded `split_ratio` of the training groups."""
     data = recipe.data
     train = load_judged(list(data.train), data.on_bad_row, stats)
+    if not train:  # every row skipped (on_bad_row: skip): say which files and why
+        raise DataError(_nothing_left(stats, 0))
     if data.eval is None:
         return train, []
     if isinstance(data.eval, list):

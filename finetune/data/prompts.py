@@ -63,7 +63,10 @@ def prepare_prompts(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Promp
     train_rows = _rows(tokenizer, train, recipe.data.max_seq_length, budget, stats)
     eval_rows = _rows(tokenizer, held_out, recipe.data.max_seq_length, budget, PromptStats())
     if not train_rows:
-        raise DataError(f"no training prompts left: {stats.dropped} longer than data.max_seq_length allows")
+        raise DataError(
+            f"no training prompts left: {stats.dropped} longer than data.max_seq_length ({recipe.data.max_seq_length}) "
+            f"minus train.grpo.max_completion_length ({budget}) allows"
+        )
     eval_keys = {r["prompt"] for r in eval_rows}
     stats.duplicates_train_eval = sum(r["prompt"] in eval_keys for r in train_rows)
     stats.train_rows, stats.eval_rows = len(train_rows), len(eval_rows)

@@ -189,14 +189,20 @@ def _csv(path: Path, name: str) -> Iterator[Row]:
     """
     csv.field_size_limit(MAX_ROW_BYTES)
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
-        reader = csv.DictReader(fh)
+        reader = csv.DictReader(fh, strict=True)  # a stray quote, or a file cut inside a quoted cell, is an error
+        try:
+            reader.fieldnames  # noqa: B018 -- reads the header now, so that line numbers below count it
+        except csv.Error as e:
+            raise DataError(Problem(f"malformed CSV header: {e}", f"{name}:1")) from None
         while True:
+            starts = reader.line_num + 1  # a malformed record is named by the line it starts on
             try:
                 row = next(reader)
             except StopIteration:
                 return
             except csv.Error as e:
-                yield _bad(f"{name}:{reader.line_num}", "invalid_csv", f"malformed CSV: {e}")
+                cut = " (the file ends inside a quoted cell: truncated?)" if "end of data" in str(e) else ""
+                yield _bad(f"{name}:{starts}", "invalid_csv", f"malformed CSV: {e}{cut}")
                 continue
             where = f"{name}:{reader.line_num}"
             if None in row or None in row.values():
@@ -217,11 +223,20 @@ def _parquet(path: Path, name: str) -> Iterator[Row]:
         batches = table.iter_batches(batch_size=1024)
         n = 0
         for batch in batches:
-            for row in batch.to_pylist():
+            for row in _dates_as_text(batch).to_pylist():
                 n += 1
                 yield Row(row, f"{name}:row {n}")
     except ArrowException as e:
         raise DataError(Problem(f"not a readable Parquet file (truncated or another format?): {e}", name)) from None
+
+
+def _dates_as_text(batch: Any) -> Any:
+    """Date, time and duration columns as text, the way Arrow writes them: Python's datetime cannot hold every
+    Arrow date (year 5,000,000 is one), and a column no format reads must not stop the file."""
+    import pyarrow as pa
+
+    columns = [c.cast(pa.string()) if pa.types.is_temporal(c.type) else c for c in batch.columns]
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
 def _not_utf8(line: bytes, e: UnicodeDecodeError, offset: int | None = None) -> str:
