@@ -43,14 +43,16 @@ def log_results(recipe: Recipe, run: RunDir) -> None:
     A tracker that fails (a server gone away) warns instead of failing the run: the run is complete
     on disk, and `finetune runs show` still has every figure.
     """
-    manifest = json.loads(run.manifest.read_text(encoding="utf-8"))
+    trackers = [(name, log) for name, log in TRACKERS.items() if name in recipe.train.report_to]
+    if not trackers:
+        return
+    manifest = json.loads(run.manifest.read_text(encoding="utf-8"))  # written by this process a moment ago
     figures = heldout_figures(EvalSummary.from_dict(manifest.get("eval")))
-    for tracker, log in (("mlflow", _log_mlflow), ("tensorboard", _log_tensorboard)):
-        if tracker in recipe.train.report_to:
-            try:
-                log(recipe, run, manifest, figures)
-            except Exception as e:
-                warnings.warn(f"could not log the held-out results to {tracker}: {redact_text(str(e))}", stacklevel=2)
+    for name, log in trackers:
+        try:
+            log(recipe, run, manifest, figures)
+        except Exception as e:
+            warnings.warn(f"could not log the held-out results to {name}: {redact_text(str(e))}", stacklevel=2)
 
 
 def heldout_figures(summary: EvalSummary | None) -> dict[str, float]:
@@ -140,3 +142,6 @@ def _log_tensorboard(recipe: Recipe, run: RunDir, manifest: dict[str, Any], figu
 def _markdown_code(text: str) -> str:
     """TensorBoard renders text as Markdown: indent the YAML so it stays as written."""
     return "\n".join("    " + line for line in redact_text(text).splitlines())
+
+
+TRACKERS = {"mlflow": _log_mlflow, "tensorboard": _log_tensorboard}  # wandb: the trainer's curve only
