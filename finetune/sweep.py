@@ -113,10 +113,42 @@ def _storage(s: Sweep, url: str | None) -> Any:
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     if url and "://" in url:
-        return url
+        return _database(url)
     path = str(Path(url) if url else s.dir / JOURNAL)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+def _database(url: str) -> Any:
+    """Optuna's RDB storage on `url`. Workers started together on a fresh database race to create its tables
+    (PostgreSQL: a duplicate `studydirection` type); the loser finds them made and only needs to connect again."""
+    import sqlalchemy.exc
+    from optuna.storages import RDBStorage
+
+    for attempt in range(5):
+        try:
+            return RDBStorage(url)
+        except ImportError as e:
+            missing = getattr(e.__cause__, "name", None) or e.name  # Optuna wraps the driver's ImportError
+            raise UserError(
+                f"--storage {_shown(url)}: its database driver is not installed (no module {missing!r}); for "
+                "PostgreSQL: pip install psycopg2-binary, with a postgresql+psycopg2://user@host/db URL"
+            ) from None
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _shown(url: str) -> str:
+    """The URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
 
 
 def _sampler(s: Sweep, worker: bool) -> Any:

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from finetune import methods
+from finetune import methods, sharding
 from finetune.data import PreparedData, prepare_data
 from finetune.errors import (
     LaunchError,
@@ -72,6 +72,7 @@ from finetune.speed import (
     needs_peak,
 )
 from finetune.summary import EvalPoint, EvalSummary
+from finetune.tracking import log_results
 
 LAUNCHED = "FINETUNE_LAUNCHED"  # set in the processes `train.distributed` launches
 
@@ -159,6 +160,8 @@ def _train_run(
         raise
     else:
         manifest.update(status="completed", finished=now())
+        if state.is_main_process:
+            log_results(recipe, run)  # our held-out figures, recipe, manifest and lineage to the trackers
     finally:
         if state.is_main_process:
             _write_report(run)
@@ -400,6 +403,7 @@ def _train(
     manifest.update(lora={"targets": targets, "trainable_params": trainable, "total_params": total})
     t = recipe.train
     manifest.update(processes=state.num_processes, global_batch=t.batch_size * t.grad_accum * state.num_processes)
+    manifest.update(distributed=sharding.record(trainer.accelerator))  # FSDP asked for is not FSDP run on a CPU
     _check_disk_space(run, recipe, trainable)
     stop.install()
     try:

@@ -314,3 +314,19 @@ def test_sweep_html_draws_mean_and_spread_over_seeds_and_the_parameters_axis():
     assert page.count('stroke="#2563eb"/>') >= 6  # two error bars of three strokes each on the metric chart
     assert 'stroke-dasharray="5,4"' in page and "8k" in page  # trainable params, dashed, labelled on the right
     assert "r=4: doubling stops paying" in page
+
+
+def test_a_database_url_whose_driver_is_missing_names_the_package_and_hides_the_password(tmp_path):
+    """SQLAlchemy 2.1 picks psycopg 3 for a bare postgresql://: the error says which driver, and the fix."""
+    import importlib.util
+
+    from finetune.errors import UserError
+    from finetune.sweep import _database
+
+    if importlib.util.find_spec("pg8000") is not None:
+        pytest.skip("pg8000 is installed: its URL would connect instead")
+    with pytest.raises(UserError) as caught:
+        _database("postgresql+pg8000://user:hunter2secret@127.0.0.1:1/optuna")
+    message = str(caught.value)
+    assert "no module 'pg8000'" in message and "pip install psycopg2-binary" in message
+    assert "postgresql+psycopg2://" in message and "hunter2secret" not in message
