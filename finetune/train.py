@@ -1,9 +1,10 @@
 """`finetune train`: a validated recipe -> a trained LoRA/QLoRA adapter in a run directory.
 
 Reads top to bottom: claim the run directory (or find where to resume), record provenance,
-prepare data, load the model, train with TRL's SFTTrainer, keep the best held-out adapter,
-compare tuned vs base on held-out data, mark the run completed. Training itself is TRL's; we
-configure it and make it safe to interrupt.
+prepare data, load the model, train with the method's TRL trainer, keep the best held-out adapter,
+evaluate on held-out data, mark the run completed. The steps are the same for every method (SFT,
+DPO, KTO, GRPO): what differs is the method's module (`finetune.methods`). Training itself is
+TRL's; we configure it and make it safe to interrupt.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
 
 from finetune import methods, sharding
-from finetune.data import PreparedData, prepare_data
 from finetune.errors import (
     LaunchError,
     RewardFailed,
@@ -33,7 +34,6 @@ from finetune.errors import (
     UserError,
     WriteError,
 )
-from finetune.evaluate import compare, write_comparison
 from finetune.harness import check as check_harness
 from finetune.lineage import check_same_weights, continue_parent, parent_record
 from finetune.lock import RunLock, describe
@@ -41,10 +41,8 @@ from finetune.machine import Machine, process_state, resolve_dtype, this_machine
 from finetune.modeling import (
     load_model,
     load_tokenizer,
-    lora_config,
     prepare_quantized,
     quiet_libraries,
-    resolve_targets,
     tied_output_note,
     weight_files,
 )
@@ -273,7 +271,7 @@ def _command(recipe: Recipe) -> str | None:
 
 def _claim(run: RunDir, recipe: Recipe, checkpoint: Path | None, replace: bool, resume: bool) -> None:
     """Main process only: a fresh run directory, or the resumed one cleaned up to its checkpoint."""
-    from finetune.sft_trainer import STAGING
+    from finetune.trainer import STAGING
 
     if checkpoint is None:
         previous = run.read_manifest() if replace and resume else None  # restarted from step 0 by --resume
@@ -344,6 +342,20 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
+@dataclass
+class Setup:
+    """What `_setup` builds before the first step, for the steps after it."""
+
+    method: ModuleType  # the recipe's train.method, whose hooks (finetune.methods) say what differs per method
+    tokenizer: Any
+    data: Any  # the method's prepared data: PreparedData, PreferenceData or PromptData
+    machine: Machine
+    speed: Speed
+    model: Any
+    targets: list[str]
+    peft_config: Any
+
+
 def _train(
     recipe: Recipe,
     run: RunDir,
@@ -352,59 +364,137 @@ def _train(
     progress: bool,
     on_eval: Callable[[EvalPoint], None] | None,
 ) -> TrainResult:
-    import torch
+    """One process's part of the run, in named steps: set up, build the trainer, train, keep the best adapter,
+    evaluate, record. The same for every method; what differs is the method's (`setup.method`)."""
+    from finetune.trainer import StopOnSignal
+
+    started = time.perf_counter()
+    main = process_state().is_main_process
+    setup = _setup(recipe, run, manifest, checkpoint)
+    stop = StopOnSignal()
+    trainer = _make_trainer(recipe, run, manifest, setup, stop, progress and main, on_eval)
+    trainable, total = _record_trainer(recipe, run, manifest, trainer, setup.targets)
+    output = _fit(recipe, run, trainer, checkpoint, setup.speed, stop)
+    _keep_best_adapter(run, manifest, trainer, setup.tokenizer)
+    summary = setup.method.evaluate(recipe, run, trainer.model, setup.tokenizer, setup.data) if main else None
+    manifest.update(steps=output.global_step, train_loss=output.training_loss, eval=summary and summary.to_dict())
+    return TrainResult(
+        run_dir=str(run.root),
+        adapter_dir=str(run.adapter),
+        steps=output.global_step,
+        train_loss=output.training_loss,
+        seconds=time.perf_counter() - started,
+        targets=setup.targets,
+        trainable_params=trainable,
+        total_params=total,
+        best_step=manifest.data.get("best_step"),
+        data=setup.data.stats.to_dict(),
+        eval=summary,
+        resumed_from=checkpoint_step(checkpoint) if checkpoint else None,
+        main_process=main,
+        model=trainer.model,
+    )
+
+
+def _setup(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | None) -> Setup:
+    """Everything before the first step: quiet libraries, trackers and the seed; the method's data; the model
+    with its speed decisions; the adapter to train (the method's policy)."""
     import transformers
 
-    from finetune.sft_trainer import BestAdapter, EvaluateAtEnd, ReportEval, StopOnSignal
-
-    state = process_state()
-    main = state.is_main_process
     quiet_libraries()
     _trackers_write_into(run, recipe)
-    started = time.perf_counter()
     transformers.set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
-    method = None if recipe.train.method == "sft" else methods.load(recipe.train.method)
-    with state.main_process_first():  # the main process fills the preprocessing cache, the others read it
-        data = method.prepare(recipe, tokenizer) if method else prepare_data(recipe, tokenizer)
+    method = methods.load(recipe.train.method)
+    with process_state().main_process_first():  # the main process fills the preprocessing cache, the others read it
+        data = method.prepare(recipe, tokenizer)
     manifest.update(data=data.stats.to_dict())
     machine = this_machine()
+    model, speed = _load_model(recipe, run, manifest, checkpoint, machine, data.stats.max_seq_length)
+    model, targets, peft_config = method.policy(recipe, model)
+    return Setup(method, tokenizer, data, machine, speed, model, targets, peft_config)
+
+
+def _load_model(
+    recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | None, machine: Machine, seq_length: int
+) -> tuple[Any, Speed]:
+    """The base model, its weights recorded (and checked against a parent's), and every `auto` speed setting
+    decided for it (a resumed run keeps the decisions its manifest recorded)."""
+    main = process_state().is_main_process
     attention = model_attention(recipe, machine)
     liger = decide_liger(recipe.train.liger_kernel, machine)
     model = load_model(recipe, attention)
     recorded = (run.read_manifest() or {}).get("speed") if checkpoint is not None else None  # every process
-    speed = _decide_speed(recipe, machine, attention, liger, model.config, data.stats.max_seq_length, recorded)
+    speed = _decide_speed(recipe, machine, attention, liger, model.config, seq_length, recorded)
     manifest.update(speed=speed.to_dict())
     if main:
         manifest.update(base_model={**manifest.data["base_model"], **weight_files(recipe, model)})
         check_same_weights(manifest.data.get("parent"), manifest.data["base_model"])
     if main and (note := tied_output_note(recipe, model)):
-        warnings.warn(note, stacklevel=2)
-    model = prepare_quantized(recipe, model, speed.gradient_checkpointing)
-    model, targets, peft_config = method.policy(recipe, model) if method else (model, None, None)
-    targets = targets or resolve_targets(recipe, model)
+        warnings.warn(note, stacklevel=3)
+    return prepare_quantized(recipe, model, speed.gradient_checkpointing), speed
 
-    metric, higher = getattr(method, "BEST", ("eval_loss", False))  # what "best held-out" means for the method
+
+def _make_trainer(
+    recipe: Recipe,
+    run: RunDir,
+    manifest: Manifest,
+    setup: Setup,
+    stop: Any,
+    progress: bool,
+    on_eval: Callable[[EvalPoint], None] | None,
+) -> Any:
+    """The method's TRL trainer with the shared callbacks: metrics.jsonl, the best held-out adapter kept, the
+    signal stop, a held-out evaluation at the last step, the caller's `on_eval`, the progress display."""
+    from transformers import PrinterCallback
+
+    from finetune.trainer import BestAdapter, EvaluateAtEnd, MetricsJsonl, ReportEval
+
+    main = process_state().is_main_process
+    metric, higher = setup.method.BEST  # what "best held-out" means for the method
     key = f"best_{metric}"
 
     def save_best(step: int, value: float) -> None:
         manifest.update(best_step=step, **{key: value})
         if main:
-            _save_adapter(run, trainer.model, tokenizer)
+            _save_adapter(run, trainer.model, setup.tokenizer)
 
-    best = BestAdapter(save_best, manifest.data.get(key), metric, higher)
-    stop = StopOnSignal()
-    at_end = data.eval is not None and (metric == "eval_loss" or recipe.train.eval_every)  # GRPO's is generation
-    callbacks = [best, stop] + ([EvaluateAtEnd()] if at_end else [])
+    at_end = setup.data.eval is not None and (metric == "eval_loss" or recipe.train.eval_every)  # GRPO's is generation
+    callbacks = [BestAdapter(save_best, manifest.data.get(key), metric, higher), stop]
+    callbacks += [EvaluateAtEnd()] if at_end else []
     callbacks += [ReportEval(on_eval, metric, higher)] if on_eval is not None else []
-    trainer = _trainer(recipe, run, model, tokenizer, data, speed, machine, targets, callbacks, progress and main,
-                       main, method, peft_config)  # fmt: skip
+    callbacks = [MetricsJsonl(run.metrics), *callbacks] if main else callbacks
+    if progress:
+        from finetune.progress import TrainProgress
+
+        callbacks.append(TrainProgress())
+    common = training_arguments(recipe, run, setup.speed, setup.machine)
+    args = setup.method.config(recipe, common, setup.data.stats.max_seq_length, setup.speed)
+    trainer = setup.method.make_trainer(recipe, setup.model, setup.tokenizer, setup.data, args, setup.peft_config,
+                                        callbacks)  # fmt: skip
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _record_trainer(
+    recipe: Recipe, run: RunDir, manifest: Manifest, trainer: Any, targets: list[str]
+) -> tuple[int, int]:
+    """(trainable, total) parameters, recorded with the targets and the global batch; then the disk checked for
+    the checkpoints they make, before the first step."""
     trainable, total = trainer.model.get_nb_trainable_parameters()
     manifest.update(lora={"targets": targets, "trainable_params": trainable, "total_params": total})
-    t = recipe.train
-    manifest.update(processes=state.num_processes, global_batch=t.batch_size * t.grad_accum * state.num_processes)
+    t, processes = recipe.train, process_state().num_processes
+    manifest.update(processes=processes, global_batch=t.batch_size * t.grad_accum * processes)
     manifest.update(distributed=sharding.record(trainer.accelerator))  # FSDP asked for is not FSDP run on a CPU
     _check_disk_space(run, recipe, trainable)
+    return trainable, total
+
+
+def _fit(recipe: Recipe, run: RunDir, trainer: Any, checkpoint: Path | None, speed: Speed, stop: Any) -> Any:
+    """`trainer.train`, from `checkpoint` when resuming, stopping cleanly on SIGTERM/SIGINT; each way it can end
+    early (out of memory, a reward function's failure, a full disk, a signal) becomes a message saying what next."""
+    import torch
+
     stop.install()
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -428,32 +518,20 @@ def _train(
             f"stopped by signal {stop.received} at step {trainer.state.global_step}; checkpoint saved; "
             f"continue with: {redact_text(command)} --resume"
         )
-    if main and not run.adapter.exists():  # no held-out data: the final adapter is the one
+    return output
+
+
+def _keep_best_adapter(run: RunDir, manifest: Manifest, trainer: Any, tokenizer: Any) -> None:
+    """adapter/ and the model in memory hold the best held-out adapter (the last one without held-out data);
+    the tokenizer and template saved beside it are hashed into the manifest."""
+    state = process_state()
+    if state.is_main_process and not run.adapter.exists():  # no held-out data: the final adapter is the one
         _save_adapter(run, trainer.model, tokenizer)
     state.wait_for_everyone()
     if manifest.data.get("best_step") not in (None, trainer.state.global_step):
         _load_adapter_weights(trainer.model, run.adapter)
     manifest.update(tokenizer_sha256=file_sha256(run.adapter / "tokenizer.json"),
                     chat_template_sha256=file_sha256(run.adapter / "chat_template.jinja"))  # fmt: skip
-    evaluate = method.evaluate if method else _evaluate
-    summary = evaluate(recipe, run, trainer.model, tokenizer, data) if main else None
-    manifest.update(steps=output.global_step, train_loss=output.training_loss, eval=summary and summary.to_dict())
-    return TrainResult(
-        run_dir=str(run.root),
-        adapter_dir=str(run.adapter),
-        steps=output.global_step,
-        train_loss=output.training_loss,
-        seconds=time.perf_counter() - started,
-        targets=targets,
-        trainable_params=trainable,
-        total_params=total,
-        best_step=manifest.data.get("best_step"),
-        data=data.stats.to_dict(),
-        eval=summary,
-        resumed_from=checkpoint_step(checkpoint) if checkpoint else None,
-        main_process=main,
-        model=trainer.model,
-    )
 
 
 def _decide_speed(
@@ -469,8 +547,8 @@ def _decide_speed(
     and the sequence length this run has already loaded and prepared (no second pass over the data).
     `recorded`: a resumed run's decisions, from its manifest."""
     setting = recipe.train.gradient_checkpointing
-    sft = recipe.train.method == "sft"
-    packing = sft and decide_packing(recipe.data.packing, (recorded or {}).get("packing"))
+    packable = methods.load(recipe.train.method).PACKABLE  # SFT's rows; the other trainers batch their own
+    packing = packable and decide_packing(recipe.data.packing, (recorded or {}).get("packing"))
     peak = None
     if needs_peak(setting, machine):
         from finetune.plan import peak_memory
@@ -481,8 +559,7 @@ def _decide_speed(
             warnings.warn(f"no memory estimate ({type(e).__name__}: {e}); gradient checkpointing on", stacklevel=2)
     return Speed(
         attn_implementation=attention,
-        # SFT only: the preference and RL trainers batch their own pairs and groups
-        padding_free=sft and (decide_padding_free(recipe.data.padding_free, attention) or packing),
+        padding_free=packable and (decide_padding_free(recipe.data.padding_free, attention) or packing),
         packing=packing,
         gradient_checkpointing=decide_checkpointing(setting, machine, peak),
         liger_kernel=liger,
@@ -543,21 +620,6 @@ def _oom_advice(recipe: Recipe, speed: Speed) -> str:
     )
 
 
-def sft_config(recipe: Recipe, run: RunDir, max_length: int, speed: Speed, machine: Machine) -> Any:
-    """TRL's SFTConfig from the recipe; every option TRL would otherwise default is set here explicitly."""
-    from trl import SFTConfig
-
-    return SFTConfig(
-        **training_arguments(recipe, run, speed, machine),
-        use_liger_kernel=speed.liger_kernel,
-        # prepare_data has cut every row to max_seq_length already; TRL refuses padding-free with its own cut
-        max_length=None if speed.padding_free and not speed.packing else max_length,
-        padding_free=speed.padding_free,
-        packing=speed.packing,
-        packing_strategy="bfd",
-    )
-
-
 def training_arguments(recipe: Recipe, run: RunDir, speed: Speed, machine: Machine) -> dict[str, Any]:
     """The arguments every TRL trainer config shares (optimisation, checkpoints, logging), from the recipe."""
     import torch
@@ -597,58 +659,3 @@ def training_arguments(recipe: Recipe, run: RunDir, speed: Speed, machine: Machi
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-
-
-def _trainer(
-    recipe: Recipe,
-    run: RunDir,
-    model: Any,
-    tokenizer: Any,
-    data: PreparedData,
-    speed: Speed,
-    machine: Machine,
-    targets: list[str],
-    callbacks: list[Any],
-    progress: bool,
-    main: bool,
-    method: Any = None,
-    peft_config: Any = None,
-) -> Any:
-    from transformers import PrinterCallback
-
-    from finetune.sft_trainer import FinetuneTrainer, MetricsJsonl
-
-    callbacks = [MetricsJsonl(run.metrics), *callbacks] if main else callbacks
-    if progress:
-        from finetune.progress import TrainProgress
-
-        callbacks.append(TrainProgress())
-    if method is not None:
-        args = method.config(recipe, training_arguments(recipe, run, speed, machine), data.stats.max_seq_length)
-        trainer = method.make_trainer(recipe, model, tokenizer, data, args, peft_config, callbacks)
-        trainer.remove_callback(PrinterCallback)
-        return trainer
-    trainer = FinetuneTrainer(
-        model=model,
-        args=sft_config(recipe, run, data.stats.max_seq_length, speed, machine),
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=lora_config(recipe, targets),
-        callbacks=callbacks,
-        group_by_length=recipe.data.group_by_length and not speed.packing,
-    )
-    trainer.remove_callback(PrinterCallback)
-    return trainer
-
-
-def _evaluate(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, data: PreparedData) -> EvalSummary | None:
-    """Held-out comparison of tuned vs base and the eval.harness tasks, in eval/; None without held-out data."""
-    if data.eval is None and not data.eval_samples:
-        return None
-    e = recipe.eval
-    comparison = compare(
-        model, tokenizer, data.eval, data.eval_samples, list(e.metrics), e.max_new_tokens, e.batch_size,
-        with_base=e.compare_base, limit=e.limit,
-    )  # fmt: skip
-    return write_comparison(recipe, run, comparison, e.compare_base, e.limit)

@@ -11,8 +11,8 @@ from helpers import write_recipe
 
 from finetune.errors import UserError
 from finetune.evaluate import contains, exact_match, json_valid, metric_functions, regex
-from finetune.sft_trainer import BestAdapter
 from finetune.summary import EvalSummary, Requirement, gate
+from finetune.trainer import BestAdapter
 
 
 @pytest.mark.parametrize(
@@ -110,8 +110,8 @@ def test_best_adapter_keeps_the_lowest_held_out_loss_even_when_not_last():
 def test_in_training_evaluation_reports_the_figure_the_method_ranks_by():
     """A GRPO evaluation also has an `eval_loss` (its policy loss, no measure of quality): a sweep must prune on
     the reward, in its direction, and on the loss for every other method."""
-    from finetune.sft_trainer import ReportEval
     from finetune.summary import EvalPoint
+    from finetune.trainer import ReportEval
 
     points = []
 

@@ -121,18 +121,18 @@ def test_a_full_disk_mid_checkpoint_stops_naming_it_and_keeps_the_last_complete_
     tmp_path, tiny_model_dir, monkeypatch
 ):
     """Training in-process: the third checkpoint's optimizer file fails half-written."""
-    from finetune.sft_trainer import FinetuneTrainer
+    from finetune.methods.sft import FinetuneSFTTrainer
     from finetune.train import train
 
     recipe = load_recipe(recipe_file(tmp_path, tiny_model_dir()))
-    real = FinetuneTrainer._save_optimizer_and_scheduler
+    real = FinetuneSFTTrainer._save_optimizer_and_scheduler
 
     def fail_at_step_6(self, output_dir):
         real(self, output_dir)
         if self.state.global_step == 6:
             raise disk_full(Path(output_dir) / "optimizer.pt")
 
-    monkeypatch.setattr(FinetuneTrainer, "_save_optimizer_and_scheduler", fail_at_step_6)
+    monkeypatch.setattr(FinetuneSFTTrainer, "_save_optimizer_and_scheduler", fail_at_step_6)
     with pytest.raises(WriteError) as e:
         train(recipe, progress=False)
     run = RunDir(recipe.run_dir)

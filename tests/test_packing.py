@@ -49,7 +49,7 @@ def test_training_with_packing_keeps_the_assistant_masks(tiny_model_dir, tmp_pat
 def test_length_grouped_order_is_fixed_by_seed_and_epoch_and_cuts_padding():
     import random
 
-    from finetune.sft_trainer import GroupedByLength
+    from finetune.trainer import GroupedByLength
 
     lengths = [random.Random(i).randint(5, 500) for i in range(4000)]
     epoch = [0]

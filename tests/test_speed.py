@@ -140,9 +140,10 @@ def test_nonfinite_loss_or_grad_norm_is_noted_on_the_device_and_raised_at_the_ne
 
     import torch
 
-    from finetune.sft_trainer import FinetuneTrainer, NonFiniteError
+    from finetune.methods.sft import FinetuneSFTTrainer
+    from finetune.trainer import NonFiniteError
 
-    trainer = FinetuneTrainer.__new__(FinetuneTrainer)  # only the check's state, no model
+    trainer = FinetuneSFTTrainer.__new__(FinetuneSFTTrainer)  # only the check's state, no model
     trainer.state = SimpleNamespace(global_step=0)
     for step, loss, norm in [(0, 1.5, 2.0), (1, 1.2, 0.5)]:
         trainer.state.global_step = step

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.data import sources
 from finetune.data.formats import BadRow, Judged, Sample, to_judged
-from finetune.data.prepare import SourceStats, _nothing_left, _round_up, percentile
+from finetune.data.prepare import SourceStats, _nothing_left, _round_up, hold_out, percentile
 from finetune.data.templates import apply_chat_template, render
 from finetune.errors import DataError, Problem, UserError
 from finetune.recipe import DataSource, Recipe
@@ -120,21 +120,14 @@ def load_judged(sources_: list[DataSource], on_bad_row: str, stats: PreferenceSt
 
 def _split(recipe: Recipe, stats: PreferenceStats) -> tuple[list[list[Judged]], list[list[Judged]]]:
     """Train and held-out groups: explicit eval sources, or a seeded `split_ratio` of the training groups."""
-    data = recipe.data
-    train = load_judged(list(data.train), data.on_bad_row, stats)
+
+    def load(sources_: list[DataSource]) -> list[list[Judged]]:
+        return load_judged(sources_, recipe.data.on_bad_row, stats)
+
+    train = load(list(recipe.data.train))
     if not train:  # every row skipped (on_bad_row: skip): say which files and why
         raise DataError(_nothing_left(stats, 0))
-    if data.eval is None:
-        return train, []
-    if isinstance(data.eval, list):
-        return train, load_judged(list(data.eval), data.on_bad_row, stats)
-    order = list(range(len(train)))
-    random.Random(recipe.seed).shuffle(order)
-    n_eval = max(1, round(len(train) * data.eval.split_ratio))
-    if n_eval >= len(train):
-        raise DataError(f"data.eval.split_ratio {data.eval.split_ratio} leaves no training rows out of {len(train)}")
-    held = set(order[:n_eval])
-    return [g for i, g in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+    return hold_out(recipe, train, load)
 
 
 def _key(group: list[Judged]) -> tuple:

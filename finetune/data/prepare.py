@@ -14,15 +14,18 @@ import multiprocessing
 import os
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from finetune.data import sources
 from finetune.data.formats import BadRow, Sample, to_sample
 from finetune.data.templates import IGNORE, apply_chat_template, segments, tokenize
 from finetune.errors import DataError, Problem, WriteError
 from finetune.recipe import DataSource, Recipe
+
+Row = TypeVar("Row")  # a sample, or a group of judged completions (data.preference)
 
 CACHE_VERSION = 2  # bump when preprocessing changes what it produces
 CHUNK = 1000
@@ -101,17 +104,26 @@ def split(recipe: Recipe, stats: DataStats) -> tuple[list[Sample], list[Sample]]
     train = load_samples(list(data.train), data.on_bad_row, stats)
     if not train:
         raise DataError(_nothing_left(stats, 0))
+    return hold_out(recipe, train, lambda eval_sources: load_samples(eval_sources, data.on_bad_row, stats))
+
+
+def hold_out(
+    recipe: Recipe, train: list[Row], load: Callable[[list[DataSource]], list[Row]]
+) -> tuple[list[Row], list[Row]]:
+    """(train, held-out) rows: `data.eval`'s own sources read by `load`, or a `split_ratio` of `train` drawn with
+    the recipe's seed (kept in file order on both sides). Every method splits its rows (samples, pairs) this way."""
+    data = recipe.data
     if data.eval is None:
         return train, []
     if isinstance(data.eval, list):
-        return train, load_samples(list(data.eval), data.on_bad_row, stats)
+        return train, load(list(data.eval))
     order = list(range(len(train)))
     random.Random(recipe.seed).shuffle(order)
     n_eval = max(1, round(len(train) * data.eval.split_ratio))
     if n_eval >= len(train):
         raise DataError(f"data.eval.split_ratio {data.eval.split_ratio} leaves no training rows out of {len(train)}")
     held = set(order[:n_eval])
-    return [s for i, s in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+    return [row for i, row in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, use_cache: bool = True) -> PreparedData:

@@ -19,16 +19,18 @@ from finetune.errors import RewardFailed, UserError
 from finetune.methods.reference import REFERENCE_ADAPTER, policy
 from finetune.methods.rewards import Reward
 from finetune.recipe import Recipe
-from finetune.sft_trainer import SafeTraining
+from finetune.trainer import SafeTraining, build
 
 if TYPE_CHECKING:
     from finetune.runs import RunDir
+    from finetune.speed import Speed
     from finetune.summary import EvalSummary
 
 # the hooks finetune.train calls
-__all__ = ["BEST", "compare", "config", "evaluate", "make_trainer", "policy", "prepare"]
+__all__ = ["BEST", "PACKABLE", "compare", "config", "evaluate", "make_trainer", "policy", "prepare"]
 
 BEST = ("eval_reward", True)  # in-training evaluation keeps the adapter with the highest held-out reward
+PACKABLE = False  # TRL batches the prompts' groups of completions itself: no packing, no padding-free batches
 
 
 def prepare(recipe: Recipe, tokenizer: Any) -> PromptData:
@@ -38,7 +40,7 @@ def prepare(recipe: Recipe, tokenizer: Any) -> PromptData:
     return prepare_prompts(recipe, tokenizer)
 
 
-def config(recipe: Recipe, common: dict[str, Any], max_length: int) -> GRPOConfig:
+def config(recipe: Recipe, common: dict[str, Any], max_length: int, speed: Speed) -> GRPOConfig:
     """TRL's GRPOConfig: the shared training arguments plus the method's own options."""
     o = recipe.train.grpo
     groups = max(1, recipe.train.batch_size // o.num_generations)
@@ -95,16 +97,8 @@ class FinetuneGRPOTrainer(SafeTraining, GRPOTrainer):
 def make_trainer(
     recipe: Recipe, model: Any, tokenizer: Any, data: PromptData, args: Any, peft_config: Any, callbacks: list
 ) -> FinetuneGRPOTrainer:
-    return FinetuneGRPOTrainer(
-        model=model,
-        reward_funcs=[Reward(spec) for spec in recipe.train.grpo.rewards],
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
+    rewards = [Reward(spec) for spec in recipe.train.grpo.rewards]
+    return build(FinetuneGRPOTrainer, model, tokenizer, data, args, peft_config, callbacks, reward_funcs=rewards)
 
 
 def compare(recipe: Recipe, model: Any, tokenizer: Any, data: PromptData, has_reference: bool) -> Any:

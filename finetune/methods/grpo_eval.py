@@ -8,12 +8,11 @@ is the rewards' weighted sum per answer (TRL's training reward), averaged.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 from finetune.data.templates import prompt_and_reference
 from finetune.evaluate import ModelScores, metric_functions, score
-from finetune.methods.preference_eval import PreferenceComparison, adapter_context
+from finetune.methods.preference_eval import PreferenceComparison, model_contexts
 from finetune.methods.rewards import Reward
 
 if TYPE_CHECKING:
@@ -27,8 +26,6 @@ def compare_rewards(
     recipe: Recipe, model: Any, tokenizer: Any, data: PromptData, has_reference: bool
 ) -> PreferenceComparison:
     """Score tuned, reference and base on the held-out prompts with the rewards and eval.metrics."""
-    from finetune.methods.reference import REFERENCE_ADAPTER
-
     e, o = recipe.eval, recipe.train.grpo
     samples = data.eval_samples[: e.limit] if e.limit else data.eval_samples
     pairs = [prompt_and_reference(tokenizer, s) for s in samples]
@@ -36,15 +33,9 @@ def compare_rewards(
     rewards = [Reward(spec) for spec in o.rewards]
     weights = list(o.reward_weights or [1.0] * len(rewards))
     metrics = {r.__name__: r.score for r in rewards} | metric_functions(list(e.metrics))
-    contexts = {
-        "tuned": nullcontext,
-        "reference": (lambda: adapter_context(model, REFERENCE_ADAPTER)) if has_reference else model.disable_adapter,
-        "base": model.disable_adapter,
-    }
-    wanted = ["tuned", "reference"] + (["base"] if e.compare_base and has_reference else [])
     scores: dict[str, ModelScores] = {}
-    for name in wanted:
-        with contexts[name]():
+    for name, context in model_contexts(model, has_reference, e.compare_base).items():
+        with context():
             scores[name] = score(model, tokenizer, None, prompts, references, metrics, e.max_new_tokens, e.batch_size)
         _add_total(scores[name], [r.__name__ for r in rewards], weights)
     if e.compare_base and not has_reference:  # the reference is the base itself

@@ -16,10 +16,11 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from finetune.data.preference import PreferenceData, prepare_preference
 from finetune.methods.reference import REFERENCE_ADAPTER, policy
 from finetune.recipe import Recipe
-from finetune.sft_trainer import SafeTraining
+from finetune.trainer import SafeTraining, build
 
 if TYPE_CHECKING:
     from finetune.runs import RunDir
+    from finetune.speed import Speed
     from finetune.summary import EvalSummary
 
 
@@ -28,10 +29,13 @@ def prepare(recipe: Recipe, tokenizer: Any) -> PreferenceData:
 
 
 # the hooks finetune.train calls
-__all__ = ["compare", "config", "evaluate", "make_trainer", "policy", "prepare"]
+__all__ = ["BEST", "PACKABLE", "compare", "config", "evaluate", "make_trainer", "policy", "prepare"]
+
+BEST = ("eval_loss", False)  # in-training evaluation keeps the adapter with the lowest held-out (preference) loss
+PACKABLE = False  # TRL batches the pairs (or judged rows) itself: no packing, no padding-free batches
 
 
-def config(recipe: Recipe, common: dict[str, Any], max_length: int) -> DPOConfig | KTOConfig:
+def config(recipe: Recipe, common: dict[str, Any], max_length: int, speed: Speed) -> DPOConfig | KTOConfig:
     """TRL's DPOConfig/KTOConfig: the shared training arguments plus the method's own options."""
     shared = {**common, "max_length": max_length, "precompute_ref_log_probs": False, "disable_dropout": True}
     if recipe.train.method == "dpo":
@@ -74,15 +78,7 @@ def make_trainer(
     recipe: Recipe, model: Any, tokenizer: Any, data: PreferenceData, args: Any, peft_config: Any, callbacks: list
 ) -> Any:
     cls = FinetuneDPOTrainer if recipe.train.method == "dpo" else FinetuneKTOTrainer
-    return cls(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
+    return build(cls, model, tokenizer, data, args, peft_config, callbacks)
 
 
 def compare(recipe: Recipe, model: Any, tokenizer: Any, data: PreferenceData, has_reference: bool) -> Any:

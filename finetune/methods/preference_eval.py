@@ -13,6 +13,7 @@ the base when the run started from the base) and the base (adapters disabled). F
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,7 @@ def compare_preference(
     recipe: Recipe, model: Any, tokenizer: Any, data: PreferenceData, has_reference: bool
 ) -> PreferenceComparison:
     """Score tuned, reference and base on the held-out rows: preference metrics, then generation metrics."""
-    from finetune.methods.reference import REFERENCE_ADAPTER, beta
+    from finetune.methods.reference import beta
 
     e = recipe.eval
     b = beta(recipe)
@@ -126,16 +127,10 @@ def compare_preference(
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
     metrics = metric_functions(list(e.metrics))
 
-    contexts = {
-        "tuned": nullcontext,
-        "reference": (lambda: adapter_context(model, REFERENCE_ADAPTER)) if has_reference else model.disable_adapter,
-        "base": model.disable_adapter,
-    }
-    wanted = ["tuned", "reference"] + (["base"] if e.compare_base and has_reference else [])
     logps: dict[str, list[float]] = {}
     scores: dict[str, ModelScores] = {}
-    for name in wanted:
-        with contexts[name]():
+    for name, context in model_contexts(model, has_reference, e.compare_base).items():
+        with context():
             logps[name] = completion_logps(model, sides, tokenizer.pad_token_id, e.batch_size)
             scores[name] = score(model, tokenizer, None, prompts, references, metrics, e.max_new_tokens, e.batch_size)
     if e.compare_base and not has_reference:  # the reference is the base itself
@@ -148,6 +143,19 @@ def compare_preference(
         scores[name].metrics = {**preference, **scores[name].metrics}
     return PreferenceComparison(recipe.train.method, b, len(data.eval_rows), scores, figures, prompts, references,
                                 reference_is_base=not has_reference)  # fmt: skip
+
+
+def model_contexts(model: Any, has_reference: bool, compare_base: bool) -> dict[str, Callable[[], Any]]:
+    """The models to score, by name, each a context in which `model` is that model: the tuned adapter; the reference
+    (the parent's frozen adapter, else the base); the base (`compare_base`), unless the reference is the base
+    already, which is then scored once. Shared by the preference and the GRPO evaluations."""
+    from finetune.methods.reference import REFERENCE_ADAPTER
+
+    reference = (lambda: adapter_context(model, REFERENCE_ADAPTER)) if has_reference else model.disable_adapter
+    contexts = {"tuned": nullcontext, "reference": reference}
+    if compare_base and has_reference:
+        contexts["base"] = model.disable_adapter
+    return contexts
 
 
 def adapter_context(model: Any, name: str) -> Any:

@@ -1,8 +1,9 @@
-"""TRL's trainers (SFT here; DPO and KTO in finetune.methods), made safe to lose: atomic checkpoints, a stop on the first non-finite loss or
-gradient, a clean stop on SIGTERM/SIGINT, the best held-out adapter kept, every log in metrics.jsonl.
+"""What every method's TRL trainer shares, made safe to lose: atomic checkpoints, a stop on the first non-finite
+loss or gradient, a clean stop on SIGTERM/SIGINT, the best held-out adapter kept, every log in metrics.jsonl.
 
-Everything is done through the Trainer's extension points (a subclass and callbacks); TRL and
-transformers are not patched.
+Each method (`finetune.methods`) mixes `SafeTraining` into its TRL trainer class; `finetune.train`
+adds the callbacks. Everything is done through the Trainer's extension points (a mixin and
+callbacks); TRL and transformers are not patched.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-from trl import SFTTrainer
 
 from finetune.runs import no_room_names
 from finetune.summary import EvalPoint
@@ -36,8 +36,8 @@ class NonFiniteError(RuntimeError):
 class SafeTraining:
     """Mixed in before a TRL trainer class: checkpoints appear only when complete, no training through NaN.
 
-    Shared by every training method (`FinetuneTrainer` for SFT, the preference trainers), so that
-    atomic checkpoints, the NaN stop and seeded length grouping are written once.
+    Shared by every training method (SFT, DPO, KTO, GRPO), so that atomic checkpoints, the NaN stop and
+    seeded length grouping are written once.
     """
 
     _saving = False
@@ -131,10 +131,6 @@ class SafeTraining:
         os.replace(staged, target)
         _fsync_dir(final_root)
         rotate_checkpoints(str(final_root), save_total_limit=self.args.save_total_limit)
-
-
-class FinetuneTrainer(SafeTraining, SFTTrainer):
-    """SFTTrainer with the safety of `SafeTraining`."""
 
 
 class GroupedByLength(torch.utils.data.Sampler):
@@ -273,3 +269,19 @@ class StopOnSignal(TrainerCallback):
             flag = bool(tensor.item())
             self.received = self.received or (signal.SIGTERM if flag else None)
         return flag
+
+
+def build(cls: type, model: Any, tokenizer: Any, data: Any, args: Any, peft_config: Any, callbacks: list,
+          **own: Any) -> Any:  # fmt: skip
+    """A method's trainer class on its prepared data (`data.train`, `data.eval`): the arguments every TRL trainer
+    takes, then the method's `own` (GRPO's reward functions, SFT's length grouping)."""
+    return cls(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+        **own,
+    )

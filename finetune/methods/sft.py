@@ -1,0 +1,87 @@
+"""Supervised fine-tuning through TRL's SFTTrainer: the hooks `finetune.train` calls for `train.method: sft`.
+
+The rows are rendered by the chat template and masked by `finetune.data` (only the assistant's
+tokens are trained, unless `data.train_on: all`); the trainer may pack them or batch them
+padding-free (the `speed` decisions). A fresh adapter is trained on the base model (with
+`model.from_run`, on the parent's base, with its LoRA settings and template), and the held-out
+comparison is tuned against base: SFT has no reference model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from trl import SFTConfig, SFTTrainer
+
+from finetune.data import PreparedData, prepare_data
+from finetune.modeling import lora_config, resolve_targets
+from finetune.recipe import Recipe
+from finetune.trainer import SafeTraining, build
+
+if TYPE_CHECKING:
+    from finetune.evaluate import Comparison
+    from finetune.runs import RunDir
+    from finetune.speed import Speed
+    from finetune.summary import EvalSummary
+
+# the hooks finetune.train calls
+__all__ = ["BEST", "PACKABLE", "compare", "config", "evaluate", "make_trainer", "policy", "prepare"]
+
+BEST = ("eval_loss", False)  # in-training evaluation keeps the adapter with the lowest held-out loss
+PACKABLE = True  # rows may be packed or batched padding-free (`speed`); other methods batch their own pairs and groups
+
+
+def prepare(recipe: Recipe, tokenizer: Any) -> PreparedData:
+    return prepare_data(recipe, tokenizer)
+
+
+def policy(recipe: Recipe, model: Any) -> tuple[Any, list[str], Any]:
+    """(model, LoRA target modules, peft_config): always a new adapter, which TRL adds to the base."""
+    targets = resolve_targets(recipe, model)
+    return model, targets, lora_config(recipe, targets)
+
+
+def config(recipe: Recipe, common: dict[str, Any], max_length: int, speed: Speed) -> SFTConfig:
+    """TRL's SFTConfig: the shared training arguments, the speed decisions, every option TRL would default set here."""
+    return SFTConfig(
+        **common,
+        use_liger_kernel=speed.liger_kernel,
+        # prepare_data has cut every row to max_seq_length already; TRL refuses padding-free with its own cut
+        max_length=None if speed.padding_free and not speed.packing else max_length,
+        padding_free=speed.padding_free,
+        packing=speed.packing,
+        packing_strategy="bfd",
+    )
+
+
+class FinetuneSFTTrainer(SafeTraining, SFTTrainer):
+    """TRL's SFTTrainer on our tokenized and masked rows, with SafeTraining."""
+
+
+def make_trainer(
+    recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData, args: SFTConfig, peft_config: Any, callbacks: list
+) -> FinetuneSFTTrainer:
+    """Length-grouped batches (`data.group_by_length`) except when packed: a pack has no length of its own."""
+    return build(FinetuneSFTTrainer, model, tokenizer, data, args, peft_config, callbacks,
+                 group_by_length=recipe.data.group_by_length and not args.packing)  # fmt: skip
+
+
+def compare(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData, has_reference: bool = False) -> Comparison:
+    """Held-out loss and `eval.metrics` of the tuned adapter and (`eval.compare_base`) the base."""
+    from finetune.evaluate import compare as compare_models
+
+    e = recipe.eval
+    return compare_models(
+        model, tokenizer, data.eval, data.eval_samples, list(e.metrics), e.max_new_tokens, e.batch_size,
+        with_base=e.compare_base, limit=e.limit,
+    )  # fmt: skip
+
+
+def evaluate(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, data: PreparedData) -> EvalSummary | None:
+    """The held-out comparison and the `eval.harness` tasks, written to eval/; None without held-out data."""
+    from finetune.evaluate import write_comparison
+
+    if data.eval is None and not data.eval_samples:
+        return None
+    e = recipe.eval
+    return write_comparison(recipe, run, compare(recipe, model, tokenizer, data), e.compare_base, e.limit)
