@@ -356,11 +356,11 @@ def _review_one(name: str, old: _Version | None, new: _Version | None, gpu: str)
     if new is None:
         return r
     r.problems = new.problems
-    if old is not None:
+    if not new.valid:  # nothing resolved to compare: the located errors are the review
+        return r
+    if old is not None and old.valid:
         r.changes = _changes(old, new)
         r.files = _file_changes(old, new)
-    if not new.valid:
-        return r
     if kind == "sweep":
         r.not_computed.append("plan and data of a sweep: run `finetune sweep FILE --dry-run` for each trial's")
         return r
@@ -518,7 +518,7 @@ def _section(r: RecipeReview) -> list[str]:
     for title, figures in (("Plan", r.plan), ("Data", r.data)):
         if figures:
             out += [f"**{title}**", "", "| Figure | Old | New | Change |", "|---|---|---|---|"]
-            out += [f"| {f.name} | {_figure(f.old, f.unit)} | {_figure(f.new, f.unit)} | {_change(f)} |"
+            out += [f"| {f.name} | {figure_text(f.old, f.unit)} | {figure_text(f.new, f.unit)} | {change_text(f)} |"
                     for f in figures]  # fmt: skip
             out.append("")
     if r.fits:
@@ -533,21 +533,21 @@ def _arrow(f: Figure | None) -> str:
     if f is None or (f.old is None and f.new is None):
         return "-"
     if f.old == f.new:
-        return _figure(f.new, f.unit)
-    return f"{_figure(f.old, f.unit)} → {_figure(f.new, f.unit)}"
+        return figure_text(f.new, f.unit)
+    return f"{figure_text(f.old, f.unit)} → {figure_text(f.new, f.unit)}"
 
 
-def _change(f: Figure) -> str:
+def change_text(f: Figure) -> str:
     if f.delta is None:
         return "-"
     if f.delta == 0:
         return "="
     sign = "+" if f.delta > 0 else "-"
     pct = f" ({f.percent:+.1f}%)" if f.percent is not None else ""
-    return f"{sign}{_figure(abs(f.delta), f.unit)}{pct}"
+    return f"{sign}{figure_text(abs(f.delta), f.unit)}{pct}"
 
 
-def _figure(value: float | None, unit: str) -> str:
+def figure_text(value: float | None, unit: str) -> str:
     """A figure as people read it: 1.23 GB, 4.5M, 0.12 h."""
     if value is None:
         return "?"
