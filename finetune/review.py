@@ -25,6 +25,7 @@ from finetune.loading import load_recipe
 from finetune.recipe import Recipe
 from finetune.runs import Result
 from finetune.sweep_file import is_sweep_file, load_sweep
+from finetune.units import duration
 from finetune.yaml_source import KeyPath, dotted
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -286,7 +287,8 @@ def _version(root: Path, name: str, ref: str | None) -> _Version | None:
         version.problems = [_strip(str(p), prefix, label) for p in e.problems]
         return version
     version.recipe = recipe
-    version.resolved = _strip(recipe.resolved(), prefix, "")
+    here = str(Path.cwd().resolve()) + "/"  # paths made from the working directory (a sweep's trial dirs)
+    version.resolved = _strip(_strip(recipe.resolved(), prefix, ""), here, "")
     locations = recipe.source.locations if recipe.source else {}
     version.where = {k: _strip(v, prefix, label) for k, v in locations.items()}
     version.files, version.data_files = _read_files(recipe, root)
@@ -477,7 +479,8 @@ def _data_stats(version: _Version, r: RecipeReview, side: str) -> dict[str, floa
 
 # --- Markdown for a pull-request comment -------------------------------------------------------------
 
-SUMMARY_FIGURES = ("trainable parameters", "peak memory", "steps", "GPU time")
+SUMMARY_FIGURES = {"trainable parameters": "Trainable parameters", "peak memory": "Peak memory", "steps": "Steps",
+                   "GPU time": "GPU time"}  # fmt: skip
 
 
 def markdown(result: ReviewResult, failures: list[str] = ()) -> str:
@@ -486,7 +489,7 @@ def markdown(result: ReviewResult, failures: list[str] = ()) -> str:
     lines = [f"## finetune review: {n} recipe{'s' * (n != 1)} changed against `{result.base}` ({result.commit[:10]})",
              ""]  # fmt: skip
     if result.recipes:
-        lines += ["| Recipe | Status | Valid | " + " | ".join(s.capitalize() for s in SUMMARY_FIGURES) + " | Data |",
+        lines += ["| Recipe | Status | Valid | " + " | ".join(SUMMARY_FIGURES.values()) + " | Data |",
                   "|---" * (len(SUMMARY_FIGURES) + 4) + "|"]  # fmt: skip
         for r in result.recipes:
             cells = [_arrow(r.figure(name)) for name in SUMMARY_FIGURES]
@@ -557,7 +560,7 @@ def figure_text(value: float | None, unit: str) -> str:
                 return f"{value / scale:.3g} {name}"
         return f"{int(value)} B"
     if unit == "h":
-        return f"{value:.3g} h"
+        return duration(value * 3600)
     for name, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(value) >= scale:
             return f"{value / scale:.3g}{name}"

@@ -159,7 +159,7 @@ def test_markdown_structure(repo):
     figures = ["| Figure | Old | New | Change |"]
     assert shape == [
         f"## finetune review: 6 recipes changed against `HEAD` ({repo['result'].commit[:10]})",
-        "| Recipe | Status | Valid | Trainable parameters | Peak memory | Steps | Gpu time | Data |",
+        "| Recipe | Status | Valid | Trainable parameters | Peak memory | Steps | GPU time | Data |",
         summary.format("a", "changed"), *diff, *plan, *figures, "</details>",
         summary.format("b", "changed"), *diff, *plan, *figures, "</details>",
         summary.format("c", "changed"), "**Files read**", "| File | Old sha256 | New sha256 |", *plan, *figures,
