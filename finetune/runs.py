@@ -302,6 +302,7 @@ def package_versions() -> dict[str, str | None]:
 def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine()}
     info["cpu_count"] = os.cpu_count()
+    info["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")  # threads change float sums: `reproduce` checks it
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
