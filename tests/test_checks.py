@@ -1,0 +1,54 @@
+"""data/checks.py: planted problems are each found, with the right rows named."""
+
+from finetune.data.checks import check, to_drop
+from finetune.data.formats import Sample
+
+
+def _chat(user: str, answer: str, where: str) -> Sample:
+    return Sample(where, messages=(("user", user), ("assistant", answer)))
+
+
+LONG = "the quick brown fox jumps over the lazy dog and runs far away"
+TRAIN = [
+    _chat("what is two plus two", "four", "t.jsonl:1"),
+    _chat("what is two  plus two", "four", "t.jsonl:2"),  # exact duplicate after whitespace
+    _chat("what is two plus two", "five", "t.jsonl:3"),  # contradiction
+    _chat("say <|im_end|> now", "ok", "t.jsonl:4"),  # template token
+    _chat(LONG, "yes it does indeed run far", "t.jsonl:5"),
+    _chat(LONG, "yes it does indeed run far!", "t.jsonl:6"),  # near duplicate
+    _chat("echo me", "echo me", "t.jsonl:7"),
+    _chat("empty", " ", "t.jsonl:8"),  # empty answer, and truncated away below
+]
+HELD = [_chat("what is two plus two", "four", "e.jsonl:1")]
+ENCODED = [([1] * 10, [-100] * 5 + [1] * 5)] * 7 + [([1] * 100, [-100] * 90 + [1] * 10)]
+
+
+def _found():
+    result = check(TRAIN, HELD, ENCODED, 20, ["<|im_end|>"], 0.85)
+    return result, {f.kind: f for f in result.findings}
+
+
+def test_each_planted_problem_is_found_with_its_rows():
+    _, found = _found()
+    assert found["duplicates"].examples == ["t.jsonl:2 = t.jsonl:1"]
+    assert found["near_duplicates"].examples == ["t.jsonl:6 = t.jsonl:5"]
+    assert found["leakage"].rows == 1 and found["leakage"].examples[0] == "e.jsonl:1 = t.jsonl:1"
+    assert "t.jsonl:1 vs t.jsonl:3" in found["contradictions"].examples
+    assert found["truncation"].examples == ["t.jsonl:8"] and "10 trained tokens lost" in found["truncation"].detail
+    assert found["answer_cut_away"].examples == ["t.jsonl:8"]
+    assert found["empty_answers"].examples == ["t.jsonl:8"]
+    assert found["echo_answers"].examples == ["t.jsonl:7"]
+    assert found["template_tokens"].examples == ["t.jsonl:4"]
+
+
+def test_dedup_and_leakage_drop_name_the_training_rows():
+    result, _ = _found()
+    assert to_drop(result, TRAIN, HELD, "exact", "warn", 0.85) == {1}
+    assert to_drop(result, TRAIN, HELD, "near", "drop", 0.85) == {0, 1, 2, 5}
+    assert result.dropped == {"duplicates": 2, "leakage": 2}
+
+
+def test_clean_rows_have_no_findings():
+    rows = [_chat(f"question number {i} about topic {i * 7}", f"answer {i}", f"c.jsonl:{i}") for i in range(1, 20)]
+    encoded = [([1] * 10, [-100] * 5 + [1] * 5)] * len(rows)
+    assert check(rows, [], encoded, 64, [], 0.85).findings == []
