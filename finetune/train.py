@@ -365,6 +365,10 @@ def _train(
     with state.main_process_first():  # the main process fills the preprocessing cache, the others read it
         data = method.prepare(recipe, tokenizer) if method else prepare_data(recipe, tokenizer)
     manifest.update(data=data.stats.to_dict())
+    if getattr(data.stats, "checks", None) and state.is_main_process:  # the one-line summary before training
+        import sys
+
+        print(data.stats.checks["summary"], file=sys.stderr, flush=True)
     machine = this_machine()
     attention = model_attention(recipe, machine)
     liger = decide_liger(recipe.train.liger_kernel, machine)
