@@ -52,3 +52,14 @@ def test_clean_rows_have_no_findings():
     rows = [_chat(f"question number {i} about topic {i * 7}", f"answer {i}", f"c.jsonl:{i}") for i in range(1, 20)]
     encoded = [([1] * 10, [-100] * 5 + [1] * 5)] * len(rows)
     assert check(rows, [], encoded, 64, [], 0.85).findings == []
+
+
+def test_shipped_quickstart_data_is_clean():
+    """The quickstart's own rows: no finding at all (one reversal task, distinct word lists, short rows)."""
+    from finetune.data.prepare import prepare_data
+    from finetune.loading import load_recipe
+    from finetune.modeling import load_tokenizer
+
+    recipe = load_recipe("recipes/quickstart.yaml", [])
+    prepared = prepare_data(recipe, load_tokenizer(recipe), use_cache=False)
+    assert prepared.stats.checks["findings"] == [], prepared.stats.checks
