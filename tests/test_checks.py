@@ -63,3 +63,31 @@ def test_shipped_quickstart_data_is_clean():
     recipe = load_recipe("recipes/quickstart.yaml", [])
     prepared = prepare_data(recipe, load_tokenizer(recipe), use_cache=False)
     assert prepared.stats.checks["findings"] == [], prepared.stats.checks
+
+
+def test_prepare_drops_or_stops_as_the_recipe_says(tmp_path):
+    """dedup: exact keeps the first copy; leakage: drop removes the leaking training row; leakage: error stops."""
+    import json
+
+    import pytest
+
+    from finetune.data.prepare import prepare_data
+    from finetune.errors import DataError
+    from finetune.loading import load_recipe
+    from finetune.modeling import load_tokenizer
+
+    def write(name, pairs):
+        rows = [{"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]} for u, a in pairs]
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+
+    train = write("t.jsonl", [("one two", "a"), ("one  two", "a"), ("three four", "b"), ("five six", "c")])
+    held = write("e.jsonl", [("five six", "c")])
+    base = [f"data.train=[{{path: {train}}}]", f"data.eval=[{{path: {held}}}]"]
+    recipe = load_recipe("recipes/quickstart.yaml", [*base, "data.dedup=exact", "data.leakage=drop"])
+    prepared = prepare_data(recipe, load_tokenizer(recipe), use_cache=False)
+    assert len(prepared.train) == 2 and [w.rsplit(":", 1)[1] for w in prepared.train_where] == ["1", "3"]
+    assert prepared.stats.checks["dropped"] == {"duplicates": 1, "leakage": 1}
+    recipe = load_recipe("recipes/quickstart.yaml", [*base, "data.leakage=error"])
+    with pytest.raises(DataError, match="leakage"):
+        prepare_data(recipe, load_tokenizer(recipe), use_cache=False)
