@@ -410,10 +410,16 @@ def data(
     color: Annotated[bool, typer.Option("--color/--no-color", help="Colour trained text (default: when a terminal).")]
     | None = None,
     as_json: JsonOpt = False,
+    fail_on: Annotated[
+        str | None,
+        typer.Option(
+            "--fail-on", help="Exit 1 when any of these findings is present: duplicates,leakage,contradictions."
+        ),
+    ] = None,
 ) -> None:
-    """Dataset statistics and rendered examples with the trained tokens marked (tokenizer only, no weights).
+    """Dataset statistics, data-check findings and rendered examples with the trained tokens marked (no weights).
 
-    Example: finetune data recipes/quickstart.yaml --show 5
+    Example: finetune data recipes/quickstart.yaml --show 5 --fail-on duplicates,leakage
     """
     from finetune.data.inspect import inspect_data
     from finetune.loading import load_recipe
@@ -423,6 +429,23 @@ def data(
         typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     else:
         _print_data(result, color)
+    _fail_on_findings(result.stats.get("checks", {}), fail_on)
+
+
+def _fail_on_findings(checks: dict, fail_on: str | None) -> None:
+    """Exit 1 listing the findings of the kinds named (near-duplicates count as duplicates)."""
+    from finetune.data.checks import FAIL_ON
+
+    wanted = {k.strip() for k in (fail_on or "").split(",") if k.strip()}
+    if wanted - set(FAIL_ON):
+        raise _fail(
+            f"--fail-on: unknown {', '.join(sorted(wanted - set(FAIL_ON)))}; choose from {', '.join(FAIL_ON)}", 2
+        )
+    hits = [f for f in checks.get("findings", []) if f["kind"].removeprefix("near_") in wanted]
+    for f in hits:
+        typer.echo(f"data check failed: {f['rows']} {f['kind']} ({f['detail']}): {'; '.join(f['examples'])}", err=True)
+    if hits:
+        raise typer.Exit(1)
 
 
 def _skipped(source: dict) -> str:
@@ -460,6 +483,8 @@ def _print_data(result: Any, color: bool | None) -> None:
         ("tokens trained / total", f"{s['trained_tokens']:,} / {s['train_tokens']:,} ({trained_share:.1%})"),
     ):
         table.add_row(label, str(value))
+    for f in s.get("checks", {}).get("findings", []):
+        table.add_row(f"check: {f['kind']}", f"{f['rows']} rows ({f['detail']}); first: {', '.join(f['examples'])}")
     console.print(table)
     peak = max((n for _, _, n in result.histogram), default=1)
     console.print("token length histogram (training rows, before truncation)")

@@ -291,6 +291,25 @@ class DataSection(Section):
         "auto",
         description=f"`auto` (the tokenizer's own), a built-in ({', '.join(BUILTIN_TEMPLATES)}) or a .jinja file.",
     )
+    dedup: Literal["none", "exact", "near"] = Field(
+        "none",
+        description="Drop repeated training rows: `exact` (same text after normalising whitespace) or `near` (also "
+        "MinHash near-duplicates, see near_duplicate_threshold), keeping the first. Off by default: dropping rows "
+        "changes what the model sees; `finetune data` reports duplicates either way.",
+    )
+    leakage: Literal["warn", "drop", "error"] = Field(
+        "warn",
+        description="Training rows whose prompt or conversation also appears (exactly or nearly) in the held-out "
+        "data inflate every eval figure: `warn` reports them, `drop` removes them from train (the eval set stays "
+        "as it is, comparable across runs), `error` stops before training.",
+    )
+    near_duplicate_threshold: float = Field(
+        0.85,
+        gt=0.0,
+        le=1.0,
+        description="Estimated Jaccard similarity of word 3-gram sets above which two rows count as near-duplicates "
+        "(duplicates, leakage); lower finds more, with more false matches.",
+    )
     on_bad_row: Literal["error", "skip"] = Field(
         "error",
         description="A malformed row stops with its file and row (`error`), or is skipped and counted per reason "

@@ -409,6 +409,10 @@ def _setup(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     with process_state().main_process_first():  # the main process fills the preprocessing cache, the others read it
         data = method.prepare(recipe, tokenizer)
     manifest.update(data=data.stats.to_dict())
+    if getattr(data.stats, "checks", None) and state.is_main_process:  # the one-line summary before training
+        import sys
+
+        print(data.stats.checks["summary"], file=sys.stderr, flush=True)
     machine = this_machine()
     model, speed = _load_model(recipe, run, manifest, checkpoint, machine, data.stats.max_seq_length)
     model, targets, peft_config = method.policy(recipe, model)

@@ -27,7 +27,7 @@ from finetune.recipe import DataSource, Recipe
 
 Row = TypeVar("Row")  # a sample, or a group of judged completions (data.preference)
 
-CACHE_VERSION = 2  # bump when preprocessing changes what it produces
+CACHE_VERSION = 3  # bump when preprocessing changes what it produces
 CHUNK = 1000
 PARALLEL_MIN_ROWS = 4000
 
@@ -64,6 +64,7 @@ class DataStats:
     length_percentiles: dict[str, int] = field(default_factory=dict)  # of training rows, before truncation
     over_max_seq_length: int = 0
     suggested_max_seq_length: int = 0
+    checks: dict[str, Any] = field(default_factory=dict)  # data/checks.py findings, before any row is dropped
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,6 +155,7 @@ def _prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData
     encoded_train = _encode(tokenizer, train, recipe.data.train_on)
     encoded_eval = _encode(tokenizer, held_out, recipe.data.train_on)
     max_len = _max_length(recipe, encoded_train)
+    train, encoded_train = _act_on_checks(recipe, tokenizer, train, held_out, encoded_train, max_len, stats)
     stats.max_seq_length = max_len
     lengths = sorted(len(ids) for ids, _ in encoded_train)
     stats.length_percentiles = {f"p{q}": percentile(lengths, q) for q in (50, 95, 99)} | {
@@ -180,6 +182,23 @@ def _prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData
         train_where=[train[i].where for i in kept],
         lengths=lengths,
     )
+
+
+def _act_on_checks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, train: list[Sample],
+                   held_out: list[Sample], encoded: list, max_len: int, stats: DataStats) -> tuple[list, list]:  # fmt: skip
+    """Record the data checks' findings; drop what data.dedup / data.leakage ask, or stop on leakage: error."""
+    from finetune.data import checks
+
+    data = recipe.data
+    result = checks.check(train, held_out, encoded, max_len, list(tokenizer.all_special_tokens),
+                          data.near_duplicate_threshold)  # fmt: skip
+    leak = next((f for f in result.findings if f.kind == "leakage"), None)
+    if data.leakage == "error" and leak is not None:
+        raise DataError(f"data.leakage: error: {leak.rows} {leak.detail}, first: {'; '.join(leak.examples)}")
+    drop = checks.to_drop(result, train, held_out, data.dedup, data.leakage, data.near_duplicate_threshold)
+    stats.checks = result.to_dict() | {"summary": result.summary()}
+    keep = [i for i in range(len(train)) if i not in drop]
+    return [train[i] for i in keep], [encoded[i] for i in keep]
 
 
 def _nothing_left(stats: DataStats, valid: int) -> str:

@@ -1,0 +1,311 @@
+"""Findings over prepared rows: what quietly ruins a run, each with counts and its first rows as `file:row`.
+
+Duplicates and near-duplicates inside train (MinHash over word 3-grams with LSH, `datasketch`),
+train/eval leakage, contradictions (one prompt, different answers), truncation damage, empty or
+echoed answers, length outliers and template hazards (a template's own special tokens inside a
+message). Checks only report; `dedup_and_leakage` returns the training rows a recipe asks to drop.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from finetune.data.formats import Sample
+from finetune.data.templates import IGNORE
+
+EXAMPLES = 5  # rows named per finding
+NUM_PERM = 64  # MinHash permutations: about +-0.06 on a Jaccard estimate, cheap enough for 100k rows
+SHINGLE = 3  # words per shingle
+OUTLIER_FACTOR = 8  # a row this many times the median token length is an outlier
+FAIL_ON = ("duplicates", "leakage", "contradictions")  # the kinds `finetune data --fail-on` accepts
+# Markers of common chat templates: in message text they break masks or teach the model to emit them.
+TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "[INST]", "[/INST]", "<|eot_id|>", "<|start_header_id|>",
+                    "<|end_header_id|>", "<start_of_turn>", "<end_of_turn>", "<|endoftext|>", "<|user|>",
+                    "<|assistant|>", "<|system|>", "<|end|>")  # fmt: skip
+Encoded = list[tuple[list[int], list[int]]]
+
+
+@dataclass
+class Finding:
+    kind: str  # duplicates | near_duplicates | leakage | contradictions | truncation | empty_answers | ...
+    rows: int
+    detail: str  # the figures in words, for the table and the train summary
+    examples: list[str] = field(default_factory=list)  # "file:row", or "file:row = file:row" for pairs
+    per_file: dict[str, int] = field(default_factory=dict)  # rows per source file
+
+
+@dataclass
+class ChecksResult:
+    findings: list[Finding] = field(default_factory=list)
+    per_source: dict[str, dict[str, int]] = field(default_factory=dict)  # file -> kind -> rows; several files only
+    dropped: dict[str, int] = field(default_factory=dict)  # e.g. {"duplicates": 3, "leakage": 1}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line for `train`: every finding's kind and rows, and what was dropped."""
+        if not self.findings:
+            return "data checks: no findings"
+        parts = ", ".join(f"{f.rows} {f.kind.replace('_', ' ')}" for f in self.findings)
+        dropped = ", ".join(f"{n} {k}" for k, n in self.dropped.items())
+        return f"data checks: {parts}" + (f" (dropped: {dropped})" if dropped else "") + " - see `finetune data`"
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def prompt_of(sample: Sample) -> str:
+    """Everything before the last answer, whitespace-normalised."""
+    if sample.is_chat:
+        return "\n".join(f"{r}: {normalise(c)}" for r, c in sample.messages[:-1])
+    return normalise(sample.prompt)
+
+
+def answer_of(sample: Sample) -> str:
+    return normalise(sample.messages[-1][1] if sample.is_chat else sample.completion)
+
+
+def whole(sample: Sample) -> str:
+    return prompt_of(sample) + "\n=> " + answer_of(sample)
+
+
+def _file(where: str) -> str:
+    return where.rsplit(":", 1)[0]
+
+
+def _finding(kind: str, rows: list[int], train: list[Sample], detail: str) -> Finding:
+    return Finding(kind, len(rows), detail, [train[i].where for i in rows[:EXAMPLES]], _by_file(rows, train))
+
+
+def _by_file(rows: list[int], samples: list[Sample]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for i in rows:
+        out[_file(samples[i].where)] += 1
+    return dict(out)
+
+
+def _share(rows: list[int], trained: list[int]) -> str:
+    return f"{sum(trained[i] for i in rows) / max(sum(trained), 1):.1%} of trained tokens"
+
+
+# --- duplicates and near-duplicates -------------------------------------------------------
+
+
+def exact_duplicates(texts: list[str]) -> dict[int, int]:
+    """Each later copy's index -> the index of its first occurrence."""
+    first: dict[str, int] = {}
+    out = {}
+    for i, t in enumerate(texts):
+        if t in first:
+            out[i] = first[t]
+        else:
+            first[t] = i
+    return out
+
+
+def _signatures(texts: list[str]) -> list[Any]:
+    from datasketch import MinHash
+
+    shingles = []
+    for t in texts:
+        words = t.lower().split()
+        grams = {" ".join(words[i : i + SHINGLE]) for i in range(max(1, len(words) - SHINGLE + 1))}
+        shingles.append([g.encode() for g in grams])
+    return MinHash.bulk(shingles, num_perm=NUM_PERM, seed=1)
+
+
+def near_duplicates(texts: list[str], threshold: float, against: list[str] | None = None) -> dict[int, int]:
+    """Index in `texts` -> an earlier index (or an index in `against`) whose estimated Jaccard >= threshold."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+    out: dict[int, int] = {}
+    if against is not None:
+        for j, sig in enumerate(_signatures(against)):
+            lsh.insert(j, sig)
+    for i, sig in enumerate(_signatures(texts)):
+        hits = lsh.query(sig)
+        if hits:
+            out[i] = min(hits)
+        if against is None:
+            lsh.insert(i, sig)
+    return out
+
+
+# --- the checks ---------------------------------------------------------------------------
+
+
+def check(
+    train: list[Sample],
+    held_out: list[Sample],
+    encoded: Encoded,
+    max_len: int,
+    special_tokens: list[str],
+    threshold: float,
+) -> ChecksResult:
+    """Every finding over the training rows (and held-out rows for leakage), before anything is dropped."""
+    trained = [sum(x != IGNORE for x in labels) for _, labels in encoded]
+    texts = [whole(s) for s in train]
+    findings = [
+        *_duplicates(train, texts, trained, threshold),
+        *_leakage(train, held_out, threshold),
+        *_contradictions(train),
+        *_truncation(train, encoded, max_len),
+        *_answers(train),
+        *_outliers(train, encoded),
+        *_template_tokens(train, special_tokens),
+    ]
+    findings = [f for f in findings if f.rows]
+    return ChecksResult(findings, _per_source(train, findings))
+
+
+def _duplicates(train: list[Sample], texts: list[str], trained: list[int], threshold: float) -> list[Finding]:
+    exact = exact_duplicates(texts)
+    near = {i: j for i, j in near_duplicates(texts, threshold).items() if i not in exact}
+    out = []
+    for kind, found in (("duplicates", exact), ("near_duplicates", near)):
+        rows = sorted(found)
+        f = Finding(kind, len(rows), f"later copies; {_share(rows, trained)}", per_file=_by_file(rows, train))
+        f.examples = [f"{train[i].where} = {train[found[i]].where}" for i in rows[:EXAMPLES]]
+        out.append(f)
+    return out
+
+
+def leaked(train: list[Sample], held_out: list[Sample], threshold: float) -> dict[int, int]:
+    """Training row index -> a held-out row index whose prompt or whole conversation matches it."""
+    if not held_out:
+        return {}
+    prompts = {prompt_of(s): j for j, s in enumerate(held_out) if prompt_of(s)}
+    wholes = {whole(s): j for j, s in enumerate(held_out)}
+    out = {}
+    for i, s in enumerate(train):
+        j = wholes.get(whole(s), prompts.get(prompt_of(s)))
+        if j is not None:
+            out[i] = j
+    near = near_duplicates([whole(s) for s in train], threshold, against=[whole(s) for s in held_out])
+    return {**near, **out}
+
+
+def _leakage(train: list[Sample], held_out: list[Sample], threshold: float) -> list[Finding]:
+    found = leaked(train, held_out, threshold)
+    rows = sorted(found)
+    f = Finding("leakage", len(set(found.values())), f"held-out rows also in train ({len(rows)} training rows)")
+    f.per_file = _by_file(rows, train)
+    f.examples = [f"{held_out[found[i]].where} = {train[i].where}" for i in rows[:EXAMPLES]]
+    return [f]
+
+
+def _contradictions(train: list[Sample]) -> list[Finding]:
+    answers: dict[str, dict[str, int]] = defaultdict(dict)
+    for i, s in enumerate(train):
+        if prompt_of(s):
+            answers[prompt_of(s)].setdefault(answer_of(s), i)
+    groups = [list(a.values()) for a in answers.values() if len(a) > 1]
+    rows = [i for g in groups for i in g]
+    sims = [_jaccard(answer_of(train[g[0]]), answer_of(train[j])) for g in groups for j in g[1:]]
+    detail = f"{len(groups)} prompts with different answers" + (
+        f"; answer word overlap min {min(sims):.2f}, mean {sum(sims) / len(sims):.2f}" if sims else ""
+    )
+    f = Finding("contradictions", len(rows), detail, per_file=_by_file(rows, train))
+    f.examples = [" vs ".join(train[i].where for i in g[:3]) for g in groups[:EXAMPLES]]
+    return [f]
+
+
+def _jaccard(a: str, b: str) -> float:
+    x, y = set(a.lower().split()), set(b.lower().split())
+    return len(x & y) / max(len(x | y), 1)
+
+
+def _truncation(train: list[Sample], encoded: Encoded, max_len: int) -> list[Finding]:
+    cut, lost, gone = [], 0, []
+    for i, (_, labels) in enumerate(encoded):
+        tail = sum(x != IGNORE for x in labels[max_len:])
+        if tail:
+            cut.append(i)
+            lost += tail
+            if all(x == IGNORE for x in labels[:max_len]):
+                gone.append(i)
+    total = sum(sum(x != IGNORE for x in labels) for _, labels in encoded)
+    return [
+        _finding("truncation", cut, train, f"rows whose trained tokens pass max_seq_length {max_len}; "
+                 f"{lost:,} trained tokens lost ({lost / max(total, 1):.1%})"),
+        _finding("answer_cut_away", gone, train, "rows with no trained token left within max_seq_length"),
+    ]  # fmt: skip
+
+
+def _answers(train: list[Sample]) -> list[Finding]:
+    empty = [i for i, s in enumerate(train) if _empty_answer(s)]
+    echo = [i for i, s in enumerate(train) if answer_of(s) and answer_of(s) == _last_prompt(s)]
+    return [
+        _finding("empty_answers", empty, train, "an answer that is empty or only whitespace"),
+        _finding("echo_answers", echo, train, "the answer repeats the prompt word for word"),
+    ]
+
+
+def _empty_answer(sample: Sample) -> bool:
+    if sample.is_chat:
+        return any(r == "assistant" and not c.strip() for r, c in sample.messages)
+    return not sample.completion.strip()
+
+
+def _last_prompt(sample: Sample) -> str:
+    if sample.is_chat:
+        return normalise(sample.messages[-2][1]) if len(sample.messages) > 1 else ""
+    return normalise(sample.prompt)
+
+
+def _outliers(train: list[Sample], encoded: Encoded) -> list[Finding]:
+    lengths = sorted(len(ids) for ids, _ in encoded)
+    if not lengths:
+        return []
+    median = lengths[len(lengths) // 2]
+    rows = [i for i, (ids, _) in enumerate(encoded) if len(ids) > OUTLIER_FACTOR * median]
+    return [_finding("length_outliers", rows, train, f"rows over {OUTLIER_FACTOR}x the median of {median} tokens")]
+
+
+def _template_tokens(train: list[Sample], special_tokens: list[str]) -> list[Finding]:
+    markers = sorted({*TEMPLATE_MARKERS, *(t for t in special_tokens if len(t) > 1)})
+    pattern = re.compile("|".join(re.escape(m) for m in markers))
+    rows, seen = [], set()
+    for i, s in enumerate(train):
+        text = "\n".join(c for _, c in s.messages) if s.is_chat else s.prompt + "\n" + s.completion
+        hits = pattern.findall(text)
+        if hits:
+            rows.append(i)
+            seen.update(hits)
+    return [_finding("template_tokens", rows, train, f"message text holds template tokens: {', '.join(sorted(seen))}")]
+
+
+def _per_source(train: list[Sample], findings: list[Finding]) -> dict[str, dict[str, int]]:
+    """Training rows and rows per finding of each file, when the training rows come from several files."""
+    files = _by_file(list(range(len(train))), train)
+    if len(files) < 2:
+        return {}
+    out = {name: {"rows": n} for name, n in sorted(files.items())}
+    for f in findings:
+        for name, n in f.per_file.items():
+            out[name][f.kind] = n
+    return out
+
+
+def to_drop(result: ChecksResult, train: list[Sample], held_out: list[Sample], dedup: str, leakage: str,
+            threshold: float) -> set[int]:  # fmt: skip
+    """Training row indices the recipe asks to drop, and the counts recorded in `result.dropped`."""
+    drop: set[int] = set()
+    if dedup != "none":
+        texts = [whole(s) for s in train]
+        dups = set(exact_duplicates(texts))
+        if dedup == "near":
+            dups |= set(near_duplicates(texts, threshold))
+        result.dropped["duplicates"] = len(dups)
+        drop |= dups
+    if leakage == "drop":
+        leaks = set(leaked(train, held_out, threshold)) - drop
+        result.dropped["leakage"] = len(leaks)
+        drop |= leaks
+    return drop
