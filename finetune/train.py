@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -406,13 +407,13 @@ def _setup(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     transformers.set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
     method = methods.load(recipe.train.method)
-    with process_state().main_process_first():  # the main process fills the preprocessing cache, the others read it
+    state = process_state()
+    with state.main_process_first():  # the main process fills the preprocessing cache, the others read it
         data = method.prepare(recipe, tokenizer)
     manifest.update(data=data.stats.to_dict())
-    if getattr(data.stats, "checks", None) and state.is_main_process:  # the one-line summary before training
-        import sys
-
-        print(data.stats.checks["summary"], file=sys.stderr, flush=True)
+    checks = getattr(data.stats, "checks", None)  # SFT data is checked; preference and prompt data not yet
+    if checks and state.is_main_process:  # the one-line summary of the findings, before training
+        print(checks["summary"], file=sys.stderr, flush=True)
     machine = this_machine()
     model, speed = _load_model(recipe, run, manifest, checkpoint, machine, data.stats.max_seq_length)
     model, targets, peft_config = method.policy(recipe, model)
