@@ -33,7 +33,7 @@ from finetune.errors import (
     UserError,
     WriteError,
 )
-from finetune.evaluate import compare, write_comparison
+from finetune.evaluate import write_comparison
 from finetune.harness import check as check_harness
 from finetune.lineage import check_same_weights, continue_parent, parent_record
 from finetune.lock import RunLock, describe
@@ -61,6 +61,7 @@ from finetune.runs import (
     run_seconds,
     write_recipe,
 )
+from finetune.scoring import compare
 from finetune.secrets import redact_text
 from finetune.speed import (
     Speed,

@@ -9,9 +9,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from finetune.chat import Conversation, chat, load, repl
+from finetune.chat import Conversation, chat, repl
 from finetune.cli import app
 from finetune.generation import Sampling
+from finetune.loaded import load
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()

@@ -131,7 +131,7 @@ def test_a_running_run_whose_process_is_gone_is_shown_as_died(tmp_path):
     manifest = {"name": "x", "status": "running", "process": dead, "command": command}
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "manifest.json").write_text(json.dumps(manifest))
-    assert [r["status"] for r in list_runs(tmp_path)] == ["died"]
+    assert [r.status for r in list_runs(tmp_path)] == ["died"]
     shown = show_run(tmp_path / "x")
     assert shown["status"] == "died" and shown["status_detail"].endswith(command["resume"])
 
@@ -166,13 +166,21 @@ def test_a_killed_process_not_yet_reaped_is_dead_and_its_run_resumable(tmp_path)
         child.wait()
 
 
-def test_runs_list_fits_80_columns_and_keeps_status_and_figures_whole():
-    from finetune.cli import _runs_table
+def _row(name: str, **changes):
+    from finetune.runs import RunRow
 
-    row = {"name": "llama-3.1-8b-qlora-rank16-lr2e-4-with-a-long-name", "status": "completed",
-           "base": "meta-llama/Llama-3.1-8B-Instruct", "rank": 16, "best_eval_loss": 1.23456,
-           "metric": ("mymetrics:first_word_of_the_answer", 0.875), "seconds": 3725.0}  # fmt: skip
-    lines = _runs_table([row, {**row, "name": "r8", "status": "died", "base": "/data/models/tiny"}], 80).splitlines()
+    fields = {"run": f"runs/{name}", "name": name, "status": "completed", "base": "meta-llama/Llama-3.1-8B-Instruct",
+              "rank": 16, "best_eval_loss": 1.23456, "metric": ("mymetrics:first_word_of_the_answer", 0.875),
+              "seconds": 3725.0, "started": None}  # fmt: skip
+    return RunRow(**{**fields, **changes})
+
+
+def test_runs_list_fits_80_columns_and_keeps_status_and_figures_whole():
+    from finetune.cli.runs import runs_table
+
+    rows = [_row("llama-3.1-8b-qlora-rank16-lr2e-4-with-a-long-name"),
+            _row("r8", status="died", base="/data/models/tiny")]  # fmt: skip
+    lines = runs_table(rows, 80).splitlines()
     assert all(len(line) <= 80 for line in lines), lines
     assert lines[0].split() == ["run", "status", "base", "rank", "eval", "loss", "metric", "time"]
     assert "completed" in lines[2] and "1.2346" in lines[2] and "0.8750" in lines[2] and "3725s" in lines[2]

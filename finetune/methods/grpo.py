@@ -16,7 +16,8 @@ from trl import GRPOConfig, GRPOTrainer
 
 from finetune.data.prompts import PromptData, prepare_prompts
 from finetune.errors import RewardFailed, UserError
-from finetune.methods.reference import REFERENCE_ADAPTER, policy
+from finetune.loaded import REFERENCE_ADAPTER
+from finetune.methods.reference import policy
 from finetune.methods.rewards import Reward
 from finetune.recipe import Recipe
 from finetune.sft_trainer import SafeTraining

@@ -12,9 +12,9 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 from finetune.data.templates import prompt_and_reference
-from finetune.evaluate import ModelScores, metric_functions, score
 from finetune.methods.preference_eval import PreferenceComparison, adapter_context
 from finetune.methods.rewards import Reward
+from finetune.scoring import ModelScores, metric_functions, score
 
 if TYPE_CHECKING:
     from finetune.data.prompts import PromptData
@@ -27,7 +27,7 @@ def compare_rewards(
     recipe: Recipe, model: Any, tokenizer: Any, data: PromptData, has_reference: bool
 ) -> PreferenceComparison:
     """Score tuned, reference and base on the held-out prompts with the rewards and eval.metrics."""
-    from finetune.methods.reference import REFERENCE_ADAPTER
+    from finetune.loaded import REFERENCE_ADAPTER
 
     e, o = recipe.eval, recipe.train.grpo
     samples = data.eval_samples[: e.limit] if e.limit else data.eval_samples

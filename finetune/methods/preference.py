@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from finetune.data.preference import PreferenceData, prepare_preference
-from finetune.methods.reference import REFERENCE_ADAPTER, policy
+from finetune.loaded import REFERENCE_ADAPTER
+from finetune.methods.reference import policy
 from finetune.recipe import Recipe
 from finetune.sft_trainer import SafeTraining
 
