@@ -71,12 +71,15 @@ def sampling_for(loaded: Loaded, max_new_tokens: int | None, temperature: float,
 
 def scripted_prompts(prompts: list[str] | None, stdin: TextIO) -> list[str] | None:
     """What chat answers without a conversation: the given prompts, else every line of `stdin` when it is not a
-    terminal (blank lines skipped); None when it is one (chat interactively)."""
+    terminal; None when it is one (chat interactively).
+
+    Every line gets one answer, a blank one included, so that answer N answers line N (what a script expects).
+    """
     if prompts is not None:
         return list(prompts)
     if stdin.isatty():
         return None
-    return [line.rstrip("\n") for line in stdin if line.strip()]
+    return [line.rstrip("\n") for line in stdin]
 
 
 @dataclass
@@ -124,7 +127,8 @@ def repl(conversation: Conversation, which: tuple[str, ...], read: Callable[[str
     while True:
         try:
             line = read("> ").strip()
-        except EOFError:
+        except EOFError:  # Ctrl-D: end the prompt's line, so the shell's prompt starts on its own
+            out.write("\n")
             return
         if not line:
             continue
