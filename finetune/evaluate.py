@@ -8,17 +8,21 @@ so the held-out rows, masks and prompts are exactly those of training, and the m
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.errors import UserError
-from finetune.scoring import Comparison, compare
+from finetune.recipe import LOSS_METRICS
+from finetune.scoring import Comparison, compare, metric_names
 from finetune.summary import EvalSummary
 
 if TYPE_CHECKING:
     from finetune.recipe import Recipe
     from finetune.runs import RunDir
+    from finetune.summary import Requirement
 
 
 @dataclass
@@ -36,10 +40,13 @@ def evaluate(
     against_base: bool | None = None,
     limit: int | None = None,
     out: str | Path | None = None,
+    require: Sequence[Requirement] = (),
 ) -> EvalResult:
     """Evaluate a run's adapter (a run directory, or the recipe that made it) on its held-out data.
 
-    `limit` applies to every figure (loss too). Results go to `out`, default RUN/eval/<UTC time>/: the run's own eval/summary.json and examples.jsonl, written by
+    `limit` applies to every figure (loss too). `require` (the CI gate's bounds) must name figures
+    this evaluation reports: a misspelled one is refused before anything loads. Results go to `out`,
+    default RUN/eval/<UTC time>/: the run's own eval/summary.json and examples.jsonl, written by
     training, stay as they were.
     """
     from finetune.loading import load_recipe
@@ -53,9 +60,10 @@ def evaluate(
     if recipe.train.method == "sft":
         if recipe.data.eval is None:
             raise _no_held_out(run)
+        check_requirements(recipe, require)
         summary = _evaluate_sft(recipe, run, against_base, limit, out_dir)
     else:
-        summary = _evaluate_method(recipe, run, against_base, limit, out_dir)
+        summary = _evaluate_method(recipe, run, against_base, limit, out_dir, require)
     return EvalResult(str(run.root), summary, str(out_dir))
 
 
@@ -91,6 +99,7 @@ def _evaluate_method(
     against_base: bool | None,
     limit: int | None,
     out_dir: Path,
+    require: Sequence[Requirement],
 ) -> EvalSummary:
     """A DPO, KTO or GRPO run: its adapter, its parent's as the reference, and the base, through the method's hooks."""
     from finetune import methods
@@ -101,6 +110,7 @@ def _evaluate_method(
     recipe = continue_parent(recipe)
     if recipe.data.eval is None:
         raise _no_held_out(run)
+    check_requirements(recipe, require)
     changes: dict[str, Any] = {"limit": limit or recipe.eval.limit}
     if against_base is not None:
         changes["compare_base"] = against_base
@@ -113,6 +123,30 @@ def _evaluate_method(
     summary = comparison.summary()
     write_eval(run, summary.to_dict(), comparison.examples(), None, out_dir)
     return summary
+
+
+def figures(recipe: Recipe) -> list[str]:
+    """The tuned figures an evaluation of this recipe reports, by the names its table and JSON give them."""
+    if recipe.train.method == "sft":
+        return [*LOSS_METRICS, *metric_names(list(recipe.eval.metrics))]
+    from finetune import methods
+
+    return methods.load(recipe.train.method).figures(recipe)
+
+
+def check_requirements(recipe: Recipe, require: Sequence[Requirement]) -> None:
+    """Every bound names a figure this evaluation reports; else a UserError with the likely name, before any work."""
+    names = figures(recipe)
+    problems = []
+    for requirement in require:
+        if requirement.metric in names:
+            continue
+        by_function = [n for n in names if n.rpartition(":")[2] == requirement.metric]
+        close = by_function or difflib.get_close_matches(requirement.metric, names, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        problems.append(f"--require {requirement.metric}: this evaluation reports {', '.join(names)}{hint}")
+    if problems:
+        raise UserError(problems)
 
 
 def _out_dir(run: RunDir, out: str | Path | None) -> Path:

@@ -81,6 +81,14 @@ def metric_functions(names: list[str] | tuple[str, ...]) -> dict[str, Metric]:
     return out
 
 
+def metric_names(names: list[str] | tuple[str, ...]) -> list[str]:
+    """The generation metrics' names as tables, JSON and `eval --require` show them (`module:function` for a
+    user's metric, without the path), in the recipe's order: the keys `metric_functions` returns."""
+    from finetune.callables import short_name
+
+    return list(dict.fromkeys(short_name(name) for name in names if name not in LOSS_METRICS))
+
+
 @dataclass
 class ModelScores:
     loss: float | None = None

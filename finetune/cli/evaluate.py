@@ -57,7 +57,7 @@ def eval_(
     from finetune.evaluate import evaluate
 
     against_base = None if against is None else against == "base"
-    result = evaluate(target, against_base=against_base, limit=limit, out=out)
+    result = evaluate(target, against_base=against_base, limit=limit, out=out, require=requirements)
     failures = gate(result.summary, requirements, fail_if_worse)
     if as_json:
         echo_json({**result.to_dict(), "gate_failures": failures})

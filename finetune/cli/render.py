@@ -51,7 +51,10 @@ def comparison_table(summary: EvalSummary) -> Table:
 
 
 def preference_table(summary: EvalSummary) -> Table:
-    """A DPO, KTO or GRPO run's held-out figures: base, reference (the parent run) and tuned side by side."""
+    """A DPO, KTO or GRPO run's held-out figures: base, reference (the parent run) and tuned side by side.
+
+    A metric is named as in the JSON and as `eval --require` takes it (`module:function` for a user's).
+    """
     from rich.table import Table
 
     p = summary.preference
@@ -66,8 +69,7 @@ def preference_table(summary: EvalSummary) -> Table:
         table.add_column(column, justify="left" if column == "metric" else "right")
     for key in tuned.metrics:
         cells = [f"{s.metrics[key]:.4f}" for s in models.values()]
-        label = key.rsplit(":", 1)[-1]  # a module:function metric by its function's name
-        table.add_row(label, *cells, f"{tuned.metrics[key] - reference.metrics[key]:+.4f}")
+        table.add_row(key, *cells, f"{tuned.metrics[key] - reference.metrics[key]:+.4f}")
     if all(s.logps for s in models.values()):  # preference methods score both answers; GRPO has none
         for side in ("chosen", "rejected"):
             cells = [f"{s.logps[side]:.3f}" for s in models.values()]

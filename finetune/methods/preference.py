@@ -29,7 +29,7 @@ def prepare(recipe: Recipe, tokenizer: Any) -> PreferenceData:
 
 
 # the hooks finetune.train calls
-__all__ = ["compare", "config", "evaluate", "make_trainer", "policy", "prepare"]
+__all__ = ["compare", "config", "evaluate", "figures", "make_trainer", "policy", "prepare"]
 
 
 def config(recipe: Recipe, common: dict[str, Any], max_length: int) -> DPOConfig | KTOConfig:
@@ -90,6 +90,14 @@ def compare(recipe: Recipe, model: Any, tokenizer: Any, data: PreferenceData, ha
     from finetune.methods.preference_eval import compare_preference
 
     return compare_preference(recipe, model, tokenizer, data, has_reference)
+
+
+def figures(recipe: Recipe) -> list[str]:
+    """The tuned figures `compare` reports: the preference metrics, then the generation metrics."""
+    from finetune.methods.preference_eval import PREFERENCE_METRICS
+    from finetune.scoring import metric_names
+
+    return list(dict.fromkeys([*PREFERENCE_METRICS, *metric_names(list(recipe.eval.metrics))]))
 
 
 def evaluate(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, data: PreferenceData) -> EvalSummary | None:
