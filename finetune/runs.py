@@ -491,6 +491,11 @@ class RunComparison(Result):
     figures: list[dict[str, float]]  # per run: figure -> value
     deltas: list[dict[str, float]]  # per run: figure -> value minus the first run's (where the first has it)
 
+    def figure_names(self) -> list[str]:
+        """Every figure any run has, in the order they first appear: a DPO run's preference accuracy and a GRPO
+        run's reward too, not only the first run's."""
+        return list(dict.fromkeys(name for figures in self.figures for name in figures))
+
 
 def compare_runs(roots: list[Path]) -> RunComparison:
     """Recipe keys that differ between runs, and each run's held-out figures with deltas to the first."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -49,7 +49,11 @@ def runs_list(
 
 
 def runs_table(rows: list[RunRow], width: int) -> str:
-    """One line per run within `width` columns: run, base and metric shortened (with …) before anything else."""
+    """One line per run within `width` columns: run, base and metric shortened (with …) before anything else.
+
+    A run name first loses the prefix every run shares (a sweep's trials are `SWEEP_rank-8_targets-attention`),
+    then its middle, and never so much that two runs look alike: distinct names stay distinct, even past `width`.
+    """
     lines = [["run", "status", "base", "rank", "eval loss", "metric", "time"]]
     for r in rows:
         base = str(r.base)
@@ -62,11 +66,16 @@ def runs_table(rows: list[RunRow], width: int) -> str:
             f"{r.seconds:.0f}s" if r.seconds is not None else "",
         ])  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(7)]
-    while sum(widths) + 2 * 6 > width and any(widths[i] > FLOORS[i] for i in FLOORS):
-        widest = max((i for i in FLOORS if widths[i] > FLOORS[i]), key=lambda i: widths[i])
+    names = [line[0] for line in lines[1:]]
+    shared = _shared_prefix(names)
+    floors = {**FLOORS, 0: _distinct_width(names, shared, widths[0])}
+    while sum(widths) + 2 * 6 > width and any(widths[i] > floors[i] for i in floors):
+        widest = max((i for i in floors if widths[i] > floors[i]), key=lambda i: widths[i])
         widths[widest] -= 1
 
     def cell(text: str, i: int) -> str:
+        if len(text) > widths[i] and i == 0:
+            text = _shorten(text, shared, widths[i])
         if len(text) > widths[i] and i == 5:  # keep the metric's value, shorten its name
             name, _, value = text.rpartition(" ")
             text = name[: max(widths[i] - len(value) - 2, 1)] + "… " + value
@@ -76,6 +85,38 @@ def runs_table(rows: list[RunRow], width: int) -> str:
     out = ["  ".join(cell(text, i) for i, text in enumerate(line)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def _shared_prefix(names: list[str]) -> str:
+    """What every name starts with, up to its last `_` (a sweep's name before its trials'); "" for a single run."""
+    if len(names) < 2:
+        return ""
+    common = names[0]
+    for name in names[1:]:
+        while not name.startswith(common):
+            common = common[:-1]
+    return common[: common.rfind("_") + 1]
+
+
+def _shorten(name: str, shared: str, width: int) -> str:
+    """`…rank-16_t…all-linear`: the shared prefix dropped first, then the middle; both marked with an ellipsis."""
+    if len(name) <= width:
+        return name
+    if shared:
+        name = "…" + name[len(shared) :]
+        if len(name) <= width:
+            return name
+    head = (width - 1) // 2
+    return name[:head] + "…" + name[len(name) - (width - 1 - head) :]
+
+
+def _distinct_width(names: list[str], shared: str, widest: int) -> int:
+    """The narrowest run column (from FLOORS[0]) at which the shortened names are as distinct as the names."""
+    wanted = len(set(names))
+    for width in range(min(FLOORS[0], widest), widest):
+        if len({_shorten(n, shared, width) for n in names}) == wanted:
+            return width
+    return widest
 
 
 @runs_app.command("show")
@@ -122,28 +163,43 @@ def runs_compare(
 
 
 def differences_table(result: RunComparison) -> Table:
-    """The recipe keys whose values differ, one column per run."""
+    """One row per differing value, down to the item of a list (`data.train.0.path`), each shown whole (folded)."""
     from rich.table import Table
 
-    table = Table(title="recipe differences", title_justify="left")
-    for column in ("key", *(Path(r).name for r in result.runs)):
-        table.add_column(column)
+    table = Table(title="recipe differences", title_justify="left", show_lines=True)
+    table.add_column("key", no_wrap=True)
+    for name in (Path(r).name for r in result.runs):
+        table.add_column(name, overflow="fold")
     for key, values in result.recipe_differences.items():
-        table.add_row(key, *(json.dumps(v) for v in values))
+        leaves = [_leaves(v, key) for v in values]
+        for leaf in dict.fromkeys(k for run in leaves for k in run):
+            cells = [json.dumps(run.get(leaf)) for run in leaves]
+            if len(set(cells)) > 1:
+                table.add_row(leaf, *cells)
     return table
 
 
+def _leaves(value: Any, key: str) -> dict[str, Any]:
+    """A value split into its leaves by dotted key, lists of mappings by item (`data.train.0.path`)."""
+    if isinstance(value, dict):
+        return {k: v for sub, item in value.items() for k, v in _leaves(item, f"{key}.{sub}").items()}
+    if isinstance(value, list) and value and all(isinstance(item, dict | list) for item in value):
+        return {k: v for i, item in enumerate(value) for k, v in _leaves(item, f"{key}.{i}").items()}
+    return {key: value}
+
+
 def figures_table(result: RunComparison) -> Table:
-    """The held-out figures of each run, with the delta to the first."""
+    """Every run's held-out figures, each with its delta to the first run where the first has that figure."""
     from rich.table import Table
 
     table = Table(title="figures (delta to the first run)", title_justify="left")
-    for column in ("figure", *(Path(r).name for r in result.runs)):
-        table.add_column(column, justify="left" if column == "figure" else "right")
-    for key in result.figures[0]:
-        cells = [
-            f"{f[key]:.4f}" + (f" ({d[key]:+.4f})" if i else "") if key in f else "-"
-            for i, (f, d) in enumerate(zip(result.figures, result.deltas, strict=True))
-        ]
+    table.add_column("figure", justify="left")
+    for name in (Path(r).name for r in result.runs):
+        table.add_column(name, justify="right")
+    for key in result.figure_names():
+        cells = []
+        for i, (f, d) in enumerate(zip(result.figures, result.deltas, strict=True)):
+            delta = f" ({d[key]:+.4f})" if i and key in d else ""
+            cells.append(f"{f[key]:.4f}{delta}" if key in f else "-")
         table.add_row(key, *cells)
     return table
