@@ -1,9 +1,8 @@
 """`finetune chat`: talk to a trained run with its own tokenizer, chat template and stop ids.
 
-A run is opened as `merge` and `export` open it (resolved recipe, manifest, checked adapter), its
-base loaded as in training (4-bit for a QLoRA run) with the adapter on top; a merged directory
-loads as a plain model. Decoding is `finetune.generation`'s, the same as `eval`'s, so a greedy
-answer here is the prediction `eval` wrote for the same prompt. `serve` loads runs with `load`.
+The run (or a merged directory) is opened by `finetune.loaded`, as `eval` and `serve` open it.
+Decoding is `finetune.generation`'s, the same as `eval`'s, so a greedy answer here is the
+prediction `eval` wrote for the same prompt.
 """
 
 from __future__ import annotations
@@ -12,97 +11,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from finetune.errors import UserError
 from finetune.generation import Sampling, chat_prompt, stream
-from finetune.recipe import EvalSection
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from finetune.runs import Run
-
-
-@dataclass
-class Loaded:
-    """A model ready to answer: a run's base + adapter (PEFT), or a merged directory (plain transformers)."""
-
-    name: str
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    max_new_tokens: int  # the run's eval.max_new_tokens: chat answers as long as eval's
-    run: Run | None = None
-
-    @property
-    def has_adapter(self) -> bool:
-        return self.run is not None
-
-
-def run_dir_of(target: str | Path) -> Path:
-    """A run directory given directly, or through the recipe that made it (its output_dir)."""
-    from finetune.loading import load_recipe
-
-    path = Path(target).expanduser()
-    if path.is_file():
-        return Path(load_recipe(path, check_files=False).run_dir)
-    if not path.exists():
-        raise UserError(f"{target}: no such run directory or recipe")
-    return path
-
-
-def is_merged_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / "adapter").exists()
-
-
-def load(target: str | Path) -> Loaded:
-    """Open a run (base + adapter, the base quantized as in training) or a merged model directory."""
-    from peft import PeftModel
-
-    from finetune.machine import this_machine
-    from finetune.modeling import load_model, quiet_libraries
-    from finetune.runs import open_run
-    from finetune.speed import model_attention
-
-    quiet_libraries()
-    path = run_dir_of(target)
-    if is_merged_dir(path):
-        return _load_merged(path)
-    run = open_run(path)
-    tokenizer = _tokenizer(run.adapter)
-    base = load_model(run.recipe, model_attention(run.recipe, this_machine()))
-    model = PeftModel.from_pretrained(base, str(run.adapter), adapter_name=run.recipe.name)
-    model.eval()
-    return Loaded(run.recipe.name, model, tokenizer, run.recipe.eval.max_new_tokens, run)
-
-
-def _load_merged(path: Path) -> Loaded:
-    """A merged model (`finetune merge` or `export --format merged`): weights, tokenizer and template together."""
-    from transformers import AutoModelForCausalLM
-
-    from finetune.loading import load_recipe
-    from finetune.machine import device
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True).to(device()).eval()
-    recipe_file = next((p for p in (path / "recipe.yaml", path.parent / "recipe.yaml") if p.is_file()), None)
-    budget = EvalSection.model_fields["max_new_tokens"].default
-    name = path.resolve().name
-    if recipe_file is not None:
-        recipe = load_recipe(recipe_file, check_files=False)
-        budget, name = recipe.eval.max_new_tokens, f"{recipe.name}-merged"
-    return Loaded(name, model, _tokenizer(path), budget)
-
-
-def _tokenizer(directory: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer and chat template saved with the adapter (or merged model): what training rendered with."""
-    from finetune.evaluate import saved_tokenizer
-
-    tokenizer = saved_tokenizer(directory)
-    if tokenizer.chat_template is None:
-        raise UserError(f"{directory}: the saved tokenizer has no chat template, so a conversation cannot be rendered")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    return tokenizer
+from finetune.loaded import Loaded, load
 
 
 @contextmanager
@@ -156,6 +69,19 @@ def sampling_for(loaded: Loaded, max_new_tokens: int | None, temperature: float,
 # --- the `finetune chat` stage, scripted: prompts in, answers out -----------------------------------
 
 
+def scripted_prompts(prompts: list[str] | None, stdin: TextIO) -> list[str] | None:
+    """What chat answers without a conversation: the given prompts, else every line of `stdin` when it is not a
+    terminal; None when it is one (chat interactively).
+
+    Every line gets one answer, a blank one included, so that answer N answers line N (what a script expects).
+    """
+    if prompts is not None:
+        return list(prompts)
+    if stdin.isatty():
+        return None
+    return [line.rstrip("\n") for line in stdin]
+
+
 @dataclass
 class ChatResult:
     model: str
@@ -201,7 +127,8 @@ def repl(conversation: Conversation, which: tuple[str, ...], read: Callable[[str
     while True:
         try:
             line = read("> ").strip()
-        except EOFError:
+        except EOFError:  # Ctrl-D: end the prompt's line, so the shell's prompt starts on its own
+            out.write("\n")
             return
         if not line:
             continue

@@ -1,210 +1,27 @@
-"""Held-out evaluation: loss on the trained tokens and generation metrics, for the tuned model and its base.
+"""`finetune eval`: a finished run's adapter scored on its held-out data, against its base (and parent), ad hoc.
 
-The base model is the same PEFT model with its adapter disabled, so both see the same
-prompts, template, tokenizer and greedy decoding.
+One entry for every method, as `finetune.train` has: the run (a directory, or the recipe that made
+it) is opened by `finetune.loaded`, its own resolved recipe, tokenizer and chat template are used,
+so the held-out rows, masks and prompts are exactly those of training, and the method's hooks
+(`finetune.methods`) prepare and score what differs. SFT's scoring is `finetune.scoring`'s.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from finetune.data.formats import Sample
-from finetune.data.templates import IGNORE, prompt_and_reference
 from finetune.errors import UserError
-from finetune.generation import generate
-from finetune.recipe import GENERATION_METRICS, LOSS_METRICS
-from finetune.summary import EvalSummary, Scores
+from finetune.scoring import compare
+from finetune.summary import EvalSummary
 
 if TYPE_CHECKING:
-    from datasets import Dataset
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
     from finetune.recipe import Recipe
     from finetune.runs import RunDir
-
-Metric = Callable[[str, str], float]
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    return float(prediction.strip() == reference.strip())
-
-
-def contains(prediction: str, reference: str) -> float:
-    return float(reference.strip() in prediction)
-
-
-def regex(prediction: str, reference: str) -> float:
-    """The reference is a regular expression that the whole (stripped) prediction must match."""
-    try:
-        return float(re.fullmatch(reference.strip(), prediction.strip(), flags=re.DOTALL) is not None)
-    except re.error:
-        return 0.0
-
-
-def json_valid(prediction: str, reference: str) -> float:
-    try:
-        json.loads(prediction)
-    except ValueError:
-        return 0.0
-    return 1.0
-
-
-GENERATION_FUNCTIONS: dict[str, Metric] = {name: globals()[name] for name in GENERATION_METRICS}  # named alike
-
-
-def metric_functions(names: list[str] | tuple[str, ...]) -> dict[str, Metric]:
-    """Generation metrics by the name tables show; `module:function` imports a user metric(prediction, reference).
-
-    The loader already found the module (beside the recipe, else installed: `finetune.callables`),
-    and `validate` and the start of `train` imported it, so this fails only if it changed since.
-    """
-    from finetune import callables
-
-    out = {}
-    for name in names:
-        if name in LOSS_METRICS:
-            continue
-        if name in GENERATION_FUNCTIONS:
-            out[name] = GENERATION_FUNCTIONS[name]
-            continue
-        try:
-            out[callables.short_name(name)] = callables.load(name, ("prediction", "reference"))
-        except callables.CallableError as e:
-            raise UserError(f"eval.metrics: {callables.short_name(name)}: {e}") from None
-    return out
-
-
-@dataclass
-class ModelScores:
-    loss: float | None = None
-    perplexity: float | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    outputs: list[str] = field(default_factory=list)
-    per_example: dict[str, list[float]] = field(default_factory=dict)
-
-
-@dataclass
-class Comparison:
-    tuned: ModelScores
-    base: ModelScores | None
-    references: list[str]
-    prompts: list[str]
-
-    def summary(self) -> EvalSummary:
-        """Per model: loss, perplexity, metric means; per generation metric: per-example wins/losses/ties."""
-
-        def scores(s: ModelScores | None) -> Scores | None:
-            return None if s is None else Scores(s.loss, s.perplexity, dict(s.metrics))
-
-        records = {} if self.base is None else {name: self._record(name) for name in self.tuned.metrics}
-        return EvalSummary(scores(self.tuned), scores(self.base), len(self.references), records)
-
-    def _record(self, name: str) -> dict[str, int]:
-        pairs = list(zip(self.tuned.per_example[name], self.base.per_example[name], strict=True))
-        return {
-            "wins": sum(t > b for t, b in pairs),
-            "losses": sum(t < b for t, b in pairs),
-            "ties": sum(t == b for t, b in pairs),
-        }
-
-    def examples(self) -> list[dict[str, Any]]:
-        rows = []
-        for i, (prompt, ref) in enumerate(zip(self.prompts, self.references, strict=True)):
-            generated = bool(self.tuned.outputs)  # none when eval.metrics has only loss and perplexity
-            row: dict[str, Any] = {
-                "prompt": prompt,
-                "reference": ref,
-                "tuned": self.tuned.outputs[i] if generated else None,
-            }
-            row["tuned_scores"] = {k: v[i] for k, v in self.tuned.per_example.items()}
-            if self.base is not None:
-                row["base"] = self.base.outputs[i] if generated else None
-                row["base_scores"] = {k: v[i] for k, v in self.base.per_example.items()}
-            rows.append(row)
-        return rows
-
-
-@torch.no_grad()
-def held_out_loss(model: PreTrainedModel, dataset: Dataset, pad_id: int, batch_size: int = 8) -> float:
-    """Mean cross-entropy over the trained (labelled) tokens, weighted by token, as in training."""
-    model.eval()
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset[start : start + batch_size]
-        width = max(len(ids) for ids in rows["input_ids"])
-        ids = torch.full((len(rows["input_ids"]), width), pad_id, dtype=torch.long)
-        labels = torch.full_like(ids, IGNORE)
-        mask = torch.zeros_like(ids)
-        for i, (x, y) in enumerate(zip(rows["input_ids"], rows["labels"], strict=True)):
-            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        shift_logits, shift_labels = logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1).to(device)
-        total += torch.nn.functional.cross_entropy(
-            shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum"
-        ).item()
-        count += int((shift_labels != IGNORE).sum())
-    return total / max(count, 1)
-
-
-def score(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    dataset: Dataset | None,
-    prompts: list[str],
-    references: list[str],
-    metrics: dict[str, Metric],
-    max_new_tokens: int,
-    batch_size: int,
-) -> ModelScores:
-    scores = ModelScores()
-    if dataset is not None and len(dataset):
-        scores.loss = held_out_loss(model, dataset, tokenizer.pad_token_id)
-        scores.perplexity = math.exp(min(scores.loss, 50))
-    if metrics and prompts:
-        scores.outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
-        for name, fn in metrics.items():
-            values = [float(fn(p, r)) for p, r in zip(scores.outputs, references, strict=True)]
-            scores.per_example[name] = values
-            scores.metrics[name] = sum(values) / len(values)
-    return scores
-
-
-def compare(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    dataset: Dataset | None,
-    samples: list[Sample],
-    metric_names: list[str] | tuple[str, ...],
-    max_new_tokens: int,
-    batch_size: int,
-    with_base: bool,
-    limit: int | None = None,
-) -> Comparison:
-    """Score the PEFT model with its adapter, and (with_base) with the adapter disabled."""
-    samples = samples[:limit] if limit else samples
-    pairs = [prompt_and_reference(tokenizer, s) for s in samples]
-    prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
-    metrics = metric_functions(metric_names)
-    run = lambda: score(model, tokenizer, dataset, prompts, references, metrics, max_new_tokens, batch_size)  # noqa: E731
-    tuned = run()
-    base = None
-    if with_base:
-        with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
-            base = run()
-    return Comparison(tuned, base, references, prompts)
-
-
-# --- the `finetune eval` stage -------------------------------------------------------------
+    from finetune.summary import Requirement
 
 
 @dataclass
@@ -218,33 +35,54 @@ class EvalResult:
 
 
 def evaluate(
-    target: str | Path, against_base: bool | None = None, limit: int | None = None, out: str | Path | None = None
+    target: str | Path,
+    against_base: bool | None = None,
+    limit: int | None = None,
+    out: str | Path | None = None,
+    require: Sequence[Requirement] = (),
 ) -> EvalResult:
     """Evaluate a run's adapter (a run directory, or the recipe that made it) on its held-out data.
 
-    The run's own resolved recipe, tokenizer and chat template are used, so the held-out rows,
-    masks and prompts are exactly those of training. `limit` applies to every figure (loss too).
-    Results go to `out`, default RUN/eval/<UTC time>/: the run's own eval/summary.json and
-    examples.jsonl, written by training, stay as they were.
+    `limit` applies to every figure (loss too). `require` (the CI gate's bounds) must name figures
+    this evaluation reports: a misspelled one is refused before anything loads. Results go to `out`,
+    default RUN/eval/<UTC time>/: the run's own eval/summary.json and examples.jsonl, written by
+    training, stay as they were.
     """
-    from peft import PeftModel
-
-    from finetune.data import prepare_data
-    from finetune.harness import check as check_harness
     from finetune.loading import load_recipe
-    from finetune.machine import this_machine
-    from finetune.modeling import load_model, quiet_libraries
-    from finetune.speed import model_attention
+    from finetune.modeling import quiet_libraries
+    from finetune.runs import RunDir, open_run
 
     quiet_libraries()
-    run, out_dir = open_for_eval(target, out)
+    run = RunDir(open_run(target).root)
+    out_dir = _out_dir(run, out)
     recipe = load_recipe(run.recipe)
-    if recipe.data.eval is None:
-        raise UserError(f"{run.recipe}: data.eval is not set, so the run has no held-out data to evaluate on")
+    if recipe.train.method == "sft":
+        if recipe.data.eval is None:
+            raise _no_held_out(run)
+        check_requirements(recipe, require)
+        summary = _evaluate_sft(recipe, run, against_base, limit, out_dir)
+    else:
+        summary = _evaluate_method(recipe, run, against_base, limit, out_dir, require)
+    return EvalResult(str(run.root), summary, str(out_dir))
+
+
+def _no_held_out(run: RunDir) -> UserError:
+    return UserError(f"{run.recipe}: data.eval is not set, so the run has no held-out data to evaluate on")
+
+
+def _evaluate_sft(
+    recipe: Recipe, run: RunDir, against_base: bool | None, limit: int | None, out_dir: Path
+) -> EvalSummary:
+    """Held-out loss and generation metrics of tuned and (with a base comparison) base; eval.harness tasks too."""
+    from finetune.data import prepare_data
+    from finetune.harness import check as check_harness
+    from finetune.loaded import for_evaluation, saved_tokenizer
+    from finetune.methods.sft import write_comparison
+
     check_harness(recipe)
     tokenizer = saved_tokenizer(run.adapter)
     data = prepare_data(recipe, tokenizer)
-    model = PeftModel.from_pretrained(load_model(recipe, model_attention(recipe, this_machine())), run.adapter)
+    model = for_evaluation(recipe, run.adapter)
     e = recipe.eval
     with_base = e.compare_base if against_base is None else against_base
     held_out = data.eval if not limit or data.eval is None else data.eval.select(range(min(limit, len(data.eval))))
@@ -252,15 +90,61 @@ def evaluate(
         model, tokenizer, held_out, data.eval_samples, list(e.metrics), e.max_new_tokens, e.batch_size,
         with_base=with_base, limit=limit or e.limit,
     )  # fmt: skip
-    summary = write_comparison(recipe, run, comparison, with_base, limit or e.limit, out_dir)
-    return EvalResult(str(run.root), summary, str(out_dir))
+    return write_comparison(recipe, run, comparison, with_base, limit or e.limit, out_dir)
 
 
-def open_for_eval(target: str | Path, out: str | Path | None) -> tuple[RunDir, Path]:
-    """The run to evaluate (a run directory or its recipe) and where this evaluation writes (never over
-    training's own record); shared by every method's `finetune eval`."""
-    run = _run_of(Path(target))
-    return run, _out_dir(run, out)
+def _evaluate_method(
+    recipe: Recipe,
+    run: RunDir,
+    against_base: bool | None,
+    limit: int | None,
+    out_dir: Path,
+    require: Sequence[Requirement],
+) -> EvalSummary:
+    """A DPO, KTO or GRPO run: its adapter, its parent's as the reference, and the base, through the method's hooks."""
+    from finetune import methods
+    from finetune.lineage import continue_parent
+    from finetune.loaded import REFERENCE_ADAPTER, for_evaluation, saved_tokenizer
+    from finetune.runs import write_eval
+
+    recipe = continue_parent(recipe)
+    if recipe.data.eval is None:
+        raise _no_held_out(run)
+    check_requirements(recipe, require)
+    changes: dict[str, Any] = {"limit": limit or recipe.eval.limit}
+    if against_base is not None:
+        changes["compare_base"] = against_base
+    recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update=changes)})
+    tokenizer = saved_tokenizer(run.adapter)
+    method = methods.load(recipe.train.method)
+    data = method.prepare(recipe, tokenizer)
+    model = for_evaluation(recipe, run.adapter)
+    comparison = method.compare(recipe, model, tokenizer, data, REFERENCE_ADAPTER in model.peft_config)
+    summary = comparison.summary()
+    write_eval(run, summary.to_dict(), comparison.examples(), None, out_dir)
+    return summary
+
+
+def figures(recipe: Recipe) -> list[str]:
+    """The tuned figures an evaluation of this recipe reports, by the names its table and JSON give them."""
+    from finetune import methods
+
+    return methods.load(recipe.train.method).figures(recipe)
+
+
+def check_requirements(recipe: Recipe, require: Sequence[Requirement]) -> None:
+    """Every bound names a figure this evaluation reports; else a UserError with the likely name, before any work."""
+    names = figures(recipe)
+    problems = []
+    for requirement in require:
+        if requirement.metric in names:
+            continue
+        by_function = [n for n in names if n.rpartition(":")[2] == requirement.metric]
+        close = by_function or difflib.get_close_matches(requirement.metric, names, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        problems.append(f"--require {requirement.metric}: this evaluation reports {', '.join(names)}{hint}")
+    if problems:
+        raise UserError(problems)
 
 
 def _out_dir(run: RunDir, out: str | Path | None) -> Path:
@@ -280,39 +164,3 @@ def _out_dir(run: RunDir, out: str | Path | None) -> Path:
         n += 1
         path = run.eval / f"{stamp}-{n}"
     return path
-
-
-def write_comparison(
-    recipe: Recipe, run: RunDir, comparison: Comparison, with_base: bool, limit: int | None, out: Path | None = None
-) -> EvalSummary:
-    """Run the `eval.harness` tasks, if any, and write everything to `out` (default eval/); returns the summary.
-
-    Shared by `finetune eval` and the end of training, so that both write the same files.
-    """
-    from finetune.runs import write_eval
-
-    summary, harness = comparison.summary(), None
-    if recipe.eval.harness:
-        from finetune.harness import run_harness, summarize
-
-        harness = run_harness(recipe, run.adapter, with_base, limit)
-        summary.harness = summarize(harness)
-    write_eval(run, summary.to_dict(), comparison.examples(), harness, out)
-    return summary
-
-
-def _run_of(target: Path) -> Any:
-    """The run to evaluate (a run directory, or the recipe that made it), opened and described as `merge` does."""
-    from finetune.loading import load_recipe
-    from finetune.runs import RunDir, open_run
-
-    if target.is_file():
-        target = Path(load_recipe(target).run_dir)
-    return RunDir(open_run(target).root)
-
-
-def saved_tokenizer(adapter_dir: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer and chat template saved with the adapter: what training rendered with."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(adapter_dir)

@@ -24,15 +24,11 @@ from finetune.errors import UserError
 from finetune.loading import is_local
 from finetune.merge import Progress, merge_dtype, merge_into
 from finetune.runs import Result, Run, atomic_dir, claim_output, open_run, read_summary, run_seconds, write_json_atomic
+from finetune.runtimes import adapter_facts, adapter_vllm
+from finetune.runtimes import verdict as _verdict
 from finetune.units import duration
 
 FORMATS = ("adapter", "merged")
-# vLLM accepts only these values for --max-lora-rank (its LoRAConfig); its default is 16.
-VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-VLLM_DEFAULT_MAX_LORA_RANK = 16
-VLLM_SAVABLE_MODULES = ("classifier", "score")  # the only modules_to_save vLLM serves (classification heads)
-VLLM_UNSERVED_INITS = ("pissa", "olora", "corda", "loftq")  # inits that rewrite the base weights at load time
-EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_out")
 
 
 @dataclass
@@ -95,41 +91,6 @@ def export(
 # --- compatibility ----------------------------------------------------------------------------------
 
 
-def _verdict(works: bool | None, summary: str, reasons: list[str], command: str | None = None, **extra: Any) -> dict:
-    """works: True (will work), False (will not), None (cannot be checked here)."""
-    return {"works": works, "summary": summary, "reasons": reasons, "command": command, **extra}
-
-
-def adapter_facts(run: Run) -> dict[str, Any]:
-    """What the runtimes care about, read from adapter_config.json and the adapter's tensor names."""
-    config = run.adapter_config
-    names = list(run.tensors)
-    # the rank a server must allocate is that of the tensors themselves (rank_pattern included)
-    ranks = [shape[0] for n, shape in run.tensors.items() if (".lora_A." in n or ".lora_embedding_A" in n) and shape]
-    targets = config.get("target_modules")
-    return {
-        "peft_type": config.get("peft_type"),
-        "rank": int(config.get("r", 0)),
-        "max_rank": max(ranks, default=int(config.get("r", 0))),
-        "alpha": config.get("lora_alpha"),
-        "variant": run.variant,
-        "target_modules": targets if isinstance(targets, str) else sorted(targets or []),
-        "modules_to_save": sorted(config.get("modules_to_save") or []),
-        "bias": config.get("bias", "none"),
-        "lora_bias": bool(config.get("lora_bias")),
-        "init_lora_weights": config.get("init_lora_weights", True),
-        "tensors": len(names),
-        "magnitude_vectors": sum("lora_magnitude_vector" in n for n in names),
-        "full_tensors": sorted(n for n in names if ".lora_" not in n),
-        "embedding_lora": sorted(
-            {m for n in names for m in EMBEDDING_MODULES if f".{m}.lora_" in n or (".lora_embedding_" in n and m in n)}
-        ),
-        "base_model": run.recipe.model.base,
-        "base_revision": run.recipe.model.revision,
-        "quantization_in_training": run.recipe.quantization.method,
-    }
-
-
 def compatibility(run: Run, format: str, exported: Path | None = None) -> dict[str, Any]:
     """What will and will not load the export; `exported` is the directory holding it (merged: its config.json)."""
     facts = adapter_facts(run)
@@ -142,7 +103,7 @@ def compatibility(run: Run, format: str, exported: Path | None = None) -> dict[s
     else:
         targets = {
             "transformers_peft": _adapter_transformers(facts),
-            "vllm": _adapter_vllm(facts, run),
+            "vllm": adapter_vllm(facts, run),
             "gguf": _adapter_gguf(facts),
         }
     return {"format": format, "adapter": facts, "targets": targets}
@@ -160,59 +121,6 @@ def _adapter_transformers(facts: dict) -> dict:
             "BitsAndBytesConfig to reproduce training-time outputs exactly"
         )
     return _verdict(True, "loads with transformers + PEFT", reasons, command)
-
-
-def _adapter_vllm(facts: dict, run: Run) -> dict:
-    blockers = []
-    if facts["variant"] == "dora" or facts["magnitude_vectors"]:
-        blockers.append(
-            "DoRA is not served by vLLM (its LoRA kernels have no magnitude vectors); export --format merged"
-        )
-    unsaved = [m for m in facts["modules_to_save"] if m not in VLLM_SAVABLE_MODULES]
-    if unsaved:
-        blockers.append(
-            f"modules_to_save ({', '.join(unsaved)}) is not served by vLLM, which swaps only low-rank matrices per "
-            "request (whole modules only for classification heads); export --format merged"
-        )
-    if facts["embedding_lora"]:
-        blockers.append(
-            f"LoRA on {', '.join(facts['embedding_lora'])} is not served by current vLLM releases; export --format merged"
-        )
-    if facts["bias"] != "none" or facts["lora_bias"]:
-        blockers.append("adapter biases (bias/lora_bias) are not served by vLLM")
-    init = facts["init_lora_weights"]
-    if isinstance(init, str) and init.lower().startswith(VLLM_UNSERVED_INITS):
-        blockers.append(f"init_lora_weights={init!r} changes the base weights when PEFT loads it; vLLM does not")
-    if facts["max_rank"] > VLLM_MAX_LORA_RANKS[-1]:
-        blockers.append(f"rank {facts['max_rank']} is above vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})")
-    if isinstance(facts["target_modules"], str):
-        blockers.append(
-            f"target_modules is a regular expression ({facts['target_modules']!r}); vLLM needs module names"
-        )
-    if blockers:
-        return _verdict(False, "not served by vLLM LoRA serving", blockers, max_lora_rank=None)
-    needed = next(r for r in VLLM_MAX_LORA_RANKS if r >= facts["max_rank"])
-    summary = f"served by vLLM with --enable-lora --max-lora-rank {needed}"
-    reasons = []
-    if needed != facts["max_rank"]:
-        reasons.append(
-            f"rank {facts['max_rank']} is not one of vLLM's sizes ({', '.join(map(str, VLLM_MAX_LORA_RANKS))}): "
-            f"it needs --max-lora-rank {needed}"
-        )
-    if needed > VLLM_DEFAULT_MAX_LORA_RANK:
-        reasons.append(f"vLLM's default --max-lora-rank is {VLLM_DEFAULT_MAX_LORA_RANK}: pass {needed} explicitly")
-    if facts["variant"] == "rslora":
-        reasons.append("rsLoRA scaling (alpha/sqrt(rank)) is applied by vLLM from adapter_config.json")
-    if facts["quantization_in_training"] != "none":
-        reasons.append(
-            "vLLM applies the adapter to the base it serves (16-bit or its own quantization), not to the "
-            f"{facts['quantization_in_training']} base it was trained on"
-        )
-    command = (
-        f"vllm serve {facts['base_model']} --enable-lora --max-lora-rank {needed} "
-        f"--lora-modules {run.recipe.name}=<this directory>"
-    )
-    return _verdict(True, summary, reasons, command, max_lora_rank=needed)
 
 
 def gguf_converter(script: str) -> dict[str, str | None]:

@@ -1,5 +1,6 @@
 """The run directory: its fixed layout, atomic writes, the manifest that says where an adapter came from,
-reading runs back (`finetune runs`) and opening a finished run, its adapter checked (merge, combine, export).
+reading runs back (`finetune runs`) and opening a finished run, its adapter checked (merge, combine, export,
+and through `finetune.loaded` eval, chat and serve).
 
 runs/<name>/
   recipe.yaml     the fully resolved recipe
@@ -439,8 +440,23 @@ class Manifest:
 # --- reading runs back: `finetune runs list | show | compare` --------------------------------
 
 
-def run_summary(root: Path) -> dict[str, Any]:
-    """One row about a run: what it trained, how it went, its held-out figures."""
+@dataclass
+class RunRow(Result):
+    """One row about a run (`finetune runs list`): what it trained, how it went, its held-out figures."""
+
+    run: str
+    name: str | None
+    status: str
+    base: str | None
+    rank: int | None
+    best_eval_loss: float | None
+    metric: tuple[str, float] | None  # the first metric of the tuned model's held-out figures
+    seconds: float | None
+    started: str | None
+
+
+def run_summary(root: Path) -> RunRow:
+    """The row of one run directory, from its manifest and resolved recipe."""
     import yaml
 
     manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
@@ -449,43 +465,30 @@ def run_summary(root: Path) -> dict[str, Any]:
     )
     summary = EvalSummary.from_dict(manifest.get("eval"))
     metrics = summary.tuned.metrics if summary else {}
-    return {
-        "run": str(root),
-        "name": manifest.get("name"),
-        "status": status(manifest),
-        "base": (manifest.get("base_model") or {}).get("id"),
-        "rank": (recipe.get("lora") or {}).get("rank"),
-        "best_eval_loss": manifest.get("best_eval_loss"),
-        "metric": next(iter(metrics.items()), None),
-        "seconds": run_seconds(manifest),
-        "started": manifest.get("started"),
-    }
+    return RunRow(
+        run=str(root),
+        name=manifest.get("name"),
+        status=status(manifest),
+        base=(manifest.get("base_model") or {}).get("id"),
+        rank=(recipe.get("lora") or {}).get("rank"),
+        best_eval_loss=manifest.get("best_eval_loss"),
+        metric=next(iter(metrics.items()), None),
+        seconds=run_seconds(manifest),
+        started=manifest.get("started"),
+    )
 
 
-def method_of(target: Path) -> str:
-    """The training method of a run directory (its recipe.yaml) or of a recipe file; `sft` when unknown."""
-    import yaml
-
-    target = Path(target)
-    if target.is_file():
-        from finetune.loading import load_recipe
-
-        return load_recipe(target, check_files=False).train.method
-    recipe = target / "recipe.yaml"
-    data = yaml.safe_load(recipe.read_text(encoding="utf-8")) if recipe.is_file() else None
-    return ((data or {}).get("train") or {}).get("method") or "sft"
-
-
-def list_runs(directory: Path) -> list[dict[str, Any]]:
+def list_runs(directory: Path) -> list[RunRow]:
     """Every run (a folder with manifest.json) directly under `directory`, newest first."""
     if not directory.is_dir():
         raise RunDirError(f"{directory}: no such directory")
     rows = [run_summary(p) for p in sorted(directory.iterdir()) if (p / "manifest.json").is_file()]
-    return sorted(rows, key=lambda r: r["started"] or "", reverse=True)
+    return sorted(rows, key=lambda r: r.started or "", reverse=True)
 
 
-def show_run(root: Path) -> dict[str, Any]:
+def show_run(target: Path) -> dict[str, Any]:
     """The manifest, with `status` as it is now: a dead process's run is `died`, with the command to continue it."""
+    root = resolve_run(target)
     if not (root / "manifest.json").is_file():
         raise RunDirError(f"{root}: not a run directory (no manifest.json)")
     manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
@@ -499,18 +502,34 @@ def show_run(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def compare_runs(roots: list[Path]) -> dict[str, Any]:
+@dataclass
+class RunComparison(Result):
+    """`finetune runs compare`: the recipe keys that differ, and every run's held-out figures with deltas."""
+
+    runs: list[str]
+    recipe_differences: dict[str, list[Any]]  # dotted key -> each run's value
+    figures: list[dict[str, float]]  # per run: figure -> value
+    deltas: list[dict[str, float]]  # per run: figure -> value minus the first run's (where the first has it)
+
+    def figure_names(self) -> list[str]:
+        """Every figure any run has, in the order they first appear: a DPO run's preference accuracy and a GRPO
+        run's reward too, not only the first run's."""
+        return list(dict.fromkeys(name for figures in self.figures for name in figures))
+
+
+def compare_runs(roots: list[Path]) -> RunComparison:
     """Recipe keys that differ between runs, and each run's held-out figures with deltas to the first."""
     import yaml
 
     recipes = []
+    roots = [resolve_run(root) for root in roots]
     for root in roots:
         show_run(root)
         recipes.append(yaml.safe_load((root / "recipe.yaml").read_text(encoding="utf-8")))
     differing = recipe_differences(recipes)
     figures = [_figures(show_run(root)) for root in roots]
     deltas = [{k: v - figures[0][k] for k, v in f.items() if k in figures[0]} for f in figures]
-    return {"runs": [str(r) for r in roots], "recipe_differences": differing, "figures": figures, "deltas": deltas}
+    return RunComparison([str(r) for r in roots], differing, figures, deltas)
 
 
 def recipe_differences(recipes: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -534,7 +553,26 @@ def _figures(manifest: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-# --- opening a finished run: `finetune merge` and `finetune export` -------------------------------
+# --- opening a finished run: `finetune merge`, `export`, `eval`, `chat`, `serve` -------------------------
+
+
+def resolve_run(target: str | Path) -> Path:
+    """The run directory a command was given: the directory itself, or the recipe that made it (its output_dir).
+
+    One rule for every command that reads a finished run (eval, chat, serve, merge, export, runs): a
+    recipe only names its run here, so its own files (data, metric modules) need not exist any more;
+    what the run itself needs, such as its held-out data for `eval`, is read from the run's resolved
+    recipe by the command that needs it, and reported there.
+    """
+    path = Path(target).expanduser()
+    if path.is_file():
+        run = Path(load_recipe(path, check_files=False).run_dir).expanduser()
+        if not run.is_dir():
+            raise UserError(f"{target}: the recipe's run directory {run} does not exist; train it first")
+        return run
+    if not path.exists():
+        raise UserError(f"{target}: no such run directory or recipe")
+    return path
 
 
 @dataclass
@@ -568,11 +606,10 @@ class Run:
 
 
 def open_run(run_dir: str | Path) -> Run:
-    """Read a run directory's resolved recipe, manifest and adapter; refuse what cannot be merged or exported."""
-    root = Path(run_dir).expanduser().resolve()
+    """Read a run's (a run directory, or its recipe) resolved recipe, manifest and adapter; refuse what cannot be
+    used: a run still training, one whose process died, a missing or broken adapter, a missing base model."""
+    root = resolve_run(run_dir).resolve()
     run = RunDir(root)
-    if not root.is_dir():
-        raise UserError(f"{run_dir}: no such run directory")
     if not run.recipe.is_file():
         raise UserError(f"{run_dir}: not a run directory (no recipe.yaml); give the directory `finetune train` wrote")
     recipe = load_recipe(run.recipe, check_files=False)

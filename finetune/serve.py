@@ -47,12 +47,13 @@ from finetune.generation import Sampling, chat_prompt, stream
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from finetune.chat import Loaded
+    from finetune.loaded import Loaded
     from finetune.runs import Run
 
 log = logging.getLogger("finetune.serve")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 API_KEY_ENV = "FINETUNE_API_KEY"
+ENGINES = ("transformers", "vllm")
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,11 @@ class Models:
 
     def add(self, path: str | Path, name: str | None = None) -> str:
         """Load a run's adapter beside the others; refuse one trained on another base or that cannot be held."""
-        from finetune.chat import _tokenizer, run_dir_of
+        from finetune.loaded import chat_tokenizer
         from finetune.runs import open_run
 
         try:
-            run = open_run(run_dir_of(path))
+            run = open_run(path)
         except UserError as e:
             raise ApiError(400, f"cannot load adapter from {path}: {e}", "lora_path") from None
         name = name or run.recipe.name
@@ -135,7 +136,7 @@ class Models:
         if refused:
             raise ApiError(400, f"adapter {name!r} ({run.root}) was trained on another base: {refused}", "lora_path")
         self._check_holdable(run)
-        tokenizer = _tokenizer(run.adapter)
+        tokenizer = chat_tokenizer(run.adapter)
         with self.lock:
             self._check_free(name)  # again: another load may have taken the name meanwhile
             try:
@@ -160,7 +161,7 @@ class Models:
             self.model.delete_adapter(name)
 
     def _check_holdable(self, run: Run) -> None:
-        from finetune.export import adapter_facts
+        from finetune.runtimes import adapter_facts
 
         rank = adapter_facts(run)["max_rank"]
         if self.limits.max_lora_rank is not None and rank > self.limits.max_lora_rank:
@@ -612,6 +613,12 @@ class _TooLarge(Exception):
 # --- the `finetune serve` stage ------------------------------------------------------------------------------
 
 
+def check_engine(engine: str) -> None:
+    """`transformers` serves from this process; `vllm` starts vLLM's own server on the runs."""
+    if engine not in ENGINES:
+        raise UserError(f"--engine: transformers or vllm, not {engine!r}")
+
+
 def check_bind(host: str, api_key: str | None) -> None:
     """Only localhost without an API key: anything else would expose the models to the network unauthenticated."""
     if host not in LOCAL_HOSTS and not api_key:
@@ -623,12 +630,13 @@ def check_bind(host: str, api_key: str | None) -> None:
 
 def load_models(targets: list[str | Path], limits: Limits) -> Models:
     """The first run's base and adapter, then every other run's adapter on the same base (checked)."""
-    from finetune.chat import is_merged_dir, load, run_dir_of
+    from finetune.loaded import is_merged_dir, load
+    from finetune.runs import resolve_run
 
     if not targets:
         raise UserError("give at least one run directory")
     for target in targets:
-        if is_merged_dir(run_dir_of(target)):
+        if is_merged_dir(resolve_run(target)):
             raise UserError(f"{target}: a merged model; serve takes run directories (adapters on one base)")
     try:
         models = Models(load(targets[0]), limits)
@@ -678,16 +686,15 @@ class VllmPlan:
 
 def vllm_plan(targets: list[str | Path], host: str, port: int) -> VllmPlan:
     """vLLM's OpenAI server with the runs as LoRA modules, after export's vLLM check has passed for each run."""
-    from finetune.chat import run_dir_of
-    from finetune.export import adapter_facts, compatibility
     from finetune.runs import open_run
+    from finetune.runtimes import adapter_facts, adapter_vllm
 
-    runs = [open_run(run_dir_of(t)) for t in targets]
+    runs = [open_run(t) for t in targets]
     if not runs:
         raise UserError("give at least one run directory")
     problems, notes, ranks = [], [], []
     for run in runs:
-        verdict = compatibility(run, "adapter")["targets"]["vllm"]
+        verdict = adapter_vllm(adapter_facts(run), run)
         if not verdict["works"]:
             problems.append(f"{run.root}: {verdict['summary']}: {'; '.join(verdict['reasons'])}")
             continue

@@ -177,9 +177,9 @@ def trl_quality(workload: dict, adapter: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from finetune.data import prepare_data
-    from finetune.evaluate import compare
     from finetune.loading import load_recipe
     from finetune.modeling import load_tokenizer
+    from finetune.scoring import compare
 
     with tempfile.TemporaryDirectory() as tmp:
         command, _ = finetune_recipe(workload, [], Path(tmp))

@@ -3,15 +3,22 @@ the interactive loop keeps the conversation, /system, /reset and /quit; a merged
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import select
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from finetune.chat import Conversation, chat, load, repl
+from finetune.chat import Conversation, chat, repl
 from finetune.cli import app
 from finetune.generation import Sampling
+from finetune.loaded import load
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -28,6 +35,56 @@ def test_chat_through_stdin_answers_as_eval_predicted(serving_runs):
     result = runner.invoke(app, ["chat", str(serving_runs.quickstart)], input=stdin)
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [row["tuned"] for row in examples]
+
+
+def test_every_stdin_line_gets_one_answer_a_blank_one_included(serving_runs):
+    """Output line N answers input line N, as a script reading both expects (blank lines were skipped)."""
+    examples = serving_runs.examples()[:2]
+    stdin = f"{examples[0]['user']}\n\n{examples[1]['user']}\n"
+    result = runner.invoke(app, ["chat", str(serving_runs.quickstart)], input=stdin)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and lines[0] == examples[0]["tuned"] and lines[2] == examples[1]["tuned"], lines
+
+
+def _chat_in_a_terminal(run: Path, keys: bytes, tmp_path: Path) -> tuple[bytes, float, int]:
+    """`finetune chat RUN` in a pseudo-terminal: `keys` typed at the first prompt; returns what the terminal showed,
+    the seconds from the keys to the process's exit, and how many objects were frozen out of the last collection."""
+    import pty
+
+    (tmp_path / "sitecustomize.py").write_text(  # reports, as the interpreter shuts down, what gc.freeze() spared
+        "import atexit, gc, os\n"
+        "atexit.register(lambda: open(os.environ['FROZEN_FILE'], 'w').write(str(gc.get_freeze_count())))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]), "FROZEN_FILE": str(tmp_path / "n")}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI exactly as a user starts it
+        os.execvpe(sys.executable, [sys.executable, "-m", "finetune.cli", "chat", str(run)], env)
+    shown, deadline = b"", time.monotonic() + 240
+    while b"> " not in shown and time.monotonic() < deadline:
+        if select.select([fd], [], [], 1)[0]:
+            shown += os.read(fd, 4096)
+    os.write(fd, keys)
+    sent = time.monotonic()
+    while True:
+        if select.select([fd], [], [], 0.1)[0]:
+            with contextlib.suppress(OSError):  # the terminal closed with the process
+                shown += os.read(fd, 4096)
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return shown, time.monotonic() - sent, int((tmp_path / "n").read_text())
+        assert time.monotonic() - sent < 120, shown
+
+
+@pytest.mark.parametrize("keys", [b"/quit\r", b"\x04"], ids=["quit", "ctrl-d"])
+def test_chat_exits_at_once_after_quit_or_ctrl_d_and_ends_its_line(serving_runs, tmp_path, keys):
+    """Nothing may run after the user quits: the interpreter's final garbage collection over every object torch,
+    transformers and the model made took 21-28 s on a loaded machine; the CLI freezes them out of it. Ctrl-D ends
+    the prompt's line, so the shell's prompt does not start on it."""
+    shown, seconds, frozen = _chat_in_a_terminal(serving_runs.quickstart, keys, tmp_path)
+    assert frozen > 100_000, f"only {frozen} objects frozen: the final collection walks the rest"
+    assert seconds < 10, f"{seconds:.1f} s from {keys!r} to the exit"
+    assert shown.endswith(b"\r\n"), shown[-40:]
 
 
 def test_compare_shows_base_and_tuned_for_each_prompt(serving_runs):

@@ -302,3 +302,38 @@ def test_good_recipe_exits_0_in_a_process(good: Path):
     proc = run([finetune_script(), "validate", RECIPE, "--json"], good.parent)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["valid"] is True
+
+
+HELP_WITHOUT_TORCH = textwrap.dedent(
+    """
+    import sys
+    import finetune.cli
+    for command in sys.argv[1:]:
+        try:
+            finetune.cli.app([*command.split(), "--help"], prog_name="finetune")
+        except SystemExit as e:
+            assert e.code == 0, (command, e.code)
+    heavy = [m for m in ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes") if m in sys.modules]
+    print("HEAVY", ",".join(heavy) or "none", file=sys.stderr)
+    """
+)
+
+
+def test_help_of_every_command_imports_no_torch(tmp_path: Path):
+    commands = ["", *sorted(COMMANDS), "runs list", "runs show", "runs compare"]
+    proc = run([sys.executable, "-c", HELP_WITHOUT_TORCH, *commands], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[-1] == "HEAVY none"
+
+
+def test_python_dash_m_is_the_console_script(tmp_path: Path):
+    proc = run([sys.executable, "-m", "finetune.cli", "--version"], tmp_path)
+    assert proc.returncode == 0 and proc.stdout == f"finetune {__version__}\n", proc.stderr
+
+
+def test_every_module_of_the_cli_package_stays_small():
+    """One module per command group (issue 27): none over 250 lines, so that no giant module of options grows back."""
+    import finetune.cli
+
+    sizes = {p.name: len(p.read_text().splitlines()) for p in Path(finetune.cli.__file__).parent.glob("*.py")}
+    assert len(sizes) >= 10 and max(sizes.values()) <= 250, sizes

@@ -10,7 +10,7 @@ import pytest
 from helpers import write_recipe
 
 from finetune.errors import UserError
-from finetune.evaluate import contains, exact_match, json_valid, metric_functions, regex
+from finetune.scoring import contains, exact_match, json_valid, metric_functions, regex
 from finetune.summary import EvalSummary, Requirement, gate
 from finetune.trainer import BestAdapter
 
@@ -170,14 +170,41 @@ def test_eval_on_a_run_reproduces_the_training_summary_and_gates(tiny_model_dir,
     assert runner.invoke(app, ["eval", str(tmp_path / "nope")]).exit_code == 2
 
 
-def test_eval_and_merge_describe_a_missing_run_directory_the_same_way(tmp_path):
+def test_eval_chat_and_merge_describe_a_missing_run_directory_the_same_way(tmp_path):
     from finetune.errors import UserError
-    from finetune.evaluate import _run_of
+    from finetune.evaluate import evaluate
+    from finetune.loaded import load
     from finetune.runs import open_run
 
     for target in (tmp_path / "nope", tmp_path):  # missing; a folder that is not a run
-        with pytest.raises(UserError) as by_eval:
-            _run_of(target)
-        with pytest.raises(UserError) as by_merge:
-            open_run(target)
-        assert str(by_eval.value) == str(by_merge.value)
+        said = set()
+        for opens in (evaluate, load, open_run):
+            with pytest.raises(UserError) as e:
+                opens(target)
+            said.add(str(e.value))
+        assert len(said) == 1, said
+
+
+@pytest.mark.slow
+def test_eval_and_chat_treat_a_recipe_whose_data_moved_alike(tiny_model_dir, tmp_path, monkeypatch):
+    """A recipe names its run (`runs.resolve_run`, one rule): its data need not be where it was. Chat answers from
+    the recipe as from the run directory; eval, which needs the run's data, says exactly what it says for the run."""
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+    from finetune.loading import load_recipe
+    from finetune.runs import resolve_run
+    from finetune.train import train
+
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, tiny_model_dir())
+    run = Path(train(load_recipe(recipe, ["train.max_steps=1"]), progress=False).run_dir)
+    (tmp_path / "data").rename(tmp_path / "moved")
+    assert resolve_run(recipe).resolve() == run.resolve()
+    runner = CliRunner()
+    by_recipe, by_run = (runner.invoke(app, ["eval", str(target)]) for target in (recipe, run))
+    assert by_recipe.exit_code == by_run.exit_code == 2, (by_recipe.output, by_run.output)
+    assert by_recipe.stderr == by_run.stderr and "runs/tiny/recipe.yaml" in by_recipe.stderr, by_recipe.stderr
+    chats = [runner.invoke(app, ["chat", str(target), "-p", "Reverse: a b c"]) for target in (recipe, run)]
+    assert [c.exit_code for c in chats] == [0, 0], [c.output for c in chats]
+    assert chats[0].stdout == chats[1].stdout

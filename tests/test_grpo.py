@@ -150,6 +150,39 @@ def test_eval_of_a_grpo_run_recomputes_the_rewards_and_gates_on_them(grpo):
     ]
 
 
+def test_eval_names_a_metric_in_its_table_as_require_takes_it(grpo):
+    """One name in both places: the table's row is `myrewards:first_word`, the name --require accepts."""
+    run, _, root = grpo
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    shown = CliRunner().invoke(app, ["eval", str(run), "--limit", "2", "--require", "myrewards:first_word>=0",
+                                     "--out", str(root / "named")])  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    rows = [line.split("│")[1].strip() for line in shown.stdout.splitlines() if line.startswith("│")]
+    assert rows[:3] == ["reward", "myrewards:first_word", "myrewards:close_length"], rows
+
+
+def test_a_misspelled_require_exits_2_before_anything_loads(grpo, tmp_path):
+    """A copy of the run without its tokenizer fails once anything loads (exit 1); a bad --require comes first."""
+    run, _, _ = grpo
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    broken = shutil.copytree(run, tmp_path / "copy")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (broken / "adapter" / name).unlink()
+    for metric, hint in (("first_word", "myrewards:first_word"), ("rewrd", "reward"), ("loss", None)):
+        out = CliRunner().invoke(app, ["eval", str(broken), "--require", f"{metric}>=0.5"])
+        assert out.exit_code == 2, out.output
+        assert f"--require {metric}: this evaluation reports reward, myrewards:first_word" in out.stderr, out.stderr
+        assert (f"did you mean {hint}?" in out.stderr) == (hint is not None), out.stderr
+    loads = CliRunner().invoke(app, ["eval", str(broken), "--require", "reward>=0", "--out", str(tmp_path / "o")])
+    assert loads.exit_code == 1, loads.output
+
+
 @pytest.mark.parametrize("fail_as, said", [("nan", "returned nan"), ("text", "returned 'long'"),
                                            ("raise", "raised ZeroDivisionError: division by zero")])  # fmt: skip
 def test_a_failing_reward_stops_after_a_checkpoint_naming_function_row_and_value(tmp_path, parent, fail_as, said):  # noqa: F811

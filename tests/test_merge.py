@@ -150,7 +150,7 @@ def test_merged_directory_chats_like_base_plus_adapter_in_a_fresh_process(runs):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.evaluate import generate
+    from finetune.generation import generate
 
     conversations = [[{"role": "user", "content": f"Reverse: {' '.join(tiny.WORDS[i : i + 3])}"}] for i in (0, 5, 9)]
     expected = {}

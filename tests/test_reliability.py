@@ -212,7 +212,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_shown_dead_and_resumes_from
     wait_for_step(run, 3, proc, timeout=600)  # a loaded machine can take minutes to start
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert [r["status"] for r in list_runs(tmp_path / "runs")] == ["died"]
+    assert [r.status for r in list_runs(tmp_path / "runs")] == ["died"]
     command = f"finetune train {recipe} {' '.join(started)} --resume"
     assert command in show_run(run)["status_detail"]
     with pytest.raises(UserError, match="its training process died") as info:

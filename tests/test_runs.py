@@ -131,7 +131,7 @@ def test_a_running_run_whose_process_is_gone_is_shown_as_died(tmp_path):
     manifest = {"name": "x", "status": "running", "process": dead, "command": command}
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "manifest.json").write_text(json.dumps(manifest))
-    assert [r["status"] for r in list_runs(tmp_path)] == ["died"]
+    assert [r.status for r in list_runs(tmp_path)] == ["died"]
     shown = show_run(tmp_path / "x")
     assert shown["status"] == "died" and shown["status_detail"].endswith(command["resume"])
 
@@ -166,14 +166,101 @@ def test_a_killed_process_not_yet_reaped_is_dead_and_its_run_resumable(tmp_path)
         child.wait()
 
 
-def test_runs_list_fits_80_columns_and_keeps_status_and_figures_whole():
-    from finetune.cli import _runs_table
+def _row(name: str, **changes):
+    from finetune.runs import RunRow
 
-    row = {"name": "llama-3.1-8b-qlora-rank16-lr2e-4-with-a-long-name", "status": "completed",
-           "base": "meta-llama/Llama-3.1-8B-Instruct", "rank": 16, "best_eval_loss": 1.23456,
-           "metric": ("mymetrics:first_word_of_the_answer", 0.875), "seconds": 3725.0}  # fmt: skip
-    lines = _runs_table([row, {**row, "name": "r8", "status": "died", "base": "/data/models/tiny"}], 80).splitlines()
+    fields = {"run": f"runs/{name}", "name": name, "status": "completed", "base": "meta-llama/Llama-3.1-8B-Instruct",
+              "rank": 16, "best_eval_loss": 1.23456, "metric": ("mymetrics:first_word_of_the_answer", 0.875),
+              "seconds": 3725.0, "started": None}  # fmt: skip
+    return RunRow(**{**fields, **changes})
+
+
+def test_runs_list_fits_80_columns_and_keeps_status_and_figures_whole():
+    from finetune.cli.runs import runs_table
+
+    rows = [_row("llama-3.1-8b-qlora-rank16-lr2e-4-with-a-long-name"),
+            _row("r8", status="died", base="/data/models/tiny")]  # fmt: skip
+    lines = runs_table(rows, 80).splitlines()
     assert all(len(line) <= 80 for line in lines), lines
     assert lines[0].split() == ["run", "status", "base", "rank", "eval", "loss", "metric", "time"]
     assert "completed" in lines[2] and "1.2346" in lines[2] and "0.8750" in lines[2] and "3725s" in lines[2]
     assert lines[3].split()[:3] == ["r8", "died", ".../tiny"]
+
+
+def test_runs_list_at_80_columns_never_cuts_sweep_trials_until_they_look_alike():
+    """The rank sweep's 14 trials share a 22-character prefix: cut at the end, they all read `quickstart-ran…`."""
+    from finetune.cli.runs import runs_table
+
+    names = [f"quickstart-rank-sweep_rank-{r}_targets-{t}" for r in (1, 2, 4, 8, 16, 32, 64)
+             for t in ("all-linear", "attention")]  # fmt: skip
+    lines = runs_table([_row(n, base="/models/quickstart-base-model-directory") for n in names], 80).splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    cells = [line.split()[0] for line in lines[2:]]
+    assert len(set(cells)) == len(names), cells
+    for name, cell in zip(names, cells, strict=True):  # the pieces of a cell appear in the name, in order
+        pieces = [piece for piece in cell.split("…") if piece]
+        assert name.endswith(pieces[-1]) and all(piece in name for piece in pieces), (name, cell)
+    alike = runs_table([_row("sweep_rank-1_targets-all-linear-long"), _row("sweep_rank-2_targets-all-linear-long")], 40)
+    assert len({line.split()[0] for line in alike.splitlines()[2:]}) == 2, (
+        "distinct names stay distinct, past the width"
+    )
+
+
+def _comparison():
+    from finetune.runs import RunComparison
+
+    data = "/home/someone/experiments/support-tone/data/{}.jsonl"
+    train = lambda name, fmt: [{"path": data.format(name), "format": fmt, "columns": {}, "limit": None}]  # noqa: E731
+    differences = {
+        "data.train": [train("train", "messages"), train("preference_train", "preference"),
+                       train("preference_train", "preference")],
+        "train.dpo.label_smoothing": [None, 0.0, None],
+        "train.method": ["sft", "dpo", "grpo"],
+    }  # fmt: skip
+    figures = [{"loss": 0.31, "exact_match": 0.9, "train_loss": 0.4},
+               {"preference_accuracy": 0.875, "exact_match": 0.85, "train_loss": 0.6},
+               {"reward": 1.5, "exact_match": 0.8}]  # fmt: skip
+    deltas = [{"loss": 0.0, "exact_match": 0.0, "train_loss": 0.0}, {"exact_match": -0.05, "train_loss": 0.2},
+              {"exact_match": -0.1}]  # fmt: skip
+    return RunComparison(["runs/quickstart", "runs/quickstart-dpo", "runs/quickstart-grpo"], differences, figures,
+                         deltas)  # fmt: skip
+
+
+def _render(table, width: int = 80) -> str:
+    from finetune.cli.common import console
+
+    out = console(width=width, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    out.print(table)
+    return out.export_text()
+
+
+def test_runs_compare_lists_every_runs_figures_with_deltas_where_the_first_has_them():
+    from finetune.cli.runs import figures_table
+
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in _render(figures_table(_comparison()), 100).splitlines() if line.startswith("│")}  # fmt: skip
+    assert rows["preference_accuracy"] == ["-", "0.8750", "-"], "the DPO run's preference accuracy"
+    assert rows["reward"] == ["-", "-", "1.5000"], "the GRPO run's reward"
+    assert rows["exact_match"] == ["0.9000", "0.8500 (-0.0500)", "0.8000 (-0.1000)"]
+    assert rows["train_loss"] == ["0.4000", "0.6000 (+0.2000)", "-"]
+
+
+def test_runs_compare_shows_each_differing_value_whole_at_80_columns():
+    from finetune.cli.runs import differences_table
+
+    text = _render(differences_table(_comparison()))
+    assert "…" not in text and all(len(line) <= 80 for line in text.splitlines())
+    cells: dict[str, list[str]] = {}  # one row per differing leaf; a folded value continues on the next lines
+    for block in text.split("├")[1:] if "├" in text else []:
+        lines = [line for line in block.splitlines() if line.startswith("│")]
+        columns = [[c.strip() for c in line.split("│")[1:-1]] for line in lines]
+        cells["".join(col[0] for col in columns)] = ["".join(col[i] for col in columns) for i in range(1, 4)]
+    header = text.split("┡")[1].split("├")[0]  # the first row sits between the header and the first separator
+    first = [[c.strip() for c in line.split("│")[1:-1]] for line in header.splitlines() if line.startswith("│")]
+    cells["".join(col[0] for col in first)] = ["".join(col[i] for col in first) for i in range(1, 4)]
+    path = "/home/someone/experiments/support-tone/data/{}.jsonl"
+    assert cells["data.train.0.path"] == [json.dumps(path.format(n)) for n in ("train", "preference_train",
+                                                                               "preference_train")]  # fmt: skip
+    assert cells["data.train.0.format"] == ['"messages"', '"preference"', '"preference"']
+    assert cells["train.dpo.label_smoothing"] == ["null", "0.0", "null"]
+    assert "data.train.0.columns" not in cells, "equal items are not differences"

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
-from finetune.data.prepare import prepare_data
+from finetune.data.prepare import DataStats, prepare_data
 from finetune.data.templates import IGNORE
 from finetune.lineage import continue_parent
 from finetune.recipe import Recipe
+
+if TYPE_CHECKING:
+    from finetune.data.preference import PreferenceStats
+    from finetune.data.prompts import PromptStats
 
 HISTOGRAM_BINS = 10
 
@@ -22,19 +26,47 @@ class Example:
 
 
 @dataclass
+class PairTokens:
+    prompt: int
+    chosen: int
+    rejected: int
+
+
+@dataclass
+class PairExample:
+    """A preference training pair as the model sees it: the prompt once, each scored answer after it."""
+
+    where: str
+    prompt: str
+    chosen: str
+    rejected: str
+    tokens: PairTokens
+
+
+@dataclass
+class PromptExample:
+    """A GRPO training prompt as rendered, with the reference answer its rewards receive."""
+
+    where: str
+    prompt: str
+    reference: str
+    tokens: int
+
+
+@dataclass
 class DataResult:
-    stats: dict[str, Any]
+    stats: DataStats | PreferenceStats | PromptStats
     histogram: list[tuple[int, int, int]]  # (from, to, rows) of training row lengths, before truncation
-    examples: list[Example] | list[dict[str, Any]]  # dicts: preference pairs, or GRPO prompts with references
+    examples: list[Example] | list[PairExample] | list[PromptExample]
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "stats": self.stats,
+            "stats": self.stats.to_dict(),
             "histogram": [{"from": a, "to": b, "rows": n} for a, b, n in self.histogram],
             "examples": [
-                e if isinstance(e, dict) else
                 {"where": e.where, "tokens": e.tokens, "trained_tokens": e.trained_tokens,
                  "pieces": [{"text": t, "trained": m} for t, m in e.pieces]}
+                if isinstance(e, Example) else asdict(e)
                 for e in self.examples
             ],
         }  # fmt: skip
@@ -51,14 +83,14 @@ def inspect_data(recipe: Recipe, show: int = 3) -> DataResult:
         from finetune.data.prompts import prepare_prompts
 
         prompts = prepare_prompts(recipe, tokenizer)
-        return DataResult(prompts.stats.to_dict(), [], prompts.examples[:show])  # type: ignore[arg-type]
+        return DataResult(prompts.stats, [], [PromptExample(**e) for e in prompts.examples[:show]])
     if recipe.train.method != "sft":
         from finetune.data.preference import prepare_preference
 
-        prepared_pairs = prepare_preference(recipe, tokenizer)
-        return DataResult(prepared_pairs.stats.to_dict(), [], prepared_pairs.examples[:show])  # type: ignore[arg-type]
+        pairs = prepare_preference(recipe, tokenizer)
+        examples = [PairExample(**{**e, "tokens": PairTokens(**e["tokens"])}) for e in pairs.examples[:show]]
+        return DataResult(pairs.stats, [], examples)
     prepared = prepare_data(recipe, tokenizer)
-    stats = prepared.stats.to_dict()
     lengths = prepared.lengths
     examples = []
     for i in range(min(show, len(prepared.train))):
@@ -68,7 +100,7 @@ def inspect_data(recipe: Recipe, show: int = 3) -> DataResult:
                 prepared.train_where[i], _pieces(tokenizer, ids, labels), len(ids), sum(x != IGNORE for x in labels)
             )
         )
-    return DataResult(stats, histogram(lengths), examples)
+    return DataResult(prepared.stats, histogram(lengths), examples)
 
 
 def _pieces(tokenizer: Any, ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:

@@ -6,6 +6,7 @@
     make_trainer(recipe, model, tokenizer, data, args, peft_config, callbacks) -> a TRL trainer with SafeTraining
     compare(recipe, model, tokenizer, data, has_reference) -> held-out scores of tuned, reference (if any) and base
     evaluate(recipe, run, model, tokenizer, data) -> the eval summary written to eval/ (compare, then write)
+    figures(recipe) -> the names of the tuned figures `compare` reports (what `eval --require` may name)
     BEST = (logged metric, higher is better): what in-training evaluation keeps the best adapter by
     PACKABLE: whether the rows may be packed or batched padding-free (the `speed` decisions)
 

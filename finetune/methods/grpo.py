@@ -16,7 +16,8 @@ from trl import GRPOConfig, GRPOTrainer
 
 from finetune.data.prompts import PromptData, prepare_prompts
 from finetune.errors import RewardFailed, UserError
-from finetune.methods.reference import REFERENCE_ADAPTER, policy
+from finetune.loaded import REFERENCE_ADAPTER
+from finetune.methods.reference import policy
 from finetune.methods.rewards import Reward
 from finetune.recipe import Recipe
 from finetune.trainer import SafeTraining, build
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from finetune.summary import EvalSummary
 
 # the hooks finetune.train calls
-__all__ = ["BEST", "PACKABLE", "compare", "config", "evaluate", "make_trainer", "policy", "prepare"]
+__all__ = ["BEST", "PACKABLE", "compare", "config", "evaluate", "figures", "make_trainer", "policy", "prepare"]
 
 BEST = ("eval_reward", True)  # in-training evaluation keeps the adapter with the highest held-out reward
 PACKABLE = False  # TRL batches the prompts' groups of completions itself: no packing, no padding-free batches
@@ -105,6 +106,15 @@ def compare(recipe: Recipe, model: Any, tokenizer: Any, data: PromptData, has_re
     from finetune.methods.grpo_eval import compare_rewards
 
     return compare_rewards(recipe, model, tokenizer, data, has_reference)
+
+
+def figures(recipe: Recipe) -> list[str]:
+    """The tuned figures `compare` reports: the rewards' weighted sum, each reward, then the generation metrics."""
+    from finetune.methods.grpo_eval import TOTAL
+    from finetune.scoring import metric_names
+
+    rewards = metric_names(list(recipe.train.grpo.rewards))
+    return list(dict.fromkeys([TOTAL, *rewards, *metric_names(list(recipe.eval.metrics))]))
 
 
 def evaluate(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, data: PromptData) -> EvalSummary | None:

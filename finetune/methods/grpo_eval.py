@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from finetune.data.templates import prompt_and_reference
-from finetune.evaluate import ModelScores, metric_functions, score
 from finetune.methods.preference_eval import PreferenceComparison, model_contexts
 from finetune.methods.rewards import Reward
+from finetune.scoring import ModelScores, metric_functions, score
 
 if TYPE_CHECKING:
     from finetune.data.prompts import PromptData

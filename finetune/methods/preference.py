@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from finetune.data.preference import PreferenceData, prepare_preference
-from finetune.methods.reference import REFERENCE_ADAPTER, policy
+from finetune.loaded import REFERENCE_ADAPTER
+from finetune.methods.reference import policy
 from finetune.recipe import Recipe
 from finetune.trainer import SafeTraining, build
 
@@ -29,7 +30,7 @@ def prepare(recipe: Recipe, tokenizer: Any) -> PreferenceData:
 
 
 # the hooks finetune.train calls
-__all__ = ["BEST", "PACKABLE", "compare", "config", "evaluate", "make_trainer", "policy", "prepare"]
+__all__ = ["BEST", "PACKABLE", "compare", "config", "evaluate", "figures", "make_trainer", "policy", "prepare"]
 
 BEST = ("eval_loss", False)  # in-training evaluation keeps the adapter with the lowest held-out (preference) loss
 PACKABLE = False  # TRL batches the pairs (or judged rows) itself: no packing, no padding-free batches
@@ -85,6 +86,14 @@ def compare(recipe: Recipe, model: Any, tokenizer: Any, data: PreferenceData, ha
     from finetune.methods.preference_eval import compare_preference
 
     return compare_preference(recipe, model, tokenizer, data, has_reference)
+
+
+def figures(recipe: Recipe) -> list[str]:
+    """The tuned figures `compare` reports: the preference metrics, then the generation metrics."""
+    from finetune.methods.preference_eval import PREFERENCE_METRICS
+    from finetune.scoring import metric_names
+
+    return list(dict.fromkeys([*PREFERENCE_METRICS, *metric_names(list(recipe.eval.metrics))]))
 
 
 def evaluate(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, data: PreferenceData) -> EvalSummary | None:

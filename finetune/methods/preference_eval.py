@@ -22,13 +22,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune.data.templates import prompt_and_reference
-from finetune.errors import UserError
-from finetune.evaluate import ModelScores, metric_functions, score
+from finetune.scoring import ModelScores, metric_functions, score
 from finetune.summary import EvalSummary, Preference, Scores
 
 if TYPE_CHECKING:
     from finetune.data.preference import PreferenceData
-    from finetune.evaluate import EvalResult
     from finetune.recipe import Recipe
     from finetune.runs import RunDir
 
@@ -149,7 +147,7 @@ def model_contexts(model: Any, has_reference: bool, compare_base: bool) -> dict[
     """The models to score, by name, each a context in which `model` is that model: the tuned adapter; the reference
     (the parent's frozen adapter, else the base); the base (`compare_base`), unless the reference is the base
     already, which is then scored once. Shared by the preference and the GRPO evaluations."""
-    from finetune.methods.reference import REFERENCE_ADAPTER
+    from finetune.loaded import REFERENCE_ADAPTER
 
     reference = (lambda: adapter_context(model, REFERENCE_ADAPTER)) if has_reference else model.disable_adapter
     contexts = {"tuned": nullcontext, "reference": reference}
@@ -203,38 +201,3 @@ def write_preference_eval(
     summary = comparison.summary()
     write_eval(run, summary.to_dict(), comparison.examples(), None, out)
     return summary
-
-
-def evaluate_run(
-    target: str | Path, against_base: bool | None = None, limit: int | None = None, out: str | Path | None = None
-) -> EvalResult:
-    """`finetune eval` on a DPO, KTO or GRPO run: its adapter, its parent's as the reference, the base, on held-out data.
-
-    Like `evaluate.evaluate`, it writes to `out` or eval/<UTC time>/ and leaves training's record as it was.
-    """
-
-    from finetune import methods
-    from finetune.evaluate import EvalResult, open_for_eval, saved_tokenizer
-    from finetune.lineage import continue_parent
-    from finetune.loading import load_recipe
-    from finetune.machine import this_machine
-    from finetune.methods.reference import REFERENCE_ADAPTER, load_for_eval
-    from finetune.modeling import load_model, quiet_libraries
-    from finetune.speed import model_attention
-
-    quiet_libraries()
-    run, out_dir = open_for_eval(target, out)
-    recipe = continue_parent(load_recipe(run.recipe))
-    if recipe.data.eval is None:
-        raise UserError(f"{run.recipe}: data.eval is not set, so the run has no held-out data to evaluate on")
-    changes = {"limit": limit or recipe.eval.limit}
-    if against_base is not None:
-        changes["compare_base"] = against_base
-    recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update=changes)})
-    tokenizer = saved_tokenizer(run.adapter)
-    method = methods.load(recipe.train.method)
-    data = method.prepare(recipe, tokenizer)
-    model = load_for_eval(recipe, run.adapter, load_model(recipe, model_attention(recipe, this_machine())))
-    comparison = method.compare(recipe, model, tokenizer, data, REFERENCE_ADAPTER in model.peft_config)
-    summary = write_preference_eval(recipe, run, comparison, out_dir)
-    return EvalResult(str(run.root), summary, str(out_dir))

@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from finetune.lineage import parent_of
 from finetune.modeling import lora_config, resolve_targets
 from finetune.recipe import Recipe
-
-REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of a continued adapter
 
 
 def policy(recipe: Recipe, model: Any) -> tuple[Any, list[str], Any]:
@@ -29,15 +26,3 @@ def policy(recipe: Recipe, model: Any) -> tuple[Any, list[str], Any]:
 def beta(recipe: Recipe) -> float:
     """The method's beta: how strongly the policy is tied to the reference (the implicit reward's scale, or GRPO's KL)."""
     return getattr(recipe.train, recipe.train.method).beta
-
-
-def load_for_eval(recipe: Recipe, adapter: Path, model: Any) -> Any:
-    """The run's adapter as "default" and, for a continued run, the parent's adapter as the reference."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(model, adapter)
-    parent = parent_of(recipe)
-    if parent is not None:
-        model.load_adapter(parent.adapter, adapter_name=REFERENCE_ADAPTER)
-        model.set_adapter("default")
-    return model

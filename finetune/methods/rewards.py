@@ -16,7 +16,7 @@ from typing import Any
 
 from finetune import callables
 from finetune.errors import RewardFailed, UserError
-from finetune.evaluate import GENERATION_FUNCTIONS
+from finetune.scoring import GENERATION_FUNCTIONS
 
 
 class Reward:

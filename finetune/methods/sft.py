@@ -19,13 +19,15 @@ from finetune.recipe import Recipe
 from finetune.trainer import SafeTraining, build
 
 if TYPE_CHECKING:
-    from finetune.evaluate import Comparison
+    from pathlib import Path
+
     from finetune.runs import RunDir
+    from finetune.scoring import Comparison
     from finetune.speed import Speed
     from finetune.summary import EvalSummary
 
 # the hooks finetune.train calls
-__all__ = ["BEST", "PACKABLE", "compare", "config", "evaluate", "make_trainer", "policy", "prepare"]
+__all__ = ["BEST", "PACKABLE", "compare", "config", "evaluate", "figures", "make_trainer", "policy", "prepare"]
 
 BEST = ("eval_loss", False)  # in-training evaluation keeps the adapter with the lowest held-out loss
 PACKABLE = True  # rows may be packed or batched padding-free (`speed`); other methods batch their own pairs and groups
@@ -68,7 +70,7 @@ def make_trainer(
 
 def compare(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData, has_reference: bool = False) -> Comparison:
     """Held-out loss and `eval.metrics` of the tuned adapter and (`eval.compare_base`) the base."""
-    from finetune.evaluate import compare as compare_models
+    from finetune.scoring import compare as compare_models
 
     e = recipe.eval
     return compare_models(
@@ -77,11 +79,36 @@ def compare(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData, has_
     )  # fmt: skip
 
 
+def figures(recipe: Recipe) -> list[str]:
+    """The tuned figures `compare` reports: held-out loss and perplexity, then the generation metrics."""
+    from finetune.recipe import LOSS_METRICS
+    from finetune.scoring import metric_names
+
+    return [*LOSS_METRICS, *metric_names(list(recipe.eval.metrics))]
+
+
 def evaluate(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, data: PreparedData) -> EvalSummary | None:
     """The held-out comparison and the `eval.harness` tasks, written to eval/; None without held-out data."""
-    from finetune.evaluate import write_comparison
-
     if data.eval is None and not data.eval_samples:
         return None
     e = recipe.eval
     return write_comparison(recipe, run, compare(recipe, model, tokenizer, data), e.compare_base, e.limit)
+
+
+def write_comparison(
+    recipe: Recipe, run: RunDir, comparison: Comparison, with_base: bool, limit: int | None, out: Path | None = None
+) -> EvalSummary:
+    """Run the `eval.harness` tasks, if any, and write everything to `out` (default eval/); returns the summary.
+
+    Shared by `finetune eval` and the end of training, so that both write the same files.
+    """
+    from finetune.runs import write_eval
+
+    summary, harness = comparison.summary(), None
+    if recipe.eval.harness:
+        from finetune.harness import run_harness, summarize
+
+        harness = run_harness(recipe, run.adapter, with_base, limit)
+        summary.harness = summarize(harness)
+    write_eval(run, summary.to_dict(), comparison.examples(), harness, out)
+    return summary
