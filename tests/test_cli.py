@@ -20,7 +20,22 @@ from finetune import __version__
 from finetune.cli import app
 from finetune.recipe import Recipe
 
-COMMANDS = {"validate", "plan", "data", "train", "eval", "merge", "export", "runs", "schema", "sweep", "chat", "serve"}
+COMMANDS = {
+    "validate",
+    "plan",
+    "data",
+    "train",
+    "eval",
+    "merge",
+    "export",
+    "runs",
+    "schema",
+    "sweep",
+    "chat",
+    "serve",
+    "review",
+    "reproduce",
+}
 runner = CliRunner()
 
 
