@@ -2,8 +2,10 @@
 
 Both formats carry a model card (README.md with Hugging Face front matter, the training figures
 from manifest.json and the held-out results from eval/summary.json), the resolved recipe, and a
-compatibility report (compat.json, also in the card) worked out from the adapter's actual config
-and tensors: which runtimes will load it, which will not, and why.
+compatibility report (compat.json, also in the card). The report's words are kept honest: "works"
+only for what was actually run on the export (the merge check reloads a merged model with plain
+transformers), "does not work" for what the adapter's own config and tensors rule out (a rule the
+runtime is known to enforce, named in the reasons), and "not checked", with the reason, for the rest.
 """
 
 from __future__ import annotations
@@ -95,9 +97,16 @@ def export(
 # --- compatibility ----------------------------------------------------------------------------------
 
 
-def _verdict(works: bool | None, summary: str, reasons: list[str], command: str | None = None, **extra: Any) -> dict:
-    """works: True (will work), False (will not), None (cannot be checked here)."""
-    return {"works": works, "summary": summary, "reasons": reasons, "command": command, **extra}
+def _verdict(
+    works: bool | None, summary: str, reasons: list[str], command: str | None = None, checked: str | None = None,
+    **extra: Any,
+) -> dict:  # fmt: skip
+    """works: True (a check was run on the export and passed: `checked` says which), False (the adapter's files
+    hold something the runtime refuses: the reasons say what), None (not checked: `summary` says why)."""
+    if works is True and not checked:
+        raise ValueError(f"a 'works' verdict needs the check that was run ({summary})")
+    reasons = [f"checked: {checked}", *reasons] if checked else reasons
+    return {"works": works, "summary": summary, "reasons": reasons, "command": command, "checked": checked, **extra}
 
 
 def adapter_facts(run: Run) -> dict[str, Any]:
@@ -135,7 +144,7 @@ def compatibility(run: Run, format: str, exported: Path | None = None) -> dict[s
     facts = adapter_facts(run)
     if format == "merged":
         targets = {
-            "transformers": _merged_transformers(),
+            "transformers": _merged_transformers(exported),
             "vllm": _merged_vllm(exported),
             "gguf": _merged_gguf(),
         }
@@ -159,7 +168,9 @@ def _adapter_transformers(facts: dict) -> dict:
             f"trained on a {facts['quantization_in_training']}-quantized base: load the base with the same "
             "BitsAndBytesConfig to reproduce training-time outputs exactly"
         )
-    return _verdict(True, "loads with transformers + PEFT", reasons, command)
+    reasons.insert(0, "the adapter is PEFT's own format as training saved it (adapter_config.json and the "
+                      "safetensors header were read); export --format merged loads it onto the base and checks it")  # fmt: skip
+    return _verdict(None, "export --format adapter loads no model", reasons, command)
 
 
 def _adapter_vllm(facts: dict, run: Run) -> dict:
@@ -192,7 +203,7 @@ def _adapter_vllm(facts: dict, run: Run) -> dict:
     if blockers:
         return _verdict(False, "not served by vLLM LoRA serving", blockers, max_lora_rank=None)
     needed = next(r for r in VLLM_MAX_LORA_RANKS if r >= facts["max_rank"])
-    summary = f"served by vLLM with --enable-lora --max-lora-rank {needed}"
+    summary = f"vLLM was not run; nothing in the adapter's files rules it out (--enable-lora --max-lora-rank {needed})"
     reasons = []
     if needed != facts["max_rank"]:
         reasons.append(
@@ -212,7 +223,7 @@ def _adapter_vllm(facts: dict, run: Run) -> dict:
         f"vllm serve {facts['base_model']} --enable-lora --max-lora-rank {needed} "
         f"--lora-modules {run.recipe.name}=<this directory>"
     )
-    return _verdict(True, summary, reasons, command, max_lora_rank=needed)
+    return _verdict(None, summary, reasons, command, max_lora_rank=needed)
 
 
 def gguf_converter(script: str) -> dict[str, str | None]:
@@ -239,7 +250,7 @@ def _adapter_gguf(facts: dict) -> dict:
     converter = gguf_converter(script)
     found = _converter_summary(converter, script)
     if found is None:
-        return _verdict(None, f"no converter installed (llama.cpp's {script}, or the gguf package)", [])
+        return _verdict(None, f"no llama.cpp converter was run (none installed: {script}, or the gguf package)", [])
     blockers = []
     if facts["magnitude_vectors"]:
         blockers.append(f"DoRA: {script} accepts only lora_A/lora_B tensors, not DoRA's magnitude vectors")
@@ -257,17 +268,30 @@ def _adapter_gguf(facts: dict) -> dict:
     base = facts["base_model"]
     flag = f"--base {base}" if is_local(base) else f"--base-model-id {base}"
     return _verdict(
-        True,
-        "converts to a GGUF LoRA adapter for llama.cpp",
-        [f"converter: {found}"],
+        None,
+        "no llama.cpp converter was run",
+        [f"converter found: {found}", "nothing in the adapter's files rules the LoRA converter out"],
         f"python {script} {flag} --outfile adapter.gguf <this directory>",
     )
 
 
-def _merged_transformers() -> dict:
+def _merged_transformers(exported: Path | None) -> dict:
+    command = 'AutoModelForCausalLM.from_pretrained("<this directory>")'
+    check = _read_check(exported)
+    if check is None or not check.get("passed"):
+        return _verdict(None, "no merge check of this directory was found", [], command)
     return _verdict(
-        True, "loads with plain transformers", [], 'AutoModelForCausalLM.from_pretrained("<this directory>")'
-    )
+        True, "loads with plain transformers", [], command,
+        checked=f"the merge check reloaded this directory with transformers and its logits matched base + adapter "
+        f"(max abs difference {check['max_abs_diff']:.3g}, tolerance {check['tolerance']:.3g})",
+    )  # fmt: skip
+
+
+def _read_check(exported: Path | None) -> dict | None:
+    path = None if exported is None else exported / "merge_check.json"
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _merged_vllm(exported: Path | None) -> dict:
@@ -276,8 +300,8 @@ def _merged_vllm(exported: Path | None) -> dict:
         architectures = json.loads((exported / "config.json").read_text(encoding="utf-8")).get("architectures")
     arch = ", ".join(architectures or ["unknown"])
     return _verdict(
-        True,
-        "served by vLLM as a plain model (no LoRA flags, no --max-lora-rank)",
+        None,
+        "vLLM was not run; a merged model needs no LoRA flags or --max-lora-rank",
         [f"architecture {arch}: vLLM serves it if it is in vLLM's supported-models list, as for the base"],
         "vllm serve <this directory>",
     )
@@ -288,13 +312,14 @@ def _merged_gguf() -> dict:
     converter = gguf_converter(script)
     found = _converter_summary(converter, script)
     if found is None:
-        return _verdict(None, f"no converter installed (llama.cpp's {script}, or the gguf package)", [])
+        return _verdict(None, f"no llama.cpp converter was run (none installed: {script}, or the gguf package)", [])
     return _verdict(
-        True,
-        "converts to GGUF for llama.cpp where llama.cpp supports the architecture",
-        [f"converter: {found}"],
+        None,
+        "no llama.cpp converter was run",
+        [f"converter found: {found}", "llama.cpp converts only the architectures and tokenizers (pre-tokenizers) "
+         "it recognises; only running it tells"],
         f"python {script} <this directory> --outfile model.gguf",
-    )
+    )  # fmt: skip
 
 
 # --- model card ---------------------------------------------------------------------------------------
@@ -541,7 +566,13 @@ def verdict_word(works: bool | None) -> str:
 
 
 def _compat_section(compat: dict) -> list[str]:
-    lines = ["## Compatibility", "", "Checked from this directory's files (compat.json):", ""]
+    lines = [
+        "## Compatibility",
+        "",
+        "From compat.json: *works* only where a check was run on this directory, *does not work* where its files "
+        "hold something the runtime refuses, *not checked* otherwise.",
+        "",
+    ]
     for key, v in compat["targets"].items():
         lines.append(f"- **{TARGET_NAMES.get(key, key)}**: {verdict_word(v['works'])}: {v['summary']}.")
         lines += [f"  - {reason}" for reason in v["reasons"]]

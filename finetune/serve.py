@@ -664,7 +664,8 @@ class VllmPlan:
 
 
 def vllm_plan(targets: list[str | Path], host: str, port: int) -> VllmPlan:
-    """vLLM's OpenAI server with the runs as LoRA modules, after export's vLLM check has passed for each run."""
+    """vLLM's OpenAI server with the runs as LoRA modules, once export's vLLM check found nothing in any run's
+    adapter that vLLM refuses (the command itself is not run here)."""
     from finetune.chat import run_dir_of
     from finetune.export import adapter_facts, compatibility
     from finetune.runs import open_run
@@ -675,7 +676,7 @@ def vllm_plan(targets: list[str | Path], host: str, port: int) -> VllmPlan:
     problems, notes, ranks = [], [], []
     for run in runs:
         verdict = compatibility(run, "adapter")["targets"]["vllm"]
-        if not verdict["works"]:
+        if verdict["works"] is False:
             problems.append(f"{run.root}: {verdict['summary']}: {'; '.join(verdict['reasons'])}")
             continue
         ranks.append(verdict["max_lora_rank"])
