@@ -14,7 +14,7 @@ the base when the run started from the base) and the base (adapters disabled). F
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -219,8 +219,19 @@ def evaluate_run(
     recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update=changes)})
     tokenizer = saved_tokenizer(run.adapter)
     method = methods.load(recipe.train.method)
-    data = method.prepare(recipe, tokenizer)
+    data = _first(method.prepare(recipe, tokenizer), limit)
     model = load_for_eval(recipe, run.adapter, load_model(recipe, model_attention(recipe, this_machine())))
     comparison = method.compare(recipe, model, tokenizer, data, REFERENCE_ADAPTER in model.peft_config)
     summary = write_preference_eval(recipe, run, comparison, out_dir)
     return EvalResult(str(run.root), summary, str(out_dir))
+
+
+def _first(data: Any, limit: int | None) -> Any:
+    """The method's held-out data cut to its first `limit` rows for every figure: `--limit` counts the pairs (DPO),
+    judged rows (KTO) and prompts alike, not only the prompts the generation metrics answer."""
+    if not limit:
+        return data
+    cut = {"eval_samples": data.eval_samples[:limit]}
+    if hasattr(data, "eval_rows"):  # DPO/KTO: the tokenized held-out groups the preference metrics score
+        cut["eval_rows"] = data.eval_rows[:limit]
+    return replace(data, **cut)
