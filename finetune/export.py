@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from finetune.errors import UserError
+from finetune.lineage import lineage
 from finetune.loading import is_local
 from finetune.merge import Progress, merge_dtype, merge_into
 from finetune.runs import Result, Run, atomic_dir, claim_output, open_run, read_summary, run_seconds, write_json_atomic
@@ -339,7 +340,7 @@ def model_card(run: Run, format: str, compat: dict, check: dict | None) -> str:
         *([method] if method != "lora" else []),
         *([variant] if variant != "lora" else []),
     ]
-    tags += ["trl", "sft"] if not combined else ["adapter-merging"]
+    tags += ["trl", recipe.train.method] if not combined else ["adapter-merging"]
     hub_datasets = [s.path for s in recipe.data.train if not is_local(s.path)]
     meta: dict[str, Any] = {
         "library_name": "peft" if format == "adapter" else "transformers",
@@ -368,15 +369,19 @@ def model_card(run: Run, format: str, compat: dict, check: dict | None) -> str:
             f"combined from {len(manifest.get('parents') or [])} runs with `finetune merge --method "
             f"{(manifest.get('combination') or {}).get('method')}` (see *Combination*)"
             if combined
-            else "made with `finetune`"
+            else f"trained with {_method(run)} by `finetune`"
         )
         lines.append(f"A {what} adapter ({shape}) for `{base}`{revision}{qlora}, {made}.")
     else:
         lines.append(
-            f"`{base}`{revision} with the {what} adapter of run `{recipe.name}` ({shape}) merged into its weights "
-            f"in {check['dtype'] if check else 'full precision'}, made with `finetune merge` and verified against "
-            "base + adapter (see *Merge check*)."
+            f"`{base}`{revision} with the {what} adapter of run `{recipe.name}` ({shape}, trained with "
+            f"{_method(run)}) merged into its weights in {check['dtype'] if check else 'full precision'}, made with "
+            "`finetune merge` and verified against base + adapter (see *Merge check*)."
         )
+    if manifest.get("parent"):
+        parent = manifest["parent"].get("name")
+        lines += ["", f"Lineage: {' → '.join(f'`{n}`' for n in lineage(manifest, paths=False))}. This run continued "
+                      f"run `{parent}`: its adapter started as `{parent}`'s and holds both updates."]  # fmt: skip
     if facts["modules_to_save"]:
         lines.append(f"Fully trained modules: {', '.join(facts['modules_to_save'])}.")
     lines += ["", "## Use", "", "```python", *_usage(format, base, recipe.model.revision), "```", ""]
@@ -395,6 +400,7 @@ def model_card(run: Run, format: str, compat: dict, check: dict | None) -> str:
         "`recipe.yaml` in this directory is the fully resolved recipe (extends and --set applied):",
         "",
         "```bash",
+        *(["# first train the parent run that model.from_run names"] if manifest.get("parent") else []),
         "finetune train recipe.yaml"
         if not combined
         else "# train each parent run, then: finetune merge PARENT... --method ...",
@@ -402,6 +408,13 @@ def model_card(run: Run, format: str, compat: dict, check: dict | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+METHOD_NAMES = {"sft": "supervised fine-tuning (SFT)", "dpo": "DPO", "kto": "KTO", "grpo": "GRPO"}
+
+
+def _method(run: Run) -> str:
+    return METHOD_NAMES.get(run.recipe.train.method, run.recipe.train.method)
 
 
 def _modules(targets: list[str] | str) -> str:
@@ -522,22 +535,41 @@ def _data_section(run: Run) -> list[str]:
 
 
 def _eval_section(run: Run) -> list[str]:
+    """The held-out figures, compared with the parent run where there is one (what this stage gained or lost),
+    with the base beside them."""
     summary = read_summary(run.dirs)
     if summary is None:
         return ["## Evaluation", "", "No held-out evaluation was recorded for this run.", ""]
-    lines = [
-        "## Evaluation",
-        "",
-        f"Held-out data ({summary.examples} examples), tuned against its base:",
-        "",
-        "| metric | base | tuned | delta |",
-        "|---|---|---|---|",
-    ]
-    for row in summary.rows():
-        base = "-" if row.base is None else f"{row.base:.4g}"
-        delta = "" if row.delta is None else f"{row.delta:+.4g}"
-        lines.append(f"| {row.metric} | {base} | {row.tuned:.4g} | {delta} |")
-    return [*lines, ""]
+    p = summary.preference
+    parent = (run.manifest.get("parent") or {}).get("name")
+    if p is None or p.reference_is_base:
+        what = "its base" + (" (the reference of this run, which started from the base)" if p else "")
+        lines = [f"Held-out data ({summary.examples} examples), tuned against {what}:", "",
+                 "| metric | base | tuned | delta |", "|---|---|---|---|"]  # fmt: skip
+        for row in summary.rows():
+            lines.append(f"| {_label(row.metric)} | {_cell(row.base)} | {row.tuned:.4g} | {_delta(row.delta)} |")
+        return ["## Evaluation", "", *lines, ""]
+    base = {row.metric: row for row in summary.rows()}
+    lines = [f"Held-out data ({summary.examples} examples), tuned against its parent run `{parent}` (the reference "
+             "this stage trained against), with the base beside them:", "",
+             f"| metric | base | parent `{parent}` | tuned | vs parent | vs base |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in summary.rows("reference"):
+        b = base.get(row.metric)
+        lines.append(f"| {_label(row.metric)} | {_cell(b and b.base)} | {_cell(row.base)} | {row.tuned:.4g} | "
+                     f"{_delta(row.delta)} | {_delta(b and b.delta)} |")  # fmt: skip
+    return ["## Evaluation", "", *lines, ""]
+
+
+def _label(metric: str) -> str:
+    return metric.rsplit(":", 1)[-1]  # a module:function metric by its function's name, as the CLI shows it
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _delta(value: float | None) -> str:
+    return "" if value is None else f"{value:+.4g}"
 
 
 def _check_section(check: dict) -> list[str]:

@@ -579,7 +579,7 @@ def open_run(run_dir: str | Path) -> Run:
         stage = recipe.train.method.upper()
         notes.append(
             f"this run continued {manifest['parent']['name']} ({manifest['parent']['path']}): its adapter started as "
-            f"that run's and holds both updates, so the merged model is base + {manifest['parent']['name']} + {stage} in one"
+            f"that run's and holds both updates ({manifest['parent']['name']} + {stage} in one adapter)"
         )
     config, tensors = check_adapter(run.adapter)
     base = recipe.model.base

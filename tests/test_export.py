@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from test_merge import Runs, leftovers
+from test_preference import dpo, parent  # noqa: F401  (a DPO run continuing an SFT run: fixtures)
 from typer.testing import CliRunner
 
 from finetune.cli import app
@@ -170,6 +171,28 @@ def test_works_is_said_only_of_what_a_check_ran_on_the_export(tmp_path, tiny_mod
     assert merged["vllm"]["works"] is None and merged["gguf"]["works"] is None
     dora = compatibility(_run_without_training(tmp_path, tiny_model_dir(), use_dora=True), "adapter")["targets"]
     assert dora["vllm"]["works"] is False and "DoRA is not served by vLLM" in dora["vllm"]["reasons"][0]
+
+
+def test_the_card_of_a_dpo_run_names_its_method_lineage_and_compares_with_the_parent(dpo, tmp_path):  # noqa: F811
+    run, _, _ = dpo
+    result = export(run, "adapter", tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    meta = front_matter(card)
+    assert "dpo" in meta["tags"] and "sft" not in meta["tags"]
+    assert "trained with DPO by `finetune`" in card
+    base = json.loads((run / "manifest.json").read_text())["base_model"]["id"]
+    assert f"Lineage: `{base}` → `sft` → `dpo`." in card
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    tuned, parent_ = summary["tuned"]["metrics"], summary["reference"]["metrics"]
+    assert "| metric | base | parent `sft` | tuned | vs parent | vs base |" in card
+    accuracy = tuned["preference_accuracy"]
+    line = next(x for x in card.splitlines() if x.startswith("| preference_accuracy |"))
+    assert (
+        f"| {parent_['preference_accuracy']:.4g} | {accuracy:.4g} | {accuracy - parent_['preference_accuracy']:+.4g} |"
+        in line
+    )
+    assert not any("merged model" in note for note in result.notes)  # an adapter export has no merged model
+    assert any("holds both updates" in note for note in result.notes)
 
 
 def _truncate(path: Path) -> None:
