@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ from finetune.runs import RunDir, read_summary, write_text_atomic
 from finetune.summary import EvalSummary
 
 COLORS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4d7c0f", "#db2777")
-LEGEND_ROW, CHAR_WIDTH = 14, 6.6  # pixels: a legend row, and the width of a character at font-size 12
+# pixels: a legend row, and the width of a character at font-size 12 and at 11 (tick labels). 0.6 em is an upper
+# bound for system sans-serif fonts (their mean is ~0.55 em: 6.6 px let long legend entries print over each other)
+LEGEND_ROW, CHAR_WIDTH, TICK_CHAR = 14, 7.2, 6.6
 
 
 def write_report(run: RunDir) -> Path:
@@ -188,17 +191,22 @@ class Frame:
     def axes(self, x_ticks: list[tuple[float, str]] | None = None) -> list[str]:
         """Title, three y gridlines with labels, and x labels (the ends, or the ticks given)."""
         parts = [f'<text x="{self.left}" y="16" font-weight="bold">{html.escape(self.title)}</text>']
-        for y in (self.y0, (self.y0 + self.y1) / 2, self.y1):
+        ys = [self.y0, (self.y0 + self.y1) / 2, self.y1]
+        for y, label in zip(ys, tick_labels(ys), strict=True):
             parts.append(
-                f'<text x="{self.left - 6}" y="{self.sy(y) + 4:.1f}" text-anchor="end" font-size="11">{_tick(y)}</text>'
+                f'<text x="{self.left - 6}" y="{self.sy(y) + 4:.1f}" text-anchor="end" font-size="11">{label}</text>'
             )
             parts.append(
                 f'<line x1="{self.left}" x2="{self.width - self.right}" y1="{self.sy(y):.1f}" y2="{self.sy(y):.1f}" stroke="#eee"/>'
             )
         if x_ticks is None:  # the two ends, in data units
-            x_ticks = [(2**x if self.log_x else x, "") for x in (self.x0, self.x1)]
-            x_ticks = [(x, f"{x:g}") for x, _ in x_ticks]
+            xs = [2**x if self.log_x else x for x in (self.x0, self.x1)]
+            x_ticks = list(zip(xs, tick_labels(xs, lambda v, d: f"{v:.{max(d, 6)}g}"), strict=True))
+        shown: list[tuple[float, str]] = []
         for x, label in x_ticks:
+            if shown and abs(self.sx(x) - self.sx(shown[-1][0])) < (len(label) + len(shown[-1][1])) * TICK_CHAR / 2 + 6:
+                continue  # it would print over the label before it: leave it out
+            shown.append((x, label))
             parts.append(
                 f'<text x="{self.sx(x):.1f}" y="{self.height - 10}" text-anchor="middle" font-size="11">{html.escape(label)}</text>'
             )
@@ -241,5 +249,16 @@ class Frame:
         )
 
 
-def _tick(y: float) -> str:
-    return f"{y / 1000:.3g}k" if abs(y) >= 1000 else f"{y:.3g}"
+def _tick(y: float, digits: int = 3) -> str:
+    return f"{y / 1000:.{digits}g}k" if abs(y) >= 1000 else f"{y:.{digits}g}"
+
+
+def tick_labels(values: list[float], label: Callable[[float, int], str] = _tick) -> list[str]:
+    """Labels for axis values with the fewest significant digits (3 at least) that keep distinct values distinct:
+    6.0, 6.005, 6.01 read 6, 6.005, 6.01, never 6 / 6.01 / 6.01."""
+    distinct = len(set(values))
+    for digits in range(3, 12):
+        labels = [label(v, digits) for v in values]
+        if len(set(labels)) == distinct:
+            break
+    return labels
