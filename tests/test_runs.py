@@ -89,6 +89,27 @@ def test_render_without_eval_says_so():
     assert "No held-out evaluation" in page and "RuntimeError: boom" in page
 
 
+def test_report_facts_ticks_and_a_preference_runs_deltas_read_as_the_cli_shows_them():
+    from finetune.summary import EvalSummary, Preference, Scores
+
+    manifest = {"name": "dpo", "status": "completed", "steps": 3, "best_step": None,
+                "git": {"commit": "0123abcd" * 5, "dirty": True}}  # fmt: skip
+    logs = [{"step": i, "loss": v} for i, v in enumerate((6.0, 6.004, 6.01), start=1)]
+    summary = EvalSummary(  # tuned beats the base but lost to its reference (the parent run)
+        tuned=Scores(metrics={"preference_accuracy": 0.6}), base=Scores(metrics={"preference_accuracy": 0.4}),
+        examples=8, preference=Preference("dpo", 0.1, 8, Scores(metrics={"preference_accuracy": 0.7})),
+    )  # fmt: skip
+    page = render(manifest, logs, summary)
+    assert "best held-out step" not in page and "None" not in page
+    assert f"<td>git</td><td>{'0123abcd' * 5} (uncommitted changes)</td>" in page and '"commit"' not in page
+    loss_chart = re.search(r"<svg.*?</svg>", page, re.S).group(0)
+    ticks = re.findall(r'text-anchor="end" font-size="11">([^<]*)</text>', loss_chart)
+    assert len(ticks) == len(set(ticks)) == 3, ticks  # was 6 / 6.01 / 6.01
+    row = re.search(r"<tr><td>preference_accuracy</td>.*?</tr>", page).group(0)
+    assert "<td>0.4000</td><td>0.7000</td><td>0.6000</td>" in row and '<td class="worse">-0.1000</td>' in row
+    assert "Held-out: tuned vs its reference (the parent run)" in page and "8 held-out pairs" in page
+
+
 def test_the_manifest_records_the_git_state_of_the_repo_holding_the_recipe(tmp_path, tiny_model_dir, monkeypatch):
     """The experiment repo is the recipe's, wherever the command runs from (here: a directory outside it)."""
     from finetune.loading import load_recipe
