@@ -198,3 +198,54 @@ def test_runs_list_fits_80_columns_and_keeps_status_and_figures_whole():
     assert lines[0].split() == ["run", "status", "base", "rank", "eval", "loss", "metric", "time"]
     assert "completed" in lines[2] and "1.2346" in lines[2] and "0.8750" in lines[2] and "3725s" in lines[2]
     assert lines[3].split()[:3] == ["r8", "died", ".../tiny"]
+
+
+def _killed_child(code: str) -> None:
+    """Run `code` in a Python child that SIGKILLs itself at its end (what a scheduler's kill -9 leaves), reaped."""
+    import signal
+
+    child = subprocess.run([sys.executable, "-c", code + "\nimport os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})  # fmt: skip
+    assert child.returncode == -signal.SIGKILL, child.stderr
+
+
+def test_a_killed_atomic_write_leaves_a_temporary_that_the_next_attempt_cleans(tmp_path):
+    from finetune.runs import atomic_dir
+
+    final = tmp_path / "merged"
+    _killed_child(f"""
+from pathlib import Path
+from finetune.runs import atomic_dir
+with atomic_dir(Path({str(final)!r})) as tmp:
+    (tmp / "model.safetensors").write_bytes(bytes(1 << 20))
+    import os, signal; os.kill(os.getpid(), signal.SIGKILL)
+""")
+    stale = [p.name for p in tmp_path.iterdir()]
+    assert len(stale) == 1 and stale[0].startswith(".merged.") and stale[0].endswith(".tmp") and not final.exists()
+    with atomic_dir(final) as tmp:  # the rerun (merge, export) cleans what the killed one left
+        (tmp / "model.safetensors").write_bytes(b"new")
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"] and (final / "model.safetensors").read_bytes() == b"new"
+    from finetune.runs import clean_stale
+
+    with atomic_dir(tmp_path / "other") as mine:  # a temporary whose process still runs is left alone
+        assert clean_stale(tmp_path) == [] and mine.exists()
+
+
+def test_a_kill_between_moving_the_old_output_aside_and_renaming_the_new_puts_the_old_back(tmp_path):
+    from finetune.runs import clean_stale
+
+    final = tmp_path / "merged"
+    final.mkdir()
+    (final / "weights").write_text("old")
+    _killed_child(f"""
+import os
+from pathlib import Path
+from finetune.runs import _temporary_dir
+final = Path({str(final)!r})
+old = _temporary_dir(final, "old")
+os.replace(final, old / final.name)
+""")
+    assert not final.exists()
+    (restored,) = clean_stale(tmp_path)
+    assert restored.name.endswith(".old")
+    assert (final / "weights").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["merged"]
