@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,12 +117,23 @@ def _evaluate_method(
     recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update=changes)})
     tokenizer = saved_tokenizer(run.adapter)
     method = methods.load(recipe.train.method)
-    data = method.prepare(recipe, tokenizer)
+    data = _first(method.prepare(recipe, tokenizer), limit)
     model = for_evaluation(recipe, run.adapter)
     comparison = method.compare(recipe, model, tokenizer, data, REFERENCE_ADAPTER in model.peft_config)
     summary = comparison.summary()
     write_eval(run, summary.to_dict(), comparison.examples(), None, out_dir)
     return summary
+
+
+def _first(data: Any, limit: int | None) -> Any:
+    """The method's held-out data cut to its first `limit` rows for every figure: `--limit` counts the pairs (DPO),
+    judged rows (KTO) and prompts alike, not only the prompts the generation metrics answer."""
+    if not limit:
+        return data
+    cut = {"eval_samples": data.eval_samples[:limit]}
+    if hasattr(data, "eval_rows"):  # DPO/KTO: the tokenized held-out groups the preference metrics score
+        cut["eval_rows"] = data.eval_rows[:limit]
+    return replace(data, **cut)
 
 
 def figures(recipe: Recipe) -> list[str]:

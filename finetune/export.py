@@ -2,8 +2,10 @@
 
 Both formats carry a model card (README.md with Hugging Face front matter, the training figures
 from manifest.json and the held-out results from eval/summary.json), the resolved recipe, and a
-compatibility report (compat.json, also in the card) worked out from the adapter's actual config
-and tensors: which runtimes will load it, which will not, and why.
+compatibility report (compat.json, also in the card). The report's words are kept honest: "works"
+only for what was actually run on the export (the merge check reloads a merged model with plain
+transformers), "does not work" for what the adapter's own config and tensors rule out (a rule the
+runtime is known to enforce, named in the reasons), and "not checked", with the reason, for the rest.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import yaml
 
 from finetune.errors import UserError
+from finetune.lineage import lineage
 from finetune.loading import is_local
 from finetune.merge import Progress, merge_dtype, merge_into
 from finetune.runs import Result, Run, atomic_dir, claim_output, open_run, read_summary, run_seconds, write_json_atomic
@@ -96,7 +99,7 @@ def compatibility(run: Run, format: str, exported: Path | None = None) -> dict[s
     facts = adapter_facts(run)
     if format == "merged":
         targets = {
-            "transformers": _merged_transformers(),
+            "transformers": _merged_transformers(exported),
             "vllm": _merged_vllm(exported),
             "gguf": _merged_gguf(),
         }
@@ -120,7 +123,9 @@ def _adapter_transformers(facts: dict) -> dict:
             f"trained on a {facts['quantization_in_training']}-quantized base: load the base with the same "
             "BitsAndBytesConfig to reproduce training-time outputs exactly"
         )
-    return _verdict(True, "loads with transformers + PEFT", reasons, command)
+    reasons.insert(0, "the adapter is PEFT's own format as training saved it (adapter_config.json and the "
+                      "safetensors header were read); export --format merged loads it onto the base and checks it")  # fmt: skip
+    return _verdict(None, "export --format adapter loads no model", reasons, command)
 
 
 def gguf_converter(script: str) -> dict[str, str | None]:
@@ -147,7 +152,7 @@ def _adapter_gguf(facts: dict) -> dict:
     converter = gguf_converter(script)
     found = _converter_summary(converter, script)
     if found is None:
-        return _verdict(None, f"no converter installed (llama.cpp's {script}, or the gguf package)", [])
+        return _verdict(None, f"no llama.cpp converter was run (none installed: {script}, or the gguf package)", [])
     blockers = []
     if facts["magnitude_vectors"]:
         blockers.append(f"DoRA: {script} accepts only lora_A/lora_B tensors, not DoRA's magnitude vectors")
@@ -165,17 +170,30 @@ def _adapter_gguf(facts: dict) -> dict:
     base = facts["base_model"]
     flag = f"--base {base}" if is_local(base) else f"--base-model-id {base}"
     return _verdict(
-        True,
-        "converts to a GGUF LoRA adapter for llama.cpp",
-        [f"converter: {found}"],
+        None,
+        "no llama.cpp converter was run",
+        [f"converter found: {found}", "nothing in the adapter's files rules the LoRA converter out"],
         f"python {script} {flag} --outfile adapter.gguf <this directory>",
     )
 
 
-def _merged_transformers() -> dict:
+def _merged_transformers(exported: Path | None) -> dict:
+    command = 'AutoModelForCausalLM.from_pretrained("<this directory>")'
+    check = _read_check(exported)
+    if check is None or not check.get("passed"):
+        return _verdict(None, "no merge check of this directory was found", [], command)
     return _verdict(
-        True, "loads with plain transformers", [], 'AutoModelForCausalLM.from_pretrained("<this directory>")'
-    )
+        True, "loads with plain transformers", [], command,
+        checked=f"the merge check reloaded this directory with transformers and its logits matched base + adapter "
+        f"(max abs difference {check['max_abs_diff']:.3g}, tolerance {check['tolerance']:.3g})",
+    )  # fmt: skip
+
+
+def _read_check(exported: Path | None) -> dict | None:
+    path = None if exported is None else exported / "merge_check.json"
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _merged_vllm(exported: Path | None) -> dict:
@@ -184,8 +202,8 @@ def _merged_vllm(exported: Path | None) -> dict:
         architectures = json.loads((exported / "config.json").read_text(encoding="utf-8")).get("architectures")
     arch = ", ".join(architectures or ["unknown"])
     return _verdict(
-        True,
-        "served by vLLM as a plain model (no LoRA flags, no --max-lora-rank)",
+        None,
+        "vLLM was not run; a merged model needs no LoRA flags or --max-lora-rank",
         [f"architecture {arch}: vLLM serves it if it is in vLLM's supported-models list, as for the base"],
         "vllm serve <this directory>",
     )
@@ -196,13 +214,14 @@ def _merged_gguf() -> dict:
     converter = gguf_converter(script)
     found = _converter_summary(converter, script)
     if found is None:
-        return _verdict(None, f"no converter installed (llama.cpp's {script}, or the gguf package)", [])
+        return _verdict(None, f"no llama.cpp converter was run (none installed: {script}, or the gguf package)", [])
     return _verdict(
-        True,
-        "converts to GGUF for llama.cpp where llama.cpp supports the architecture",
-        [f"converter: {found}"],
+        None,
+        "no llama.cpp converter was run",
+        [f"converter found: {found}", "llama.cpp converts only the architectures and tokenizers (pre-tokenizers) "
+         "it recognises; only running it tells"],
         f"python {script} <this directory> --outfile model.gguf",
-    )
+    )  # fmt: skip
 
 
 # --- model card ---------------------------------------------------------------------------------------
@@ -222,7 +241,7 @@ def model_card(run: Run, format: str, compat: dict, check: dict | None) -> str:
         *([method] if method != "lora" else []),
         *([variant] if variant != "lora" else []),
     ]
-    tags += ["trl", "sft"] if not combined else ["adapter-merging"]
+    tags += ["trl", recipe.train.method] if not combined else ["adapter-merging"]
     hub_datasets = [s.path for s in recipe.data.train if not is_local(s.path)]
     meta: dict[str, Any] = {
         "library_name": "peft" if format == "adapter" else "transformers",
@@ -251,15 +270,19 @@ def model_card(run: Run, format: str, compat: dict, check: dict | None) -> str:
             f"combined from {len(manifest.get('parents') or [])} runs with `finetune merge --method "
             f"{(manifest.get('combination') or {}).get('method')}` (see *Combination*)"
             if combined
-            else "made with `finetune`"
+            else f"trained with {_method(run)} by `finetune`"
         )
         lines.append(f"A {what} adapter ({shape}) for `{base}`{revision}{qlora}, {made}.")
     else:
         lines.append(
-            f"`{base}`{revision} with the {what} adapter of run `{recipe.name}` ({shape}) merged into its weights "
-            f"in {check['dtype'] if check else 'full precision'}, made with `finetune merge` and verified against "
-            "base + adapter (see *Merge check*)."
+            f"`{base}`{revision} with the {what} adapter of run `{recipe.name}` ({shape}, trained with "
+            f"{_method(run)}) merged into its weights in {check['dtype'] if check else 'full precision'}, made with "
+            "`finetune merge` and verified against base + adapter (see *Merge check*)."
         )
+    if manifest.get("parent"):
+        parent = manifest["parent"].get("name")
+        lines += ["", f"Lineage: {' → '.join(f'`{n}`' for n in lineage(manifest, paths=False))}. This run continued "
+                      f"run `{parent}`: its adapter started as `{parent}`'s and holds both updates."]  # fmt: skip
     if facts["modules_to_save"]:
         lines.append(f"Fully trained modules: {', '.join(facts['modules_to_save'])}.")
     lines += ["", "## Use", "", "```python", *_usage(format, base, recipe.model.revision), "```", ""]
@@ -278,6 +301,7 @@ def model_card(run: Run, format: str, compat: dict, check: dict | None) -> str:
         "`recipe.yaml` in this directory is the fully resolved recipe (extends and --set applied):",
         "",
         "```bash",
+        *(["# first train the parent run that model.from_run names"] if manifest.get("parent") else []),
         "finetune train recipe.yaml"
         if not combined
         else "# train each parent run, then: finetune merge PARENT... --method ...",
@@ -285,6 +309,13 @@ def model_card(run: Run, format: str, compat: dict, check: dict | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+METHOD_NAMES = {"sft": "supervised fine-tuning (SFT)", "dpo": "DPO", "kto": "KTO", "grpo": "GRPO"}
+
+
+def _method(run: Run) -> str:
+    return METHOD_NAMES.get(run.recipe.train.method, run.recipe.train.method)
 
 
 def _modules(targets: list[str] | str) -> str:
@@ -405,22 +436,41 @@ def _data_section(run: Run) -> list[str]:
 
 
 def _eval_section(run: Run) -> list[str]:
+    """The held-out figures, compared with the parent run where there is one (what this stage gained or lost),
+    with the base beside them."""
     summary = read_summary(run.dirs)
     if summary is None:
         return ["## Evaluation", "", "No held-out evaluation was recorded for this run.", ""]
-    lines = [
-        "## Evaluation",
-        "",
-        f"Held-out data ({summary.examples} examples), tuned against its base:",
-        "",
-        "| metric | base | tuned | delta |",
-        "|---|---|---|---|",
-    ]
-    for row in summary.rows():
-        base = "-" if row.base is None else f"{row.base:.4g}"
-        delta = "" if row.delta is None else f"{row.delta:+.4g}"
-        lines.append(f"| {row.metric} | {base} | {row.tuned:.4g} | {delta} |")
-    return [*lines, ""]
+    p = summary.preference
+    parent = (run.manifest.get("parent") or {}).get("name")
+    if p is None or p.reference_is_base:
+        what = "its base" + (" (the reference of this run, which started from the base)" if p else "")
+        lines = [f"Held-out data ({summary.examples} examples), tuned against {what}:", "",
+                 "| metric | base | tuned | delta |", "|---|---|---|---|"]  # fmt: skip
+        for row in summary.rows():
+            lines.append(f"| {_label(row.metric)} | {_cell(row.base)} | {row.tuned:.4g} | {_delta(row.delta)} |")
+        return ["## Evaluation", "", *lines, ""]
+    base = {row.metric: row for row in summary.rows()}
+    lines = [f"Held-out data ({summary.examples} examples), tuned against its parent run `{parent}` (the reference "
+             "this stage trained against), with the base beside them:", "",
+             f"| metric | base | parent `{parent}` | tuned | vs parent | vs base |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in summary.rows("reference"):
+        b = base.get(row.metric)
+        lines.append(f"| {_label(row.metric)} | {_cell(b and b.base)} | {_cell(row.base)} | {row.tuned:.4g} | "
+                     f"{_delta(row.delta)} | {_delta(b and b.delta)} |")  # fmt: skip
+    return ["## Evaluation", "", *lines, ""]
+
+
+def _label(metric: str) -> str:
+    return metric.rsplit(":", 1)[-1]  # a module:function metric by its function's name, as the CLI shows it
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _delta(value: float | None) -> str:
+    return "" if value is None else f"{value:+.4g}"
 
 
 def _check_section(check: dict) -> list[str]:
@@ -449,7 +499,13 @@ def verdict_word(works: bool | None) -> str:
 
 
 def _compat_section(compat: dict) -> list[str]:
-    lines = ["## Compatibility", "", "Checked from this directory's files (compat.json):", ""]
+    lines = [
+        "## Compatibility",
+        "",
+        "From compat.json: *works* only where a check was run on this directory, *does not work* where its files "
+        "hold something the runtime refuses, *not checked* otherwise.",
+        "",
+    ]
     for key, v in compat["targets"].items():
         lines.append(f"- **{TARGET_NAMES.get(key, key)}**: {verdict_word(v['works'])}: {v['summary']}.")
         lines += [f"  - {reason}" for reason in v["reasons"]]

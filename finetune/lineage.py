@@ -115,15 +115,17 @@ def check_same_weights(parent: dict[str, Any] | None, loaded: dict[str, Any]) ->
         )
 
 
-def lineage(manifest: dict[str, Any]) -> list[str]:
-    """base -> parent(s) -> run, following `parent` records as far as their manifests still exist."""
+def lineage(manifest: dict[str, Any], paths: bool = True) -> list[str]:
+    """base -> parent(s) -> run, following `parent` records as far as their manifests still exist.
+
+    `paths=False` names the parents without their local directories (for a model card that is published)."""
     chain = [manifest.get("name") or "?"]
     seen = set()
     parent = manifest.get("parent")
     base = (manifest.get("base_model") or {}).get("id")
     while parent and parent.get("path") not in seen:
         seen.add(parent["path"])
-        chain.append(f"{parent.get('name')} ({parent['path']})")
+        chain.append(f"{parent.get('name')} ({parent['path']})" if paths else str(parent.get("name")))
         path = Path(parent["path"]) / "manifest.json"
         if not path.is_file():
             break

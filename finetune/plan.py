@@ -171,7 +171,7 @@ def plan(recipe: Recipe, gpu: str | None = None, tflops: float | None = None, mf
     layout = _layout(recipe, model)
     attention = model_attention(recipe, this_machine())
     work = _work(recipe, decide_packing(recipe.data.packing, None))
-    seq_length = work.max_seq_length if recipe.data.max_seq_length == "auto" else recipe.data.max_seq_length
+    seq_length = _sequence_length(recipe, work)
     memory = _memory(recipe, layout, shapes, compute_dtype, weights_dtype, seq_length, attention)
     if seq_length is None:
         notes.append("data.max_seq_length is auto and the data is not available: activations are unknown")
@@ -453,6 +453,29 @@ def _by_module(named: list[tuple[str, torch.nn.Parameter]], variant: str) -> lis
 # --- memory -------------------------------------------------------------------------------------
 
 
+def _uses_reference(recipe: Recipe) -> bool:
+    """Whether training scores with a reference model: DPO and KTO always, GRPO only with beta > 0 (with beta 0
+    TRL computes no KL, so it neither loads a reference nor runs one)."""
+    if recipe.train.method == "sft":
+        return False
+    return recipe.train.method != "grpo" or recipe.train.grpo.beta > 0
+
+
+def _frozen_reference(recipe: Recipe) -> bool:
+    """Whether training holds a frozen copy of the parent's adapter (from the base, the reference is the base
+    itself with the adapter disabled: no extra memory)."""
+    return bool(recipe.model.from_run) and _uses_reference(recipe)
+
+
+def _sequence_length(recipe: Recipe, work: Work) -> int | None:
+    """The longest sequence a micro-batch holds, for activations: `data.max_seq_length`, except where the data
+    counted says otherwise (`auto`, and GRPO, whose sequences are at most the longest prompt plus
+    max_completion_length), so the memory header and the work section give one length."""
+    if recipe.data.max_seq_length == "auto" or (recipe.train.method == "grpo" and work.max_seq_length):
+        return work.max_seq_length
+    return recipe.data.max_seq_length
+
+
 def _memory(
     recipe: Recipe,
     layout: _Layout,
@@ -476,7 +499,7 @@ def _memory(
     transient = layout.largest_quantized * e  # one layer's weight dequantized for its matmul
     if recipe.lora.variant == "dora":  # DoRA's weight norm builds W + BA, one layer at a time
         transient += 2 * max((a.in_features * a.out_features for a in layout.adapted), default=0) * e
-    reference = adapter if recipe.model.from_run and recipe.train.method != "sft" else 0  # the frozen "ref" copy
+    reference = adapter if _frozen_reference(recipe) else 0  # the frozen "ref" copy of the parent's adapter
     tensors = layout.base_weights + 2 * adapter + reference + optimizer + (activations or 0)
     overhead = CUDA_CONTEXT + transient + round(FRAGMENTATION * tensors)
 
@@ -760,7 +783,7 @@ def _time(
     """
     n = layout.matmul_params
     flops = (4 + (2 if recipe.train.gradient_checkpointing is True else 0)) * n + 2 * layout.output_params
-    if recipe.train.method != "sft":
+    if _uses_reference(recipe):
         flops += 2 * n  # the reference's forward pass over the same tokens
     rate = peak * 1e12 * mfu
     sequences = 2 if recipe.train.method == "dpo" else 1  # chosen and rejected

@@ -9,14 +9,17 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from finetune.runs import RunDir, read_summary, write_text_atomic
-from finetune.summary import EvalSummary
+from finetune.summary import EvalSummary, lower_is_better
 
 COLORS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4d7c0f", "#db2777")
-LEGEND_ROW, CHAR_WIDTH = 14, 6.6  # pixels: a legend row, and the width of a character at font-size 12
+# pixels: a legend row, and the width of a character at font-size 12 and at 11 (tick labels). 0.6 em is an upper
+# bound for system sans-serif fonts (their mean is ~0.55 em: 6.6 px let long legend entries print over each other)
+LEGEND_ROW, CHAR_WIDTH, TICK_CHAR = 14, 7.2, 6.6
 
 
 def write_report(run: RunDir) -> Path:
@@ -57,7 +60,7 @@ def render(manifest: dict[str, Any], logs: list[dict[str, Any]], summary: EvalSu
     title = html.escape(f"finetune run {manifest.get('name', '')}")
     return f"""{page_head(title, RUN_CSS)}
 {_facts(manifest)}
-<h2>Held-out: base vs tuned</h2>
+<h2>{_heading(summary)}</h2>
 {_comparison(summary)}
 <h2>Training</h2>
 <div class="charts">{"".join(charts)}</div>
@@ -86,26 +89,49 @@ def _facts(m: dict[str, Any]) -> str:
     data = m.get("data", {})
     rows = [
         ("status", m.get("status")),
-        ("base model", f"{m.get('base_model', {}).get('id')} @ {m.get('base_model', {}).get('commit') or 'local'}"),
-        ("started / finished", f"{m.get('started')} / {m.get('finished') or '-'}"),
+        ("base model", _base_model(m.get("base_model") or {})),
+        ("started / finished", f"{m.get('started') or '-'} / {m.get('finished') or '-'}"),
         ("steps", m.get("steps")),
-        ("best held-out step", m.get("best_step")),
+        ("best held-out step", m.get("best_step")),  # only with in-training evaluation (train.eval_every)
         ("trainable parameters", f"{lora.get('trainable_params', 0):,} of {lora.get('total_params', 0):,}"),
         ("LoRA targets", ", ".join(lora.get("targets", []))),
-        ("train / eval rows", f"{data.get('train_rows')} / {data.get('eval_rows')}"),
+        ("train / eval rows", f"{data['train_rows']} / {data.get('eval_rows') or 0}" if "train_rows" in data else None),
         ("recipe sha256", m.get("recipe_sha256")),
-        ("git", json.dumps(m.get("git"))),
+        ("git", _git(m.get("git"))),
         ("packages", ", ".join(f"{k} {v}" for k, v in (m.get("packages") or {}).items() if v)),
     ]
     if m.get("error"):
         rows.insert(1, ("error", m["error"]))
-    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    body = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows if v is not None
+    )
     return f'<table class="facts">{body}</table>'
+
+
+def _base_model(base: dict[str, Any]) -> str | None:
+    return None if not base.get("id") else f"{base['id']} @ {base.get('commit') or 'local'}"
+
+
+def _git(state: dict[str, Any] | None) -> str | None:
+    """The experiment repository's commit as a reader wants it: `abc123... (uncommitted changes)`."""
+    if not state or not state.get("commit"):
+        return None
+    return state["commit"] + (" (uncommitted changes)" if state.get("dirty") else "")
+
+
+def _heading(summary: EvalSummary | None) -> str:
+    if summary is None or summary.preference is None:
+        return "Held-out: base vs tuned"
+    return "Held-out: tuned vs its reference" + (
+        " (the base)" if summary.preference.reference_is_base else " (the parent run)"
+    )
 
 
 def _comparison(summary: EvalSummary | None) -> str:
     if summary is None:
         return "<p>No held-out evaluation (set <code>data.eval</code>).</p>"
+    if summary.preference is not None:
+        return _preference_comparison(summary)
     rows = []
     for row in summary.rows():
         if row.base is None:
@@ -116,12 +142,37 @@ def _comparison(summary: EvalSummary | None) -> str:
             f'<tr><td>{row.metric}</td><td>{row.base:.4f}</td><td>{row.tuned:.4f}</td><td class="{css}">{row.delta:+.4f}</td></tr>'
         )
     head = "<tr><th>metric</th><th>base</th><th>tuned</th><th>delta</th></tr>"
-    if summary.preference is not None:  # a preference run: its reference (the parent run) too
-        reference = summary.preference.reference
-        cells = "".join(f"<tr><td>{k}</td><td>{v:.4f}</td></tr>" for k, v in reference.metrics.items())
-        cells += "".join(f"<tr><td>logp {k}</td><td>{v:.3f}</td></tr>" for k, v in (reference.logps or {}).items())
-        rows.append(f'<tr><td colspan="4"><b>reference</b> (the parent run)<table>{cells}</table></td></tr>')
     return f"<table>{head}{''.join(rows)}</table><p>{summary.examples} held-out examples.</p>"
+
+
+def _preference_comparison(summary: EvalSummary) -> str:
+    """A DPO, KTO or GRPO run: base, reference and tuned side by side, the delta coloured against the reference
+    (what this stage changed), as `finetune eval` shows it."""
+    p = summary.preference
+    base = {} if summary.base is None else {**summary.base.metrics, **_logps(summary.base.logps)}
+    reference, tuned = (
+        {**p.reference.metrics, **_logps(p.reference.logps)},
+        {**summary.tuned.metrics, **_logps(summary.tuned.logps)},
+    )
+    rows = []
+    for name, value in tuned.items():
+        ref = reference.get(name)
+        b = "-" if name not in base else f"{base[name]:.4f}"
+        if ref is None:
+            rows.append(f"<tr><td>{html.escape(name)}</td><td>{b}</td><td>-</td><td>{value:.4f}</td><td></td></tr>")
+            continue
+        better = None if value == ref else (value < ref) == lower_is_better(name)
+        css = {True: "better", False: "worse", None: ""}[better] if not name.startswith("logp ") else ""
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{b}</td><td>{ref:.4f}</td><td>{value:.4f}</td>"
+                    f'<td class="{css}">{value - ref:+.4f}</td></tr>')  # fmt: skip
+    which = "the base" if p.reference_is_base else "the parent run"
+    head = f"<tr><th>metric</th><th>base</th><th>reference ({which})</th><th>tuned</th><th>vs reference</th></tr>"
+    counted = {"dpo": f"{p.pairs} held-out pairs, ", "kto": f"{p.pairs} held-out rows, "}.get(p.method, "")
+    return f"<table>{head}{''.join(rows)}</table><p>{counted}{summary.examples} held-out prompts.</p>"
+
+
+def _logps(logps: dict[str, float] | None) -> dict[str, float]:
+    return {f"logp {k}": v for k, v in (logps or {}).items()}
 
 
 PAGE_CSS = """body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1360px; color: #111; }
@@ -188,17 +239,22 @@ class Frame:
     def axes(self, x_ticks: list[tuple[float, str]] | None = None) -> list[str]:
         """Title, three y gridlines with labels, and x labels (the ends, or the ticks given)."""
         parts = [f'<text x="{self.left}" y="16" font-weight="bold">{html.escape(self.title)}</text>']
-        for y in (self.y0, (self.y0 + self.y1) / 2, self.y1):
+        ys = [self.y0, (self.y0 + self.y1) / 2, self.y1]
+        for y, label in zip(ys, tick_labels(ys), strict=True):
             parts.append(
-                f'<text x="{self.left - 6}" y="{self.sy(y) + 4:.1f}" text-anchor="end" font-size="11">{_tick(y)}</text>'
+                f'<text x="{self.left - 6}" y="{self.sy(y) + 4:.1f}" text-anchor="end" font-size="11">{label}</text>'
             )
             parts.append(
                 f'<line x1="{self.left}" x2="{self.width - self.right}" y1="{self.sy(y):.1f}" y2="{self.sy(y):.1f}" stroke="#eee"/>'
             )
         if x_ticks is None:  # the two ends, in data units
-            x_ticks = [(2**x if self.log_x else x, "") for x in (self.x0, self.x1)]
-            x_ticks = [(x, f"{x:g}") for x, _ in x_ticks]
+            xs = [2**x if self.log_x else x for x in (self.x0, self.x1)]
+            x_ticks = list(zip(xs, tick_labels(xs, lambda v, d: f"{v:.{max(d, 6)}g}"), strict=True))
+        shown: list[tuple[float, str]] = []
         for x, label in x_ticks:
+            if shown and abs(self.sx(x) - self.sx(shown[-1][0])) < (len(label) + len(shown[-1][1])) * TICK_CHAR / 2 + 6:
+                continue  # it would print over the label before it: leave it out
+            shown.append((x, label))
             parts.append(
                 f'<text x="{self.sx(x):.1f}" y="{self.height - 10}" text-anchor="middle" font-size="11">{html.escape(label)}</text>'
             )
@@ -241,5 +297,16 @@ class Frame:
         )
 
 
-def _tick(y: float) -> str:
-    return f"{y / 1000:.3g}k" if abs(y) >= 1000 else f"{y:.3g}"
+def _tick(y: float, digits: int = 3) -> str:
+    return f"{y / 1000:.{digits}g}k" if abs(y) >= 1000 else f"{y:.{digits}g}"
+
+
+def tick_labels(values: list[float], label: Callable[[float, int], str] = _tick) -> list[str]:
+    """Labels for axis values with the fewest significant digits (3 at least) that keep distinct values distinct:
+    6.0, 6.005, 6.01 read 6, 6.005, 6.01, never 6 / 6.01 / 6.01."""
+    distinct = len(set(values))
+    for digits in range(3, 12):
+        labels = [label(v, digits) for v in values]
+        if len(set(labels)) == distinct:
+            break
+    return labels

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import socket
@@ -199,22 +200,64 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+# Our temporary directories beside an output: `.NAME.PID-START.RANDOM.tmp` (being written) and `.old` (an
+# output moved aside to be replaced or deleted). The owner's pid and start time tell a stale one (its process
+# was killed) from one another process is still writing.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-(?P<ticks>\d+)\.[a-z0-9_]+\.(?P<kind>tmp|old)$")
+
+
+def _temporary_dir(final: Path, kind: str) -> Path:
+    ticks = _start_ticks(os.getpid()) or 0
+    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{os.getpid()}-{ticks}.", suffix=f".{kind}"))
+
+
+def clean_stale(parent: Path, name: str | None = None) -> list[Path]:
+    """Remove our temporary directories in `parent` (for outputs called `name`, or all) whose process is gone.
+
+    A kill during a merge or an export leaves a full-size `.tmp`; a kill between moving an output aside and
+    renaming its replacement in leaves the output only in its `.old`: that one is put back (the old state).
+    Returns what was removed or restored."""
+    done = []
+    for path in sorted(parent.iterdir()) if parent.is_dir() else []:
+        match = _TEMPORARY.match(path.name)
+        if not match or not path.is_dir() or (name is not None and match["name"] != name):
+            continue
+        owner = {"pid": int(match["pid"]), "host": socket.gethostname(), "start_ticks": int(match["ticks"]) or None}
+        if process_alive(owner) is not False:
+            continue
+        final, inside = parent / match["name"], path / match["name"]
+        if match["kind"] == "old" and not final.exists() and inside.exists():
+            os.replace(inside, final)
+        shutil.rmtree(path, ignore_errors=True)
+        done.append(path)
+    return done
+
+
+def discard(path: Path) -> None:
+    """Delete a directory by renaming it aside first, then removing it: a kill leaves it whole or gone (its
+    remains hidden in a `.old` that `clean_stale` removes), never a half-deleted directory under its name."""
+    trash = _temporary_dir(path, "old")
+    os.replace(path, trash / path.name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(final: Path):
     """Yield a temporary directory beside `final`, renamed to `final` only when the block completes.
 
-    A full or read-only disk is reported as WriteError naming the file in `final` that was being written;
-    `final` is then as it was.
+    Stale temporaries of an earlier, killed attempt at `final` are cleaned first. A full or read-only disk
+    is reported as WriteError naming the file in `final` that was being written; `final` is then as it was.
     """
     kept = f"{final} is unchanged" if final.exists() else "nothing was written there"
     with no_room_names(final, kept):
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+        clean_stale(final.parent, final.name)
+        tmp = _temporary_dir(final, "tmp")
     try:
         with no_room_names(final, kept, staging=tmp):
             yield tmp
         if final.exists():  # moved aside whole, never deleted in place: a kill leaves it absent, not half-deleted
-            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
+            old = _temporary_dir(final, "old")
             os.replace(final, old / final.name)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -636,7 +679,7 @@ def open_run(run_dir: str | Path) -> Run:
         stage = recipe.train.method.upper()
         notes.append(
             f"this run continued {manifest['parent']['name']} ({manifest['parent']['path']}): its adapter started as "
-            f"that run's and holds both updates, so the merged model is base + {manifest['parent']['name']} + {stage} in one"
+            f"that run's and holds both updates ({manifest['parent']['name']} + {stage} in one adapter)"
         )
     config, tensors = check_adapter(run.adapter)
     base = recipe.model.base

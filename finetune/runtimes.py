@@ -2,7 +2,8 @@
 rules for serving it. Shared by `export`'s compatibility report and `serve --engine vllm`, so that the two
 never disagree and neither stage imports the other.
 
-A verdict's `works` is True (will work), False (will not, with the reasons) or None (not checked here).
+A verdict's `works` is True only after a check that ran on the export, False where the adapter's files hold
+something the runtime refuses (the reasons say what), None (not checked: the summary says why).
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ VLLM_UNSERVED_INITS = ("pissa", "olora", "corda", "loftq")  # inits that rewrite
 EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_out")
 
 
-def verdict(works: bool | None, summary: str, reasons: list[str], command: str | None = None, **extra: Any) -> dict:
-    """works: True (will work), False (will not), None (cannot be checked here)."""
-    return {"works": works, "summary": summary, "reasons": reasons, "command": command, **extra}
+def verdict(
+    works: bool | None, summary: str, reasons: list[str], command: str | None = None, checked: str | None = None,
+    **extra: Any,
+) -> dict:  # fmt: skip
+    """works: True (a check was run on the export and passed: `checked` says which), False (the adapter's files
+    hold something the runtime refuses: the reasons say what), None (not checked: `summary` says why)."""
+    if works is True and not checked:
+        raise ValueError(f"a 'works' verdict needs the check that was run ({summary})")
+    reasons = [f"checked: {checked}", *reasons] if checked else reasons
+    return {"works": works, "summary": summary, "reasons": reasons, "command": command, "checked": checked, **extra}
 
 
 def adapter_facts(run: Run) -> dict[str, Any]:
@@ -85,7 +93,7 @@ def adapter_vllm(facts: dict, run: Run) -> dict:
     if blockers:
         return verdict(False, "not served by vLLM LoRA serving", blockers, max_lora_rank=None)
     needed = next(r for r in VLLM_MAX_LORA_RANKS if r >= facts["max_rank"])
-    summary = f"served by vLLM with --enable-lora --max-lora-rank {needed}"
+    summary = f"vLLM was not run; nothing in the adapter's files rules it out (--enable-lora --max-lora-rank {needed})"
     reasons = []
     if needed != facts["max_rank"]:
         reasons.append(
@@ -105,4 +113,4 @@ def adapter_vllm(facts: dict, run: Run) -> dict:
         f"vllm serve {facts['base_model']} --enable-lora --max-lora-rank {needed} "
         f"--lora-modules {run.recipe.name}=<this directory>"
     )
-    return verdict(True, summary, reasons, command, max_lora_rank=needed)
+    return verdict(None, summary, reasons, command, max_lora_rank=needed)

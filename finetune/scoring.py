@@ -123,20 +123,28 @@ class Comparison:
         }
 
     def examples(self) -> list[dict[str, Any]]:
-        rows = []
-        for i, (prompt, ref) in enumerate(zip(self.prompts, self.references, strict=True)):
-            generated = bool(self.tuned.outputs)  # none when eval.metrics has only loss and perplexity
-            row: dict[str, Any] = {
-                "prompt": prompt,
-                "reference": ref,
-                "tuned": self.tuned.outputs[i] if generated else None,
-            }
-            row["tuned_scores"] = {k: v[i] for k, v in self.tuned.per_example.items()}
-            if self.base is not None:
-                row["base"] = self.base.outputs[i] if generated else None
-                row["base_scores"] = {k: v[i] for k, v in self.base.per_example.items()}
-            rows.append(row)
-        return rows
+        models = {"tuned": self.tuned} | ({} if self.base is None else {"base": self.base})
+        return example_rows(self.prompts, self.references, models)
+
+
+# eval/examples.jsonl: one row per held-out prompt, the same keys for every method. `reference` is always the
+# gold answer (what the metrics score against); each model's answer is under its own key, and the reference
+# model of a DPO/KTO/GRPO run (its parent's adapter, or the base) answers as `reference_model`.
+EXAMPLE_KEYS = {"tuned": "tuned", "base": "base", "reference": "reference_model"}
+
+
+def example_rows(prompts: list[str], references: list[str], models: dict[str, ModelScores]) -> list[dict[str, Any]]:
+    """The rows of eval/examples.jsonl: prompt, gold `reference`, then each model's answer and per-example scores
+    (the answer is None when eval.metrics has only loss and perplexity, so nothing was generated)."""
+    rows = []
+    for i, (prompt, gold) in enumerate(zip(prompts, references, strict=True)):
+        row: dict[str, Any] = {"prompt": prompt, "reference": gold}
+        for name, s in models.items():
+            key = EXAMPLE_KEYS[name]
+            row[key] = s.outputs[i] if s.outputs else None
+            row[f"{key}_scores"] = {k: v[i] for k, v in s.per_example.items()}
+        rows.append(row)
+    return rows
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -108,7 +108,7 @@ class Models:
         self.counter = threading.Lock()
         self.waiting = 0  # requests blocked on `lock`
         self.served: dict[str, Served] = {self.base_name: Served(self.base_name, loaded.tokenizer, None)}
-        self._check_free(loaded.name)
+        self._check_name(loaded.name)
         self._check_holdable(loaded.run)
         self.served[loaded.name] = Served(loaded.name, loaded.tokenizer, loaded.run)
 
@@ -131,25 +131,39 @@ class Models:
         except UserError as e:
             raise ApiError(400, f"cannot load adapter from {path}: {e}", "lora_path") from None
         name = name or run.recipe.name
-        self._check_free(name)
+        self._check_name(name)
         refused = same_base(self.first, run)
         if refused:
             raise ApiError(400, f"adapter {name!r} ({run.root}) was trained on another base: {refused}", "lora_path")
         self._check_holdable(run)
         tokenizer = chat_tokenizer(run.adapter)
         with self.lock:
-            self._check_free(name)  # again: another load may have taken the name meanwhile
+            self._check_name(name)  # again: another load may have taken the name meanwhile
             try:
                 self.model.load_adapter(str(run.adapter), adapter_name=name)
             except (ValueError, KeyError, RuntimeError) as e:
+                self._forget(name)  # a load that failed half-way must leave the model as it was
                 raise ApiError(400, f"adapter {name!r} cannot be held by this base: {e}", "lora_path") from None
         self.served[name] = Served(name, tokenizer, run)
         return name
 
-    def _check_free(self, name: str) -> None:
+    def _check_name(self, name: str) -> None:
+        """A name the API can answer to and PEFT can hold: free, and not one PEFT would mistake for its own."""
         if name in self.served:
             what = "the base model's name" if name == self.base_name else "already loaded; unload it first"
             raise ApiError(400, f"an adapter named {name!r}: {what}", "lora_name")
+        refused = adapter_name_problem(name)
+        if refused:
+            raise ApiError(400, f"lora_name {name!r}: {refused}", "lora_name", "invalid_value")
+
+    def _forget(self, name: str) -> None:
+        """Remove whatever a failed load_adapter left of `name` (its config, its layers), keeping the active one."""
+        if name not in self.model.peft_config:
+            return
+        try:
+            self.model.delete_adapter(name)
+        except (ValueError, KeyError, AttributeError):
+            del self.model.peft_config[name]
 
     def remove(self, name: str) -> None:
         if name == self.base_name:
@@ -175,8 +189,9 @@ class Models:
                                 f"--max-queue {self.limits.max_queue})", code="queue_full")  # fmt: skip
 
     @contextmanager
-    def using(self, name: str) -> Iterator[Served]:
-        """Hold the model with `name`'s adapter active (or all adapters disabled for the base)."""
+    def using(self, name: str) -> Iterator[tuple[Served, Any]]:
+        """Hold the model with `name`'s adapter active (or all adapters disabled for the base): (served, the model
+        to generate with; the plain base model once every adapter is unloaded, as PEFT keeps no active one then)."""
         with self.counter:
             self.waiting += 1
         try:
@@ -188,14 +203,32 @@ class Models:
             served = self.served.get(name)
             if served is None:  # unloaded while this request waited
                 raise ApiError(404, f"model {name!r} was unloaded", "model", "model_not_found")
-            if served.run is None:
+            if served.run is None and not self.model.peft_config:
+                yield served, self.model.base_model.model  # the transformers model, its LoRA layers empty
+            elif served.run is None:
                 with self.model.disable_adapter():
-                    yield served
+                    yield served, self.model
             else:
                 self.model.set_adapter(name)
-                yield served
+                yield served, self.model
         finally:
             self.lock.release()
+
+
+def adapter_name_problem(name: str) -> str | None:
+    """Why PEFT cannot safely hold an adapter named `name`, or None. PEFT names each adapter's weights
+    `<prefix><name>` (LoRA: `lora_A.<name>`) and warns that a name inside its prefix "may reinitialize the
+    adapter weights"; torch refuses a module name with a dot."""
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+    from peft.utils import PeftType
+
+    prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(PeftType.LORA, "lora_")
+    if name in prefix:
+        return (f"a name that is part of PEFT's weight prefix {prefix!r} (such as 'lora', 'ora' or 'a') would make "
+                "PEFT reinitialize the adapter weights on loading; choose another name")  # fmt: skip
+    if "." in name:
+        return "an adapter name cannot contain '.' (torch module names cannot); choose another name"
+    return None
 
 
 def base_name(run: Run) -> str:
@@ -221,8 +254,11 @@ def same_base(first: Run, other: Run) -> str | None:
 # --- requests ------------------------------------------------------------------------------------------
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "stream": "yes" is a 400, not true
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -231,7 +267,7 @@ class _Request(BaseModel):
     n: Literal[1] = 1
     stream: bool = False
     stream_options: dict[str, bool] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     user: str | None = None
     stop: str | list[str] | None = None  # not supported: refused (in `sampling`) rather than silently ignored
     presence_penalty: Literal[0] = 0
@@ -250,13 +286,13 @@ def _unicode(value: Any) -> Any:
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
@@ -303,21 +339,10 @@ class Job:
 
 
 def create_app(models: Models, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app over `models`; `api_key` (when set) is required in `Authorization: Bearer` on /v1."""
+    """The FastAPI app over `models`; `api_key` (when set) is required in `Authorization: Bearer` on /v1, checked
+    by `Guard` before the body is read (an unauthenticated client learns nothing, not even that its JSON is bad)."""
     limits = models.limits
-
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if not given:
-            raise ApiError(401, "missing API key: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "incorrect API key", code="invalid_api_key")
-
     app = FastAPI(title="finetune serve", docs_url=None, redoc_url=None, openapi_url=None)
-    v1 = [Depends(authorize)]
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -341,7 +366,7 @@ def create_app(models: Models, api_key: str | None = None) -> FastAPI:
     def health() -> dict[str, Any]:
         return {"status": "ok", "models": models.names()}
 
-    @app.get("/v1/models", dependencies=v1)
+    @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
         data = []
         for s in models.served.values():
@@ -351,7 +376,7 @@ def create_app(models: Models, api_key: str | None = None) -> FastAPI:
                          "root": root, "parent": parent})  # fmt: skip
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions", dependencies=v1)
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         served = models.get(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -366,7 +391,7 @@ def create_app(models: Models, api_key: str | None = None) -> FastAPI:
         message = {"role": "assistant", "content": text}
         return response("chat.completion", job, {"message": message})
 
-    @app.post("/v1/completions", dependencies=v1)
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         served = models.get(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -380,13 +405,13 @@ def create_app(models: Models, api_key: str | None = None) -> FastAPI:
         text = await complete(models, job, request)
         return response("text_completion", job, {"text": text, "logprobs": None})
 
-    @app.post("/v1/load_lora_adapter", dependencies=v1)
+    @app.post("/v1/load_lora_adapter")
     def load_lora_adapter(body: LoadAdapter) -> PlainTextResponse:
         name = models.add(body.lora_path, body.lora_name)
         log.info("loaded adapter %s from %s", name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter", dependencies=v1)
+    @app.post("/v1/unload_lora_adapter")
     def unload_lora_adapter(body: UnloadAdapter) -> PlainTextResponse:
         models.remove(body.lora_name)
         log.info("unloaded adapter %s", body.lora_name)
@@ -400,7 +425,7 @@ def create_app(models: Models, api_key: str | None = None) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    return Guard(app, limits.max_body_bytes)
+    return Guard(app, limits.max_body_bytes, api_key)
 
 
 def validation_error(errors: list[dict]) -> ApiError:
@@ -427,16 +452,20 @@ def sampling(body: _Request, budget: int | None, prompt: str, served: Served, mo
         raise ApiError(400, f"max_tokens {budget} is above this server's limit of {limits.max_tokens} "
                             "(finetune serve --max-tokens)", "max_tokens", "max_tokens_exceeded")  # fmt: skip
     budget = budget or limits.max_tokens
+    param = "prompt" if isinstance(body, CompletionRequest) else "messages"  # the parameter the prompt came from
     count = len(encode(served.tokenizer, prompt))
+    if count == 0:
+        raise ApiError(400, f"{param}: the prompt is empty (no tokens, and this tokenizer adds no start token): "
+                            "the model needs at least one token to continue", param, "invalid_value")  # fmt: skip
     cap = limits.max_prompt_tokens or models.context
     if cap is not None and count > cap:
-        raise ApiError(400, f"the prompt is {count} tokens, above this server's limit of {cap} prompt tokens "
-                            "(finetune serve --max-prompt-tokens)", "messages", "prompt_too_long")  # fmt: skip
+        raise ApiError(400, f"{param}: the prompt is {count} tokens, above this server's limit of {cap} prompt "
+                            "tokens (finetune serve --max-prompt-tokens)", param, "prompt_too_long")  # fmt: skip
     if models.context is not None and count + budget > models.context:
         budget = models.context - count  # fits the context, as OpenAI servers clip the default
         if budget < 1:
-            raise ApiError(400, f"the prompt ({count} tokens) fills the model's context of {models.context} tokens",
-                           "messages", "context_length_exceeded")  # fmt: skip
+            raise ApiError(400, f"{param}: the prompt ({count} tokens) fills the model's context of "
+                                f"{models.context} tokens", param, "context_length_exceeded")  # fmt: skip
     return Sampling(budget, body.temperature, body.top_p, body.seed)
 
 
@@ -452,9 +481,9 @@ async def run_job(models: Models, job: Job, request: Request) -> AsyncIterator[s
 
     def work() -> None:
         try:
-            with models.using(job.name) as served:
+            with models.using(job.name) as (served, model):
                 if not job.cancel.is_set():  # the client may have left while waiting
-                    pieces = stream(models.model, served.tokenizer, job.prompt, job.sampling, job.cancel, job.counts)
+                    pieces = stream(model, served.tokenizer, job.prompt, job.sampling, job.cancel, job.counts)
                     for piece in pieces:
                         loop.call_soon_threadsafe(queue.put_nowait, piece)
                     c = job.counts
@@ -555,17 +584,36 @@ async def _guarded(pieces: AsyncIterator[str]) -> AsyncIterator[str | dict]:
         yield ApiError(500, f"internal error ({type(e).__name__})").body()
 
 
-class Guard:
-    """Outermost ASGI layer: a body above `limit` bytes gets 413 naming the limit before it is parsed, and an
-    exception that Starlette re-raises after its 500 answer (to let servers print a traceback) stops here."""
+def authorization_error(header: str, api_key: str | None) -> ApiError | None:
+    """The 401 for a request whose `Authorization` header does not carry `api_key`; None when it does (or no key)."""
+    if api_key is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    if not header:
+        return ApiError(401, "missing API key: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        return ApiError(401, "incorrect API key", code="invalid_api_key")
+    return None
 
-    def __init__(self, app: Any, limit: int):
-        self.app, self.limit = app, limit
+
+class Guard:
+    """Outermost ASGI layer, before anything is parsed: the API key on /v1 (401), then a body above `limit` bytes
+    (413 naming the limit); and an exception that Starlette re-raises after its 500 answer (to let servers print
+    a traceback) stops here."""
+
+    def __init__(self, app: Any, limit: int, api_key: str | None = None):
+        self.app, self.limit, self.api_key = app, limit, api_key
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        if scope.get("path", "").startswith("/v1"):
+            denied = authorization_error(headers.get(b"authorization", b"").decode("latin-1"), self.api_key)
+            if denied is not None:
+                log.info("%s %s -> 401 %s", scope.get("method"), scope.get("path"), denied.message)
+                return await self._send(send, 401, denied.body())
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(send)
         seen, started = 0, False
@@ -685,7 +733,8 @@ class VllmPlan:
 
 
 def vllm_plan(targets: list[str | Path], host: str, port: int) -> VllmPlan:
-    """vLLM's OpenAI server with the runs as LoRA modules, after export's vLLM check has passed for each run."""
+    """vLLM's OpenAI server with the runs as LoRA modules, once export's vLLM check found nothing in any run's
+    adapter that vLLM refuses (the command itself is not run here)."""
     from finetune.runs import open_run
     from finetune.runtimes import adapter_facts, adapter_vllm
 
@@ -695,7 +744,7 @@ def vllm_plan(targets: list[str | Path], host: str, port: int) -> VllmPlan:
     problems, notes, ranks = [], [], []
     for run in runs:
         verdict = adapter_vllm(adapter_facts(run), run)
-        if not verdict["works"]:
+        if verdict["works"] is False:
             problems.append(f"{run.root}: {verdict['summary']}: {'; '.join(verdict['reasons'])}")
             continue
         ranks.append(verdict["max_lora_rank"])

@@ -62,7 +62,8 @@ class Scores:
 
 @dataclass
 class Row:
-    """One metric, base against tuned; `better` says whether tuned beats base in the metric's own direction."""
+    """One metric, tuned against another model (`base`: the base, or for `rows("reference")` a preference run's
+    reference); `better` says whether tuned beats it in the metric's own direction."""
 
     metric: str
     tuned: float
@@ -115,12 +116,18 @@ class EvalSummary:
     harness: dict[str, Any] | None = None  # task -> metric -> base, tuned, delta (eval.harness)
     preference: Preference | None = None  # DPO/KTO runs
 
-    def rows(self) -> list[Row]:
-        """Every figure of the tuned model, with the base's beside it where there is one."""
+    def rows(self, against: str = "base") -> list[Row]:
+        """Every figure of the tuned model, with the base's (or, `against="reference"`, the preference run's
+        reference's: its parent run) beside it where there is one."""
+        other, records = self.base, self.records
+        if against == "reference":
+            other, records = (
+                (None, {}) if self.preference is None else (self.preference.reference, self.preference.records)
+            )
         out = []
         for name in self.tuned.names():
-            record = self.records.get(name, {})
-            base = None if self.base is None else self.base.get(name)
+            record = records.get(name, {})
+            base = None if other is None else other.get(name)
             out.append(
                 Row(name, self.tuned.get(name), base, record.get("wins"), record.get("losses"), record.get("ties"))
             )

@@ -412,13 +412,19 @@ def _mean_figures(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def rank(trials: list[dict[str, Any]], direction: str) -> list[dict[str, Any]]:
-    """Completed trials best first by the metric, then pruned, failed and running ones; `rank` set on completed."""
+    """Completed trials best first by the metric, then pruned, failed and running ones; `rank` set on completed.
+
+    A tie on the metric (exact match on a few held-out rows often ties) goes to the lower held-out loss, and
+    only then to the earlier trial."""
     order = {"completed": 0, "pruned": 1, "failed": 2, "running": 3}
     sign = 1 if direction == "minimize" else -1
-    ranked = sorted(
-        trials,
-        key=lambda t: (order.get(t["status"], 4), sign * t["metric"] if t["metric"] is not None else 0, t["number"]),
-    )
+
+    def key(t: dict[str, Any]) -> tuple:
+        loss = (t.get("figures") or {}).get("loss")
+        return (order.get(t["status"], 4), sign * t["metric"] if t["metric"] is not None else 0,
+                math.inf if loss is None else loss, t["number"])  # fmt: skip
+
+    ranked = sorted(trials, key=key)
     for i, t in enumerate(ranked):
         t["rank"] = i + 1 if t["status"] == "completed" else None
     return ranked

@@ -14,20 +14,24 @@ import statistics
 from itertools import groupby
 from typing import Any
 
-from finetune.report import COLORS, Frame, page_head
+from finetune.report import COLORS, Frame, page_head, tick_labels
 
 RANK = "lora.rank"
 PARAMS_COLOR = "#6b7280"
+KNEE_ROW = 13  # pixels between the knee labels of two groups
 
 
 def knees(trials: list[dict[str, Any]], keys: list[str], metric: str, direction: str, margin: float) -> list[dict]:
-    """Per combination of the other keys: the smallest rank that no larger rank beats by more than `margin`."""
+    """Per combination of the other keys tried at two ranks or more: the smallest rank that no larger rank beats
+    by more than `margin`."""
     if RANK not in keys:
         return []
     sign = 1.0 if direction == "maximize" else -1.0
     out = []
     for group, rows in _groups(trials, keys, RANK):
         points = _points(rows, RANK, lambda t: t["metric"])
+        if len(points) < 2:  # one rank in this series (a search's lone point): nothing to say about doubling it
+            continue
         for i, (rank, value, _) in enumerate(points):
             larger = [v for _, v, _ in points[i + 1 :]]
             if all(sign * (v - value) <= margin for v in larger):  # the largest rank always passes: no knee
@@ -131,20 +135,23 @@ def _rank_chart(data: dict[str, Any], figure: str, title: str) -> str:
         return _empty(title)
     ys = [m + s * (std or 0) for _, m, std in points for s in (-1, 1)]
     ranks = sorted({p[0] for p in points})
-    params = _params_line(trials, groups)
+    params = _params_lines(groups)
     names = [_group_label(g) or figure for g, _ in lines] + (
         ["trainable params (right axis, dashed)"] if params else []
     )
     frame = Frame(title, ranks, ys, width=520, height=280, log_x=True, right=64, legend=names)
     parts = frame.axes([(r, str(r)) for r in ranks])
     if params:
-        p0, p1 = min(v for _, v in params), max(v for _, v in params)
-        p1 = p1 if p1 > p0 else p0 + 1
-        parts += frame.line(params, PARAMS_COLOR, dashed=True, scale=(p0, p1))
-        for v in (p0, p1):
-            y = frame.sy(v, p0, p1)
+        values = sorted({v for line in params for _, v in line})
+        p0, p1 = values[0], values[-1]
+        scale = (p0, p1) if p1 > p0 else (p0 - 1, p0 + 1)  # one value: drawn mid-height, labelled once
+        for line in params:
+            parts += frame.line(line, PARAMS_COLOR, dashed=True, scale=scale)
+        ends = sorted({p0, p1})
+        for v, label in zip(ends, tick_labels(ends, _si), strict=True):
+            y = frame.sy(v, *scale)
             parts.append(
-                f'<text x="{frame.width - frame.right + 4}" y="{y + 4:.1f}" font-size="11" fill="{PARAMS_COLOR}">{_si(v)}</text>'
+                f'<text x="{frame.width - frame.right + 4}" y="{y + 4:.1f}" font-size="11" fill="{PARAMS_COLOR}">{label}</text>'
             )
         parts.append(frame.legend(len(lines), "trainable params (right axis, dashed)", PARAMS_COLOR))
     for i, (group, pts) in enumerate(lines):
@@ -153,19 +160,23 @@ def _rank_chart(data: dict[str, Any], figure: str, title: str) -> str:
         parts += _error_bars(frame, pts, color)
         parts.append(frame.legend(i, _group_label(group) or figure, color))
         if figure == data["metric"]:
-            parts += _knee_marks(frame, data, group, color)
+            parts += _knee_marks(frame, data, group, color, row=i)
     return frame.svg(parts)
 
 
-def _params_line(trials: list[dict], groups: list[tuple[dict, list[dict]]]) -> list[tuple[float, float]]:
-    """Trainable parameters against rank for the first group (they grow linearly with rank in every group)."""
-    if not groups:
-        return []
-    pts = {t["values"][RANK]: t["trainable_params"] for t in groups[0][1] if t.get("trainable_params")}
-    return sorted(pts.items())
+def _params_lines(groups: list[tuple[dict, list[dict]]]) -> list[list[tuple[float, float]]]:
+    """Trainable parameters against rank, one line per group: they grow linearly with rank, at a slope that
+    depends on the other keys (the targets), and a search may try each group at one rank only."""
+    lines = []
+    for _, rows in groups:
+        pts = {t["values"][RANK]: t["trainable_params"] for t in rows if t.get("trainable_params")}
+        if pts:
+            lines.append(sorted(pts.items()))
+    return lines
 
 
-def _knee_marks(frame: Frame, data: dict[str, Any], group: dict[str, Any], color: str) -> list[str]:
+def _knee_marks(frame: Frame, data: dict[str, Any], group: dict[str, Any], color: str, row: int) -> list[str]:
+    """The knee of one group: a dashed line, a ring, and a label on the group's own row (labels never overlap)."""
     parts = []
     for k in data.get("knees", []):
         if k["group"] == group and not k["still_paying"]:
@@ -176,8 +187,9 @@ def _knee_marks(frame: Frame, data: dict[str, Any], group: dict[str, Any], color
             parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="none" stroke="{color}" stroke-width="2"/>')
             left = x > (frame.left + frame.width - frame.right) / 2  # the label extends away from the chart's edge
             anchor, tx = ("end", x - 4) if left else ("start", x + 4)
+            y = frame.height - frame.bottom - 4 - KNEE_ROW * row
             parts.append(
-                f'<text x="{tx:.1f}" y="{frame.height - frame.bottom - 4}" text-anchor="{anchor}" font-size="11" fill="{color}">r={k["rank"]}: doubling stops paying</text>'
+                f'<text x="{tx:.1f}" y="{y}" text-anchor="{anchor}" font-size="11" fill="{color}">r={k["rank"]}: doubling stops paying</text>'
             )
     return parts
 
@@ -246,11 +258,11 @@ def _empty(title: str) -> str:
     )
 
 
-def _si(n: float) -> str:
+def _si(n: float, digits: int = 3) -> str:
     for unit, size in (("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:
-            return f"{n / size:.3g}{unit}"
-    return f"{n:g}"
+            return f"{n / size:.{digits}g}{unit}"
+    return f"{n:.{digits}g}"
 
 
 def _table(trials: list[dict[str, Any]], keys: list[str], metric: str) -> str:

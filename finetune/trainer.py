@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import get_length_grouped_indices
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
-from finetune.runs import no_room_names
+from finetune.runs import clean_stale, discard, no_room_names
 from finetune.summary import EvalPoint
 
 STAGING = ".staging"
@@ -125,12 +125,22 @@ class SafeTraining:
         _fsync_tree(staged)
         target = final_root / name
         if target.exists():  # the same step saved again (e.g. on stop): keep the newest
-            import shutil
-
-            shutil.rmtree(target)
+            discard(target)
         os.replace(staged, target)
         _fsync_dir(final_root)
-        rotate_checkpoints(str(final_root), save_total_limit=self.args.save_total_limit)
+        rotate(final_root, self.args.save_total_limit)
+
+
+def rotate(checkpoints: Path, limit: int | None) -> None:
+    """Keep the newest `limit` checkpoints, as transformers' rotation does, but delete each old one by renaming
+    it aside first (`runs.discard`): a kill mid-rotation never leaves a checkpoint-N/ without its weights.
+    Remains of an earlier killed rotation or save are cleaned here too."""
+    clean_stale(checkpoints)
+    if not limit or limit <= 0:
+        return
+    ordered = sort_checkpoints(str(checkpoints))
+    for old in ordered[: max(len(ordered) - limit, 0)]:
+        discard(Path(old))
 
 
 class GroupedByLength(torch.utils.data.Sampler):

@@ -208,3 +208,67 @@ def test_eval_and_chat_treat_a_recipe_whose_data_moved_alike(tiny_model_dir, tmp
     chats = [runner.invoke(app, ["chat", str(target), "-p", "Reverse: a b c"]) for target in (recipe, run)]
     assert [c.exit_code for c in chats] == [0, 0], [c.output for c in chats]
     assert chats[0].stdout == chats[1].stdout
+
+
+def _rows_by_method(method: str, model_dir: Path, tmp_path: Path) -> tuple[list[dict], list[str]]:
+    """eval/examples.jsonl rows that `method`'s own held-out comparison makes on a fresh adapter, and the gold answers.
+
+    Nothing is trained: a fresh LoRA answers like the base, so the reference model's answers (the random tiny
+    base's) differ from the gold ones, which is what a row that mixes them up would show."""
+    import tiny
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune import methods
+    from finetune.data import prepare_data
+    from finetune.loading import load_recipe
+    from finetune.modeling import load_tokenizer, lora_config, resolve_targets
+    from finetune.scoring import compare
+
+    held = tiny.reverse_rows(3, seed=1)
+    gold = [r["messages"][1]["content"] for r in held]
+    prompts = [r["messages"][0]["content"] for r in held]
+    as_pair = [{"prompt": p, "chosen": a, "rejected": "no"} for p, a in zip(prompts, gold, strict=True)]
+    rows = {
+        "sft": held,
+        "grpo": held,
+        "dpo": as_pair,
+        "kto": [
+            {"prompt": p["prompt"], "completion": c, "label": c != "no"} for p in as_pair for c in (p["chosen"], "no")
+        ],
+    }[method]
+    fmt = {"dpo": "preference", "kto": "unpaired"}.get(method, "messages")
+    tiny.write_jsonl(tmp_path / "held.jsonl", rows)
+    options = "grpo: {rewards: [exact_match], num_generations: 2, max_completion_length: 4}" if method == "grpo" else ""
+    (tmp_path / "r.yaml").write_text(f"""\
+name: rows
+model: {{base: {model_dir}}}
+lora: {{rank: 4, alpha: 8}}
+data: {{train: [{{path: held.jsonl, format: {fmt}}}], eval: [{{path: held.jsonl, format: {fmt}}}], max_seq_length: 64}}
+train: {{method: {method}, max_steps: 1, {options}}}
+eval: {{metrics: [exact_match], max_new_tokens: 3}}
+""")  # fmt: skip
+    recipe = load_recipe(tmp_path / "r.yaml")
+    tokenizer = load_tokenizer(recipe)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = get_peft_model(base, lora_config(recipe, resolve_targets(recipe, base)))
+    if method == "sft":
+        data = prepare_data(recipe, tokenizer)
+        e = recipe.eval
+        comparison = compare(model, tokenizer, data.eval, data.eval_samples, list(e.metrics), e.max_new_tokens,
+                             e.batch_size, with_base=True)  # fmt: skip
+    else:
+        hooks = methods.load(method)
+        comparison = hooks.compare(recipe, model, tokenizer, hooks.prepare(recipe, tokenizer), False)
+    return comparison.examples(), gold
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "kto", "grpo"])
+def test_examples_rows_mean_one_thing_per_key_in_every_method(method, tiny_model_dir, tmp_path):
+    rows, gold = _rows_by_method(method, tiny_model_dir(), tmp_path)
+    assert [r["reference"] for r in rows] == gold  # `reference` is the gold answer, never a model's
+    models = {"tuned", "base"} | ({"reference_model"} if method != "sft" else set())
+    for row in rows:
+        assert set(row) == {"prompt", "reference"} | models | {f"{m}_scores" for m in models}, row
+        for m in models:
+            assert row[f"{m}_scores"]["exact_match"] == float(row[m].strip() == row["reference"].strip())

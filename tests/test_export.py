@@ -7,10 +7,12 @@ import json
 import shutil
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from test_merge import Runs, leftovers
+from test_preference import dpo, parent  # noqa: F401  (a DPO run continuing an SFT run: fixtures)
 from typer.testing import CliRunner
 
 from finetune.cli import app
@@ -82,8 +84,9 @@ def test_merged_export_is_the_verified_merged_model_with_its_card(runs, tmp_path
     meta = front_matter((out / "README.md").read_text())
     assert meta["library_name"] == "transformers" and meta["base_model"] == r["compat"]["adapter"]["base_model"]
     assert "## Merge check" in (out / "README.md").read_text()
-    vllm = r["compat"]["targets"]["vllm"]
-    assert vllm["works"] is True and vllm["command"] == "vllm serve <this directory>"
+    vllm, plain = r["compat"]["targets"]["vllm"], r["compat"]["targets"]["transformers"]
+    assert vllm["works"] is None and vllm["command"] == "vllm serve <this directory>"  # vLLM was not run
+    assert plain["works"] is True and "the merge check reloaded this directory" in plain["checked"]
     again = runner.invoke(app, ["export", str(runs["gemma-lora-lm_head"]), "--format", "merged"])
     assert again.exit_code == 2 and "already exists; pass --overwrite" in again.stderr
 
@@ -92,8 +95,8 @@ def test_merged_export_is_the_verified_merged_model_with_its_card(runs, tmp_path
 @pytest.mark.parametrize(
     ("name", "works", "max_lora_rank", "phrase"),
     [
-        ("llama-lora", True, 8, "served by vLLM with --enable-lora --max-lora-rank 8"),
-        ("llama-rank12", True, 16, "rank 12 is not one of vLLM's sizes"),
+        ("llama-lora", None, 8, "nothing in the adapter's files rules it out (--enable-lora --max-lora-rank 8)"),
+        ("llama-rank12", None, 16, "rank 12 is not one of vLLM's sizes"),
         ("llama-dora", False, None, "DoRA is not served by vLLM"),
         ("gemma-lora-lm_head", False, None, "modules_to_save (lm_head) is not served by vLLM"),
     ],
@@ -109,11 +112,11 @@ def test_vllm_compatibility_is_read_from_the_adapter(name, works, max_lora_rank,
     if max_lora_rank:
         assert f"--max-lora-rank {max_lora_rank} " in vllm["command"]
     card = (tmp_path / "x" / "README.md").read_text()
-    assert f"**vLLM**: {'works' if works else 'does not work'}" in card and phrase in card
-    assert compat["targets"]["transformers_peft"]["works"] is True
+    assert f"**vLLM**: {'not checked' if works is None else 'does not work'}" in card and phrase in card
+    assert compat["targets"]["transformers_peft"]["works"] is None  # export --format adapter loads no model
     gguf = compat["targets"]["gguf"]  # no llama.cpp converter on the test machines
-    assert gguf["works"] is None and gguf["summary"].startswith("no converter installed")
-    assert "no converter installed" in result.stdout
+    assert gguf["works"] is None and gguf["summary"].startswith("no llama.cpp converter was run")
+    assert "no llama.cpp converter was run" in result.stdout
 
 
 @pytest.mark.slow
@@ -125,11 +128,71 @@ def test_gguf_verdicts_when_a_converter_is_installed(runs, monkeypatch, tmp_path
         "finetune.export.gguf_converter", lambda script: {"script": f"/opt/llama.cpp/{script}", "gguf_package": "0.17"}
     )
     plain = compatibility(open_run(runs["llama-lora"]), "adapter")["targets"]["gguf"]
-    assert plain["works"] is True and plain["command"].startswith("python convert_lora_to_gguf.py --base ")
+    assert plain["works"] is None and plain["command"].startswith("python convert_lora_to_gguf.py --base ")
     dora = compatibility(open_run(runs["llama-dora"]), "adapter")["targets"]["gguf"]
     assert dora["works"] is False and any("magnitude vectors" in r for r in dora["reasons"])
     head = compatibility(open_run(runs["gemma-lora-lm_head"]), "adapter")["targets"]["gguf"]
     assert head["works"] is False and any("base_model.model.lm_head.weight" in r for r in head["reasons"])
+
+
+def _run_without_training(tmp_path: Path, model_dir: Path, **config) -> Any:
+    """A Run as open_run returns it, with a hand-written adapter config and tensor shapes (nothing trained)."""
+    from finetune.runs import Run
+
+    (tmp_path / "recipe.yaml").write_text(
+        f"name: r\nmodel: {{base: {model_dir}}}\nlora: {{rank: 8, alpha: 16}}\n"
+        "data: {train: [{path: train.jsonl}]}\n"
+    )
+    recipe = load_recipe(tmp_path / "recipe.yaml", check_files=False)
+    tensors = {f"base_model.model.model.layers.0.self_attn.q_proj.lora_{m}.weight": s for m, s in (("A", [8, 64]),
+               ("B", [64, 8]))}  # fmt: skip
+    adapter_config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], **config}
+    return Run(tmp_path, recipe, {}, adapter_config, tensors)
+
+
+def test_works_is_said_only_of_what_a_check_ran_on_the_export(tmp_path, tiny_model_dir, monkeypatch):
+    from finetune.export import compatibility
+
+    monkeypatch.setattr(  # a converter installed is not a converter run: GGUF stays "not checked"
+        "finetune.export.gguf_converter", lambda script: {"script": f"/opt/llama.cpp/{script}", "gguf_package": "0.17"}
+    )
+    run = _run_without_training(tmp_path, tiny_model_dir())
+    adapter = compatibility(run, "adapter")["targets"]
+    assert {k: v["works"] for k, v in adapter.items()} == {"transformers_peft": None, "vllm": None, "gguf": None}
+    assert adapter["gguf"]["summary"] == "no llama.cpp converter was run"
+    assert adapter["vllm"]["max_lora_rank"] == 8 and adapter["vllm"]["summary"].startswith("vLLM was not run")
+    exported = tmp_path / "merged"
+    exported.mkdir()
+    unverified = compatibility(run, "merged", exported)["targets"]
+    assert {k: v["works"] for k, v in unverified.items()} == {"transformers": None, "vllm": None, "gguf": None}
+    (exported / "merge_check.json").write_text(json.dumps({"passed": True, "max_abs_diff": 2e-7, "tolerance": 1e-5}))
+    merged = compatibility(run, "merged", exported)["targets"]
+    assert merged["transformers"]["works"] is True and merged["transformers"]["reasons"][0].startswith("checked: ")
+    assert merged["vllm"]["works"] is None and merged["gguf"]["works"] is None
+    dora = compatibility(_run_without_training(tmp_path, tiny_model_dir(), use_dora=True), "adapter")["targets"]
+    assert dora["vllm"]["works"] is False and "DoRA is not served by vLLM" in dora["vllm"]["reasons"][0]
+
+
+def test_the_card_of_a_dpo_run_names_its_method_lineage_and_compares_with_the_parent(dpo, tmp_path):  # noqa: F811
+    run, _, _ = dpo
+    result = export(run, "adapter", tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    meta = front_matter(card)
+    assert "dpo" in meta["tags"] and "sft" not in meta["tags"]
+    assert "trained with DPO by `finetune`" in card
+    base = json.loads((run / "manifest.json").read_text())["base_model"]["id"]
+    assert f"Lineage: `{base}` → `sft` → `dpo`." in card
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    tuned, parent_ = summary["tuned"]["metrics"], summary["reference"]["metrics"]
+    assert "| metric | base | parent `sft` | tuned | vs parent | vs base |" in card
+    accuracy = tuned["preference_accuracy"]
+    line = next(x for x in card.splitlines() if x.startswith("| preference_accuracy |"))
+    assert (
+        f"| {parent_['preference_accuracy']:.4g} | {accuracy:.4g} | {accuracy - parent_['preference_accuracy']:+.4g} |"
+        in line
+    )
+    assert not any("merged model" in note for note in result.notes)  # an adapter export has no merged model
+    assert any("holds both updates" in note for note in result.notes)
 
 
 def _truncate(path: Path) -> None:

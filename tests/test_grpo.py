@@ -122,7 +122,7 @@ def test_held_out_rewards_for_tuned_parent_and_base_and_lineage(grpo, parent):  
         )
         assert "exact_match" in metrics
     examples = [json.loads(line) for line in (run / "eval" / "examples.jsonl").read_text().splitlines()]
-    assert len(examples) == 6 and all({"tuned", "reference", "base"} <= set(e) for e in examples)
+    assert len(examples) == 6 and all({"tuned", "reference_model", "base"} <= set(e) for e in examples)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["parent"]["path"] == str(parent)
     assert manifest["eval"]["tuned"]["metrics"]["reward"] == summary["tuned"]["metrics"]["reward"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import tiny
+from test_preference import parent  # noqa: F401  (a completed SFT run to continue: a fixture)
 from typer.testing import CliRunner
 
 from finetune.cli import app
@@ -241,6 +242,20 @@ def test_work_from_local_data(tiny_model_dir, tmp_path):
     assert packed.work.sequences_per_epoch >= math.ceil(stats.train_tokens / 64)
     capped = plan(load_recipe(path, ["train.max_steps=3"])).work
     assert capped.total_steps == 3 and capped.epochs == pytest.approx(3 / 4)
+
+
+def test_grpo_counts_a_reference_only_with_beta_and_one_sequence_length(tmp_path, parent):  # noqa: F811
+    from test_grpo import grpo_recipe
+
+    path = grpo_recipe(tmp_path, parent)
+    with_kl = plan(load_recipe(path), gpu="H100")
+    without = plan(load_recipe(path, ["train.grpo.beta=0.0"]), gpu="H100")
+    assert term(with_kl, "reference adapter") == term(with_kl, "adapter weights") > 0
+    assert "reference adapter" not in {t.name for t in without.memory.terms}  # beta 0: TRL loads no frozen copy
+    assert without.time.flops_per_token < with_kl.time.flops_per_token  # and runs no reference forward pass
+    longest = with_kl.work.max_seq_length  # the longest prompt + max_completion_length, under data.max_seq_length
+    assert longest < 64 and with_kl.memory.seq_length == longest  # the memory header and the work section agree
+    assert f"x {longest} tokens" in next(t.detail for t in with_kl.memory.terms if t.name == "activations")
 
 
 def test_hub_data_is_reported_not_fetched():

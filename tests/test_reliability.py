@@ -266,3 +266,32 @@ def test_resuming_after_a_clean_stop_removes_an_empty_staging_folder_without_a_w
         said = [str(w.message) for w in caught if "partial checkpoint" in str(w.message)]
         assert len(said) == int(partial), said
         assert not (run.checkpoints / ".staging").exists()
+
+
+def test_checkpoint_rotation_renames_before_deleting_so_a_kill_never_leaves_half_a_checkpoint(tmp_path):
+    from finetune.trainer import rotate
+
+    checkpoints = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        (checkpoints / f"checkpoint-{step}").mkdir(parents=True)
+        for name in ("adapter_model.safetensors", "optimizer.pt", "trainer_state.json"):
+            (checkpoints / f"checkpoint-{step}" / name).write_text(name)
+    code = f"""
+import os, shutil, signal
+from pathlib import Path
+from finetune.trainer import rotate
+real = shutil.rmtree
+def killed_midway(path, *args, **kwargs):  # the kill lands while the old checkpoint's files are being deleted
+    next(p for p in Path(path).rglob("*") if p.is_file()).unlink()
+    os.kill(os.getpid(), signal.SIGKILL)
+shutil.rmtree = killed_midway
+rotate(Path({str(checkpoints)!r}), 2)
+"""
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": os.getcwd()})  # fmt: skip
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    visible = sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith("."))
+    assert visible == ["checkpoint-2", "checkpoint-3"]  # checkpoint-1 is gone whole, not left without its weights
+    assert all(len(list((checkpoints / n).iterdir())) == 3 for n in visible)
+    rotate(checkpoints, 2)  # the next save cleans the remains of the killed rotation
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-3"]

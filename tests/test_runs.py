@@ -89,6 +89,27 @@ def test_render_without_eval_says_so():
     assert "No held-out evaluation" in page and "RuntimeError: boom" in page
 
 
+def test_report_facts_ticks_and_a_preference_runs_deltas_read_as_the_cli_shows_them():
+    from finetune.summary import EvalSummary, Preference, Scores
+
+    manifest = {"name": "dpo", "status": "completed", "steps": 3, "best_step": None,
+                "git": {"commit": "0123abcd" * 5, "dirty": True}}  # fmt: skip
+    logs = [{"step": i, "loss": v} for i, v in enumerate((6.0, 6.004, 6.01), start=1)]
+    summary = EvalSummary(  # tuned beats the base but lost to its reference (the parent run)
+        tuned=Scores(metrics={"preference_accuracy": 0.6}), base=Scores(metrics={"preference_accuracy": 0.4}),
+        examples=8, preference=Preference("dpo", 0.1, 8, Scores(metrics={"preference_accuracy": 0.7})),
+    )  # fmt: skip
+    page = render(manifest, logs, summary)
+    assert "best held-out step" not in page and "None" not in page
+    assert f"<td>git</td><td>{'0123abcd' * 5} (uncommitted changes)</td>" in page and '"commit"' not in page
+    loss_chart = re.search(r"<svg.*?</svg>", page, re.S).group(0)
+    ticks = re.findall(r'text-anchor="end" font-size="11">([^<]*)</text>', loss_chart)
+    assert len(ticks) == len(set(ticks)) == 3, ticks  # was 6 / 6.01 / 6.01
+    row = re.search(r"<tr><td>preference_accuracy</td>.*?</tr>", page).group(0)
+    assert "<td>0.4000</td><td>0.7000</td><td>0.6000</td>" in row and '<td class="worse">-0.1000</td>' in row
+    assert "Held-out: tuned vs its reference (the parent run)" in page and "8 held-out pairs" in page
+
+
 def test_the_manifest_records_the_git_state_of_the_repo_holding_the_recipe(tmp_path, tiny_model_dir, monkeypatch):
     """The experiment repo is the recipe's, wherever the command runs from (here: a directory outside it)."""
     from finetune.loading import load_recipe
@@ -264,3 +285,54 @@ def test_runs_compare_shows_each_differing_value_whole_at_80_columns():
     assert cells["data.train.0.format"] == ['"messages"', '"preference"', '"preference"']
     assert cells["train.dpo.label_smoothing"] == ["null", "0.0", "null"]
     assert "data.train.0.columns" not in cells, "equal items are not differences"
+
+
+def _killed_child(code: str) -> None:
+    """Run `code` in a Python child that SIGKILLs itself at its end (what a scheduler's kill -9 leaves), reaped."""
+    import signal
+
+    child = subprocess.run([sys.executable, "-c", code + "\nimport os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})  # fmt: skip
+    assert child.returncode == -signal.SIGKILL, child.stderr
+
+
+def test_a_killed_atomic_write_leaves_a_temporary_that_the_next_attempt_cleans(tmp_path):
+    from finetune.runs import atomic_dir
+
+    final = tmp_path / "merged"
+    _killed_child(f"""
+from pathlib import Path
+from finetune.runs import atomic_dir
+with atomic_dir(Path({str(final)!r})) as tmp:
+    (tmp / "model.safetensors").write_bytes(bytes(1 << 20))
+    import os, signal; os.kill(os.getpid(), signal.SIGKILL)
+""")
+    stale = [p.name for p in tmp_path.iterdir()]
+    assert len(stale) == 1 and stale[0].startswith(".merged.") and stale[0].endswith(".tmp") and not final.exists()
+    with atomic_dir(final) as tmp:  # the rerun (merge, export) cleans what the killed one left
+        (tmp / "model.safetensors").write_bytes(b"new")
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"] and (final / "model.safetensors").read_bytes() == b"new"
+    from finetune.runs import clean_stale
+
+    with atomic_dir(tmp_path / "other") as mine:  # a temporary whose process still runs is left alone
+        assert clean_stale(tmp_path) == [] and mine.exists()
+
+
+def test_a_kill_between_moving_the_old_output_aside_and_renaming_the_new_puts_the_old_back(tmp_path):
+    from finetune.runs import clean_stale
+
+    final = tmp_path / "merged"
+    final.mkdir()
+    (final / "weights").write_text("old")
+    _killed_child(f"""
+import os
+from pathlib import Path
+from finetune.runs import _temporary_dir
+final = Path({str(final)!r})
+old = _temporary_dir(final, "old")
+os.replace(final, old / final.name)
+""")
+    assert not final.exists()
+    (restored,) = clean_stale(tmp_path)
+    assert restored.name.endswith(".old")
+    assert (final / "weights").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["merged"]

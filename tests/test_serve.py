@@ -176,11 +176,73 @@ def test_bad_requests_get_the_right_4xx_and_an_openai_error_body(server, caplog)
     assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "invalid_json"
     missing = httpx.post(url, json={"model": "quickstart", "messages": [{"role": "user", "content": "hi"}]})
     assert missing.status_code == 401 and "missing API key" in missing.json()["error"]["message"]
-    unknown_path = httpx.get(f"{server.url}/v1/nothing")
+    unknown_path = httpx.get(f"{server.url}/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
     assert unknown_path.status_code == 404 and "error" in unknown_path.json()
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "Traceback" not in logged and not any(r.exc_info for r in caplog.records)
     assert "max_tokens 65 is above" in logged  # each refusal is logged in one line
+
+
+def test_values_the_schema_refuses_are_400s_naming_their_parameter(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    chat = {"model": "quickstart", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    def refused(path: str, body: dict) -> dict:
+        response = httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=120)
+        assert response.status_code == 400, response.text
+        return response.json()["error"]
+
+    assert refused("/v1/chat/completions", {**chat, "seed": 2**70})["param"] == "seed"  # was a 500
+    assert refused("/v1/chat/completions", {**chat, "stream": "yes"})["param"] == "stream"  # was taken as true
+    empty = refused("/v1/completions", {"model": "quickstart", "prompt": "", "max_tokens": 2})  # was a 500
+    assert empty["param"] == "prompt" and "empty" in empty["message"]
+    long = refused("/v1/completions", {"model": "quickstart", "prompt": "word " * 700, "max_tokens": 2})
+    assert long["param"] == "prompt" and long["code"] == "prompt_too_long"  # was `messages`
+    largest = httpx.post(f"{server.url}/v1/chat/completions", json={**chat, "seed": 2**64 - 1}, headers=headers,
+                         timeout=120)  # fmt: skip
+    assert largest.status_code == 200, largest.text
+
+
+def test_the_api_key_is_checked_before_the_body_is_read(server):
+    url, bad = f"{server.url}/v1/chat/completions", b'{"model": "quickstart", "messages": ['
+    for key in (None, "wrong"):
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+        response = httpx.post(url, content=bad, headers=headers)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key", response.text
+    with_key = httpx.post(url, content=bad, headers={"Content-Type": "application/json",
+                                                     "Authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert with_key.status_code == 400 and with_key.json()["error"]["code"] == "invalid_json"
+    assert httpx.post(f"{server.url}/v1/models/nothing").status_code == 401  # no path is revealed either
+
+
+@pytest.mark.parametrize("name", ["lora", "ora", "a", "v1.2"])
+def test_a_hot_loaded_adapter_name_peft_would_mistake_is_refused_with_the_rule(name, server, serving_runs):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    response = httpx.post(f"{server.url}/v1/load_lora_adapter", headers=headers,
+                          json={"lora_name": name, "lora_path": str(serving_runs.yes)})  # fmt: skip
+    assert response.status_code == 400 and response.json()["error"]["param"] == "lora_name", response.text
+    rule = "part of PEFT's weight prefix 'lora_'" if "." not in name else "cannot contain '.'"
+    assert rule in response.json()["error"]["message"]
+    assert name not in {m.id for m in server.client().models.list().data}
+    assert ask(server.client(), "say-no", "Reverse the list: a, b, c", max_tokens=8) == "no"  # nothing was broken
+
+
+def test_after_unloading_the_last_adapter_the_base_still_answers(serving_runs):
+    server = Server(load_models([serving_runs.yes], Limits(max_tokens=16)))
+    try:
+        client, headers = server.client(), {"Authorization": f"Bearer {KEY}"}
+        before = ask(client, "model", "Reverse the list: a, b, c", max_tokens=8)
+        gone = httpx.post(f"{server.url}/v1/unload_lora_adapter", headers=headers, json={"lora_name": "say-yes"})
+        assert gone.status_code == 200, gone.text
+        assert [m.id for m in client.models.list().data] == ["model"]
+        assert ask(client, "model", "Reverse the list: a, b, c", max_tokens=8) == before  # was a 500 (KeyError)
+        again = httpx.post(f"{server.url}/v1/load_lora_adapter", headers=headers,
+                           json={"lora_name": "say-no", "lora_path": str(serving_runs.no)})  # fmt: skip
+        assert again.status_code == 200, again.text
+        assert ask(client, "say-no", "Reverse the list: a, b, c", max_tokens=8) == "no"
+        assert ask(client, "model", "Reverse the list: a, b, c", max_tokens=8) == before
+    finally:
+        server.stop()
 
 
 def test_a_client_that_disconnects_mid_stream_frees_the_model(server, caplog):

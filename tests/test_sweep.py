@@ -330,3 +330,69 @@ def test_a_database_url_whose_driver_is_missing_names_the_package_and_hides_the_
     message = str(caught.value)
     assert "no module 'pg8000'" in message and "pip install psycopg2-binary" in message
     assert "postgresql+psycopg2://" in message and "hunter2secret" not in message
+
+
+def overlapping_labels(page: str) -> list[tuple[str, str]]:
+    """Pairs of SVG labels of one chart whose boxes (width estimated at 0.6 x font size per character) intersect."""
+    import re
+
+    found = []
+    for svg in re.findall(r"<svg.*?</svg>", page, re.S):
+        boxes = []
+        for attrs, text in re.findall(r"<text ([^>]*)>([^<]*)</text>", svg):
+            a = dict(re.findall(r'([\w-]+)="([^"]*)"', attrs))
+            size = float(a.get("font-size", 12))
+            width, x = 0.6 * size * len(text), float(a["x"])
+            left = {"end": x - width, "middle": x - width / 2}.get(a.get("text-anchor"), x)
+            boxes.append((left, left + width, float(a["y"]) - size, float(a["y"]), text))
+        for i, p in enumerate(boxes):
+            for q in boxes[i + 1 :]:
+                if p[0] < q[1] and q[0] < p[1] and p[2] < q[3] and q[2] < p[3]:
+                    found.append((p[4], q[4]))
+    return found
+
+
+def test_a_search_sweep_page_keeps_distinct_ticks_apart_and_draws_no_conclusion_from_one_point():
+    from finetune.sweep import rank
+    from finetune.sweep_report import knees, render
+
+    keys = ["lora.rank", "lora.targets", "lora.alpha"]
+    search = [  # a search: every combination of the other keys tried at one rank only
+        {**_trial(8, 0.5, targets="attention"), "number": 0, "trainable_params": 74_752},
+        {**_trial(16, 0.5, targets="all-linear"), "number": 1, "trainable_params": 149_504},
+        {**_trial(4, 0.25, targets="mlp"), "number": 2, "trainable_params": 74_000},
+    ]
+    for t, alpha in zip(search, (16, 32, 8), strict=True):
+        t["values"]["lora.alpha"] = alpha
+    search[0]["figures"]["loss"], search[1]["figures"]["loss"] = 1.2, 0.9
+    ranked = rank(search, "maximize")
+    assert [t["number"] for t in ranked] == [1, 0, 2]  # the tie on the metric goes to the lower held-out loss
+    found = knees(ranked, keys, "em", "maximize", 0.01)
+    assert found == []  # one point per series says nothing about doubling the rank
+    data = {"sweep": "s", "file": "s.yaml", "updated": "now", "seeds": [1], "metric": "em", "direction": "maximize",
+            "keys": keys, "trials": ranked, "knees": found}  # fmt: skip
+    page = render(data)
+    assert "doubling" not in page.split("<h2>")[0].split("</h1>")[1]  # no conclusion above the charts
+    import re
+
+    charts = [svg for svg in re.findall(r"<svg.*?</svg>", page, re.S) if "trainable params" in svg]
+    for svg in charts:  # the right axis: 74,000 and 149,504 at its ends, each once
+        assert re.findall(r'fill="#6b7280">([^<]*)</text>', svg) == ["74k", "150k"]
+    assert len(charts) == 2
+    assert overlapping_labels(page) == []
+
+
+def test_knee_labels_of_two_series_and_close_ticks_do_not_print_over_each_other():
+    from finetune.sweep_report import knees, render
+
+    curve = {1: 0.1, 2: 0.3, 4: 0.6, 8: 0.8, 16: 0.805}
+    trials = [_trial(r, m) for r, m in curve.items()] + [_trial(r, m, targets="mlp") for r, m in curve.items()]
+    keys = ["lora.rank", "lora.targets"]
+    data = {"sweep": "s", "file": "s.yaml", "updated": "now", "seeds": [1], "metric": "em", "direction": "maximize",
+            "keys": keys, "trials": trials, "knees": knees(trials, keys, "em", "maximize", 0.01)}  # fmt: skip
+    page = render(data)
+    assert page.count("r=8: doubling stops paying") == 2 and overlapping_labels(page) == []
+    from finetune.report import tick_labels
+
+    assert tick_labels([6.0, 6.005, 6.01]) == ["6", "6.005", "6.01"]  # was 6 / 6.01 / 6.01 (3 digits)
+    assert tick_labels([74_752, 149_504], lambda v, d: f"{v / 1000:.{d}g}k") == ["74.8k", "150k"]

@@ -79,7 +79,9 @@ def _print_validation(results: list[dict], show: bool) -> None:
 @handles_errors
 def schema(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
-    markdown: Annotated[bool, typer.Option("--markdown", help="The human reference (docs/reference/recipe.md) instead.")] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="The human reference (docs/reference/recipe.md) instead.")
+    ] = False,
 ) -> None:
     """Print the recipe's JSON Schema, for editor completion and checking.
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune.data.templates import prompt_and_reference
-from finetune.scoring import ModelScores, metric_functions, score
+from finetune.scoring import ModelScores, example_rows, metric_functions, score
 from finetune.summary import EvalSummary, Preference, Scores
 
 if TYPE_CHECKING:
@@ -77,15 +77,9 @@ class PreferenceComparison:
         return out
 
     def examples(self) -> list[dict[str, Any]]:
-        rows = []
-        for i, (prompt, ref) in enumerate(zip(self.prompts, self.references, strict=True)):
-            row: dict[str, Any] = {"prompt": prompt, "reference": ref}
-            for name, s in self.scores.items():
-                if s is not None and s.outputs:
-                    row[name] = s.outputs[i]
-                    row[f"{name}_scores"] = {k: v[i] for k, v in s.per_example.items()}
-            rows.append(row)
-        return rows
+        """Rows keyed as every method's: `reference` the gold answer, `reference_model` the reference's answer."""
+        models = {name: s for name, s in self.scores.items() if s is not None}
+        return example_rows(self.prompts, self.references, models)
 
 
 @torch.no_grad()
