@@ -158,10 +158,10 @@ def test_held_out_table_has_reference_at_chance_and_tuned_ahead(dpo):
 
 
 def test_eval_limit_cuts_the_pairs_too_so_every_figure_is_on_the_first_n(dpo, tmp_path):
-    from finetune.methods.preference_eval import evaluate_run
+    from finetune.evaluate import evaluate
 
     run, _, _ = dpo
-    limited = evaluate_run(run, limit=3, out=tmp_path / "first-3").summary
+    limited = evaluate(run, limit=3, out=tmp_path / "first-3").summary
     assert (limited.preference.pairs, limited.examples) == (3, 3)  # was (8, 3): the pairs ignored --limit
     assert limited.tuned.metrics["preference_accuracy"] * 6 == round(limited.tuned.metrics["preference_accuracy"] * 6)
     rows = (tmp_path / "first-3" / "examples.jsonl").read_text().splitlines()
