@@ -18,26 +18,15 @@ from typing import Any
 import torch
 
 from finetune.errors import UserError
-from finetune.loading import load_recipe
+from finetune.files import atomic_dir, file_sha256, write_json_atomic
 from finetune.machine import free_memory, this_machine
 from finetune.modeling import load_model, quiet_libraries
-from finetune.recipe import NAME_PATTERN
-from finetune.runs import (
-    Result,
-    Run,
-    atomic_dir,
-    check_adapter,
-    claim_output,
-    file_sha256,
-    hardware,
-    now,
-    open_run,
-    package_versions,
-    write_json_atomic,
-)
+from finetune.recipe.load import load_recipe
+from finetune.recipe.schema import NAME_PATTERN
+from finetune.recipe.yaml_source import dump
+from finetune.runs import Result, Run, check_adapter, claim_output, hardware, now, open_run, package_versions
 from finetune.secrets import redact
 from finetune.speed import model_attention
-from finetune.yaml_source import dump
 
 COMBINE_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "cat", "svd")
 EQUAL_RANK_METHODS = ("linear", "ties", "dare_linear", "dare_ties")

@@ -1,7 +1,7 @@
 """`finetune eval`: a finished run's adapter scored on its held-out data, against its base (and parent), ad hoc.
 
 One entry for every method, as `finetune.train` has: the run (a directory, or the recipe that made
-it) is opened by `finetune.loaded`, its own resolved recipe, tokenizer and chat template are used,
+it) is opened by `finetune.inference.loaded`, its own resolved recipe, tokenizer and chat template are used,
 so the held-out rows, masks and prompts are exactly those of training, and the method's hooks
 (`finetune.methods`) prepare and score what differs. SFT's scoring is `finetune.scoring`'s.
 """
@@ -19,7 +19,7 @@ from finetune.scoring import compare
 from finetune.summary import EvalSummary
 
 if TYPE_CHECKING:
-    from finetune.recipe import Recipe
+    from finetune.recipe.schema import Recipe
     from finetune.runs import RunDir
     from finetune.summary import Requirement
 
@@ -48,8 +48,8 @@ def evaluate(
     default RUN/eval/<UTC time>/: the run's own eval/summary.json and examples.jsonl, written by
     training, stay as they were.
     """
-    from finetune.loading import load_recipe
     from finetune.modeling import quiet_libraries
+    from finetune.recipe.load import load_recipe
     from finetune.runs import RunDir, open_run
 
     quiet_libraries()
@@ -76,7 +76,7 @@ def _evaluate_sft(
     """Held-out loss and generation metrics of tuned and (with a base comparison) base; eval.harness tasks too."""
     from finetune.data import prepare_data
     from finetune.harness import check as check_harness
-    from finetune.loaded import for_evaluation, saved_tokenizer
+    from finetune.inference.loaded import for_evaluation, saved_tokenizer
     from finetune.methods.sft import write_comparison
 
     check_harness(recipe)
@@ -103,8 +103,8 @@ def _evaluate_method(
 ) -> EvalSummary:
     """A DPO, KTO or GRPO run: its adapter, its parent's as the reference, and the base, through the method's hooks."""
     from finetune import methods
+    from finetune.inference.loaded import REFERENCE_ADAPTER, for_evaluation, saved_tokenizer
     from finetune.lineage import continue_parent
-    from finetune.loaded import REFERENCE_ADAPTER, for_evaluation, saved_tokenizer
     from finetune.runs import write_eval
 
     recipe = continue_parent(recipe)

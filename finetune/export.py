@@ -23,10 +23,11 @@ from typing import Any
 import yaml
 
 from finetune.errors import UserError
+from finetune.files import atomic_dir, write_json_atomic
 from finetune.lineage import lineage
-from finetune.loading import is_local
 from finetune.merge import Progress, merge_dtype, merge_into
-from finetune.runs import Result, Run, atomic_dir, claim_output, open_run, read_summary, run_seconds, write_json_atomic
+from finetune.recipe.load import is_local
+from finetune.runs import Result, Run, claim_output, open_run, read_summary, run_seconds
 from finetune.runtimes import adapter_facts, adapter_vllm
 from finetune.runtimes import verdict as _verdict
 from finetune.units import duration

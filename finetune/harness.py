@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.errors import UserError
-from finetune.recipe import Recipe
+from finetune.recipe.schema import Recipe
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager

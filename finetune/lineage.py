@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import Problem, UserError
-from finetune.recipe import Recipe
-from finetune.runs import RunDir, file_sha256
+from finetune.files import file_sha256
+from finetune.recipe.schema import Recipe
+from finetune.runs import RunDir
 
 MODEL_KEYS = ("base", "revision")  # taken from the parent; set in the recipe, they must agree with it
 
@@ -50,7 +51,7 @@ def continue_parent(recipe: Recipe) -> Recipe:
     run = parent_of(recipe)
     if run is None:
         return recipe
-    from finetune.loading import load_recipe
+    from finetune.recipe.load import load_recipe
 
     parent = load_recipe(run.recipe, check_files=False)
     problems: list[Problem] = []

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune.errors import UserError
+from finetune.files import atomic_dir, file_sha256, write_json_atomic
 from finetune.machine import device, free_memory, resolve_dtype, this_machine
 from finetune.modeling import load_model, model_kwargs, quiet_libraries
-from finetune.recipe import Recipe
-from finetune.runs import Result, Run, atomic_dir, claim_output, file_sha256, now, open_run, write_json_atomic
+from finetune.recipe.schema import Recipe
+from finetune.runs import Result, Run, claim_output, now, open_run
 from finetune.speed import model_attention
 
 if TYPE_CHECKING:

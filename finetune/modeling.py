@@ -12,7 +12,7 @@ import torch
 
 from finetune.errors import UserError
 from finetune.machine import device, resolve_dtype
-from finetune.recipe import Recipe
+from finetune.recipe.schema import Recipe
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -164,7 +164,7 @@ def weight_files(recipe: Recipe, model: torch.nn.Module) -> dict[str, Any]:
     """
     from pathlib import Path
 
-    from finetune.runs import file_sha256
+    from finetune.files import file_sha256
 
     commit = getattr(model.config, "_commit_hash", None)
     local = Path(recipe.model.base)

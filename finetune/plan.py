@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune.errors import Problem, UserError
-from finetune.loading import is_local
 from finetune.machine import PLANNED_GPU, Machine, resolve_dtype, this_machine
 from finetune.modeling import hub_kwargs, load_tokenizer, lora_config, resolve_targets
-from finetune.preflight import TOKENIZER_FILES
-from finetune.recipe import Recipe
+from finetune.recipe.load import is_local
+from finetune.recipe.preflight import TOKENIZER_FILES
+from finetune.recipe.schema import Recipe
 from finetune.speed import decide_checkpointing, decide_packing, decide_padding_free, model_attention
 
 if TYPE_CHECKING:

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from finetune.runs import RunDir, read_summary, write_text_atomic
+from finetune.files import write_text_atomic
+from finetune.runs import RunDir, read_summary
 from finetune.summary import EvalSummary, lower_is_better
 
 COLORS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4d7c0f", "#db2777")

@@ -19,19 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import RecipeError, RunDirError, UserError
+from finetune.files import file_sha256, write_json_atomic
 from finetune.lineage import parent_record
-from finetune.loading import load_recipe
-from finetune.recipe import Recipe
-from finetune.runs import (
-    Manifest,
-    Result,
-    RunDir,
-    file_sha256,
-    git_state,
-    hardware,
-    package_versions,
-    write_json_atomic,
-)
+from finetune.recipe.load import load_recipe
+from finetune.recipe.schema import Recipe
+from finetune.runs import Manifest, Result, RunDir, git_state, hardware, package_versions
 
 NOT_RECORDED = "(not recorded)"
 HARDWARE_KEYS = ("cpu", "cpu_count", "gpus", "omp_num_threads")  # what makes floating-point sums come out the same

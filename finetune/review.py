@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import RecipeError, UserError
-from finetune.loading import load_recipe
-from finetune.recipe import Recipe
+from finetune.recipe.load import load_recipe
+from finetune.recipe.schema import Recipe
+from finetune.recipe.yaml_source import KeyPath, dotted
 from finetune.runs import Result
-from finetune.sweep_file import is_sweep_file, load_sweep
+from finetune.sweep.file import is_sweep_file, load_sweep
 from finetune.units import duration
-from finetune.yaml_source import KeyPath, dotted
 
 YAML_SUFFIXES = (".yaml", ".yml")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # read files hashed, weights never

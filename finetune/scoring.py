@@ -22,7 +22,7 @@ from finetune.data.formats import Sample
 from finetune.data.templates import IGNORE, prompt_and_reference
 from finetune.errors import UserError
 from finetune.generation import generate
-from finetune.recipe import GENERATION_METRICS, LOSS_METRICS
+from finetune.recipe.schema import GENERATION_METRICS, LOSS_METRICS
 from finetune.summary import EvalSummary, Scores
 
 if TYPE_CHECKING:
@@ -62,10 +62,10 @@ GENERATION_FUNCTIONS: dict[str, Metric] = {name: globals()[name] for name in GEN
 def metric_functions(names: list[str] | tuple[str, ...]) -> dict[str, Metric]:
     """Generation metrics by the name tables show; `module:function` imports a user metric(prediction, reference).
 
-    The loader already found the module (beside the recipe, else installed: `finetune.callables`),
+    The loader already found the module (beside the recipe, else installed: `finetune.recipe.callables`),
     and `validate` and the start of `train` imported it, so this fails only if it changed since.
     """
-    from finetune import callables
+    from finetune.recipe import callables
 
     out = {}
     for name in names:
@@ -84,7 +84,7 @@ def metric_functions(names: list[str] | tuple[str, ...]) -> dict[str, Metric]:
 def metric_names(names: list[str] | tuple[str, ...]) -> list[str]:
     """The generation metrics' names as tables, JSON and `eval --require` show them (`module:function` for a
     user's metric, without the path), in the recipe's order: the keys `metric_functions` returns."""
-    from finetune.callables import short_name
+    from finetune.recipe.callables import short_name
 
     return list(dict.fromkeys(short_name(name) for name in names if name not in LOSS_METRICS))
 

@@ -15,7 +15,7 @@ import torch
 
 from finetune.errors import UserError
 from finetune.machine import Machine, resolve_dtype
-from finetune.recipe import GPU_MEMORY_SHARE, Recipe
+from finetune.recipe.schema import GPU_MEMORY_SHARE, Recipe
 
 
 @dataclass(frozen=True)

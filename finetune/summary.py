@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune.errors import UserError
-from finetune.recipe import LOSS_METRICS
+from finetune.recipe.schema import LOSS_METRICS
 
 LOWER_IS_BETTER = frozenset(LOSS_METRICS)  # every other metric (exact_match, a user's function) is higher-is-better
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.lineage import lineage
-from finetune.recipe import Recipe
+from finetune.recipe.schema import Recipe
 from finetune.runs import RunDir
 from finetune.secrets import redact_text
 from finetune.summary import EvalSummary, Scores

@@ -35,6 +35,7 @@ from finetune.errors import (
     UserError,
     WriteError,
 )
+from finetune.files import atomic_dir, file_sha256
 from finetune.harness import check as check_harness
 from finetune.lineage import check_same_weights, continue_parent, parent_record
 from finetune.lock import RunLock, describe
@@ -47,19 +48,9 @@ from finetune.modeling import (
     tied_output_note,
     weight_files,
 )
-from finetune.preflight import preflight
-from finetune.recipe import Recipe, resumable_keys
-from finetune.runs import (
-    Manifest,
-    RunDir,
-    atomic_dir,
-    file_sha256,
-    now,
-    process_record,
-    recipe_differences,
-    run_seconds,
-    write_recipe,
-)
+from finetune.recipe.preflight import preflight
+from finetune.recipe.schema import Recipe, resumable_keys
+from finetune.runs import Manifest, RunDir, now, process_record, recipe_differences, run_seconds, write_recipe
 from finetune.secrets import redact_text
 from finetune.speed import (
     Speed,

@@ -22,7 +22,8 @@ from transformers import TrainerCallback
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
-from finetune.runs import clean_stale, discard, no_room_names
+from finetune.files import clean_stale, no_room_names
+from finetune.runs import discard
 from finetune.summary import EvalPoint
 
 STAGING = ".staging"

@@ -177,8 +177,8 @@ def trl_quality(workload: dict, adapter: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from finetune.data import prepare_data
-    from finetune.loading import load_recipe
     from finetune.modeling import load_tokenizer
+    from finetune.recipe.load import load_recipe
     from finetune.scoring import compare
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,8 +202,8 @@ def quickstart_words() -> list[str]:
 def trained_share(workload: dict) -> float:
     """Share of tokens under the loss, from the same masks `finetune` trains with (TRL's are the same turns)."""
     from finetune.data import prepare_data
-    from finetune.loading import load_recipe
     from finetune.modeling import load_tokenizer
+    from finetune.recipe.load import load_recipe
 
     with tempfile.TemporaryDirectory() as tmp:
         command, _ = finetune_recipe(workload, [], Path(tmp))

@@ -59,8 +59,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["FINETUNE_CACHE"] = str(Path(tmp) / "cache")
         from finetune.data import prepare_data
-        from finetune.loading import load_recipe
         from finetune.modeling import load_tokenizer
+        from finetune.recipe.load import load_recipe
 
         data = Path(tmp) / "chats.jsonl"
         write_rows(data, args.rows, args.turns)

@@ -160,7 +160,7 @@ def bench_server(runs: list[Path], rounds: int, tokens: int, requests: int) -> d
     import httpx
     import uvicorn
 
-    from finetune.serve import Limits, create_app, load_models
+    from finetune.inference.serve import Limits, create_app, load_models
 
     models = load_models(runs, Limits(max_tokens=tokens, max_queue=64))
     port = free_port()

@@ -1,8 +1,8 @@
-"""The long run of the bad-input properties of tests/test_fuzz.py, with figures for docs/measurements/reliability.md.
+"""The long run of the bad-input properties of tests/recipe/test_fuzz.py, with figures for docs/measurements/reliability.md.
 
     python scripts/fuzz_inputs.py [--examples 5000] [--cli 20]
 
-Mutates the valid recipe and valid data rows of tests/mutations.py (Hypothesis drives the choices,
+Mutates the valid recipe and valid data rows of tests/support/mutations.py (Hypothesis drives the choices,
 and shrinks any failure to its smallest case) and checks each in-process: a must-fail input refused
 with a location at the mutation, valid inputs accepted unchanged, every skipped row counted, no
 other exception. `--cli N` also runs N must-fail recipes through `finetune validate` and N broken
@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -41,7 +41,7 @@ from mutations import (  # noqa: E402
 )
 from recipes_broken import make_workspace  # noqa: E402
 
-from finetune.loading import load_recipe  # noqa: E402
+from finetune.recipe.load import load_recipe  # noqa: E402
 
 
 def run_property(name: str, body, examples: int, tally: Counter) -> dict:

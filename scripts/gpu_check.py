@@ -3,7 +3,7 @@
     python scripts/gpu_check.py                      # one CUDA GPU: < 8 min on an H100/H200; writes gpu-check/
     python scripts/gpu_check.py --cpu --out /tmp/gc  # tiny shapes on the CPU: the same code path, in CI
 
-Builds a Llama model from the config shipped in the repo (tests/fixtures/configs/llama-3.1-8b) with random
+Builds a Llama model from the config shipped in the repo (tests/support/fixtures/configs/llama-3.1-8b) with random
 weights (figures about speed and memory, not quality; the quickstart's tokenizer stands in, its ids are a
 subset of the vocabulary), writes rows of 256 to 2048 tokens, and runs each case below in a fresh process
 for a few optimizer steps:
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # the plain TRL script and the per-run measurement, shared with scripts/bench.py
 
 ROOT = bench.ROOT
-CONFIG = ROOT / "tests/fixtures/configs/llama-3.1-8b/config.json"
+CONFIG = ROOT / "tests/support/fixtures/configs/llama-3.1-8b/config.json"
 TOKENIZER = ROOT / "assets/quickstart/model"
 SAME = [
     "data.packing=false",
@@ -163,8 +163,8 @@ def measured(command: list[str], metrics: Path, peak: Path) -> dict:
 
 def plan_total(command: list[str], workload: dict) -> int | None:
     """`finetune plan`'s memory total for the same recipe and overrides (None if it cannot tell)."""
-    from finetune.loading import load_recipe
     from finetune.plan import plan
+    from finetune.recipe.load import load_recipe
 
     recipe_path = next(a for a in command if a.endswith("recipe.yaml"))
     overrides = [command[i + 1] for i, a in enumerate(command) if a == "--set"]

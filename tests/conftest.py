@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "support"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FINETUNE_CACHE", tempfile.mkdtemp(prefix="finetune-cache-"))  # never the user's cache
@@ -37,7 +37,7 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def serving_runs(tmp_path_factory, tiny_model_dir):
-    """The quickstart run and the yes/no/other-base adapters of tests/serving.py, trained once per session."""
+    """The quickstart run and the yes/no/other-base adapters of tests/support/serving.py, trained once per session."""
     import serving
 
     return serving.build(tmp_path_factory.mktemp("serving"), tiny_model_dir("llama"))

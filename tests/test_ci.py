@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import yaml
-from test_docs import block_commands, parse_problem
+from shared_docs import block_commands, parse_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "guides" / "ci.md"

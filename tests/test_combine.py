@@ -11,7 +11,7 @@ import pytest
 
 from finetune.combine import _check_compatible, _combine_density, _combine_weights, _combined_recipe, combine
 from finetune.errors import UserError
-from finetune.loading import load_recipe
+from finetune.recipe.load import load_recipe
 from finetune.runs import Run
 
 ADAPTER = {"r": 8, "target_modules": ["v_proj", "q_proj"]}

@@ -173,7 +173,7 @@ def test_eval_on_a_run_reproduces_the_training_summary_and_gates(tiny_model_dir,
 def test_eval_chat_and_merge_describe_a_missing_run_directory_the_same_way(tmp_path):
     from finetune.errors import UserError
     from finetune.evaluate import evaluate
-    from finetune.loaded import load
+    from finetune.inference.loaded import load
     from finetune.runs import open_run
 
     for target in (tmp_path / "nope", tmp_path):  # missing; a folder that is not a run
@@ -192,7 +192,7 @@ def test_eval_and_chat_treat_a_recipe_whose_data_moved_alike(tiny_model_dir, tmp
     from typer.testing import CliRunner
 
     from finetune.cli import app
-    from finetune.loading import load_recipe
+    from finetune.recipe.load import load_recipe
     from finetune.runs import resolve_run
     from finetune.train import train
 
@@ -221,8 +221,8 @@ def _rows_by_method(method: str, model_dir: Path, tmp_path: Path) -> tuple[list[
 
     from finetune import methods
     from finetune.data import prepare_data
-    from finetune.loading import load_recipe
     from finetune.modeling import load_tokenizer, lora_config, resolve_targets
+    from finetune.recipe.load import load_recipe
     from finetune.scoring import compare
 
     held = tiny.reverse_rows(3, seed=1)

@@ -11,15 +11,15 @@ from typing import Any
 
 import pytest
 import yaml
-from test_merge import Runs, leftovers
-from test_preference import dpo, parent  # noqa: F401  (a DPO run continuing an SFT run: fixtures)
+from merge_runs import Runs, leftovers
+from preference_runs import dpo, parent  # noqa: F401  (a DPO run continuing an SFT run: fixtures)
 from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.errors import UserError
 from finetune.export import export
-from finetune.loading import load_recipe
 from finetune.merge import merge
+from finetune.recipe.load import load_recipe
 
 ADAPTER_FILES = {
     "README.md",

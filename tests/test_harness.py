@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.errors import RecipeError, UserError
 from finetune.harness import check, summarize
-from finetune.loading import load_recipe
+from finetune.recipe.load import load_recipe
 
 
 def write_tasks(folder: Path) -> Path:

@@ -1,7 +1,7 @@
 """Runs that continue runs: what a recipe takes from its parent, what it must agree with, and the recorded lineage.
 
-The parents here are directories laid out like finished runs (no training); test_preference.py and
-test_grpo.py continue real trained runs end to end.
+The parents here are directories laid out like finished runs (no training); methods/test_preference.py and
+methods/test_grpo.py continue real trained runs end to end.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from finetune.files import file_sha256
 from finetune.lineage import ParentRunError, check_same_weights, continue_parent, lineage, parent_of, parent_record
-from finetune.loading import load_recipe
-from finetune.runs import file_sha256
+from finetune.recipe.load import load_recipe
 
 
 def parent_run(root: Path, status: str = "completed", template: str | None = "{{ messages }}") -> Path:

@@ -97,7 +97,7 @@ def test_finetune_train_overwrite_on_a_directory_in_use_exits_2_and_touches_noth
 
 @pytest.mark.parametrize("flags", [{}, {"resume": True}, {"overwrite": True}], ids=["plain", "resume", "overwrite"])
 def test_train_on_a_directory_in_use_is_refused_before_reading_or_writing_it(holder, tmp_path, monkeypatch, flags):
-    from finetune.loading import load_recipe
+    from finetune.recipe.load import load_recipe
     from finetune.train import train
 
     run, proc = holder
@@ -112,7 +112,7 @@ def test_train_on_a_directory_in_use_is_refused_before_reading_or_writing_it(hol
 def test_train_holds_the_lock_for_the_whole_run(tmp_path, monkeypatch):
     """While the stage runs, another process cannot take the lock; after it, it can."""
     from finetune import train as train_module
-    from finetune.loading import load_recipe
+    from finetune.recipe.load import load_recipe
 
     monkeypatch.chdir(tmp_path)  # run_dir (runs/demo) is relative to the working directory
     recipe = load_recipe(write_recipe(tmp_path))

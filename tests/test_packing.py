@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import finetune, losses, write_recipe
 
-from finetune.loading import load_recipe
+from finetune.recipe.load import load_recipe
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 import tiny
-from test_preference import parent  # noqa: F401  (a completed SFT run to continue: a fixture)
+from preference_runs import parent  # noqa: F401  (a completed SFT run to continue: a fixture)
 from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.errors import UserError
-from finetune.loading import load_recipe
 from finetune.plan import GB, GPU_TFLOPS, _quantized_bytes, plan
+from finetune.recipe.load import load_recipe
 
 ROOT = Path(__file__).parent.parent
-CONFIGS = Path(__file__).parent / "fixtures" / "configs"
+CONFIGS = Path(__file__).parent / "support" / "fixtures" / "configs"
 VARIANTS = {
     "lora": [],
     "dora": ["lora.variant=dora"],
@@ -245,7 +245,7 @@ def test_work_from_local_data(tiny_model_dir, tmp_path):
 
 
 def test_grpo_counts_a_reference_only_with_beta_and_one_sequence_length(tmp_path, parent):  # noqa: F811
-    from test_grpo import grpo_recipe
+    from shared_grpo import grpo_recipe
 
     path = grpo_recipe(tmp_path, parent)
     with_kl = plan(load_recipe(path), gpu="H100")
@@ -348,11 +348,11 @@ def test_cli_hub_model_offline_says_how_to_plan(monkeypatch):
     ],
 )
 def test_per_gpu_memory_divides_what_the_strategy_shards(config, sharded):
-    from finetune.loading import load_recipe
     from finetune.plan import plan
+    from finetune.recipe.load import load_recipe
 
     root = Path(__file__).resolve().parent.parent
-    base = ["model.base=" + str(root / "tests/fixtures/configs/llama-3.1-8b")]
+    base = ["model.base=" + str(root / "tests/support/fixtures/configs/llama-3.1-8b")]
     single = plan(load_recipe(root / "recipes/llama-3.1-8b-qlora.yaml", base))
     shared = plan(load_recipe(root / "recipes/llama-3.1-8b-qlora.yaml",
                               [*base, f"train.distributed={root / 'configs/accelerate' / config}"]))  # fmt: skip
@@ -367,7 +367,7 @@ def test_every_optimizer_the_schema_allows_has_a_memory_rule():
     import torch
 
     from finetune.plan import _optimizer_bytes
-    from finetune.recipe import TrainSection
+    from finetune.recipe.schema import TrainSection
 
     optimizers = typing.get_args(TrainSection.model_fields["optimizer"].annotation)
     assert "adamw_torch_fused" in optimizers

@@ -12,8 +12,8 @@ import pytest
 import tiny
 from helpers import finetune
 
-from finetune.loading import load_recipe
 from finetune.plan import plan
+from finetune.recipe.load import load_recipe
 from finetune.review import gate, markdown, review
 
 FRAGMENT = """\

@@ -20,7 +20,7 @@ def two_runs(tmp_path_factory, tiny_model_dir) -> Path:
     """Two finished runs differing in rank, trained in this process."""
     import os
 
-    from finetune.loading import load_recipe
+    from finetune.recipe.load import load_recipe
     from finetune.train import train
 
     root = tmp_path_factory.mktemp("runs_root")
@@ -112,7 +112,7 @@ def test_report_facts_ticks_and_a_preference_runs_deltas_read_as_the_cli_shows_t
 
 def test_the_manifest_records_the_git_state_of_the_repo_holding_the_recipe(tmp_path, tiny_model_dir, monkeypatch):
     """The experiment repo is the recipe's, wherever the command runs from (here: a directory outside it)."""
-    from finetune.loading import load_recipe
+    from finetune.recipe.load import load_recipe
     from finetune.runs import Manifest, RunDir
 
     repo = tmp_path / "experiments"
@@ -164,7 +164,8 @@ def test_a_killed_process_not_yet_reaped_is_dead_and_its_run_resumable(tmp_path)
     import socket
     import time
 
-    from finetune.runs import RunDir, _start_ticks, process_alive, status
+    from finetune.files import _start_ticks, process_alive
+    from finetune.runs import RunDir, status
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -297,12 +298,12 @@ def _killed_child(code: str) -> None:
 
 
 def test_a_killed_atomic_write_leaves_a_temporary_that_the_next_attempt_cleans(tmp_path):
-    from finetune.runs import atomic_dir
+    from finetune.files import atomic_dir
 
     final = tmp_path / "merged"
     _killed_child(f"""
 from pathlib import Path
-from finetune.runs import atomic_dir
+from finetune.files import atomic_dir
 with atomic_dir(Path({str(final)!r})) as tmp:
     (tmp / "model.safetensors").write_bytes(bytes(1 << 20))
     import os, signal; os.kill(os.getpid(), signal.SIGKILL)
@@ -312,14 +313,14 @@ with atomic_dir(Path({str(final)!r})) as tmp:
     with atomic_dir(final) as tmp:  # the rerun (merge, export) cleans what the killed one left
         (tmp / "model.safetensors").write_bytes(b"new")
     assert [p.name for p in tmp_path.iterdir()] == ["merged"] and (final / "model.safetensors").read_bytes() == b"new"
-    from finetune.runs import clean_stale
+    from finetune.files import clean_stale
 
     with atomic_dir(tmp_path / "other") as mine:  # a temporary whose process still runs is left alone
         assert clean_stale(tmp_path) == [] and mine.exists()
 
 
 def test_a_kill_between_moving_the_old_output_aside_and_renaming_the_new_puts_the_old_back(tmp_path):
-    from finetune.runs import clean_stale
+    from finetune.files import clean_stale
 
     final = tmp_path / "merged"
     final.mkdir()
@@ -327,7 +328,7 @@ def test_a_kill_between_moving_the_old_output_aside_and_renaming_the_new_puts_th
     _killed_child(f"""
 import os
 from pathlib import Path
-from finetune.runs import _temporary_dir
+from finetune.files import _temporary_dir
 final = Path({str(final)!r})
 old = _temporary_dir(final, "old")
 os.replace(final, old / final.name)

@@ -13,9 +13,9 @@ import finetune.data.prepare as prepare_module
 import finetune.plan as plan_module
 import finetune.train as train_module
 from finetune.errors import UserError
-from finetune.loading import load_recipe
 from finetune.machine import Machine, this_machine
 from finetune.plan import plan
+from finetune.recipe.load import load_recipe
 from finetune.speed import decide_attention, decide_checkpointing, decide_liger, decide_padding_free
 
 CPU = Machine(cuda=False, bf16=False, gpu_bytes=None, flash_attn=False, liger_kernel=False)

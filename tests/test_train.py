@@ -12,8 +12,8 @@ import pytest
 import tiny
 from helpers import finetune, hub_cache_with, losses, run_files, write_recipe
 
-from finetune.loading import load_recipe
 from finetune.modeling import resolve_targets
+from finetune.recipe.load import load_recipe
 
 RUN_FILES = {
     "recipe.yaml",
@@ -171,7 +171,7 @@ def test_a_hub_model_trains_offline_from_a_prepopulated_cache(tiny_model_dir, tm
 def test_train_distributed_needs_a_recipe_loaded_from_a_file(tiny_model_dir, tmp_path):
     """The stage itself launches `train.distributed` (the Python API as the CLI): its processes re-read the file."""
     from finetune.errors import UserError
-    from finetune.recipe import Recipe
+    from finetune.recipe.schema import Recipe
     from finetune.train import train
 
     config = tmp_path / "single.yaml"

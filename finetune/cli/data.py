@@ -39,7 +39,7 @@ def data(
     Example: finetune data recipes/quickstart.yaml --show 5 --fail-on duplicates,leakage
     """
     from finetune.data.inspect import inspect_data
-    from finetune.loading import load_recipe
+    from finetune.recipe.load import load_recipe
 
     result = inspect_data(load_recipe(recipe, overrides or []), show)
     if as_json:

@@ -38,9 +38,9 @@ def chat(
 
     Example: finetune chat runs/quickstart --compare -p "Reverse the list: width, socket, when"
     """
-    from finetune.chat import Conversation, repl, sampling_for, scripted_prompts
-    from finetune.chat import chat as chat_stage
-    from finetune.loaded import load
+    from finetune.inference.chat import Conversation, repl, sampling_for, scripted_prompts
+    from finetune.inference.chat import chat as chat_stage
+    from finetune.inference.loaded import load
 
     which = ("base", "tuned") if compare else ("base",) if base else ("tuned",)
     prompts = scripted_prompts(prompt, sys.stdin)
@@ -91,7 +91,7 @@ def serve(
 
     Example: finetune serve runs/a runs/b --port 8000   # then: OpenAI(base_url="http://127.0.0.1:8000/v1")
     """
-    from finetune import serve as stage
+    from finetune.inference import serve as stage
 
     stage.check_engine(engine)
     stage.check_bind(host, api_key)

@@ -38,8 +38,8 @@ def plan(
 
     Example: finetune plan recipes/llama-3.1-8b-qlora.yaml --set model.base=path/to/config-dir --gpu H100
     """
-    from finetune.loading import load_recipe
     from finetune.plan import plan as make_plan
+    from finetune.recipe.load import load_recipe
 
     loaded = load_recipe(recipe, overrides or [])
     result = make_plan(loaded, gpu=gpu, tflops=tflops, mfu=mfu)

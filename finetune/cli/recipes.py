@@ -42,9 +42,9 @@ def validate(
 def _validate_one(path: Path, overrides: list[str]) -> dict[str, Any]:
     """One file's entry of `validate --json`: valid with its resolved recipe, or its located problems."""
     from finetune.errors import RecipeError
-    from finetune.loading import load_recipe
-    from finetune.preflight import preflight
-    from finetune.sweep_file import is_sweep_file, load_sweep
+    from finetune.recipe.load import load_recipe
+    from finetune.recipe.preflight import preflight
+    from finetune.sweep.file import is_sweep_file, load_sweep
 
     try:
         if is_sweep_file(path):  # every combination of the sweep, validated as a recipe
@@ -63,7 +63,7 @@ def _validate_one(path: Path, overrides: list[str]) -> dict[str, Any]:
 
 
 def _print_validation(results: list[dict], show: bool) -> None:
-    from finetune.yaml_source import dump
+    from finetune.recipe.yaml_source import dump
 
     for r in results:
         if r["valid"]:
@@ -89,11 +89,11 @@ def schema(
     # yaml-language-server: $schema=./recipe.schema.json)
     """
     if markdown:
-        from finetune.reference import markdown as reference
+        from finetune.recipe.docs import markdown as reference
 
         text = reference()
     else:
-        from finetune.recipe import Recipe
+        from finetune.recipe.schema import Recipe
 
         text = json.dumps(Recipe.model_json_schema(), indent=2) + "\n"
     if out is None:

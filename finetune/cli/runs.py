@@ -133,7 +133,7 @@ def runs_show(run: Annotated[Path, typer.Argument(help="Run directory.")], as_js
         echo_json(manifest)
         return
     from finetune.lineage import lineage
-    from finetune.yaml_source import dump
+    from finetune.recipe.yaml_source import dump
 
     if manifest.get("parent"):
         typer.echo("lineage: " + " → ".join(lineage(manifest)))

@@ -11,8 +11,8 @@ import typer
 from finetune.cli.common import JsonOpt, console, echo_json, handles_errors
 
 if TYPE_CHECKING:
-    from finetune.sweep import SweepResult
-    from finetune.sweep_file import Sweep
+    from finetune.sweep.file import Sweep
+    from finetune.sweep.run import SweepResult
 
 
 def register(app: typer.Typer) -> None:
@@ -38,11 +38,11 @@ def sweep(
     Rerunning skips completed trials and resumes interrupted ones. Example:
     finetune sweep recipes/quickstart-rank-sweep.yaml --dry-run && finetune sweep recipes/quickstart-rank-sweep.yaml
     """
-    from finetune.sweep_file import load_sweep
+    from finetune.sweep.file import load_sweep
 
     loaded = load_sweep(sweep_file)
     if dry_run:
-        from finetune.sweep import dry_run as list_trials
+        from finetune.sweep.run import dry_run as list_trials
 
         rows = list_trials(loaded, gpu=gpu, tflops=tflops)
         if as_json:
@@ -50,7 +50,7 @@ def sweep(
         else:
             _print_sweep_plan(loaded, rows)
         return
-    from finetune.sweep import sweep as run_sweep
+    from finetune.sweep.run import sweep as run_sweep
 
     result = run_sweep(loaded, storage=storage, worker=worker, progress=not as_json)
     if as_json:

@@ -29,8 +29,8 @@ def train(
 
     Example: finetune train recipes/quickstart.yaml --set quantization.method=nf4
     """
-    from finetune.loading import load_recipe
-    from finetune.preflight import preflight
+    from finetune.recipe.load import load_recipe
+    from finetune.recipe.preflight import preflight
     from finetune.runs import RunDir
 
     loaded = load_recipe(recipe, overrides or [])  # a bad recipe exits 2 before torch is imported

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from finetune.recipe import DataSource
-from finetune.yaml_source import SURROGATE
+from finetune.recipe.schema import DataSource
+from finetune.recipe.yaml_source import SURROGATE
 
 ROLES = ("system", "user", "assistant")
 # A conversation of more turns is refused: masks are found by rendering each assistant turn's prefix, which

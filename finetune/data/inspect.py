@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from finetune.data.prepare import DataStats, prepare_data
 from finetune.data.templates import IGNORE
 from finetune.lineage import continue_parent
-from finetune.recipe import Recipe
+from finetune.recipe.schema import Recipe
 
 if TYPE_CHECKING:
     from finetune.data.preference import PreferenceStats

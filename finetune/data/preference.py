@@ -17,7 +17,7 @@ from finetune.data.formats import BadRow, Judged, Sample, to_judged
 from finetune.data.prepare import SourceStats, _nothing_left, _round_up, hold_out, percentile
 from finetune.data.templates import apply_chat_template, render
 from finetune.errors import DataError, Problem, UserError
-from finetune.recipe import DataSource, Recipe
+from finetune.recipe.schema import DataSource, Recipe
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -23,7 +23,7 @@ from finetune.data import sources
 from finetune.data.formats import BadRow, Sample, to_sample
 from finetune.data.templates import IGNORE, apply_chat_template, segments, tokenize
 from finetune.errors import DataError, Problem, WriteError
-from finetune.recipe import DataSource, Recipe
+from finetune.recipe.schema import DataSource, Recipe
 
 Row = TypeVar("Row")  # a sample, or a group of judged completions (data.preference)
 
@@ -281,7 +281,7 @@ def _load_cached(key: str) -> PreparedData | None:
 
 
 def _store(key: str, prepared: PreparedData) -> None:
-    from finetune.runs import atomic_dir, write_json_atomic
+    from finetune.files import atomic_dir, write_json_atomic
 
     final = cache_root() / "data" / key
     try:

@@ -15,7 +15,7 @@ from finetune.data.formats import Sample
 from finetune.data.prepare import DataStats, SourceStats, _round_up, percentile, split
 from finetune.data.templates import apply_chat_template, encode, prompt_and_reference
 from finetune.errors import DataError
-from finetune.recipe import Recipe
+from finetune.recipe.schema import Recipe
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from finetune.errors import DataError, Problem
-from finetune.loading import is_local
-from finetune.recipe import DataSource
-from finetune.runs import update_sha256
-from finetune.yaml_source import display_path
+from finetune.files import update_sha256
+from finetune.recipe.load import is_local
+from finetune.recipe.schema import DataSource
+from finetune.recipe.yaml_source import display_path
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 BOM = b"\xef\xbb\xbf"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from finetune.data.formats import Sample
 from finetune.errors import UserError
-from finetune.recipe import BUILTIN_TEMPLATES
+from finetune.recipe.schema import BUILTIN_TEMPLATES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

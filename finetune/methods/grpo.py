@@ -16,10 +16,10 @@ from trl import GRPOConfig, GRPOTrainer
 
 from finetune.data.prompts import PromptData, prepare_prompts
 from finetune.errors import RewardFailed, UserError
-from finetune.loaded import REFERENCE_ADAPTER
+from finetune.inference.loaded import REFERENCE_ADAPTER
 from finetune.methods.reference import policy
 from finetune.methods.rewards import Reward
-from finetune.recipe import Recipe
+from finetune.recipe.schema import Recipe
 from finetune.trainer import SafeTraining, build
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from finetune.scoring import ModelScores, metric_functions, score
 
 if TYPE_CHECKING:
     from finetune.data.prompts import PromptData
-    from finetune.recipe import Recipe
+    from finetune.recipe.schema import Recipe
 
 TOTAL = "reward"
 

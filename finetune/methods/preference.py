@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from finetune.data.preference import PreferenceData, prepare_preference
-from finetune.loaded import REFERENCE_ADAPTER
+from finetune.inference.loaded import REFERENCE_ADAPTER
 from finetune.methods.reference import policy
-from finetune.recipe import Recipe
+from finetune.recipe.schema import Recipe
 from finetune.trainer import SafeTraining, build
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from finetune.summary import EvalSummary, Preference, Scores
 
 if TYPE_CHECKING:
     from finetune.data.preference import PreferenceData
-    from finetune.recipe import Recipe
+    from finetune.recipe.schema import Recipe
     from finetune.runs import RunDir
 
 MODELS = ("tuned", "reference", "base")
@@ -141,7 +141,7 @@ def model_contexts(model: Any, has_reference: bool, compare_base: bool) -> dict[
     """The models to score, by name, each a context in which `model` is that model: the tuned adapter; the reference
     (the parent's frozen adapter, else the base); the base (`compare_base`), unless the reference is the base
     already, which is then scored once. Shared by the preference and the GRPO evaluations."""
-    from finetune.loaded import REFERENCE_ADAPTER
+    from finetune.inference.loaded import REFERENCE_ADAPTER
 
     reference = (lambda: adapter_context(model, REFERENCE_ADAPTER)) if has_reference else model.disable_adapter
     contexts = {"tuned": nullcontext, "reference": reference}

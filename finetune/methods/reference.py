@@ -7,7 +7,7 @@ from typing import Any
 
 from finetune.lineage import parent_of
 from finetune.modeling import lora_config, resolve_targets
-from finetune.recipe import Recipe
+from finetune.recipe.schema import Recipe
 
 
 def policy(recipe: Recipe, model: Any) -> tuple[Any, list[str], Any]:

@@ -14,8 +14,8 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
-from finetune import callables
 from finetune.errors import RewardFailed, UserError
+from finetune.recipe import callables
 from finetune.scoring import GENERATION_FUNCTIONS
 
 

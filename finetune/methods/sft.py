@@ -15,7 +15,7 @@ from trl import SFTConfig, SFTTrainer
 
 from finetune.data import PreparedData, prepare_data
 from finetune.modeling import lora_config, resolve_targets
-from finetune.recipe import Recipe
+from finetune.recipe.schema import Recipe
 from finetune.trainer import SafeTraining, build
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def compare(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData, has_
 
 def figures(recipe: Recipe) -> list[str]:
     """The tuned figures `compare` reports: held-out loss and perplexity, then the generation metrics."""
-    from finetune.recipe import LOSS_METRICS
+    from finetune.recipe.schema import LOSS_METRICS
     from finetune.scoring import metric_names
 
     return [*LOSS_METRICS, *metric_names(list(recipe.eval.metrics))]

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from helpers import finetune, losses
 from services import ROOT, free_port
-from test_distributed import no_dropout_recipe
-from test_reliability import adapter_tensors
+from shared_distributed import no_dropout_recipe
+from training import adapter_tensors
 
 pytestmark = pytest.mark.engines
 

@@ -1,0 +1,1 @@
+"""The sweep stage: the sweep file's schema, the Optuna study (one run directory per trial) and its report."""
