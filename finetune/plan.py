@@ -8,6 +8,8 @@ component, the work from the local data (tokenizer only), and the time on a name
 
 Every memory term is a formula of the model's shapes and the recipe; docs/guides/plan.md states them.
 The plan is for the GPU a user will rent, so `model.dtype: auto` is planned as bfloat16.
+It stays one module (~800 lines) on purpose: every estimate reads the same meta model and dtype layout,
+and split apart the terms would pass that state between modules instead of reading it here.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ prepare data, load the model, train with the method's TRL trainer, keep the best
 evaluate on held-out data, mark the run completed. The steps are the same for every method (SFT,
 DPO, KTO, GRPO): what differs is the method's module (`finetune.methods`). Training itself is
 TRL's; we configure it and make it safe to interrupt.
+It is ~660 lines because the distributed launch and the resume search share the run lock with the
+steps above; each is a short named function.
 """
 
 from __future__ import annotations

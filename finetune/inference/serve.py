@@ -10,6 +10,8 @@ Which adapter answers: generation is serialised behind one lock, and the adapter
 another request's adapter. PEFT's mixed-batch `adapter_names` would batch requests for different
 adapters together, but needs a batcher in front; `scripts/bench_serve.py` measures what the lock
 costs (1 vs 4 resident adapters under mixed requests) and docs/measurements/serving.md gives the figures.
+It is long (~780 lines) because the request models, the guard (API key, body size, queue) and the
+handlers are one contract behind one lock (`--engine vllm` only builds and runs vLLM's own command).
 
 Safe by default: localhost; an API key (`--api-key` or FINETUNE_API_KEY) is required for every
 request when set and to bind any other address; max_tokens, prompt tokens, request body and the

@@ -4,6 +4,8 @@ Every section is strict (`extra="forbid"`: a typo is an error, never silently ig
 frozen (a validated recipe cannot drift while a run uses it) and documented field by field;
 `finetune schema` exports it as JSON Schema for editors. Loading from YAML (locations,
 `extends`, `--set`, relative paths) lives in `finetune.recipe.load`.
+Its length (~710 lines) is the recipe's: one strict section class per recipe section, each field with its
+description, and the cross-field rules beside the fields they join.
 """
 
 from __future__ import annotations
