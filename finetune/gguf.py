@@ -73,7 +73,7 @@ def pre_tokenizer(tokenizer_json: dict[str, Any]) -> tuple[str | None, str]:
     """llama.cpp's pre-tokenizer name for a vocabulary it may not recognise, and why (name None: not derivable).
 
     Sound only for the plain byte-level BPE of GPT-2: a ByteLevel pre-tokenizer with its own split regex
-    (use_regex), no prefix space and no normalizer is exactly llama.cpp's `gpt2` pre-tokenizer (the same
+    (use_regex), no prefix space and no normalizer is exactly llama.cpp's `gpt-2` pre-tokenizer (the same
     regex, then the same byte mapping). Any other split (custom Split regexes, digit splitting, Metaspace...)
     would need its regex matched against llama.cpp's, which we do not guess.
     """
@@ -82,12 +82,12 @@ def pre_tokenizer(tokenizer_json: dict[str, Any]) -> tuple[str | None, str]:
     if model != "BPE":
         return None, f"the vocabulary is {model or 'unknown'}, not BPE"
     if tokenizer_json.get("normalizer"):
-        return None, f"tokenizer.json has a normalizer ({tokenizer_json['normalizer'].get('type')}), which gpt2 has not"
+        return None, f"tokenizer.json has a normalizer ({tokenizer_json['normalizer'].get('type')}), which GPT-2's has not"
     if pre.get("type") != "ByteLevel":
         return None, f"its pre-tokenizer is {pre.get('type') or 'none'}, not GPT-2's plain ByteLevel"
     if not pre.get("use_regex", True) or pre.get("add_prefix_space"):
         return None, "its ByteLevel pre-tokenizer changes GPT-2's split (use_regex off or add_prefix_space on)"
-    return "gpt2", "byte-level BPE with GPT-2's split regex and no normalizer: llama.cpp's 'gpt2' pre-tokenizer"
+    return "gpt-2", "byte-level BPE with GPT-2's split regex and no normalizer: llama.cpp's 'gpt-2' pre-tokenizer"
 
 
 # the converter, run in a child process with the one answer it may lack: a pre-tokenizer name, used only

@@ -44,7 +44,7 @@ def test_f16_answers_exactly_as_eval_and_q8_0_reports_its_agreement(exported, qu
         assert q8["checks"][form]["max_logit_diff_vs_f32"] is not None
     for name in (f16["model"], f16["base"], f16["adapter"], q8["model"], q8["base"]):
         assert (out / name).read_bytes()[:4] == b"GGUF"
-    assert report["tokenizer_pre"]["name"] == "gpt2"  # the quickstart's byte-level BPE llama.cpp does not know
+    assert report["tokenizer_pre"]["name"] == "gpt-2"  # the quickstart's byte-level BPE llama.cpp does not know
     assert result["compat"]["targets"]["llama_cpp"]["works"] is True
     assert result["compat"]["targets"]["ollama"]["works"] is None  # not run here: no Ollama
 
