@@ -32,7 +32,8 @@ from finetune.runtimes import adapter_facts, adapter_vllm
 from finetune.runtimes import verdict as _verdict
 from finetune.units import duration
 
-FORMATS = ("adapter", "merged")
+FORMATS = ("adapter", "merged", "gguf")
+DEFAULT_QUANTS = ("f16", "q8_0")  # --format gguf without --quant
 
 
 @dataclass
@@ -54,6 +55,7 @@ def export(
     overwrite: bool = False,
     dtype: str | None = None,  # merged only
     progress: Progress | None = None,
+    quants: list[str] | None = None,  # gguf only
 ) -> ExportResult:
     """Write the adapter (or the verified merged model) with its card, recipe and compatibility report."""
     started = time.perf_counter()
@@ -61,10 +63,11 @@ def export(
         raise UserError(f"--format: must be one of {', '.join(FORMATS)} (got {format!r})")
     if format == "adapter" and dtype is not None:
         raise UserError("--dtype: only applies to --format merged (the adapter is exported as trained)")
+    quants = _quants(format, quants)
     run = open_run(run_dir)
     target = Path(out).expanduser().resolve() if out else run.root / "export" / format
     claim_output(target, overwrite, run)
-    dtype_name = merge_dtype(run.recipe, dtype) if format == "merged" else None
+    dtype_name = merge_dtype(run.recipe, dtype) if format in ("merged", "gguf") else None
     notes = list(run.notes)
     check = None
     with atomic_dir(target) as tmp:
@@ -72,10 +75,13 @@ def export(
             for src in sorted(run.adapter.iterdir()):
                 if src.is_file() and src.name != "README.md":  # PEFT's generic card is replaced by ours
                     shutil.copy2(src, tmp / src.name)
-        else:
+        elif format == "merged":
             check, merge_notes = merge_into(run, tmp, dtype_name, progress or (lambda _: None))
             notes += merge_notes
-        compat = compatibility(run, format, tmp)
+        if format == "gguf":
+            check, compat = _gguf_into(run, tmp, dtype_name, quants, progress or (lambda _: None))
+        else:
+            compat = compatibility(run, format, tmp)
         shutil.copy2(run.dirs.recipe, tmp / "recipe.yaml")
         write_json_atomic(tmp / "compat.json", compat)
         (tmp / "README.md").write_text(model_card(run, format, compat, check), encoding="utf-8")
@@ -90,6 +96,33 @@ def export(
         seconds=time.perf_counter() - started,
         notes=notes,
     )
+
+
+def _quants(format: str, quants: list[str] | None) -> list[str]:
+    from finetune.gguf import QUANTS
+
+    if format != "gguf":
+        if quants:
+            raise UserError("--quant: only applies to --format gguf")
+        return []
+    bad = [q for q in quants or [] if q not in QUANTS]
+    if bad:
+        raise UserError(f"--quant: {', '.join(bad)} is not one of {', '.join(QUANTS)}")
+    return list(dict.fromkeys(quants or DEFAULT_QUANTS))
+
+
+def _gguf_into(run: Run, tmp: Path, dtype_name: str | None, quants: list[str], progress: Progress) -> tuple[dict, dict]:
+    """The merged model (checked as for --format merged, then removed), converted to GGUF and verified by llama.cpp."""
+    from finetune import gguf
+
+    merged = tmp / ".merged"
+    merged.mkdir()
+    check, _ = merge_into(run, merged, dtype_name, progress)
+    progress(f"converting to GGUF ({', '.join(quants)}) with llama.cpp's converter, then verifying with llama.cpp")
+    report = gguf.build(run, merged, tmp, quants, run.recipe.eval.max_new_tokens)
+    shutil.rmtree(merged)
+    write_json_atomic(tmp / "gguf.json", report)
+    return check, {"format": "gguf", "adapter": adapter_facts(run), "targets": gguf.compat(report)}
 
 
 # --- compatibility ----------------------------------------------------------------------------------
@@ -245,7 +278,7 @@ def model_card(run: Run, format: str, compat: dict, check: dict | None) -> str:
     tags += ["trl", recipe.train.method] if not combined else ["adapter-merging"]
     hub_datasets = [s.path for s in recipe.data.train if not is_local(s.path)]
     meta: dict[str, Any] = {
-        "library_name": "peft" if format == "adapter" else "transformers",
+        "library_name": {"adapter": "peft", "gguf": "gguf"}.get(format, "transformers"),
         "base_model": base,
         "base_model_relation": "adapter" if format == "adapter" else "finetune",
         "pipeline_tag": "text-generation",
@@ -325,6 +358,13 @@ def _modules(targets: list[str] | str) -> str:
 
 def _usage(format: str, base: str, revision: str | None) -> list[str]:
     rev = f', revision="{revision}"' if revision else ""
+    if format == "gguf":  # see gguf.json for the files and their verification
+        return [
+            "from llama_cpp import Llama",
+            "",
+            'model = Llama("<this directory>/model-f16.gguf")  # or the base GGUF with lora_path="adapter-f32.gguf"',
+            "# Ollama: ollama create NAME -f Modelfile  (Modelfile.adapter: the base GGUF + the GGUF adapter)",
+        ]
     if format == "adapter":
         return [
             "from peft import PeftModel",
@@ -492,6 +532,8 @@ TARGET_NAMES = {
     "transformers": "transformers",
     "vllm": "vLLM",
     "gguf": "GGUF / llama.cpp",
+    "llama_cpp": "llama.cpp",
+    "ollama": "Ollama",
 }
 
 

@@ -460,7 +460,7 @@ def _data_stats(version: _Version, r: RecipeReview, side: str) -> dict[str, floa
     from finetune.data.inspect import inspect_data
 
     try:
-        stats = inspect_data(version.recipe, show=0).stats
+        stats = inspect_data(version.recipe, show=0).stats.to_dict()
     except UserError as e:
         r.not_computed.append(f"data of {side}: {'; '.join(str(p) for p in e.problems)}")
         return {}

@@ -231,8 +231,8 @@ def test_a_damaged_adapter_is_refused_naming_the_file(damage, message, runs, tmp
 
 
 def test_bad_arguments_are_user_errors(tmp_path):
-    result = runner.invoke(app, ["export", str(tmp_path), "--format", "gguf"])
-    assert result.exit_code == 2 and "--format: must be one of adapter, merged" in result.stderr
+    result = runner.invoke(app, ["export", str(tmp_path), "--format", "onnx"])
+    assert result.exit_code == 2 and "--format: must be one of adapter, merged, gguf" in result.stderr
     result = runner.invoke(app, ["export", str(tmp_path), "--format", "adapter"])
     assert result.exit_code == 2 and "not a run directory (no recipe.yaml)" in result.stderr
     result = runner.invoke(app, ["merge", str(tmp_path / "nowhere")])

@@ -132,7 +132,11 @@ def export(
     format: Annotated[
         str,
         typer.Option(
-            "--format", "-f", help="adapter: the PEFT adapter; merged: the verified merged model.", show_default=False
+            "--format",
+            "-f",
+            help="adapter: the PEFT adapter; merged: the verified merged model; gguf: llama.cpp files "
+            "(merged, and base + GGUF adapter) verified with llama.cpp, and Ollama Modelfiles.",
+            show_default=False,
         ),
     ],
     out: Annotated[
@@ -142,6 +146,7 @@ def export(
         str | None, typer.Option("--dtype", help="merged: float32 | bfloat16 | float16, as for finetune merge.")
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    quant: Annotated[list[str] | None, typer.Option(help="gguf: f32 | f16 | q8_0 | q4_k_m, repeatable.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export the adapter or the merged model with a model card and a compatibility report.
@@ -151,7 +156,9 @@ def export(
     from finetune.export import export as export_run
 
     with _merge_check_reported(as_json):
-        result = export_run(run_dir, format, out, dtype=dtype, overwrite=overwrite, progress=_progress(as_json))
+        result = export_run(
+            run_dir, format, out, dtype=dtype, overwrite=overwrite, progress=_progress(as_json), quants=quant
+        )
     if as_json:
         echo_json(result.to_dict())
     else:

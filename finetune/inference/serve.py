@@ -26,7 +26,6 @@ import hmac
 import json
 import logging
 import shlex
-import shutil
 import threading
 import time
 import uuid
@@ -729,14 +728,18 @@ class VllmPlan:
     command: list[str]
     max_lora_rank: int
     notes: list[str]
+    env: dict[str, str] = field(default_factory=dict)
 
     def shell(self) -> str:
-        return shlex.join(self.command)
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
+        return f"{env} {shlex.join(self.command)}".strip()
 
 
 def vllm_plan(targets: list[str | Path], host: str, port: int) -> VllmPlan:
     """vLLM's OpenAI server with the runs as LoRA modules, once export's vLLM check found nothing in any run's
-    adapter that vLLM refuses (the command itself is not run here)."""
+    adapter that vLLM refuses. The names, dtype and template are our engine's (see finetune.inference.vllm),
+    so clients carry over between the two engines."""
+    from finetune.inference.vllm import Adapter, Launch, command, find_python, platform_of
     from finetune.runs import open_run
     from finetune.runtimes import adapter_facts, adapter_vllm
 
@@ -757,31 +760,31 @@ def vllm_plan(targets: list[str | Path], host: str, port: int) -> VllmPlan:
     names = [r.recipe.name for r in runs]
     if len(set(names)) != len(names):
         problems.append(f"two runs share a name ({', '.join(names)}); vLLM selects adapters by name")
+    if base_name(runs[0]) in names:
+        problems.append(f"a run is named like the base ({base_name(runs[0])}); vLLM could not tell them apart")
     if problems:
         raise UserError(problems)
-    first = runs[0].recipe.model
-    command = ["vllm", "serve", first.base, "--host", host, "--port", str(port), "--enable-lora",
-               "--max-lora-rank", str(max(ranks)), "--max-loras", str(len(runs)), "--lora-modules",
-               *[f"{r.recipe.name}={r.adapter}" for r in runs]]  # fmt: skip
-    if first.revision:
-        command += ["--revision", first.revision]
-    if first.trust_remote_code:
-        command.append("--trust-remote-code")
-    facts = adapter_facts(runs[0])
-    if facts["quantization_in_training"] != "none":
+    first = runs[0]
+    template = first.adapter / "chat_template.jinja"
+    launch = Launch(
+        base=first.recipe.model.base, base_name=base_name(first), dtype=first.recipe.model.dtype,
+        chat_template=template if template.is_file() else None,
+        adapters=tuple(Adapter(r.recipe.name, r.adapter) for r in runs), max_lora_rank=max(ranks),
+        host=host, port=port, revision=first.recipe.model.revision,
+        trust_remote_code=first.recipe.model.trust_remote_code,
+    )  # fmt: skip
+    python = find_python()
+    cmd = command(launch, python, platform_of(python))
+    notes += cmd.notes
+    if adapter_facts(first)["quantization_in_training"] != "none":
         notes.append(
             "vLLM serves the base unquantized (or with its own quantization), not the bitsandbytes 4-bit base used in training"
         )
-    return VllmPlan(command, max(ranks), notes)
+    return VllmPlan(cmd.argv, max(ranks), notes, cmd.env)
 
 
 def run_vllm(plan: VllmPlan, api_key: str | None) -> int:
-    """Start vLLM (its API key through VLLM_API_KEY, never on the command line); UserError if it is not installed."""
-    import os
-    import subprocess
+    """Start vLLM (its API key through VLLM_API_KEY, never on the command line); stops with us, waited for."""
+    from finetune.inference.vllm import VllmCommand, run
 
-    if shutil.which("vllm") is None:
-        raise UserError(["vLLM is not installed here (pip install vllm, on a machine with a GPU); its command is:",
-                         plan.shell()])  # fmt: skip
-    env = {**os.environ, **({"VLLM_API_KEY": api_key} if api_key else {})}
-    return subprocess.call(plan.command, env=env)
+    return run(VllmCommand(plan.command, plan.env, plan.notes), api_key)

@@ -73,7 +73,10 @@ def test_a_prompt_without_room_for_the_completion_is_dropped_never_cut(tmp_path,
 
 def test_nothing_left_to_prompt_says_why(tmp_path, tiny_tokenizer_dir, tokenizer):
     r = recipe(tmp_path, tiny_tokenizer_dir, tiny.reverse_rows(3), max_seq_length=10)
-    with pytest.raises(DataError, match=r"no training prompts left: 3 longer than data\.max_seq_length allows"):
+    with pytest.raises(
+        DataError,
+        match=r"no training prompts left: 3 longer than data\.max_seq_length \(10\) minus train\.grpo\.max_completion_length \(8\) allows",
+    ):
         prepare_prompts(r, tokenizer)
 
 

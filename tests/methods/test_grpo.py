@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import preference_runs
 import pytest
 from helpers import finetune
 from shared_grpo import grpo_recipe
@@ -17,6 +18,7 @@ from finetune.errors import RecipeError, TrainingInterrupted
 from finetune.recipe.load import load_recipe
 
 _BUILT: dict[str, tuple] = {}
+parent = preference_runs.parent  # the SFT run GRPO continues: a fixture shared with the preference tests
 
 
 @pytest.fixture(scope="module")
