@@ -119,7 +119,7 @@ def _gguf_into(run: Run, tmp: Path, dtype_name: str | None, quants: list[str], p
     merged.mkdir()
     check, _ = merge_into(run, merged, dtype_name, progress)
     progress(f"converting to GGUF ({', '.join(quants)}) with llama.cpp's converter, then verifying with llama.cpp")
-    report = gguf.build(run, merged, tmp, quants, run.recipe.eval.max_new_tokens)
+    report = gguf.build(run, merged, tmp, quants, progress)
     shutil.rmtree(merged)
     write_json_atomic(tmp / "gguf.json", report)
     return check, {"format": "gguf", "adapter": adapter_facts(run), "targets": gguf.compat(report)}

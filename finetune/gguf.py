@@ -38,8 +38,23 @@ UNQUANTIZED = ("f32", "f16")  # written by the converter itself; must answer exa
 # quantized types: the share of held-out answers that must equal eval's. q8_0 is llama.cpp's near-lossless
 # type (8 bits per weight plus a scale per 32); q4_k_m trades answers for size, and says by how much.
 MIN_AGREEMENT = {"q8_0": 0.9, "q4_k_m": 0.5}
-FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+FTYPES = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 CONVERTER_TAIL = 15  # lines of the converter's output shown when it fails
+REFUSED = "finetune: refused: "  # how the driver marks a vocabulary it will not guess a pre-tokenizer for
+
+
+class GGUFCheckError(RuntimeError):
+    """A GGUF file did not answer as eval did (figures in `report`): exit 1, nothing written."""
+
+    exit_code = 1
+
+    def __init__(self, failures: list[str], report: dict[str, Any]):
+        super().__init__("\n".join(["the GGUF export failed its verification (generating with llama.cpp):", *failures]))
+        self.report = report
+
+
+class ConversionError(RuntimeError):
+    """llama.cpp's converter or quantizer failed on a model it was expected to take: exit 1, with its output."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +121,9 @@ def get_vocab_base_pre(self, tokenizer):
         return known(self, tokenizer)
     except NotImplementedError:
         if not pre:
-            raise NotImplementedError("BPE pre-tokenizer not recognised by llama.cpp, and not derivable: " + why)
+            print("finetune: refused: llama.cpp does not recognise this BPE vocabulary's pre-tokenizer, and finetune "
+                  "will not guess one: " + why, file=sys.stderr)
+            raise SystemExit(3)
         print("finetune: llama.cpp does not know this vocabulary's pre-tokenizer; using " + pre + ": " + why)
         return pre
 base.TextModel.get_vocab_base_pre = get_vocab_base_pre
@@ -123,8 +140,12 @@ def _convert(converter: Converter, script: Path, args: list[str], tokenizer_dir:
     argv = [sys.executable, "-c", _DRIVER, str(converter.root), str(script), pre or "", why, *args]
     done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "NO_LOCAL_GGUF": ""})
     if done.returncode != 0:
-        tail = (done.stdout + done.stderr).strip().splitlines()[-CONVERTER_TAIL:]
-        raise UserError([f"llama.cpp's {script.name} failed (exit {done.returncode}):", *tail])
+        output = (done.stdout + done.stderr).strip().splitlines()
+        refused = [line.removeprefix(REFUSED) for line in output if line.startswith(REFUSED)]
+        if refused:  # the input cannot be converted soundly: the user's to change (another tokenizer), exit 2
+            raise UserError(f"{tokenizer_dir}: cannot be converted to GGUF: {refused[0]}")
+        raise ConversionError("\n".join([f"llama.cpp's {script.name} failed (exit {done.returncode}):",
+                                         *output[-CONVERTER_TAIL:]]))  # fmt: skip
 
 
 def convert_model(converter: Converter, model_dir: Path, out: Path, outtype: str) -> Path:
@@ -142,7 +163,7 @@ def convert_adapter(converter: Converter, adapter_dir: Path, base_dir: Path, out
 
 
 def quantize(source: Path, out: Path, quant: str) -> Path:
-    """llama.cpp's quantizer (llama_model_quantize) from an f32 GGUF to `quant`."""
+    """llama.cpp's quantizer (llama_model_quantize) from an f32 GGUF to `quant` (f16 too: one path for both forms)."""
     import ctypes
 
     import llama_cpp
@@ -151,7 +172,7 @@ def quantize(source: Path, out: Path, quant: str) -> Path:
     params.ftype = getattr(llama_cpp, FTYPES[quant])
     code = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
     if code != 0 or not out.is_file():
-        raise UserError(f"llama.cpp's quantizer failed for {quant} (code {code}) on {source}")
+        raise ConversionError(f"llama.cpp's quantizer failed for {quant} (code {code}) on {source}")
     return out
 
 
@@ -166,46 +187,91 @@ class Case:
     expected: str
 
 
-def open_llama(model: Path, adapter: Path | None = None, context: int = 2048):
-    """llama.cpp (llama-cpp-python) on one GGUF, optionally with a GGUF LoRA adapter; all logits kept."""
+def open_llama(model: Path, context: int, adapter: Path | None = None):
+    """llama.cpp (llama-cpp-python) on one GGUF, optionally with a GGUF LoRA adapter, every position's logits kept.
+
+    `context` is the run's own (context()), so llama.cpp runs the model as training and eval did.
+    """
     try:
+        import llama_cpp.llama_cpp as native
         from llama_cpp import Llama
     except ImportError:
         raise UserError(
             "verifying a GGUF needs llama-cpp-python in this environment: run `bash scripts/setup_engines.sh llama`"
         ) from None
-    return Llama(model_path=str(model), lora_path=str(adapter) if adapter else None, n_ctx=context,
-                 logits_all=True, verbose=False, seed=0, n_threads=max(1, min(os.cpu_count() or 1, 4)))  # fmt: skip
+    # llama.cpp's "extra buffer types" repack weights for the CPU's widest kernels, AMX among them when the CPU
+    # advertises it. Virtual machines that advertise AMX without enabling its tile state (this project's CPU
+    # machines) die of SIGILL in the q8_0/q4_k kernels, taking finetune with them. The verification checks the
+    # file, not a kernel: it runs llama.cpp's plain CPU kernels. Llama() offers no switch, so its default model
+    # parameters are swapped for the load alone.
+    default = native.llama_model_default_params
+
+    def params() -> Any:
+        chosen = default()
+        chosen.use_extra_bufts = False
+        return chosen
+
+    native.llama_model_default_params = params
+    try:
+        return Llama(model_path=str(model), lora_path=str(adapter) if adapter else None, n_ctx=context,
+                     n_batch=context, logits_all=True, verbose=False, seed=0, n_threads=_threads(model))  # fmt: skip
+    finally:
+        native.llama_model_default_params = default
+
+
+SMALL_MODEL_BYTES = 256 * 2**20
+
+
+def _threads(model: Path) -> int:
+    """One thread for a small model: its matrices are too small to split, and ggml's threads meet at a barrier
+    after every operation (measured on the quickstart under load: 30 tokens in 0.14 s on one thread, 4.5 s on
+    two); up to 4 for a real one."""
+    return 1 if model.stat().st_size < SMALL_MODEL_BYTES else max(1, min(os.cpu_count() or 1, 4))
+
+
+def context(model_dir: Path, max_seq_length: int, max_new: int) -> int:
+    """llama.cpp's n_ctx: the run's max_seq_length plus eval's max_new_tokens, within the model's own context."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    trained = config.get("max_position_embeddings") or config.get("n_positions")
+    wanted = max_seq_length + max_new
+    return min(wanted, trained) if trained else wanted
 
 
 def _greedy(llm: Any, ids: list[int], stop: set[int], max_new: int) -> list[int]:
+    """Greedy decoding as eval does it (argmax of each next-token logit row, stop ids excluded), no sampler."""
+    import numpy as np
+
     out: list[int] = []
     llm.reset()
-    for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
-        if token in stop or len(out) == max_new:
+    llm.eval(ids)
+    while len(out) < max_new:
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        if token in stop:
             break
         out.append(token)
+        llm.eval([token])
     return out
 
 
-def _logits(llm: Any, ids: list[int]) -> Any:
+def _logits(llm: Any, ids: list[int], start: int) -> Any:
+    """Logits of every position from `start` on, teacher-forced over `ids` (float64)."""
     import numpy as np
 
     llm.reset()
     llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float64)
+    return np.array(llm.scores[start : len(ids)], dtype=np.float64)
 
 
 def verify(
-    llm: Any, tokenizer: Any, cases: list[Case], stop: list[int], max_new: int, reference: Any = None
+    llm: Any, tokenizer: Any, cases: list[Case], stop: list[int], max_new: int, reference: list[Any] | None = None
 ) -> dict[str, Any]:
     """Greedy answers of llama.cpp vs eval's, token ids vs the run's tokenizer, and logits vs `reference`'s.
 
-    `reference`: another llama.cpp model (the f32 conversion) whose logits over prompt + eval's answer are
-    the yardstick for a quantized file's largest logit difference.
+    `reference`: per case, the f32 conversion's logits over prompt + eval's answer (reference_logits), the
+    yardstick for a quantized file's largest logit difference.
     """
     started = time.perf_counter()
-    agreed, token_mismatch, rows, max_diff = 0, [], [], 0.0
+    agreed, token_mismatch, rows, max_diff, same, positions = 0, [], [], 0.0, 0, 0
     for i, case in enumerate(cases):
         ours = tokenizer(case.prompt, add_special_tokens=False)["input_ids"]
         theirs = llm.tokenize(case.prompt.encode("utf-8"), add_bos=False, special=True)
@@ -215,10 +281,11 @@ def verify(
         agreed += answer == case.expected
         rows.append({"prompt": case.prompt, "expected": case.expected, "llama_cpp": answer})
         if reference is not None:
-            ids = ours + tokenizer(case.expected, add_special_tokens=False)["input_ids"]
-            start = len(ours) - 1
-            diff = abs(_logits(llm, ids)[start:] - _logits(reference, ids)[start:]).max()
-            max_diff = max(max_diff, float(diff))
+            ids, start = _teacher_forced(tokenizer, case)
+            logits = _logits(llm, ids, start)
+            max_diff = max(max_diff, float(abs(logits - reference[i]).max()))
+            same += int((logits.argmax(-1) == reference[i].argmax(-1)).sum())
+            positions += len(logits)
     return {
         "prompts": len(cases),
         "agreed": agreed,
@@ -226,21 +293,41 @@ def verify(
         "token_ids_equal": not token_mismatch,
         "token_mismatch_prompts": token_mismatch,
         "max_logit_diff_vs_f32": max_diff if reference is not None else None,
+        "argmax_agreement_vs_f32": same / max(positions, 1) if reference is not None else None,
         "seconds": round(time.perf_counter() - started, 2),
         "answers": rows,
     }
 
 
-def judge(quant: str, check: dict[str, Any]) -> tuple[bool, str]:
-    """Pass/fail and the sentence that says why, from verify()'s figures."""
+def _teacher_forced(tokenizer: Any, case: Case) -> tuple[list[int], int]:
+    """Prompt + eval's answer as ids, and the first position whose logits predict an answer token."""
+    prompt = tokenizer(case.prompt, add_special_tokens=False)["input_ids"]
+    return prompt + tokenizer(case.expected, add_special_tokens=False)["input_ids"], len(prompt) - 1
+
+
+def reference_logits(llm: Any, tokenizer: Any, cases: list[Case]) -> list[Any]:
+    """The f32 conversion's logits over each case's prompt + eval's answer (what quantized files are held to)."""
+    return [_logits(llm, *_teacher_forced(tokenizer, case)) for case in cases]
+
+
+def judge(quant: str, check: dict[str, Any], form: str = "merged") -> tuple[bool, str]:
+    """Pass/fail and the sentence that says why, from verify()'s figures.
+
+    The base alone, quantized, is reported and not held to MIN_AGREEMENT: it answers the held-out prompts with
+    max_new_tokens of text that never stops, where one changed token anywhere changes the whole answer; what
+    ships with it (base + adapter) is held to it.
+    """
     figures = f"{check['agreed']}/{check['prompts']} answers equal eval's"
     if check["max_logit_diff_vs_f32"] is not None:
-        figures += f", largest logit difference from f32 {check['max_logit_diff_vs_f32']:.4g}"
+        figures += (f", largest logit difference from f32 {check['max_logit_diff_vs_f32']:.4g}, greedy token as "
+                    f"f32's at {check['argmax_agreement_vs_f32']:.1%} of eval's answer positions")  # fmt: skip
     if not check["token_ids_equal"]:
         return (
             False,
             f"llama.cpp tokenizes prompts {check['token_mismatch_prompts']} differently from the run ({figures})",
         )
+    if form == "base" and quant not in UNQUANTIZED:
+        return True, f"{quant}: {figures} (reported, not judged: the base's answers never stop)"
     need = 1.0 if quant in UNQUANTIZED else MIN_AGREEMENT[quant]
     if check["agreement"] < need:
         return False, f"{quant}: {figures}; needs {need:.0%}"
@@ -374,76 +461,95 @@ def base_dir(base: str, revision: str | None) -> Path:
         raise UserError(f"model.base {base}: not in the local hub cache, which the GGUF adapter needs ({e})") from None
 
 
-def build(run: Any, merged: Path, out: Path, quants: list[str], max_new: int) -> dict[str, Any]:
-    """Every GGUF file of the export, each verified; a failed check raises UserError with its figures."""
+def build(run: Any, merged: Path, out: Path, quants: list[str], progress: Any) -> dict[str, Any]:
+    """Every GGUF file of the export, each verified; a failed check raises GGUFCheckError with its figures."""
     from transformers import AutoTokenizer
 
     converter = find_converter()
     tokenizer = AutoTokenizer.from_pretrained(run.adapter)
     stop_ids, stop_texts = stop_tokens(tokenizer, merged)
-    tuned, base_answers = cases_of(run.dirs.eval / "examples.jsonl", "tuned"), None
-    report: dict[str, Any] = {"converter": str(converter.root), "files": {}, "seconds": {}}
-    started = time.perf_counter()
-    f32 = convert_model(converter, merged, out / "model-f32.gguf", "f32")
-    base_f32 = convert_model(converter, base_dir(run.recipe.model.base, run.recipe.model.revision),
-                             out / "base-f32.gguf", "f32")  # fmt: skip
-    adapter = convert_adapter(converter, run.adapter, base_dir(run.recipe.model.base, run.recipe.model.revision),
-                              out / "adapter-f32.gguf", "f32")  # fmt: skip
-    report["seconds"]["convert"] = round(time.perf_counter() - started, 2)
+    max_new = run.recipe.eval.max_new_tokens
+    n_ctx = context(merged, run.recipe.data.max_seq_length, max_new)
+    examples = run.dirs.eval / "examples.jsonl"
+    answers = {"tuned": cases_of(examples, "tuned"), "base": None}
     with contextlib.suppress(UserError):  # a run evaluated without the base: no base answers to check
-        base_answers = cases_of(run.dirs.eval / "examples.jsonl", "base")
-    reference = open_llama(f32)
+        answers["base"] = cases_of(examples, "base")
+    report: dict[str, Any] = {"converter": str(converter.root), "context": n_ctx, "max_new_tokens": max_new,
+                              "convert_seconds": {}, "files": {}}  # fmt: skip
+    base = base_dir(run.recipe.model.base, run.recipe.model.revision)
+    timed = _timer(report["convert_seconds"], progress)
+    f32 = timed("model-f32.gguf", lambda p: convert_model(converter, merged, p, "f32"), out)
+    base_f32 = timed("base-f32.gguf", lambda p: convert_model(converter, base, p, "f32"), out)
+    adapter = timed("adapter-f32.gguf", lambda p: convert_adapter(converter, run.adapter, base, p, "f32"), out)
+    references = _references(f32, base_f32, n_ctx, tokenizer, answers, quants)
     failures = []
     for quant in quants:
-        started = time.perf_counter()
-        model = f32 if quant == "f32" else _made(converter, merged, f32, out / f"model-{quant}.gguf", quant)
-        base = base_f32 if quant == "f32" else _made(converter, None, base_f32, out / f"base-{quant}.gguf", quant)
-        made = round(time.perf_counter() - started, 2)
+        made: dict[str, float] = {}
+        make = _timer(made, progress)
+        model = f32 if quant == "f32" else make(f"model-{quant}.gguf", lambda p, q=quant: quantize(f32, p, q), out)
+        base_q = (
+            base_f32 if quant == "f32" else make(f"base-{quant}.gguf", lambda p, q=quant: quantize(base_f32, p, q), out)
+        )
         checks = {}
-        for form, path, extra, cases in (("merged", model, None, tuned), ("base+adapter", base, adapter, tuned),
-                                         ("base", base, None, base_answers)):  # fmt: skip
-            if cases is None:
+        for form, path, lora, which in (("merged", model, None, "tuned"), ("base+adapter", base_q, adapter, "tuned"),
+                                        ("base", base_q, None, "base")):  # fmt: skip
+            if answers[which] is None:
                 continue
-            llm = reference if path == f32 else open_llama(path, extra)
-            check = verify(llm, tokenizer, cases, stop_ids, max_new, None if quant in UNQUANTIZED else reference)
-            check["passed"], check["verdict"] = judge(quant, check)
+            with contextlib.closing(open_llama(path, n_ctx, lora)) as llm:
+                check = verify(llm, tokenizer, answers[which], stop_ids, max_new,
+                               None if quant in UNQUANTIZED else references[which])  # fmt: skip
+            check["passed"], check["verdict"] = judge(quant, check, form)
+            progress(f"{quant} {form}: {check['verdict']} ({check['seconds']:.1f} s)")
             checks[form] = check
             if not check["passed"]:
                 failures.append(f"{form} {path.name}: {check['verdict']}")
-        report["files"][quant] = {"model": model.name, "base": base.name, "adapter": adapter.name,
+        report["files"][quant] = {"model": model.name, "base": base_q.name, "adapter": adapter.name,
+                                  "bytes": {p.name: p.stat().st_size for p in (model, base_q, adapter)},
                                   "make_seconds": made, "checks": checks}  # fmt: skip
     if failures:
-        raise UserError(["the GGUF export failed its verification (generating with llama.cpp):", *failures])
-    family = template_family(tokenizer)
-    first = report["files"][quants[0]]
-    merged_file, merged_notes = modelfile(first["model"], family, stop_texts)
-    adapter_file, _ = modelfile(first["base"], family, stop_texts, adapter.name)
-    (out / "Modelfile").write_text(merged_file, encoding="utf-8")
-    (out / "Modelfile.adapter").write_text(adapter_file, encoding="utf-8")
-    report.update(template_family=family, stop_tokens=stop_texts, modelfile_notes=merged_notes,
-                  tokenizer_pre=_pre_of(run.adapter), llama_cpp_python=_llama_version())  # fmt: skip
+        raise GGUFCheckError(failures, report)
+    if "f32" not in quants:  # the quantizer's source, not asked for: as large as the model in float32
+        f32.unlink()
+        base_f32.unlink()
+    _modelfiles(report, out, template_family(tokenizer), stop_texts)
+    report.update(tokenizer_pre=_pre_of(run.adapter), llama_cpp_python=_llama_version())
     return report
 
 
-def _made(converter: Converter, merged: Path | None, f32: Path, out: Path, quant: str) -> Path:
-    """f16 by the converter itself from the model directory (f32 GGUF for a base without one), others quantized."""
-    if quant == "f16" and merged is not None:
-        return convert_model(converter, merged, out, "f16")
-    if quant == "f16":
-        return _quantize_f16(f32, out)
-    return quantize(f32, out, quant)
+def _timer(into: dict[str, float], progress: Any) -> Any:
+    """make(name, write, out): write out/name, record its seconds in `into`, say so; returns the path."""
+
+    def make(name: str, write: Any, out: Path) -> Path:
+        started = time.perf_counter()
+        path = write(out / name)
+        into[name] = round(time.perf_counter() - started, 2)
+        progress(f"wrote {name} ({path.stat().st_size / 1e6:.1f} MB) in {into[name]:.1f} s")
+        return path
+
+    return make
 
 
-def _quantize_f16(source: Path, out: Path) -> Path:
-    import ctypes
+def _references(f32: Path, base_f32: Path, n_ctx: int, tokenizer: Any, answers: dict, quants: list[str]) -> dict:
+    """The f32 files' logits over eval's answers (merged for the tuned answers, base for the base's), if needed."""
+    if all(q in UNQUANTIZED for q in quants):
+        return {}
+    refs = {}
+    for which, path in (("tuned", f32), ("base", base_f32)):
+        if answers[which] is not None:
+            with contextlib.closing(open_llama(path, n_ctx)) as llm:
+                refs[which] = reference_logits(llm, tokenizer, answers[which])
+    return refs
 
-    import llama_cpp
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_F16
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
-        raise UserError(f"llama.cpp's quantizer failed for f16 on {source}")
-    return out
+def _modelfiles(report: dict[str, Any], out: Path, family: str | None, stops: list[str]) -> None:
+    """Modelfile (the merged model) and Modelfile.adapter (base + GGUF adapter), for the first --quant asked."""
+    first = next(iter(report["files"].values()))
+    merged_text, notes = modelfile(first["model"], family, stops)
+    adapter_text, _ = modelfile(first["base"], family, stops, first["adapter"])
+    (out / "Modelfile").write_text(merged_text, encoding="utf-8")
+    (out / "Modelfile.adapter").write_text(adapter_text, encoding="utf-8")
+    report.update(template_family=family, stop_tokens=stops, modelfile_notes=notes,
+                  modelfiles={"Modelfile": first["model"], "Modelfile.adapter": f"{first['base']} + {first['adapter']}"})  # fmt: skip
 
 
 def _pre_of(tokenizer_dir: Path) -> dict[str, Any]:
@@ -480,7 +586,8 @@ def compat(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         },
         "ollama": {
             "works": None,
-            "summary": "not run (no Ollama here); the Modelfile is written"
+            "summary": "not checked: Ollama is not installed here, so no `ollama create` was run; the Modelfiles "
+            "are written"
             + (f" with finetune's {report['template_family']} template" if report["template_family"] else ""),
             "reasons": ollama_reasons,
             "command": "ollama create NAME -f Modelfile",

@@ -107,6 +107,7 @@ def _progress(as_json: bool) -> Callable[[str], None] | None:
 @contextlib.contextmanager
 def _merge_check_reported(as_json: bool) -> Iterator[None]:
     """A failed merge check exits 1 with its message, and with --json prints the check's figures too."""
+    from finetune.gguf import ConversionError, GGUFCheckError
     from finetune.merge import MergeCheckError
 
     try:
@@ -114,6 +115,12 @@ def _merge_check_reported(as_json: bool) -> Iterator[None]:
     except MergeCheckError as e:
         if as_json:
             typer.echo(json.dumps({"passed": False, "check": e.check}, indent=2))
+        raise fail(f"error: {e}", 1) from None
+    except GGUFCheckError as e:  # the figures of every file and form, not only the failing one
+        if as_json:
+            typer.echo(json.dumps({"passed": False, "gguf": e.report}, indent=2))
+        raise fail(f"error: {e}", 1) from None
+    except ConversionError as e:
         raise fail(f"error: {e}", 1) from None
 
 

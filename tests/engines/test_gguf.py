@@ -3,50 +3,71 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
-from engine_runs import examples, meaningful
+from engine_runs import ROOT, examples, meaningful
 
 from finetune.errors import UserError
 
 pytestmark = pytest.mark.engines
+QUANTS = ("f16", "q8_0", "q4_k_m")
+
+
+def _export(run, out, *quants: str) -> subprocess.CompletedProcess:
+    flags = [arg for q in quants for arg in ("--quant", q)]
+    return subprocess.run([sys.executable, "-m", "finetune.cli", "export", str(run), "--format", "gguf", *flags,
+                           "--out", str(out), "--json"], capture_output=True, text=True)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def exported(quickstart_run, tmp_path_factory):
+def converter():
     from finetune.gguf import find_converter
 
     try:
-        find_converter()
         import llama_cpp  # noqa: F401
+
+        return find_converter()
     except (UserError, ImportError) as e:
-        pytest.skip(f"llama.cpp not installed ({e}); run bash scripts/setup_engines.sh")
+        pytest.skip(f"llama.cpp not installed ({e}); run bash scripts/setup_engines.sh llama")
+
+
+@pytest.fixture(scope="module")
+def exported(converter, quickstart_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf") / "export"
-    done = subprocess.run([sys.executable, "-m", "finetune.cli", "export", str(quickstart_run), "--format", "gguf",
-                           "--quant", "f16", "--quant", "q8_0", "--out", str(out), "--json"],
-                          capture_output=True, text=True)  # fmt: skip
+    done = _export(quickstart_run, out, *QUANTS)
     assert done.returncode == 0, done.stderr[-4000:]
     return out, json.loads(done.stdout)
 
 
-def test_f16_answers_exactly_as_eval_and_q8_0_reports_its_agreement(exported, quickstart_run):
+def test_f16_answers_exactly_as_eval_and_quantized_types_report_their_figures(exported, quickstart_run):
     out, result = exported
-    meaningful(examples(quickstart_run))
+    rows = examples(quickstart_run)
+    meaningful(rows)
     report = json.loads((out / "gguf.json").read_text())
-    f16, q8 = report["files"]["f16"], report["files"]["q8_0"]
+    assert report["context"] == 64 + 32  # the run's max_seq_length + eval's max_new_tokens, within the model's 512
+    f16 = report["files"]["f16"]
     for form in ("merged", "base+adapter", "base"):
         check = f16["checks"][form]
-        assert check["agreed"] == check["prompts"] == len(examples(quickstart_run)), (form, check["verdict"])
-        assert check["token_ids_equal"]
-        assert 0.9 <= q8["checks"][form]["agreement"] <= 1.0
-        assert q8["checks"][form]["max_logit_diff_vs_f32"] is not None
-    for name in (f16["model"], f16["base"], f16["adapter"], q8["model"], q8["base"]):
-        assert (out / name).read_bytes()[:4] == b"GGUF"
+        assert check["agreed"] == check["prompts"] == len(rows), (form, check["verdict"])
+        assert check["token_ids_equal"] and check["max_logit_diff_vs_f32"] is None
+        for quant in ("q8_0", "q4_k_m"):
+            q = report["files"][quant]["checks"][form]
+            assert q["passed"] and 0 < q["max_logit_diff_vs_f32"] < 5 and 0.5 <= q["argmax_agreement_vs_f32"] <= 1
+    assert report["files"]["q8_0"]["checks"]["merged"]["agreement"] >= 0.9
+    for quant in QUANTS:
+        files = report["files"][quant]
+        for name in (files["model"], files["base"], files["adapter"]):
+            assert (out / name).read_bytes()[:4] == b"GGUF" and files["bytes"][name] == (out / name).stat().st_size
+    assert not (out / "model-f32.gguf").exists()  # the quantizer's source, not asked for
+    sizes = {q: report["files"][q]["bytes"][f"model-{q}.gguf"] for q in QUANTS}
+    assert sizes["f16"] > sizes["q8_0"] > sizes["q4_k_m"]
     assert report["tokenizer_pre"]["name"] == "gpt-2"  # the quickstart's byte-level BPE llama.cpp does not know
-    assert result["compat"]["targets"]["llama_cpp"]["works"] is True
-    assert result["compat"]["targets"]["ollama"]["works"] is None  # not run here: no Ollama
+    targets = result["compat"]["targets"]
+    assert targets["llama_cpp"]["works"] is True
+    assert targets["ollama"]["works"] is None and "not installed" in targets["ollama"]["summary"]
 
 
 def test_the_modelfiles_carry_the_template_and_the_stop_token(exported):
@@ -57,3 +78,30 @@ def test_the_modelfiles_carry_the_template_and_the_stop_token(exported):
     for text in (merged, adapter):
         assert "<|im_start|>{{ .Role }}" in text  # the quickstart's template renders as chatml
         assert 'PARAMETER stop "<|im_end|>"' in text
+
+
+def test_a_gguf_that_does_not_answer_as_eval_did_fails_the_export_with_its_figures(converter, quickstart_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(quickstart_run, run)
+    lines = (run / "eval" / "examples.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["tuned"] += " (not what the model said)"
+    (run / "eval" / "examples.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    done = _export(run, tmp_path / "out", "f16")
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"merged model-f16.gguf: f16: {len(lines) - 1}/{len(lines)} answers equal eval's; needs 100%" in done.stderr
+    failed = json.loads(done.stdout)
+    assert failed["passed"] is False and failed["gguf"]["files"]["f16"]["checks"]["base"]["passed"]
+    assert not (tmp_path / "out").exists()  # nothing that looks complete is left behind
+
+
+def test_a_vocabulary_llama_cpp_does_not_know_and_we_cannot_derive_is_refused_with_the_reason(converter, tmp_path):
+    from finetune.gguf import convert_model
+
+    model = tmp_path / "model"
+    shutil.copytree(ROOT / "assets" / "quickstart" / "model", model)
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    tokenizer["normalizer"] = {"type": "NFKC"}
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(UserError, match=r"cannot be converted to GGUF: .*normalizer \(NFKC\)"):
+        convert_model(converter, model, tmp_path / "m.gguf", "f32")
