@@ -81,6 +81,9 @@ def _check(agreed: int, prompts: int = 10, tokens: bool = True) -> dict:
 def test_unquantized_files_must_agree_on_every_prompt_and_quantized_on_their_share():
     assert judge("f16", _check(10))[0] and not judge("f16", _check(9))[0]
     assert judge("q8_0", _check(9))[0] and not judge("q8_0", _check(8))[0]
+    assert not judge("f16", _check(9), "base")[0]  # the base alone, unquantized, must still answer exactly
+    ok, why = judge("q4_k_m", _check(3), "base")  # quantized: its never-stopping answers are reported, not judged
+    assert ok and "3/10" in why and "not judged" in why
     ok, why = judge("q8_0", _check(10, tokens=False))
     assert not ok and "tokenizes prompts [3]" in why
 
