@@ -195,7 +195,7 @@ def _act_on_checks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, train: li
     leak = next((f for f in result.findings if f.kind == "leakage"), None)
     if data.leakage == "error" and leak is not None:
         raise DataError(f"data.leakage: error: {leak.rows} {leak.detail}, first: {'; '.join(leak.examples)}")
-    drop = checks.to_drop(result, train, held_out, data.dedup, data.leakage, data.near_duplicate_threshold)
+    drop = checks.to_drop(result, data.dedup, data.leakage)
     stats.checks = result.to_dict() | {"summary": result.summary()}
     keep = [i for i in range(len(train)) if i not in drop]
     return [train[i] for i in keep], [encoded[i] for i in keep]

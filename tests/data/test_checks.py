@@ -43,8 +43,8 @@ def test_each_planted_problem_is_found_with_its_rows():
 
 def test_dedup_and_leakage_drop_name_the_training_rows():
     result, _ = _found()
-    assert to_drop(result, TRAIN, HELD, "exact", "warn", 0.85) == {1}
-    assert to_drop(result, TRAIN, HELD, "near", "drop", 0.85) == {0, 1, 2, 5}
+    assert to_drop(result, "exact", "warn") == {1}
+    assert to_drop(result, "near", "drop") == {0, 1, 2, 5}
     assert result.dropped == {"duplicates": 2, "leakage": 2}
 
 
@@ -91,3 +91,20 @@ def test_prepare_drops_or_stops_as_the_recipe_says(tmp_path):
     recipe = load_recipe("recipes/quickstart.yaml", [*base, "data.leakage=error"])
     with pytest.raises(DataError, match="leakage"):
         prepare_data(recipe, load_tokenizer(recipe), use_cache=False)
+
+
+def test_report_html_lists_each_finding_with_its_first_rows():
+    from finetune.report import render
+
+    result, _ = _found()
+    to_drop(result, "exact", "warn")
+    data = {"train_rows": 8, "checks": result.to_dict() | {"summary": result.summary()}}
+    page = render({"name": "r", "status": "completed", "data": data}, [], None)
+    section = page[page.index("<h2>Data checks</h2>") : page.index("<h2>", page.index("<h2>Data checks</h2>") + 5)]
+    for f in result.findings:
+        assert f'<td>{f.kind.replace("_", " ")}</td><td class="n">{f.rows:,}</td>' in section
+    assert "<td>t.jsonl:2 = t.jsonl:1</td>" in section and "e.jsonl:1 = t.jsonl:1" in section
+    assert "Dropped before training: 1 duplicates" in section
+    clean = render({"name": "r", "data": {"checks": {"findings": []}}}, [], None)
+    assert "<h2>Data checks</h2><p>No findings" in clean
+    assert "Data checks" not in render({"name": "r", "data": {}}, [], None)  # a run from before the checks
