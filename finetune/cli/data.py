@@ -9,6 +9,8 @@ import typer
 from finetune.cli.common import JsonOpt, RecipeArg, SetOpt, console, echo_json, fail, handles_errors
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from finetune.data.inspect import DataResult, Example, PairExample, PromptExample
     from finetune.data.preference import PreferenceStats
     from finetune.data.prepare import DataStats, SourceStats
@@ -103,8 +105,7 @@ def _print_sft_data(result: DataResult, examples: list[Example], color: bool | N
         ("tokens trained / total", f"{s.trained_tokens:,} / {s.train_tokens:,} ({trained_share:.1%})"),
     ):
         table.add_row(label, str(value))
-    for f in (s.checks or {}).get("findings", []):
-        table.add_row(f"check: {f['kind']}", f"{f['rows']} rows ({f['detail']}); first: {', '.join(f['examples'])}")
+    _add_findings(table, s.checks)
     out.print(table)
     peak = max((n for _, _, n in result.histogram), default=1)
     out.print("token length histogram (training rows, before truncation)")
@@ -121,6 +122,16 @@ def _print_sft_data(result: DataResult, examples: list[Example], color: bool | N
             else:
                 text.append(piece, style="bold green" if trained else "dim")
         out.print(text)
+
+
+def _add_findings(table: Table, checks: dict | None) -> None:
+    """One row per data-check finding: kind, rows, figures, the first rows as file:row (as Text: a finding
+    quoting `[INST]` is not rich markup)."""
+    from rich.text import Text
+
+    for f in (checks or {}).get("findings", []):
+        first = f"; first: {', '.join(f['examples'])}" if f["examples"] else ""
+        table.add_row(Text(f"check: {f['kind']}"), Text(f"{f['rows']} rows ({f['detail']}){first}"))
 
 
 def _print_preference_data(s: PreferenceStats, examples: list[PairExample]) -> None:
@@ -141,6 +152,7 @@ def _print_preference_data(s: PreferenceStats, examples: list[PairExample]) -> N
     table.add_row("pairs truncated until chosen == rejected (dropped)", str(s.truncated_identical))
     table.add_row(f"{unit} dropped", str(s.dropped))
     table.add_row("duplicates train/held-out", str(s.duplicates_train_eval))
+    _add_findings(table, s.checks)
     out.print(table)
     for e in examples:
         t = e.tokens
@@ -163,6 +175,7 @@ def _print_prompt_data(s: PromptStats, examples: list[PromptExample]) -> None:
     table.add_row("longest prompt + max_completion_length", str(s.max_seq_length))
     table.add_row("prompts dropped (over max_seq_length)", str(s.dropped))
     table.add_row("duplicates train/held-out", str(s.duplicates_train_eval))
+    _add_findings(table, s.checks)
     out.print(table)
     for e in examples:
         out.print(f"\n{e.where}: prompt {e.tokens} tokens")

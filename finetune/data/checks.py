@@ -11,11 +11,14 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from finetune.data.formats import Sample
 from finetune.data.near import Sketch
 from finetune.data.templates import IGNORE
+from finetune.errors import DataError
+
+Row = TypeVar("Row")
 
 EXAMPLES = 5  # rows named per finding
 OUTLIER_FACTOR = 8  # a row this many times the median token length is an outlier
@@ -94,18 +97,21 @@ def _file(where: str) -> str:
     return where.rsplit(":", 1)[0]
 
 
-def _finding(kind: str, rows: list[int], train: list[Sample], detail: str) -> Finding:
+def _finding(kind: str, rows: list[int], train: list[Any], detail: str) -> Finding:
     return Finding(kind, len(rows), detail, [train[i].where for i in rows[:EXAMPLES]], _by_file(rows, train))
 
 
-def _by_file(rows: list[int], samples: list[Sample]) -> dict[str, int]:
+def _by_file(rows: list[int], samples: list[Any]) -> dict[str, int]:
     out: dict[str, int] = defaultdict(int)
     for i in rows:
         out[_file(samples[i].where)] += 1
     return dict(out)
 
 
-def _share(rows: list[int], trained: list[int]) -> str:
+def _share(rows: list[int], trained: list[int] | None, n: int) -> str:
+    """The share of trained tokens the rows hold, or of the n rows where nothing is trained token by token."""
+    if trained is None:
+        return f"{len(rows) / max(n, 1):.1%} of rows"
     return f"{sum(trained[i] for i in rows) / max(sum(trained), 1):.1%} of trained tokens"
 
 
@@ -138,13 +144,16 @@ def near_duplicates(sketch: Sketch, threshold: float) -> dict[int, int]:
 def check(
     train: list[Sample],
     held_out: list[Sample],
-    encoded: Encoded,
+    encoded: Encoded | None,
     max_len: int,
     special_tokens: list[str],
     threshold: float,
 ) -> ChecksResult:
-    """Every finding over the training rows (and held-out rows for leakage), before anything is dropped."""
-    trained = [_trained(labels) for _, labels in encoded]
+    """Every finding over the training rows (and held-out rows for leakage), before anything is dropped.
+
+    Without `encoded` (GRPO prompts: nothing is trained on their tokens) truncation and length outliers
+    are left out and duplicates are measured in rows."""
+    trained = [_trained(labels) for _, labels in encoded] if encoded is not None else None
     texts = Texts.of(train)
     held = Texts.of(held_out)
     sketch = Sketch.of(held.wholes + texts.wholes)  # one pass for duplicates and leakage
@@ -155,21 +164,25 @@ def check(
         *_duplicates(train, exact, near, trained),
         *_leakage(train, held_out, leaks),
         *_contradictions(train, texts),
-        *_truncation(train, encoded, max_len),
+        *(_truncation(train, encoded, max_len) if encoded is not None else []),
         *_answers(train, texts),
-        *_outliers(train, encoded),
-        *_template_tokens(train, special_tokens),
+        *(_outliers(train, encoded) if encoded is not None else []),
+        *_template_tokens(train, [_raw_text(s) for s in train], special_tokens),
     ]
     findings = [f for f in findings if f.rows]
     matches = {"duplicates": set(exact), "near_duplicates": set(near), "leakage": set(leaks)}
     return ChecksResult(findings, _per_source(train, findings), matches=matches)
 
 
-def _duplicates(train: list[Sample], exact: dict[int, int], near: dict[int, int], trained: list[int]) -> list[Finding]:
+def _duplicates(
+    train: list[Any], exact: dict[int, int], near: dict[int, int], trained: list[int] | None
+) -> list[Finding]:
     out = []
     for kind, found in (("duplicates", exact), ("near_duplicates", near)):
         rows = sorted(found)
-        f = Finding(kind, len(rows), f"later copies; {_share(rows, trained)}", per_file=_by_file(rows, train))
+        f = Finding(
+            kind, len(rows), f"later copies; {_share(rows, trained, len(train))}", per_file=_by_file(rows, train)
+        )
         f.examples = [f"{train[i].where} = {train[found[i]].where}" for i in rows[:EXAMPLES]]
         out.append(f)
     return out
@@ -191,7 +204,7 @@ def leaked(train: Texts, held: Texts, sketch: Sketch, threshold: float) -> dict[
     return out
 
 
-def _leakage(train: list[Sample], held_out: list[Sample], found: dict[int, int]) -> list[Finding]:
+def _leakage(train: list[Any], held_out: list[Any], found: dict[int, int]) -> list[Finding]:
     rows = sorted(found)
     f = Finding("leakage", len(set(found.values())), f"held-out rows also in train ({len(rows)} training rows)")
     f.per_file = _by_file(rows, train)
@@ -273,17 +286,21 @@ def _outliers(train: list[Sample], encoded: Encoded) -> list[Finding]:
     return [_finding("length_outliers", rows, train, f"rows over {OUTLIER_FACTOR}x the median of {median} tokens")]
 
 
-def _template_tokens(train: list[Sample], special_tokens: list[str]) -> list[Finding]:
+def _raw_text(sample: Sample) -> str:
+    return "\n".join(c for _, c in sample.messages) if sample.is_chat else sample.prompt + "\n" + sample.completion
+
+
+def _template_tokens(rows: list[Any], texts: list[str], special_tokens: list[str]) -> list[Finding]:
+    """Rows (anything with `.where`) whose text holds a chat template's markers or the tokenizer's special tokens."""
     markers = sorted({*TEMPLATE_MARKERS, *(t for t in special_tokens if len(t) > 1)})
     pattern = re.compile("|".join(re.escape(m) for m in markers))
-    rows, seen = [], set()
-    for i, s in enumerate(train):
-        text = "\n".join(c for _, c in s.messages) if s.is_chat else s.prompt + "\n" + s.completion
+    found, seen = [], set()
+    for i, text in enumerate(texts):
         hits = pattern.findall(text)
         if hits:
-            rows.append(i)
+            found.append(i)
             seen.update(hits)
-    return [_finding("template_tokens", rows, train, f"message text holds template tokens: {', '.join(sorted(seen))}")]
+    return [_finding("template_tokens", found, rows, f"message text holds template tokens: {', '.join(sorted(seen))}")]
 
 
 def _per_source(train: list[Sample], findings: list[Finding]) -> dict[str, dict[str, int]]:
@@ -296,6 +313,21 @@ def _per_source(train: list[Sample], findings: list[Finding]) -> dict[str, dict[
         for name, n in f.per_file.items():
             out[name][f.kind] = n
     return out
+
+
+def act(result: ChecksResult, rows: list[Row], data: Any) -> list[Row]:
+    """What the recipe's data section asks of the findings: stop on `leakage: error`, drop per `dedup` and
+    `leakage: drop`; the findings and what was dropped go into `result` (the caller records it)."""
+    leak = next((f for f in result.findings if f.kind == "leakage"), None)
+    if data.leakage == "error" and leak is not None:
+        raise DataError(f"data.leakage: error: {leak.rows} {leak.detail}, first: {'; '.join(leak.examples)}")
+    drop = to_drop(result, data.dedup, data.leakage)
+    return [r for i, r in enumerate(rows) if i not in drop]
+
+
+def recorded(result: ChecksResult) -> dict[str, Any]:
+    """The findings as the manifest, the cache and `finetune data --json` keep them."""
+    return result.to_dict() | {"summary": result.summary()}
 
 
 def to_drop(result: ChecksResult, dedup: str, leakage: str) -> set[int]:

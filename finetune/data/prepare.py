@@ -189,15 +189,10 @@ def _act_on_checks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, train: li
     """Record the data checks' findings; drop what data.dedup / data.leakage ask, or stop on leakage: error."""
     from finetune.data import checks
 
-    data = recipe.data
     result = checks.check(train, held_out, encoded, max_len, list(tokenizer.all_special_tokens),
-                          data.near_duplicate_threshold)  # fmt: skip
-    leak = next((f for f in result.findings if f.kind == "leakage"), None)
-    if data.leakage == "error" and leak is not None:
-        raise DataError(f"data.leakage: error: {leak.rows} {leak.detail}, first: {'; '.join(leak.examples)}")
-    drop = checks.to_drop(result, data.dedup, data.leakage)
-    stats.checks = result.to_dict() | {"summary": result.summary()}
-    keep = [i for i in range(len(train)) if i not in drop]
+                          recipe.data.near_duplicate_threshold)  # fmt: skip
+    keep = checks.act(result, list(range(len(train))), recipe.data)
+    stats.checks = checks.recorded(result)
     return [train[i] for i in keep], [encoded[i] for i in keep]
 
 
