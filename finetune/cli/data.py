@@ -43,16 +43,16 @@ def data(
     from finetune.data.inspect import inspect_data
     from finetune.recipe.load import load_recipe
 
+    wanted = _fail_on_kinds(fail_on)  # a misspelled kind exits 2 before any data is read
     result = inspect_data(load_recipe(recipe, overrides or []), show)
     if as_json:
         echo_json(result.to_dict(), ascii_only=False)
     else:
         print_data(result, color)
-    _fail_on_findings(getattr(result.stats, "checks", None) or {}, fail_on)
+    _fail_on_findings(getattr(result.stats, "checks", None) or {}, wanted)
 
 
-def _fail_on_findings(checks: dict, fail_on: str | None) -> None:
-    """Exit 1 listing the findings of the kinds named (near-duplicates count as duplicates)."""
+def _fail_on_kinds(fail_on: str | None) -> set[str]:
     from finetune.data.checks import FAIL_ON
 
     wanted = {k.strip() for k in (fail_on or "").split(",") if k.strip()}
@@ -60,6 +60,11 @@ def _fail_on_findings(checks: dict, fail_on: str | None) -> None:
         raise fail(
             f"--fail-on: unknown {', '.join(sorted(wanted - set(FAIL_ON)))}; choose from {', '.join(FAIL_ON)}", 2
         )
+    return wanted
+
+
+def _fail_on_findings(checks: dict, wanted: set[str]) -> None:
+    """Exit 1 listing the findings of the kinds named (near-duplicates count as duplicates)."""
     hits = [f for f in checks.get("findings", []) if f["kind"].removeprefix("near_") in wanted]
     for f in hits:
         typer.echo(f"data check failed: {f['rows']} {f['kind']} ({f['detail']}): {'; '.join(f['examples'])}", err=True)
