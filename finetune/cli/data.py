@@ -110,6 +110,9 @@ def _print_sft_data(result: DataResult, examples: list[Example], color: bool | N
         ("tokens trained / total", f"{s.trained_tokens:,} / {s.train_tokens:,} ({trained_share:.1%})"),
     ):
         table.add_row(label, str(value))
+    for m in (s.mix or {}).get("sources", []):
+        table.add_row(Text(f"mix {m['path']}"), Text(f"weight {m['weight']:.2f}: {m['effective_rows']:,} rows per epoch "
+                      f"from {m['rows']:,} ({m['times_seen']:g}x each), {m['tokens']:,} tokens ({s.mix['stop']})"))  # fmt: skip
     _add_findings(table, s.checks)
     out.print(table)
     peak = max((n for _, _, n in result.histogram), default=1)

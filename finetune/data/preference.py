@@ -12,7 +12,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from finetune.data import sources
+from finetune.data import mix, sources
 from finetune.data.formats import BadRow, Judged, Sample, to_judged
 from finetune.data.prepare import SourceStats, _nothing_left, _round_up, hold_out, percentile
 from finetune.data.templates import apply_chat_template, render
@@ -65,6 +65,7 @@ def prepare_preference(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Pr
     from datasets import Dataset
 
     apply_chat_template(tokenizer, recipe.data.chat_template)
+    mix.refuse_weights(recipe)
     paired = recipe.train.method == "dpo"
     stats = PreferenceStats(paired=paired)
     train, held_out = _split(recipe, stats)

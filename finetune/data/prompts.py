@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from finetune.data import mix
 from finetune.data.formats import Sample
 from finetune.data.prepare import DataStats, SourceStats, _round_up, percentile, split
 from finetune.data.templates import apply_chat_template, encode, prompt_and_reference
@@ -57,6 +58,7 @@ def prepare_prompts(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Promp
     from datasets import Dataset
 
     apply_chat_template(tokenizer, recipe.data.chat_template)
+    mix.refuse_weights(recipe)
     counted = DataStats()
     train, held_out = split(recipe, counted)
     stats = PromptStats(sources=counted.sources)
