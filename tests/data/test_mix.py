@@ -53,5 +53,9 @@ def test_prepare_data_trains_the_mix_and_records_it(tmp_path):
     drawn = Counter(w.rsplit(":", 1)[0] for w in prepared.train_where)
     assert drawn == {str(small): mixed[str(small)]["effective_rows"], str(large): 200}
     assert prepared.stats.train_rows == len(prepared.train) == sum(drawn.values())
+    from finetune.plan import plan
+
+    work = plan(recipe).work  # plan counts the epoch over the mix: its steps and each source's share
+    assert work.sequences_per_epoch == prepared.stats.train_rows and work.mix == prepared.stats.mix["sources"]
     with pytest.raises(RecipeError, match=r"data.train\[1\].weight: give every training source a weight"):
         load_recipe("recipes/quickstart.yaml", [f"data.train=[{{path: {small}, weight: 3}}, {{path: {large}}}]"])
