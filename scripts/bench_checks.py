@@ -62,10 +62,12 @@ def fast_pairs(texts: list[str], threshold: float) -> set[tuple[int, int]]:
     return {(i, j) for i, j, _ in Sketch.of(texts).similar(threshold)}
 
 
-def planted(n_base: int, n_copies: int, seed: int = 0) -> tuple[list[str], list[tuple[int, int]]]:
-    """Rows of 40-120 words from a 5,000-word vocabulary, and near-copies with 0-15% of words replaced."""
+def planted(n_base: int, n_copies: int, prefix: int = 0, seed: int = 0) -> tuple[list[str], list[tuple[int, int]]]:
+    """Rows of 40-120 words from a 5,000-word vocabulary (after `prefix` words every row shares, as a long
+    system prompt would be), and near-copies with 0-15% of their own words replaced."""
     rng = random.Random(seed)
     vocab = [f"w{i}" for i in range(5000)]
+    shared = " ".join(f"s{i}" for i in range(prefix))
     texts = [" ".join(rng.choices(vocab, k=rng.randint(40, 120))) for _ in range(n_base)]
     pairs = []
     for _ in range(n_copies):
@@ -75,7 +77,7 @@ def planted(n_base: int, n_copies: int, seed: int = 0) -> tuple[list[str], list[
         words = [rng.choice(vocab) if rng.random() < rate else w for w in words]
         pairs.append((src, len(texts)))
         texts.append(" ".join(words))
-    return texts, pairs
+    return [f"{shared} {t}" for t in texts], pairs
 
 
 def quality(texts: list[str], planted_pairs: list[tuple[int, int]], found: set[tuple[int, int]]) -> str:
@@ -100,8 +102,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--planted", type=int, default=2000)
     parser.add_argument("--slow", action="store_true", help="also time the previous implementation")
+    parser.add_argument("--prefix", type=int, default=0, help="words every planted row starts with")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f}")
+    if args.rows:
+        cost(args)
+    quality_of_both(args)
+
+
+def cost(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "chats.jsonl"
         write_rows(path, args.rows, 2)
@@ -117,7 +126,10 @@ def main() -> None:
         slow_pairs(texts, THRESHOLD)
         print(f"previous near-duplicate search alone on the same rows: {time.perf_counter() - start:.1f} s wall, "
               f"{time.process_time() - cpu:.1f} s CPU, load {os.getloadavg()[0]:.1f}")  # fmt: skip
-    texts, pairs = planted(args.planted * 4, args.planted)
+
+
+def quality_of_both(args: argparse.Namespace) -> None:
+    texts, pairs = planted(args.planted * 4, args.planted, args.prefix)
     for name, search in (("new", fast_pairs), ("previous", slow_pairs)):
         start = time.perf_counter()
         found = search(texts, THRESHOLD)
