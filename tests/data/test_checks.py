@@ -152,3 +152,5 @@ def test_train_prints_the_summary_of_findings_before_it_trains(tmp_path, tiny_mo
     line = "data checks: 1 duplicates, 2 contradictions - see `finetune data`"
     assert line in capsys.readouterr().err
     assert result.data["checks"]["summary"] == line
+    page = (tmp_path / "runs" / "tiny" / "report.html").read_text()  # the run's report lists them with their rows
+    assert '<td>duplicates</td><td class="n">1</td>' in page and "data/train.jsonl:2 = " in page
