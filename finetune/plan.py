@@ -121,6 +121,7 @@ class Work:
     total_steps: int | None = None
     epochs: float | None = None  # epochs actually run: train.epochs, or what train.max_steps amounts to
     total_tokens: int | None = None
+    mix: list[dict[str, Any]] = field(default_factory=list)  # weighted sources, per epoch (data/mix.py SourceMix)
 
 
 @dataclass
@@ -729,6 +730,7 @@ def _counted_work(recipe: Recipe, stats: Any, batched: int, sequences: int, toke
         total_steps=total_steps,
         epochs=epochs,
         total_tokens=round(tokens * epochs),
+        mix=list((getattr(stats, "mix", None) or {}).get("sources", [])),
     )
 
 

@@ -61,6 +61,7 @@ def render(manifest: dict[str, Any], logs: list[dict[str, Any]], summary: EvalSu
     title = html.escape(f"finetune run {manifest.get('name', '')}")
     return f"""{page_head(title, RUN_CSS)}
 {_facts(manifest)}
+{_data_checks(manifest.get("data") or {})}
 <h2>{_heading(summary)}</h2>
 {_comparison(summary)}
 <h2>Training</h2>
@@ -107,6 +108,45 @@ def _facts(m: dict[str, Any]) -> str:
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows if v is not None
     )
     return f'<table class="facts">{body}</table>'
+
+
+# --- the data checks (finetune/data/checks.py), as `finetune data` lists them ---------------------
+
+
+def _data_checks(data: dict[str, Any]) -> str:
+    """The findings of the data checks: kind, rows, figures, the first rows as file:row; what was dropped; per file."""
+    checks = data.get("checks")
+    if not checks:  # a run from before the checks, or a method whose data they do not cover
+        return ""
+    findings = checks.get("findings") or []
+    if not findings:
+        return "<h2>Data checks</h2><p>No findings (duplicates, leakage, contradictions, truncation, ...).</p>"
+    rows = "".join(
+        f'<tr><td>{html.escape(f["kind"].replace("_", " "))}</td><td class="n">{f["rows"]:,}</td>'
+        f"<td>{html.escape(f['detail'])}</td><td>{'<br>'.join(html.escape(e) for e in f['examples'])}</td></tr>"
+        for f in findings
+    )
+    dropped = checks.get("dropped") or {}
+    note = ("<p>Dropped before training: " + ", ".join(f"{n:,} {html.escape(k)}" for k, n in dropped.items())
+            + "</p>") if dropped else "<p>Nothing was dropped (<code>data.dedup</code>, <code>data.leakage</code>).</p>"  # fmt: skip
+    return (
+        '<h2>Data checks</h2><table class="checks"><tr><th>finding</th><th>rows</th><th>figures</th>'
+        f"<th>first rows (file:row)</th></tr>{rows}</table>{note}{_per_source(checks.get('per_source') or {})}"
+    )
+
+
+def _per_source(per_source: dict[str, dict[str, int]]) -> str:
+    if not per_source:
+        return ""
+    kinds = sorted({k for counts in per_source.values() for k in counts if k != "rows"})
+    head = "".join(f"<th>{html.escape(k.replace('_', ' '))}</th>" for k in kinds)
+    body = "".join(
+        f'<tr><td>{html.escape(name)}</td><td class="n">{counts.get("rows", 0):,}</td>'
+        + "".join(f'<td class="n">{counts.get(k, 0):,}</td>' for k in kinds)
+        + "</tr>"
+        for name, counts in per_source.items()
+    )
+    return f'<table class="checks"><tr><th>source</th><th>rows</th>{head}</tr>{body}</table>'
 
 
 def _base_model(base: dict[str, Any]) -> str | None:
@@ -181,7 +221,8 @@ h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 1.6em; }
 table { border-collapse: collapse; } td, th { padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: right; }
 .charts { display: flex; flex-wrap: wrap; gap: 12px; }"""
 RUN_CSS = """td:first-child, th:first-child, .facts td { text-align: left; }
-.better { color: #16a34a; } .worse { color: #dc2626; } code { font-size: 0.92em; }"""
+.better { color: #16a34a; } .worse { color: #dc2626; } code { font-size: 0.92em; }
+.checks td, .checks th { text-align: left; vertical-align: top; } .checks td.n { text-align: right; }"""
 
 
 def page_head(title: str, css: str = "") -> str:

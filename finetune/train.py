@@ -404,7 +404,7 @@ def _setup(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     with state.main_process_first():  # the main process fills the preprocessing cache, the others read it
         data = method.prepare(recipe, tokenizer)
     manifest.update(data=data.stats.to_dict())
-    checks = getattr(data.stats, "checks", None)  # SFT data is checked; preference and prompt data not yet
+    checks = getattr(data.stats, "checks", None)  # every method's data is checked (data/checks.py, pair_checks.py)
     if checks and state.is_main_process:  # the one-line summary of the findings, before training
         print(checks["summary"], file=sys.stderr, flush=True)
     machine = this_machine()

@@ -9,6 +9,8 @@ import typer
 from finetune.cli.common import JsonOpt, RecipeArg, SetOpt, console, echo_json, fail, handles_errors
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from finetune.data.inspect import DataResult, Example, PairExample, PromptExample
     from finetune.data.preference import PreferenceStats
     from finetune.data.prepare import DataStats, SourceStats
@@ -41,16 +43,16 @@ def data(
     from finetune.data.inspect import inspect_data
     from finetune.recipe.load import load_recipe
 
+    wanted = _fail_on_kinds(fail_on)  # a misspelled kind exits 2 before any data is read
     result = inspect_data(load_recipe(recipe, overrides or []), show)
     if as_json:
         echo_json(result.to_dict(), ascii_only=False)
     else:
         print_data(result, color)
-    _fail_on_findings(getattr(result.stats, "checks", None) or {}, fail_on)
+    _fail_on_findings(getattr(result.stats, "checks", None) or {}, wanted)
 
 
-def _fail_on_findings(checks: dict, fail_on: str | None) -> None:
-    """Exit 1 listing the findings of the kinds named (near-duplicates count as duplicates)."""
+def _fail_on_kinds(fail_on: str | None) -> set[str]:
     from finetune.data.checks import FAIL_ON
 
     wanted = {k.strip() for k in (fail_on or "").split(",") if k.strip()}
@@ -58,6 +60,11 @@ def _fail_on_findings(checks: dict, fail_on: str | None) -> None:
         raise fail(
             f"--fail-on: unknown {', '.join(sorted(wanted - set(FAIL_ON)))}; choose from {', '.join(FAIL_ON)}", 2
         )
+    return wanted
+
+
+def _fail_on_findings(checks: dict, wanted: set[str]) -> None:
+    """Exit 1 listing the findings of the kinds named (near-duplicates count as duplicates)."""
     hits = [f for f in checks.get("findings", []) if f["kind"].removeprefix("near_") in wanted]
     for f in hits:
         typer.echo(f"data check failed: {f['rows']} {f['kind']} ({f['detail']}): {'; '.join(f['examples'])}", err=True)
@@ -103,8 +110,10 @@ def _print_sft_data(result: DataResult, examples: list[Example], color: bool | N
         ("tokens trained / total", f"{s.trained_tokens:,} / {s.train_tokens:,} ({trained_share:.1%})"),
     ):
         table.add_row(label, str(value))
-    for f in (s.checks or {}).get("findings", []):
-        table.add_row(f"check: {f['kind']}", f"{f['rows']} rows ({f['detail']}); first: {', '.join(f['examples'])}")
+    for m in (s.mix or {}).get("sources", []):
+        table.add_row(Text(f"mix {m['path']}"), Text(f"weight {m['weight']:.2f}: {m['effective_rows']:,} rows per epoch "
+                      f"from {m['rows']:,} ({m['times_seen']:g}x each), {m['tokens']:,} tokens ({s.mix['stop']})"))  # fmt: skip
+    _add_findings(table, s.checks)
     out.print(table)
     peak = max((n for _, _, n in result.histogram), default=1)
     out.print("token length histogram (training rows, before truncation)")
@@ -121,6 +130,16 @@ def _print_sft_data(result: DataResult, examples: list[Example], color: bool | N
             else:
                 text.append(piece, style="bold green" if trained else "dim")
         out.print(text)
+
+
+def _add_findings(table: Table, checks: dict | None) -> None:
+    """One row per data-check finding: kind, rows, figures, the first rows as file:row (as Text: a finding
+    quoting `[INST]` is not rich markup)."""
+    from rich.text import Text
+
+    for f in (checks or {}).get("findings", []):
+        first = f"; first: {', '.join(f['examples'])}" if f["examples"] else ""
+        table.add_row(Text(f"check: {f['kind']}"), Text(f"{f['rows']} rows ({f['detail']}){first}"))
 
 
 def _print_preference_data(s: PreferenceStats, examples: list[PairExample]) -> None:
@@ -141,6 +160,7 @@ def _print_preference_data(s: PreferenceStats, examples: list[PairExample]) -> N
     table.add_row("pairs truncated until chosen == rejected (dropped)", str(s.truncated_identical))
     table.add_row(f"{unit} dropped", str(s.dropped))
     table.add_row("duplicates train/held-out", str(s.duplicates_train_eval))
+    _add_findings(table, s.checks)
     out.print(table)
     for e in examples:
         t = e.tokens
@@ -163,6 +183,7 @@ def _print_prompt_data(s: PromptStats, examples: list[PromptExample]) -> None:
     table.add_row("longest prompt + max_completion_length", str(s.max_seq_length))
     table.add_row("prompts dropped (over max_seq_length)", str(s.dropped))
     table.add_row("duplicates train/held-out", str(s.duplicates_train_eval))
+    _add_findings(table, s.checks)
     out.print(table)
     for e in examples:
         out.print(f"\n{e.where}: prompt {e.tokens} tokens")

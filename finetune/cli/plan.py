@@ -129,6 +129,9 @@ def _print_work(out: Any, w: Work) -> None:
         f"{w.train_rows:,} train rows, {w.eval_rows:,} eval rows, max_seq_length {w.max_seq_length}, "
         f"{w.truncated:,} truncated, {w.dropped:,} dropped; {w.epochs:g} epoch(s)"
     )
+    for m in w.mix:  # weighted sources: what an epoch over the mix draws from each
+        out.print(f"  mix {m['path']}: weight {m['weight']:.2f}, {m['effective_rows']:,} rows per epoch from "
+                  f"{m['rows']:,} ({m['times_seen']:g}x each), {m['tokens']:,} tokens")  # fmt: skip
 
 
 def _print_time(out: Any, t: Time) -> None:

@@ -1,9 +1,9 @@
 """Findings over prepared rows: what quietly ruins a run, each with counts and its first rows as `file:row`.
 
-Duplicates and near-duplicates inside train (MinHash over word 3-grams with LSH, `datasketch`),
-train/eval leakage, contradictions (one prompt, different answers), truncation damage, empty or
+Duplicates and near-duplicates inside train (word 3-gram Jaccard, found through MinHash and LSH in
+data/near.py), train/eval leakage, contradictions (one prompt, different answers), truncation damage, empty or
 echoed answers, length outliers and template hazards (a template's own special tokens inside a
-message). Checks only report; `dedup_and_leakage` returns the training rows a recipe asks to drop.
+message). Checks only report; `to_drop` returns the training rows a recipe asks to drop.
 """
 
 from __future__ import annotations
@@ -11,14 +11,16 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from finetune.data.formats import Sample
+from finetune.data.near import Sketch
 from finetune.data.templates import IGNORE
+from finetune.errors import DataError
+
+Row = TypeVar("Row")
 
 EXAMPLES = 5  # rows named per finding
-NUM_PERM = 64  # MinHash permutations: about +-0.06 on a Jaccard estimate, cheap enough for 100k rows
-SHINGLE = 3  # words per shingle
 OUTLIER_FACTOR = 8  # a row this many times the median token length is an outlier
 FAIL_ON = ("duplicates", "leakage", "contradictions")  # the kinds `finetune data --fail-on` accepts
 # Markers of common chat templates: in message text they break masks or teach the model to emit them.
@@ -42,9 +44,10 @@ class ChecksResult:
     findings: list[Finding] = field(default_factory=list)
     per_source: dict[str, dict[str, int]] = field(default_factory=dict)  # file -> kind -> rows; several files only
     dropped: dict[str, int] = field(default_factory=dict)  # e.g. {"duplicates": 3, "leakage": 1}
+    matches: dict[str, set[int]] = field(default_factory=dict, repr=False)  # kind -> training rows, for to_drop
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "matches"}
 
     def summary(self) -> str:
         """One line for `train`: every finding's kind and rows, and what was dropped."""
@@ -74,22 +77,41 @@ def whole(sample: Sample) -> str:
     return prompt_of(sample) + "\n=> " + answer_of(sample)
 
 
+@dataclass
+class Texts:
+    """The normalised texts every check compares, computed once per row."""
+
+    prompts: list[str]
+    answers: list[str]
+    wholes: list[str]
+    last_prompts: list[str]
+
+    @classmethod
+    def of(cls, samples: list[Sample]) -> Texts:
+        prompts, answers = [prompt_of(s) for s in samples], [answer_of(s) for s in samples]
+        wholes = [f"{p}\n=> {a}" for p, a in zip(prompts, answers, strict=True)]
+        return cls(prompts, answers, wholes, [_last_prompt(s) for s in samples])
+
+
 def _file(where: str) -> str:
     return where.rsplit(":", 1)[0]
 
 
-def _finding(kind: str, rows: list[int], train: list[Sample], detail: str) -> Finding:
+def _finding(kind: str, rows: list[int], train: list[Any], detail: str) -> Finding:
     return Finding(kind, len(rows), detail, [train[i].where for i in rows[:EXAMPLES]], _by_file(rows, train))
 
 
-def _by_file(rows: list[int], samples: list[Sample]) -> dict[str, int]:
+def _by_file(rows: list[int], samples: list[Any]) -> dict[str, int]:
     out: dict[str, int] = defaultdict(int)
     for i in rows:
         out[_file(samples[i].where)] += 1
     return dict(out)
 
 
-def _share(rows: list[int], trained: list[int]) -> str:
+def _share(rows: list[int], trained: list[int] | None, n: int) -> str:
+    """The share of trained tokens the rows hold, or of the n rows where nothing is trained token by token."""
+    if trained is None:
+        return f"{len(rows) / max(n, 1):.1%} of rows"
     return f"{sum(trained[i] for i in rows) / max(sum(trained), 1):.1%} of trained tokens"
 
 
@@ -108,32 +130,11 @@ def exact_duplicates(texts: list[str]) -> dict[int, int]:
     return out
 
 
-def _signatures(texts: list[str]) -> list[Any]:
-    from datasketch import MinHash
-
-    shingles = []
-    for t in texts:
-        words = t.lower().split()
-        grams = {" ".join(words[i : i + SHINGLE]) for i in range(max(1, len(words) - SHINGLE + 1))}
-        shingles.append([g.encode() for g in grams])
-    return MinHash.bulk(shingles, num_perm=NUM_PERM, seed=1)
-
-
-def near_duplicates(texts: list[str], threshold: float, against: list[str] | None = None) -> dict[int, int]:
-    """Index in `texts` -> an earlier index (or an index in `against`) whose estimated Jaccard >= threshold."""
-    from datasketch import MinHashLSH
-
-    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+def near_duplicates(sketch: Sketch, threshold: float) -> dict[int, int]:
+    """Each row's index -> the earliest earlier row whose word 3-gram Jaccard with it is >= threshold."""
     out: dict[int, int] = {}
-    if against is not None:
-        for j, sig in enumerate(_signatures(against)):
-            lsh.insert(j, sig)
-    for i, sig in enumerate(_signatures(texts)):
-        hits = lsh.query(sig)
-        if hits:
-            out[i] = min(hits)
-        if against is None:
-            lsh.insert(i, sig)
+    for i, j, _ in sketch.similar(threshold):
+        out[j] = min(out.get(j, i), i)
     return out
 
 
@@ -143,56 +144,67 @@ def near_duplicates(texts: list[str], threshold: float, against: list[str] | Non
 def check(
     train: list[Sample],
     held_out: list[Sample],
-    encoded: Encoded,
+    encoded: Encoded | None,
     max_len: int,
     special_tokens: list[str],
     threshold: float,
 ) -> ChecksResult:
-    """Every finding over the training rows (and held-out rows for leakage), before anything is dropped."""
-    trained = [sum(x != IGNORE for x in labels) for _, labels in encoded]
-    texts = [whole(s) for s in train]
+    """Every finding over the training rows (and held-out rows for leakage), before anything is dropped.
+
+    Without `encoded` (GRPO prompts: nothing is trained on their tokens) truncation and length outliers
+    are left out and duplicates are measured in rows."""
+    trained = [_trained(labels) for _, labels in encoded] if encoded is not None else None
+    texts = Texts.of(train)
+    held = Texts.of(held_out)
+    sketch = Sketch.of(held.wholes + texts.wholes)  # one pass for duplicates and leakage
+    exact = exact_duplicates(texts.wholes)
+    near = {i: j for i, j in near_duplicates(sketch.part(len(held_out)), threshold).items() if i not in exact}
+    leaks = leaked(texts, held, sketch, threshold)
     findings = [
-        *_duplicates(train, texts, trained, threshold),
-        *_leakage(train, held_out, threshold),
-        *_contradictions(train),
-        *_truncation(train, encoded, max_len),
-        *_answers(train),
-        *_outliers(train, encoded),
-        *_template_tokens(train, special_tokens),
+        *_duplicates(train, exact, near, trained),
+        *_leakage(train, held_out, leaks),
+        *_contradictions(train, texts),
+        *(_truncation(train, encoded, max_len) if encoded is not None else []),
+        *_answers(train, texts),
+        *(_outliers(train, encoded) if encoded is not None else []),
+        *_template_tokens(train, [_raw_text(s) for s in train], special_tokens),
     ]
     findings = [f for f in findings if f.rows]
-    return ChecksResult(findings, _per_source(train, findings))
+    matches = {"duplicates": set(exact), "near_duplicates": set(near), "leakage": set(leaks)}
+    return ChecksResult(findings, _per_source(train, findings), matches=matches)
 
 
-def _duplicates(train: list[Sample], texts: list[str], trained: list[int], threshold: float) -> list[Finding]:
-    exact = exact_duplicates(texts)
-    near = {i: j for i, j in near_duplicates(texts, threshold).items() if i not in exact}
+def _duplicates(
+    train: list[Any], exact: dict[int, int], near: dict[int, int], trained: list[int] | None
+) -> list[Finding]:
     out = []
     for kind, found in (("duplicates", exact), ("near_duplicates", near)):
         rows = sorted(found)
-        f = Finding(kind, len(rows), f"later copies; {_share(rows, trained)}", per_file=_by_file(rows, train))
+        f = Finding(
+            kind, len(rows), f"later copies; {_share(rows, trained, len(train))}", per_file=_by_file(rows, train)
+        )
         f.examples = [f"{train[i].where} = {train[found[i]].where}" for i in rows[:EXAMPLES]]
         out.append(f)
     return out
 
 
-def leaked(train: list[Sample], held_out: list[Sample], threshold: float) -> dict[int, int]:
-    """Training row index -> a held-out row index whose prompt or whole conversation matches it."""
-    if not held_out:
+def leaked(train: Texts, held: Texts, sketch: Sketch, threshold: float) -> dict[int, int]:
+    """Training row index -> a held-out row index whose prompt or whole conversation matches it, exactly or
+    nearly (`sketch` holds the held-out rows, then the training rows)."""
+    if not held.wholes:
         return {}
-    prompts = {prompt_of(s): j for j, s in enumerate(held_out) if prompt_of(s)}
-    wholes = {whole(s): j for j, s in enumerate(held_out)}
-    out = {}
-    for i, s in enumerate(train):
-        j = wholes.get(whole(s), prompts.get(prompt_of(s)))
+    m = len(held.wholes)
+    out = {j - m: i for i, j, _ in sorted(sketch.similar(threshold), reverse=True) if i < m <= j}
+    prompts = {p: j for j, p in enumerate(held.prompts) if p}
+    wholes = {w: j for j, w in enumerate(held.wholes)}
+    for i, (p, w) in enumerate(zip(train.prompts, train.wholes, strict=True)):
+        j = wholes.get(w, prompts.get(p))
         if j is not None:
             out[i] = j
-    near = near_duplicates([whole(s) for s in train], threshold, against=[whole(s) for s in held_out])
-    return {**near, **out}
+    return out
 
 
-def _leakage(train: list[Sample], held_out: list[Sample], threshold: float) -> list[Finding]:
-    found = leaked(train, held_out, threshold)
+def _leakage(train: list[Any], held_out: list[Any], found: dict[int, int]) -> list[Finding]:
     rows = sorted(found)
     f = Finding("leakage", len(set(found.values())), f"held-out rows also in train ({len(rows)} training rows)")
     f.per_file = _by_file(rows, train)
@@ -200,14 +212,14 @@ def _leakage(train: list[Sample], held_out: list[Sample], threshold: float) -> l
     return [f]
 
 
-def _contradictions(train: list[Sample]) -> list[Finding]:
+def _contradictions(train: list[Sample], texts: Texts) -> list[Finding]:
     answers: dict[str, dict[str, int]] = defaultdict(dict)
-    for i, s in enumerate(train):
-        if prompt_of(s):
-            answers[prompt_of(s)].setdefault(answer_of(s), i)
+    for i, (p, a) in enumerate(zip(texts.prompts, texts.answers, strict=True)):
+        if p:
+            answers[p].setdefault(a, i)
     groups = [list(a.values()) for a in answers.values() if len(a) > 1]
     rows = [i for g in groups for i in g]
-    sims = [_jaccard(answer_of(train[g[0]]), answer_of(train[j])) for g in groups for j in g[1:]]
+    sims = [_jaccard(texts.answers[g[0]], texts.answers[j]) for g in groups for j in g[1:]]
     detail = f"{len(groups)} prompts with different answers" + (
         f"; answer word overlap min {min(sims):.2f}, mean {sum(sims) / len(sims):.2f}" if sims else ""
     )
@@ -221,16 +233,22 @@ def _jaccard(a: str, b: str) -> float:
     return len(x & y) / max(len(x | y), 1)
 
 
+def _trained(labels: list[int]) -> int:
+    return len(labels) - labels.count(IGNORE)  # list.count runs in C: a generator per token cost seconds on 100k rows
+
+
 def _truncation(train: list[Sample], encoded: Encoded, max_len: int) -> list[Finding]:
-    cut, lost, gone = [], 0, []
+    cut, lost, gone, total = [], 0, [], 0
     for i, (_, labels) in enumerate(encoded):
-        tail = sum(x != IGNORE for x in labels[max_len:])
+        total += _trained(labels)
+        if len(labels) <= max_len:
+            continue
+        tail = _trained(labels[max_len:])
         if tail:
             cut.append(i)
             lost += tail
-            if all(x == IGNORE for x in labels[:max_len]):
+            if not _trained(labels[:max_len]):
                 gone.append(i)
-    total = sum(sum(x != IGNORE for x in labels) for _, labels in encoded)
     return [
         _finding("truncation", cut, train, f"rows whose trained tokens pass max_seq_length {max_len}; "
                  f"{lost:,} trained tokens lost ({lost / max(total, 1):.1%})"),
@@ -238,9 +256,9 @@ def _truncation(train: list[Sample], encoded: Encoded, max_len: int) -> list[Fin
     ]  # fmt: skip
 
 
-def _answers(train: list[Sample]) -> list[Finding]:
+def _answers(train: list[Sample], texts: Texts) -> list[Finding]:
     empty = [i for i, s in enumerate(train) if _empty_answer(s)]
-    echo = [i for i, s in enumerate(train) if answer_of(s) and answer_of(s) == _last_prompt(s)]
+    echo = [i for i, (a, p) in enumerate(zip(texts.answers, texts.last_prompts, strict=True)) if a and a == p]
     return [
         _finding("empty_answers", empty, train, "an answer that is empty or only whitespace"),
         _finding("echo_answers", echo, train, "the answer repeats the prompt word for word"),
@@ -268,17 +286,21 @@ def _outliers(train: list[Sample], encoded: Encoded) -> list[Finding]:
     return [_finding("length_outliers", rows, train, f"rows over {OUTLIER_FACTOR}x the median of {median} tokens")]
 
 
-def _template_tokens(train: list[Sample], special_tokens: list[str]) -> list[Finding]:
+def _raw_text(sample: Sample) -> str:
+    return "\n".join(c for _, c in sample.messages) if sample.is_chat else sample.prompt + "\n" + sample.completion
+
+
+def _template_tokens(rows: list[Any], texts: list[str], special_tokens: list[str]) -> list[Finding]:
+    """Rows (anything with `.where`) whose text holds a chat template's markers or the tokenizer's special tokens."""
     markers = sorted({*TEMPLATE_MARKERS, *(t for t in special_tokens if len(t) > 1)})
     pattern = re.compile("|".join(re.escape(m) for m in markers))
-    rows, seen = [], set()
-    for i, s in enumerate(train):
-        text = "\n".join(c for _, c in s.messages) if s.is_chat else s.prompt + "\n" + s.completion
+    found, seen = [], set()
+    for i, text in enumerate(texts):
         hits = pattern.findall(text)
         if hits:
-            rows.append(i)
+            found.append(i)
             seen.update(hits)
-    return [_finding("template_tokens", rows, train, f"message text holds template tokens: {', '.join(sorted(seen))}")]
+    return [_finding("template_tokens", found, rows, f"message text holds template tokens: {', '.join(sorted(seen))}")]
 
 
 def _per_source(train: list[Sample], findings: list[Finding]) -> dict[str, dict[str, int]]:
@@ -293,19 +315,30 @@ def _per_source(train: list[Sample], findings: list[Finding]) -> dict[str, dict[
     return out
 
 
-def to_drop(result: ChecksResult, train: list[Sample], held_out: list[Sample], dedup: str, leakage: str,
-            threshold: float) -> set[int]:  # fmt: skip
-    """Training row indices the recipe asks to drop, and the counts recorded in `result.dropped`."""
+def act(result: ChecksResult, rows: list[Row], data: Any) -> list[Row]:
+    """What the recipe's data section asks of the findings: stop on `leakage: error`, drop per `dedup` and
+    `leakage: drop`; the findings and what was dropped go into `result` (the caller records it)."""
+    leak = next((f for f in result.findings if f.kind == "leakage"), None)
+    if data.leakage == "error" and leak is not None:
+        raise DataError(f"data.leakage: error: {leak.rows} {leak.detail}, first: {'; '.join(leak.examples)}")
+    drop = to_drop(result, data.dedup, data.leakage)
+    return [r for i, r in enumerate(rows) if i not in drop]
+
+
+def recorded(result: ChecksResult) -> dict[str, Any]:
+    """The findings as the manifest, the cache and `finetune data --json` keep them."""
+    return result.to_dict() | {"summary": result.summary()}
+
+
+def to_drop(result: ChecksResult, dedup: str, leakage: str) -> set[int]:
+    """Training row indices the recipe asks to drop (from the matches `check` found), counted in `result.dropped`."""
     drop: set[int] = set()
     if dedup != "none":
-        texts = [whole(s) for s in train]
-        dups = set(exact_duplicates(texts))
-        if dedup == "near":
-            dups |= set(near_duplicates(texts, threshold))
+        dups = result.matches["duplicates"] | (result.matches["near_duplicates"] if dedup == "near" else set())
         result.dropped["duplicates"] = len(dups)
         drop |= dups
     if leakage == "drop":
-        leaks = set(leaked(train, held_out, threshold)) - drop
+        leaks = result.matches["leakage"] - drop
         result.dropped["leakage"] = len(leaks)
         drop |= leaks
     return drop

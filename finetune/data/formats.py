@@ -26,6 +26,7 @@ class Sample:
     messages: tuple[tuple[str, str], ...] = ()  # (role, content); empty for raw text
     prompt: str = ""
     completion: str = ""
+    source: int = 0  # index of its data.train source, for weighted mixing (data/mix.py)
 
     @property
     def is_chat(self) -> bool:

@@ -12,7 +12,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from finetune.data import sources
+from finetune.data import mix, sources
 from finetune.data.formats import BadRow, Judged, Sample, to_judged
 from finetune.data.prepare import SourceStats, _nothing_left, _round_up, hold_out, percentile
 from finetune.data.templates import apply_chat_template, render
@@ -41,6 +41,7 @@ class PreferenceStats:
     undesirable: int = 0
     lengths: dict[str, dict[str, int]] = field(default_factory=dict)  # prompt/chosen/rejected: p50/p95/max tokens
     suggested_max_seq_length: int = 0
+    checks: dict[str, Any] = field(default_factory=dict)  # data/pair_checks.py findings, before any row is dropped
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,9 +65,11 @@ def prepare_preference(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Pr
     from datasets import Dataset
 
     apply_chat_template(tokenizer, recipe.data.chat_template)
+    mix.refuse_weights(recipe)
     paired = recipe.train.method == "dpo"
     stats = PreferenceStats(paired=paired)
     train, held_out = _split(recipe, stats)
+    train = _checked(recipe, tokenizer, train, held_out, stats)
     eval_keys = {_key(group) for group in held_out}
     stats.duplicates_train_eval = sum(_key(group) in eval_keys for group in train)
     train_enc = [[_encode(tokenizer, j) for j in group] for group in train]
@@ -128,6 +131,21 @@ def _split(recipe: Recipe, stats: PreferenceStats) -> tuple[list[list[Judged]], 
     if not train:  # every row skipped (on_bad_row: skip): say which files and why
         raise DataError(_nothing_left(stats, 0))
     return hold_out(recipe, train, load)
+
+
+def _checked(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, train: list[list[Judged]],
+             held_out: list[list[Judged]], stats: PreferenceStats) -> list[list[Judged]]:  # fmt: skip
+    """Record the data checks' findings; drop or stop as data.dedup / data.leakage ask."""
+    from finetune.data import checks
+    from finetune.data.pair_checks import check_pairs
+
+    kto = recipe.train.kto
+    weights = (kto.desirable_weight, kto.undesirable_weight) if recipe.train.method == "kto" else None
+    result = check_pairs(train, held_out, list(tokenizer.all_special_tokens), recipe.data.near_duplicate_threshold,
+                         weights)  # fmt: skip
+    kept = checks.act(result, train, recipe.data)
+    stats.checks = checks.recorded(result)
+    return kept
 
 
 def _key(group: list[Judged]) -> tuple:

@@ -15,7 +15,7 @@ import os
 import random
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -65,6 +65,7 @@ class DataStats:
     over_max_seq_length: int = 0
     suggested_max_seq_length: int = 0
     checks: dict[str, Any] = field(default_factory=dict)  # data/checks.py findings, before any row is dropped
+    mix: dict[str, Any] = field(default_factory=dict)  # weighted sources: stop rule, per-source figures
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,14 +84,15 @@ class PreparedData:
 def load_samples(sources_: list[DataSource], on_bad_row: str, stats: DataStats) -> list[Sample]:
     """All rows of the sources as samples; a bad row raises DataError naming it, or is skipped and counted."""
     samples: list[Sample] = []
-    for source in sources_:
+    for k, source in enumerate(sources_):
         entry = SourceStats(source.path, source.format, sources.fingerprint(source))
         stats.sources.append(entry)
         for row in sources.read_rows(source):
             try:
                 if row.problem is not None:
                     raise BadRow(row.problem[1], row.problem[0])
-                samples.append(to_sample(row.data, row.where, source))
+                sample = to_sample(row.data, row.where, source)
+                samples.append(sample if k == 0 else replace(sample, source=k))
                 entry.rows += 1
             except BadRow as e:
                 if on_bad_row == "error":
@@ -156,6 +158,7 @@ def _prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData
     encoded_eval = _encode(tokenizer, held_out, recipe.data.train_on)
     max_len = _max_length(recipe, encoded_train)
     train, encoded_train = _act_on_checks(recipe, tokenizer, train, held_out, encoded_train, max_len, stats)
+    train, encoded_train = _mix(recipe, train, encoded_train, stats)
     stats.max_seq_length = max_len
     lengths = sorted(len(ids) for ids, _ in encoded_train)
     stats.length_percentiles = {f"p{q}": percentile(lengths, q) for q in (50, 95, 99)} | {
@@ -189,16 +192,33 @@ def _act_on_checks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, train: li
     """Record the data checks' findings; drop what data.dedup / data.leakage ask, or stop on leakage: error."""
     from finetune.data import checks
 
-    data = recipe.data
     result = checks.check(train, held_out, encoded, max_len, list(tokenizer.all_special_tokens),
-                          data.near_duplicate_threshold)  # fmt: skip
-    leak = next((f for f in result.findings if f.kind == "leakage"), None)
-    if data.leakage == "error" and leak is not None:
-        raise DataError(f"data.leakage: error: {leak.rows} {leak.detail}, first: {'; '.join(leak.examples)}")
-    drop = checks.to_drop(result, train, held_out, data.dedup, data.leakage, data.near_duplicate_threshold)
-    stats.checks = result.to_dict() | {"summary": result.summary()}
-    keep = [i for i in range(len(train)) if i not in drop]
+                          recipe.data.near_duplicate_threshold)  # fmt: skip
+    keep = checks.act(result, list(range(len(train))), recipe.data)
+    stats.checks = checks.recorded(result)
     return [train[i] for i in keep], [encoded[i] for i in keep]
+
+
+def _mix(recipe: Recipe, train: list[Sample], encoded: list, stats: DataStats) -> tuple[list, list]:
+    """One epoch of the weighted mix (data/mix.py) when the sources have weights; the rows as they are otherwise."""
+    from finetune.data import mix
+
+    sources_ = list(recipe.data.train)
+    if sources_[0].weight is None:
+        return train, encoded
+    by_source: list[list[int]] = [[] for _ in sources_]
+    for i, sample in enumerate(train):
+        by_source[sample.source].append(i)
+    empty = [f"data.train[{k}] ({sources_[k].path})" for k, rows in enumerate(by_source) if not rows]
+    if empty:
+        raise DataError(f"{', '.join(empty)}: no training rows left to mix (held out, dropped or skipped)")
+    sizes, weights = [len(rows) for rows in by_source], [float(s.weight or 0) for s in sources_]
+    order = mix.mix(sizes, weights, recipe.data.mix_stop, recipe.seed)
+    tokens = [[len(encoded[i][0]) for i in rows] for rows in by_source]
+    figures = mix.summary([s.path for s in sources_], sizes, weights, order, tokens)
+    stats.mix = {"stop": recipe.data.mix_stop, "sources": [f.to_dict() for f in figures]}
+    picked = [by_source[s][r] for s, r in order]
+    return [train[i] for i in picked], [encoded[i] for i in picked]
 
 
 def _nothing_left(stats: DataStats, valid: int) -> str:

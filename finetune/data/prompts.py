@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from finetune.data import mix
 from finetune.data.formats import Sample
 from finetune.data.prepare import DataStats, SourceStats, _round_up, percentile, split
 from finetune.data.templates import apply_chat_template, encode, prompt_and_reference
@@ -35,6 +36,7 @@ class PromptStats:
     prompt_lengths: dict[str, int] = field(default_factory=dict)  # p50/p95/max tokens of the training prompts
     reference_lengths: dict[str, int] = field(default_factory=dict)
     suggested_max_seq_length: int = 0
+    checks: dict[str, Any] = field(default_factory=dict)  # data/checks.py findings on the prompts and references
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,9 +58,11 @@ def prepare_prompts(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Promp
     from datasets import Dataset
 
     apply_chat_template(tokenizer, recipe.data.chat_template)
+    mix.refuse_weights(recipe)
     counted = DataStats()
     train, held_out = split(recipe, counted)
     stats = PromptStats(sources=counted.sources)
+    train = _checked(recipe, tokenizer, train, held_out, stats)
     budget = recipe.train.grpo.max_completion_length
     train_rows = _rows(tokenizer, train, recipe.data.max_seq_length, budget, stats)
     eval_rows = _rows(tokenizer, held_out, recipe.data.max_seq_length, budget, PromptStats())
@@ -86,6 +90,20 @@ def prepare_prompts(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Promp
         stats=stats,
         examples=[{k: r[k] for k in ("where", "prompt", "reference", "tokens")} for r in train_rows[:8]],
     )
+
+
+def _checked(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, train: list[Sample], held_out: list[Sample],
+             stats: PromptStats) -> list[Sample]:  # fmt: skip
+    """The SFT checks on prompts and references, less the token-level ones (nothing is trained on a prompt's
+    tokens): a repeated prompt is sampled more often, a held-out prompt in train inflates held-out rewards, one
+    prompt with two references gives a reference-based reward two answers to reward."""
+    from finetune.data import checks
+
+    result = checks.check(train, held_out, None, 0, list(tokenizer.all_special_tokens),
+                          recipe.data.near_duplicate_threshold)  # fmt: skip
+    kept = checks.act(result, train, recipe.data)
+    stats.checks = checks.recorded(result)
+    return kept
 
 
 def _rows(

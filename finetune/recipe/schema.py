@@ -226,6 +226,14 @@ class DataSource(Section):
     subset: str | None = Field(None, description="Configuration (subset) of a hub dataset.")
     revision: str | None = Field(None, description="Hub dataset branch, tag or commit.")
     limit: int | None = Field(None, ge=1, description="Use at most this many rows (the first ones).")
+    # --- weighted mixing (data/mix.py, issue 31 item 2) ---
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="Sampling weight of this training source: the share of an epoch's rows drawn from it, whatever "
+        "its size (weights are normalised to sum to 1; give every training source one, or none). See data.mix_stop.",
+    )
+    # --- end weighted mixing ---
 
     @model_validator(mode="after")
     def _known_columns(self) -> DataSource:
@@ -248,7 +256,17 @@ class EvalSplit(Section):
 
 
 class DataSection(Section):
-    train: list[DataSource] = Field(min_length=1, description="Training sources; several are concatenated.")
+    train: list[DataSource] = Field(
+        min_length=1, description="Training sources; several are concatenated, or mixed by their `weight`."
+    )
+    # --- weighted mixing (data/mix.py, issue 31 item 2) ---
+    mix_stop: Literal["first_exhausted", "all_exhausted"] = Field(
+        "first_exhausted",
+        description="With weighted sources, when an epoch over the mix ends: `first_exhausted` when the first source "
+        "runs out of rows (no row repeats), `all_exhausted` when every source has run out at least once (the smaller "
+        "sources' rows repeat). Rows are drawn source by source with the weights as probabilities, seeded by `seed`.",
+    )
+    # --- end weighted mixing ---
     eval: (
         Annotated[
             Annotated[EvalSplit, Tag("one")] | Annotated[list[DataSource], Field(min_length=1), Tag("list")],
@@ -309,8 +327,8 @@ class DataSection(Section):
         0.85,
         gt=0.0,
         le=1.0,
-        description="Estimated Jaccard similarity of word 3-gram sets above which two rows count as near-duplicates "
-        "(duplicates, leakage); lower finds more, with more false matches.",
+        description="Jaccard similarity of word 3-gram sets at or above which two rows count as near-duplicates "
+        "(duplicates, leakage): MinHash with LSH finds the candidates, each is verified exactly; lower finds more.",
     )
     on_bad_row: Literal["error", "skip"] = Field(
         "error",
@@ -318,6 +336,23 @@ class DataSection(Section):
         "in the manifest and `finetune data` (`skip`). A file that cannot be read at all (empty, truncated, not a "
         "list) stops either way.",
     )
+
+    # --- weighted mixing (data/mix.py, issue 31 item 2) ---
+    @model_validator(mode="after")
+    def _weights_all_or_none(self) -> DataSection:
+        weighted = [i for i, source in enumerate(self.train) if source.weight is not None]
+        if weighted and len(weighted) < len(self.train):
+            missing = next(i for i in range(len(self.train)) if i not in weighted)
+            raise FieldRuleError(
+                f"train.{missing}.weight",
+                "give every training source a weight, or none: the weights are the shares of the mix",
+            )
+        for i, source in enumerate(self.eval if isinstance(self.eval, list) else []):
+            if source.weight is not None:
+                raise FieldRuleError(f"eval.{i}.weight", "weights mix training sources; held-out sources are all read")
+        return self
+
+    # --- end weighted mixing ---
 
 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
