@@ -8,8 +8,8 @@ what only preference data can get wrong:
 - `contradictions`: one prompt whose answers A over B and B over A both appear (DPO), or one
   (prompt, completion) labelled both desirable and undesirable (KTO): each cancels the other's gradient;
 - `label_balance` (KTO): desirable against undesirable after `train.kto.desirable_weight` /
-  `undesirable_weight`, outside the 1 to 4/3 range the KTO paper recommends (Ethayarajh et al. 2024,
-  section 4), or one label missing;
+  `undesirable_weight`, outside 1:1 to 4:3 (desirable_weight x desirable rows to undesirable_weight x
+  undesirable rows: the range TRL's KTO trainer docs recommend), or one label missing;
 - `empty_answers`, `template_tokens` on every side.
 """
 
