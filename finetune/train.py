@@ -481,7 +481,10 @@ def _record_trainer(
     the checkpoints they make, before the first step."""
     trainable, total = trainer.model.get_nb_trainable_parameters()
     manifest.update(lora={"targets": targets, "trainable_params": trainable, "total_params": total})
-    t, processes = recipe.train, process_state().num_processes
+    t = recipe.train
+    lora_plus = {"loraplus_lr_ratio": t.loraplus_lr_ratio, "lr_b": t.lr * t.loraplus_lr_ratio} if t.loraplus_lr_ratio else {}
+    manifest.update(optimizer={"name": t.optimizer, "lr": t.lr, **lora_plus})  # LoRA+: PEFT's groups, B at lr_b
+    processes = process_state().num_processes
     manifest.update(processes=processes, global_batch=t.batch_size * t.grad_accum * processes)
     manifest.update(distributed=sharding.record(trainer.accelerator))  # FSDP asked for is not FSDP run on a CPU
     _check_disk_space(run, recipe, trainable)
