@@ -24,6 +24,7 @@ import torch
 
 from finetune.errors import Problem, UserError
 from finetune.machine import PLANNED_GPU, Machine, resolve_dtype, this_machine
+from finetune import lora_layers
 from finetune.modeling import hub_kwargs, load_tokenizer, lora_config, resolve_targets
 from finetune.recipe.load import is_local
 from finetune.recipe.preflight import TOKENIZER_FILES
@@ -69,6 +70,7 @@ class Params:
     trainable_share: float  # trainable / total, as PEFT prints it
     targets: list[str]
     by_module: list[ModuleParams]
+    ranks: list[str]  # which modules got which rank and alpha (finetune.lora_layers.summary)
 
 
 @dataclass
@@ -376,7 +378,9 @@ def _layout(recipe: Recipe, model: PreTrainedModel) -> _Layout:
 
     with warnings.catch_warnings():  # deprecations inside transformers/PEFT that a user cannot act on
         warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
-        peft_model = get_peft_model(model, lora_config(recipe, targets), low_cpu_mem_usage=True)
+        config = lora_config(recipe, targets)
+        ranks = lora_layers.summary(lora_layers.check(recipe, model, config))  # located errors before PEFT runs
+        peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
     if method != "none":
         # TRL's SFTTrainer casts the trainable parameters of a quantized model to bf16, DoRA magnitudes excepted
         for name, p in peft_model.named_parameters():
@@ -398,6 +402,7 @@ def _layout(recipe: Recipe, model: PreTrainedModel) -> _Layout:
         trainable_share=trainable / total if total else 0.0,
         targets=targets,
         by_module=_by_module(named, recipe.lora.variant),
+        ranks=ranks,
     )
     return _Layout(
         params=params,
