@@ -56,6 +56,18 @@ def adapted_modules(model: Any, config: Any) -> list[Adapted]:
     return out
 
 
+def in_model(peft_model: Any) -> list[Adapted]:
+    """The LoRA layers PEFT actually built, with their rank and alpha: what a run records."""
+    out = []
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and getattr(module, "active_adapters", None):
+            adapter = module.active_adapters[0]
+            if adapter in module.r:
+                name = name.removeprefix("base_model.model.")
+                out.append(Adapted(name, module.r[adapter], module.lora_alpha[adapter]))
+    return out
+
+
 def check(recipe: Recipe, model: Any, config: Any) -> list[Adapted]:
     """The adapted modules, or a located RecipeError for each pattern that matches none of them and each
     `lora.layers` index the model does not have (PEFT would ignore both without a word)."""

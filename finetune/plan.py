@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from finetune import lora_layers
 from finetune.errors import Problem, UserError
 from finetune.machine import PLANNED_GPU, Machine, resolve_dtype, this_machine
-from finetune import lora_layers
 from finetune.modeling import hub_kwargs, load_tokenizer, lora_config, resolve_targets
 from finetune.recipe.load import is_local
 from finetune.recipe.preflight import TOKENIZER_FILES
@@ -205,6 +205,16 @@ def plan(recipe: Recipe, gpu: str | None = None, tflops: float | None = None, mf
         time=time,
         notes=notes,
     )
+
+
+def adapter_ranks(recipe: Recipe) -> list[str]:
+    """Which modules get which rank and alpha (`finetune data` prints it when the recipe shapes them per layer),
+    from the model's config on the meta device: no weights read."""
+    from finetune.lineage import continue_parent
+
+    recipe = continue_parent(recipe)
+    model = _meta_model(recipe, _load_config(recipe), torch.bfloat16)
+    return lora_layers.summary(lora_layers.check(recipe, model, lora_config(recipe, resolve_targets(recipe, model))))
 
 
 def peak_memory(

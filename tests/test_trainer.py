@@ -1,4 +1,5 @@
-"""The shared trainer: LoRA+ (`train.loraplus_lr_ratio`) through PEFT's optimizer helper, exact on resume."""
+"""The shared trainer: LoRA+ (`train.loraplus_lr_ratio`) through PEFT's optimizer helper, exact on resume; the
+per-layer structure as trained, in the manifest."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def loraplus_recipe(tmp_path, model_dir, steps: int = 8):
 
 def test_loraplus_trains_the_b_matrices_at_ratio_times_lr_and_the_manifest_says_so(tiny_model_dir, tmp_path):
     recipe = loraplus_recipe(tmp_path, tiny_model_dir(), steps=4)
-    done = finetune("train", str(recipe), cwd=tmp_path)
+    done = finetune("train", str(recipe), "--set", "lora.rank_pattern={v_proj: 2}", "--set", "lora.layers=[1]",
+                    cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     run = tmp_path / "runs" / "tiny"
     state = torch.load(run / "checkpoints" / "checkpoint-4" / "optimizer.pt", weights_only=False)
@@ -31,6 +33,10 @@ def test_loraplus_trains_the_b_matrices_at_ratio_times_lr_and_the_manifest_says_
     assert [g["lr"] for g in groups] == pytest.approx([5e-3, 1e-6, 8e-2, 8e-2])
     assert len(groups[0]["params"]) == len(groups[2]["params"]) + len(groups[3]["params"]) > 0
     manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["lora"]["ranks"] == [
+        "rank 8, alpha 16: q_proj, k_proj, o_proj, gate_proj, up_proj, down_proj (block 1)",
+        "rank 2, alpha 16: v_proj (block 1)",
+    ]  # PEFT's layers as trained: rank_pattern and lora.layers reached them
     assert manifest["optimizer"] == {"name": "adamw_torch_fused", "lr": 5e-3, "loraplus_lr_ratio": 16, "lr_b": 8e-2}
 
 
