@@ -1,5 +1,5 @@
 """The shared trainer: LoRA+ (`train.loraplus_lr_ratio`) through PEFT's optimizer helper, exact on resume; the
-per-layer structure as trained, in the manifest."""
+per-layer structure as trained, in the manifest, and merged."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ def test_loraplus_trains_the_b_matrices_at_ratio_times_lr_and_the_manifest_says_
         "rank 2, alpha 16: v_proj (block 1)",
     ]  # PEFT's layers as trained: rank_pattern and lora.layers reached them
     assert manifest["optimizer"] == {"name": "adamw_torch_fused", "lr": 5e-3, "loraplus_lr_ratio": 16, "lr_b": 8e-2}
+    from finetune.merge import merge
+
+    merged = merge(run)  # per-layer ranks and blocks merge like any adapter: verified by logits
+    assert merged.check["passed"] and merged.check["max_abs_diff"] <= 1e-4, merged.check
 
 
 @pytest.mark.slow
