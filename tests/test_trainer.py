@@ -42,6 +42,12 @@ def test_loraplus_trains_the_b_matrices_at_ratio_times_lr_and_the_manifest_says_
 
     merged = merge(run)  # per-layer ranks and blocks merge like any adapter: verified by logits
     assert merged.check["passed"] and merged.check["max_abs_diff"] <= 1e-4, merged.check
+    from finetune.export import export
+
+    card = (tmp_path / "export" / "README.md").read_text() if export(run, "adapter", tmp_path / "export") else ""
+    assert "| learning rate | 0.005, constant, warmup 0; LoRA+: B matrices at 16 x (0.08) |" in card
+    assert f"| adapter layout | {'; '.join(manifest['lora']['ranks'])} |" in card
+    assert "vLLM 0.32 reads rank_pattern and alpha_pattern" in card  # the compatibility section
 
 
 @pytest.mark.slow
