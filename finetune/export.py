@@ -394,6 +394,16 @@ def _num(value: Any, digits: int = 4) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _loraplus(t: Any) -> str:
+    ratio = t.loraplus_lr_ratio
+    return f"; LoRA+: B matrices at {ratio:g} x ({t.lr * ratio:g})" if ratio else ""
+
+
+def _per_layer(recipe: Any) -> bool:
+    """Ranks, alphas or blocks set per layer: the card then says which modules got which (the manifest's ranks)."""
+    return bool(recipe.lora.rank_pattern or recipe.lora.alpha_pattern or recipe.lora.layers is not None)
+
+
 def _training_section(run: Run) -> list[str]:
     recipe, m = run.recipe, run.manifest
     t, data, lora = recipe.train, m.get("data") or {}, m.get("lora") or {}
@@ -417,7 +427,8 @@ def _training_section(run: Run) -> list[str]:
         ),
         ("quantization", quant),
         ("epochs / max steps", f"{t.epochs:g} / {t.max_steps or '-'}"),
-        ("learning rate", f"{t.lr:g}, {t.scheduler}, warmup {t.warmup_ratio:g}"),
+        ("learning rate", f"{t.lr:g}, {t.scheduler}, warmup {t.warmup_ratio:g}" + _loraplus(t)),
+        ("adapter layout", "; ".join(lora.get("ranks") or []) if _per_layer(recipe) else None),
         ("batch", f"{t.batch_size} x {t.grad_accum} accumulation, optimizer {t.optimizer}"),
         ("max sequence length", _num(data.get("max_seq_length")) if data.get("max_seq_length") else None),
         (

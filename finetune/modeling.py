@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune.errors import UserError
+from finetune.lora_layers import peft_fields
 from finetune.machine import device, resolve_dtype
 from finetune.recipe.schema import Recipe
 
@@ -238,4 +239,5 @@ def lora_config(recipe: Recipe, targets: list[str]) -> LoraConfig:
         use_rslora=lora.variant == "rslora",
         modules_to_save=list(lora.modules_to_save) or None,
         task_type="CAUSAL_LM",
+        **peft_fields(recipe),  # per-layer ranks, alphas and blocks (finetune.lora_layers)
     )

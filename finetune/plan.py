@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from finetune import lora_layers
 from finetune.errors import Problem, UserError
 from finetune.machine import PLANNED_GPU, Machine, resolve_dtype, this_machine
 from finetune.modeling import hub_kwargs, load_tokenizer, lora_config, resolve_targets
@@ -69,6 +70,7 @@ class Params:
     trainable_share: float  # trainable / total, as PEFT prints it
     targets: list[str]
     by_module: list[ModuleParams]
+    ranks: list[str]  # which modules got which rank and alpha (finetune.lora_layers.summary)
 
 
 @dataclass
@@ -204,6 +206,16 @@ def plan(recipe: Recipe, gpu: str | None = None, tflops: float | None = None, mf
         time=time,
         notes=notes,
     )
+
+
+def adapter_ranks(recipe: Recipe) -> list[str]:
+    """Which modules get which rank and alpha (`finetune data` prints it when the recipe shapes them per layer),
+    from the model's config on the meta device: no weights read."""
+    from finetune.lineage import continue_parent
+
+    recipe = continue_parent(recipe)
+    model = _meta_model(recipe, _load_config(recipe), torch.bfloat16)
+    return lora_layers.summary(lora_layers.check(recipe, model, lora_config(recipe, resolve_targets(recipe, model))))
 
 
 def peak_memory(
@@ -377,7 +389,9 @@ def _layout(recipe: Recipe, model: PreTrainedModel) -> _Layout:
 
     with warnings.catch_warnings():  # deprecations inside transformers/PEFT that a user cannot act on
         warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
-        peft_model = get_peft_model(model, lora_config(recipe, targets), low_cpu_mem_usage=True)
+        config = lora_config(recipe, targets)
+        ranks = lora_layers.summary(lora_layers.check(recipe, model, config))  # located errors before PEFT runs
+        peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
     if method != "none":
         # TRL's SFTTrainer casts the trainable parameters of a quantized model to bf16, DoRA magnitudes excepted
         for name, p in peft_model.named_parameters():
@@ -399,6 +413,7 @@ def _layout(recipe: Recipe, model: PreTrainedModel) -> _Layout:
         trainable_share=trainable / total if total else 0.0,
         targets=targets,
         by_module=_by_module(named, recipe.lora.variant),
+        ranks=ranks,
     )
     return _Layout(
         params=params,

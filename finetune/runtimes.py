@@ -56,10 +56,17 @@ def adapter_facts(run: Run) -> dict[str, Any]:
         "embedding_lora": sorted(
             {m for n in names for m in EMBEDDING_MODULES if f".{m}.lora_" in n or (".lora_embedding_" in n and m in n)}
         ),
+        # new token rows trained by PEFT's trainable_token_indices: `<module>.token_adapter.trainable_tokens_delta`
+        "trainable_tokens": sorted({n.split(".token_adapter.")[0].rsplit(".", 1)[-1] for n in names if _rows(n)}),
+        "per_layer": sorted(k for k in ("rank_pattern", "alpha_pattern", "layers_to_transform") if config.get(k)),
         "base_model": run.recipe.model.base,
         "base_revision": run.recipe.model.revision,
         "quantization_in_training": run.recipe.quantization.method,
     }
+
+
+def _rows(tensor: str) -> bool:
+    return ".token_adapter." in tensor
 
 
 def adapter_vllm(facts: dict, run: Run) -> dict:
@@ -78,6 +85,12 @@ def adapter_vllm(facts: dict, run: Run) -> dict:
     if facts["embedding_lora"]:
         blockers.append(
             f"LoRA on {', '.join(facts['embedding_lora'])} is not served by current vLLM releases; export --format merged"
+        )
+    if facts.get("trainable_tokens"):
+        blockers.append(
+            f"trained token rows of {', '.join(facts['trainable_tokens'])} (trainable_token_indices) are not served by "
+            "vLLM 0.32, whose LoRA loader knows only lora_A/lora_B tensors (read in its source, not run); "
+            "export --format merged"
         )
     if facts["bias"] != "none" or facts["lora_bias"]:
         blockers.append("adapter biases (bias/lora_bias) are not served by vLLM")
@@ -102,6 +115,11 @@ def adapter_vllm(facts: dict, run: Run) -> dict:
         )
     if needed > VLLM_DEFAULT_MAX_LORA_RANK:
         reasons.append(f"vLLM's default --max-lora-rank is {VLLM_DEFAULT_MAX_LORA_RANK}: pass {needed} explicitly")
+    if facts.get("per_layer"):
+        reasons.append(
+            f"{', '.join(facts['per_layer'])}: vLLM 0.32 reads rank_pattern and alpha_pattern from adapter_config.json "
+            "with PEFT's matching rule, and loads only the layers the adapter has (read in its source, not run)"
+        )
     if facts["variant"] == "rslora":
         reasons.append("rsLoRA scaling (alpha/sqrt(rank)) is applied by vLLM from adapter_config.json")
     if facts["quantization_in_training"] != "none":

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from finetune import methods, sharding
+from finetune import lora_layers, methods, sharding
 from finetune.errors import (
     LaunchError,
     RewardFailed,
@@ -410,6 +410,8 @@ def _setup(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     machine = this_machine()
     model, speed = _load_model(recipe, run, manifest, checkpoint, machine, data.stats.max_seq_length)
     model, targets, peft_config = method.policy(recipe, model)
+    if peft_config is not None:  # a new adapter: patterns and blocks that would adapt nothing stop here
+        lora_layers.check(recipe, model, peft_config)
     return Setup(method, tokenizer, data, machine, speed, model, targets, peft_config)
 
 
@@ -480,8 +482,14 @@ def _record_trainer(
     """(trainable, total) parameters, recorded with the targets and the global batch; then the disk checked for
     the checkpoints they make, before the first step."""
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    manifest.update(lora={"targets": targets, "trainable_params": trainable, "total_params": total})
-    t, processes = recipe.train, process_state().num_processes
+    ranks = lora_layers.summary(lora_layers.in_model(trainer.model))  # which modules got which rank
+    manifest.update(lora={"targets": targets, "trainable_params": trainable, "total_params": total, "ranks": ranks})
+    t = recipe.train
+    lora_plus = (
+        {"loraplus_lr_ratio": t.loraplus_lr_ratio, "lr_b": t.lr * t.loraplus_lr_ratio} if t.loraplus_lr_ratio else {}
+    )
+    manifest.update(optimizer={"name": t.optimizer, "lr": t.lr, **lora_plus})  # LoRA+: PEFT's groups, B at lr_b
+    processes = process_state().num_processes
     manifest.update(processes=processes, global_batch=t.batch_size * t.grad_accum * processes)
     manifest.update(distributed=sharding.record(trainer.accelerator))  # FSDP asked for is not FSDP run on a CPU
     _check_disk_space(run, recipe, trainable)

@@ -44,9 +44,26 @@ class SafeTraining:
     _saving = False
     _nonfinite: torch.Tensor | None = None  # see _watch
 
-    def __init__(self, *args: Any, group_by_length: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, group_by_length: bool = False, loraplus_lr_ratio: float | None = None,
+                 **kwargs: Any) -> None:  # fmt: skip
         self.group_by_length = group_by_length
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        """`train.loraplus_lr_ratio`: PEFT's LoRA+ parameter groups (B matrices at lr x ratio) in the optimizer the
+        recipe chose, with its own arguments. Resuming restores its state like any optimizer's: the groups are
+        built in the same order from the same model."""
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt_model = self.model if model is None else model
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        lr = kwargs.pop("lr", self.args.learning_rate)
+        self.optimizer = create_loraplus_optimizer(opt_model, cls, lr=lr, loraplus_lr_ratio=self.loraplus_lr_ratio,
+                                                   loraplus_weight_decay=self.args.weight_decay, **kwargs)  # fmt: skip
+        return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -283,10 +300,12 @@ class StopOnSignal(TrainerCallback):
 
 
 def build(cls: type, model: Any, tokenizer: Any, data: Any, args: Any, peft_config: Any, callbacks: list,
-          **own: Any) -> Any:  # fmt: skip
+          loraplus_lr_ratio: float | None = None, **own: Any) -> Any:  # fmt: skip
     """A method's trainer class on its prepared data (`data.train`, `data.eval`): the arguments every TRL trainer
-    takes, then the method's `own` (GRPO's reward functions, SFT's length grouping)."""
+    takes, the LoRA+ ratio every method honours, then the method's `own` (GRPO's reward functions, SFT's length
+    grouping)."""
     return cls(
+        loraplus_lr_ratio=loraplus_lr_ratio,
         model=model,
         args=args,
         train_dataset=data.train,

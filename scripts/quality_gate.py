@@ -45,6 +45,7 @@ VARIANTS = {
     "grouped": ["data.group_by_length=true"],
     "packing": ["data.packing=true"],  # trained on the same share of the data: see `length`
     "padding-free": ["data.padding_free=true"],  # the GPU default (with flash attention), here with SDPA
+    "loraplus": ["train.loraplus_lr_ratio=16"],  # LoRA+ at its paper's ratio, same lr and steps (issue 33)
 }
 BATCH = 16
 TASKS = ("varied", "uniform", "quickstart")  # the most telling first

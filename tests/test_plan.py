@@ -94,6 +94,64 @@ def test_counts_equal_peft_on_the_real_model(family, variant, tiny_model_dir, tm
         assert copy.params == model.get_output_embeddings().weight.numel()
 
 
+# (recipe overrides, the same adapter in PEFT's own LoraConfig fields, the expected rank summary)
+STRUCTURES = {
+    "rank-pattern": (
+        ["lora.rank_pattern={v_proj: 2, 'layers\\.1\\.mlp\\.down_proj': 32}"],
+        {"rank_pattern": {"v_proj": 2, r"layers\.1\.mlp\.down_proj": 32}},
+        ["rank 32, alpha 16: down_proj (block 1)",
+         "rank 8, alpha 16: q_proj, k_proj, o_proj, gate_proj, up_proj (blocks 0-1); down_proj (block 0)",
+         "rank 2, alpha 16: v_proj (blocks 0-1)"],
+    ),
+    "alpha-and-layers": (
+        ["lora.alpha_pattern={o_proj: 4}", "lora.layers=[1]", "lora.targets=attention"],
+        {"alpha_pattern": {"o_proj": 4}, "layers_to_transform": [1],
+         "target_modules": ["k_proj", "o_proj", "q_proj", "v_proj"]},
+        ["rank 8, alpha 16: q_proj, k_proj, v_proj (block 1)", "rank 8, alpha 4: o_proj (block 1)"],
+    ),
+    "layers-and-ranks": (
+        ["lora.layers=[0]", "lora.rank_pattern={'q_proj|k_proj': 1}", "lora.modules_to_save=[lm_head]"],
+        {"layers_to_transform": [0], "rank_pattern": {"q_proj|k_proj": 1}, "modules_to_save": ["lm_head"]},
+        ["rank 8, alpha 16: v_proj, o_proj, gate_proj, up_proj, down_proj (block 0)",
+         "rank 1, alpha 16: q_proj, k_proj (block 0)"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_per_layer_structure_counts_equal_peft_and_the_summary_says_which_rank(structure, tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    overrides, fields, ranks = STRUCTURES[structure]
+    model_dir = tiny_model_dir("llama")
+    planned = plan(load_recipe(write_recipe(tmp_path, model_dir), overrides)).params
+    seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": seven, "task_type": "CAUSAL_LM", **fields})
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
+    assert (planned.trainable, planned.total) == peft_model.get_nb_trainable_parameters()
+    assert planned.ranks == ranks
+
+
+def test_a_pattern_or_block_that_matches_nothing_is_a_located_error(tiny_model_dir, tmp_path):
+    path = write_recipe(tmp_path, tiny_model_dir("llama"), extra="")
+    path.write_text(path.read_text().replace("lora: {rank: 8, alpha: 16}",
+                                             "lora: {rank: 8, alpha: 16, alpha_pattern: {vproj: 2}, layers: [0, 7]}"))  # fmt: skip
+    with pytest.raises(UserError) as e:
+        plan(load_recipe(path))
+    assert [str(p) for p in e.value.problems] == [
+        f"{path}:3:44 lora.alpha_pattern: 'vproj' matches no adapted module; they are named like "
+        "model.layers.0.self_attn.q_proj (down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)",
+        f"{path}:3:55 lora.layers: {tiny_model_dir('llama')} has no block 7 (its blocks: 0-1)",
+    ]
+
+
+def test_loraplus_leaves_the_plan_unchanged(tiny_model_dir, tmp_path):
+    path = write_recipe(tmp_path, tiny_model_dir("llama"))
+    plain, plus = (plan(load_recipe(path, sets)) for sets in ([], ["train.loraplus_lr_ratio=16"]))
+    assert plus.params == plain.params and plus.memory == plain.memory
+
+
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_quantized_counts_and_weight_bytes_equal_bitsandbytes(method, tiny_model_dir, tmp_path):
     """On the CPU backend: PEFT's counts and the bytes bitsandbytes really stores for the base, laid out as

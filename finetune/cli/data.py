@@ -44,12 +44,24 @@ def data(
     from finetune.recipe.load import load_recipe
 
     wanted = _fail_on_kinds(fail_on)  # a misspelled kind exits 2 before any data is read
-    result = inspect_data(load_recipe(recipe, overrides or []), show)
+    loaded = load_recipe(recipe, overrides or [])
+    result = inspect_data(loaded, show)
     if as_json:
         echo_json(result.to_dict(), ascii_only=False)
     else:
         print_data(result, color)
+        _print_ranks(loaded)
     _fail_on_findings(getattr(result.stats, "checks", None) or {}, wanted)
+
+
+def _print_ranks(recipe) -> None:
+    """With per-layer ranks, alphas or blocks: which modules get which (as `finetune plan` prints it too)."""
+    lora = recipe.lora
+    if lora.rank_pattern or lora.alpha_pattern or lora.layers is not None:
+        from finetune.plan import adapter_ranks
+
+        for line in adapter_ranks(recipe):
+            console().print(f"adapters: {line}")
 
 
 def _fail_on_kinds(fail_on: str | None) -> set[str]:

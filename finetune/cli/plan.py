@@ -77,6 +77,8 @@ def _print_params(out: Any, p: Params) -> None:
         table.add_row(row.name, row.kind, str(row.modules), f"{row.params:,}", f"{share:.1%}")
     out.print(table)
     out.print(f"base {p.base:,} parameters; trainable {p.trainable:,} of {p.total:,} ({p.trainable_share:.3%})")
+    for line in p.ranks:
+        out.print(f"adapters: {line}")
 
 
 def _print_memory(out: Any, m: Memory) -> None:

@@ -10,6 +10,8 @@ offsets in the one full rendering, so BPE merges across turn boundaries cannot s
 from __future__ import annotations
 
 import bisect
+import re
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +42,26 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str) -> None
             "data.chat_template: the tokenizer has no chat template of its own; "
             f"set one of {', '.join(BUILTIN_TEMPLATES)} or a .jinja file"
         )
+    if missing := missing_markers(tokenizer):
+        warnings.warn(
+            f"data.chat_template {choice}: {', '.join(missing)} not in the tokenizer's vocabulary, so each is split "
+            "into several ordinary tokens the model must learn to use as markers; prefer a template the base "
+            "model's tokenizer has tokens for (adding new tokens is not supported yet)",
+            stacklevel=2,
+        )
+
+
+# Marker-like literals of a template: `<|im_start|>`, `<start_of_turn>`, `</s>` (what a tokenizer holds as special tokens)
+_MARKER = re.compile(r"<\|?/?[A-Za-z_][\w.]*\|?>")
+
+
+def missing_markers(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The template's marker literals the tokenizer lacks as single tokens (ChatML's on a base model's tokenizer):
+    each is then split into several ordinary tokens, whose embeddings mean something else. `finetune` does not
+    add tokens (issue 33), so `apply_chat_template` warns."""
+    vocab = tokenizer.get_vocab()
+    markers = dict.fromkeys(_MARKER.findall(tokenizer.chat_template or ""))
+    return [m for m in markers if m not in vocab]
 
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool = False) -> str:

@@ -99,7 +99,8 @@ def make_trainer(
     recipe: Recipe, model: Any, tokenizer: Any, data: PromptData, args: Any, peft_config: Any, callbacks: list
 ) -> FinetuneGRPOTrainer:
     rewards = [Reward(spec) for spec in recipe.train.grpo.rewards]
-    return build(FinetuneGRPOTrainer, model, tokenizer, data, args, peft_config, callbacks, reward_funcs=rewards)
+    return build(FinetuneGRPOTrainer, model, tokenizer, data, args, peft_config, callbacks,
+                 loraplus_lr_ratio=recipe.train.loraplus_lr_ratio, reward_funcs=rewards)  # fmt: skip
 
 
 def compare(recipe: Recipe, model: Any, tokenizer: Any, data: PromptData, has_reference: bool) -> Any:

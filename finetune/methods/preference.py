@@ -79,7 +79,8 @@ def make_trainer(
     recipe: Recipe, model: Any, tokenizer: Any, data: PreferenceData, args: Any, peft_config: Any, callbacks: list
 ) -> Any:
     cls = FinetuneDPOTrainer if recipe.train.method == "dpo" else FinetuneKTOTrainer
-    return build(cls, model, tokenizer, data, args, peft_config, callbacks)
+    return build(cls, model, tokenizer, data, args, peft_config, callbacks,
+                 loraplus_lr_ratio=recipe.train.loraplus_lr_ratio)  # fmt: skip
 
 
 def compare(recipe: Recipe, model: Any, tokenizer: Any, data: PreferenceData, has_reference: bool) -> Any:

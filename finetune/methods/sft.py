@@ -65,6 +65,7 @@ def make_trainer(
 ) -> FinetuneSFTTrainer:
     """Length-grouped batches (`data.group_by_length`) except when packed: a pack has no length of its own."""
     return build(FinetuneSFTTrainer, model, tokenizer, data, args, peft_config, callbacks,
+                 loraplus_lr_ratio=recipe.train.loraplus_lr_ratio,
                  group_by_length=recipe.data.group_by_length and not args.packing)  # fmt: skip
 
 

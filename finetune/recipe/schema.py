@@ -204,6 +204,40 @@ class LoraSection(Section):
     modules_to_save: list[str] = Field(
         [], description="Modules trained in full and saved with the adapter, e.g. [lm_head, embed_tokens]."
     )
+    # --- per-layer structure (issue 33; checked against the model in finetune.lora_layers) ---
+    rank_pattern: dict[Annotated[str, Field(min_length=1)], Annotated[int, Field(ge=1)]] = Field(
+        {},
+        description="Module-name pattern -> rank, overriding `rank` for the adapted modules it matches (PEFT's "
+        "rank_pattern: a regular expression matched against the end of the full module name, e.g. "
+        "{v_proj: 4, 'layers\\.0\\.self_attn\\.q_proj': 32}). A pattern that matches no adapted module is an error.",
+    )
+    alpha_pattern: dict[Annotated[str, Field(min_length=1)], Annotated[float, Field(gt=0)]] = Field(
+        {},
+        description="Module-name pattern -> alpha, overriding `alpha` like rank_pattern overrides `rank` "
+        "(PEFT's alpha_pattern).",
+    )
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        min_length=1,
+        description="Indices of the transformer blocks (0-based) whose target modules get adapters, e.g. "
+        "[20, 21, 22, 23]; none: every block (PEFT's layers_to_transform). An index the model lacks is an error.",
+    )
+
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> LoraSection:
+        import re
+
+        for option in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, option):
+                try:
+                    re.compile(key)
+                except re.error as e:
+                    raise FieldRuleError(option, f"{key!r} is not a regular expression: {e}") from None
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise FieldRuleError("layers", "lists a block twice")
+        return self
+
+    # --- end of per-layer structure ---
 
 
 class DataSource(Section):
@@ -525,6 +559,13 @@ class TrainSection(Section):
         "adamw_torch_fused",
         description="Optimizer: `adamw_torch_fused` updates all tensors in one kernel (CPU and CUDA); the 8-bit and "
         "paged variants come from bitsandbytes.",
+    )
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+: the B matrices (and DoRA magnitudes, biases) learn at `lr` x this ratio, the A matrices "
+        "at `lr` (PEFT's create_loraplus_optimizer; its paper suggests 16, with a lower `lr`). Works with every "
+        "`optimizer` choice; none: plain LoRA, one learning rate.",
     )
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")

@@ -91,3 +91,15 @@ def test_a_raw_completion_is_trained_with_the_end_of_sequence_and_its_prompt_is_
     raw = Sample("t.jsonl:1", prompt="2+2=", completion=" 4")
     assert segments(tokenizer, raw, "assistant") == [("2+2=", False), (" 4<|im_end|>", True)]
     assert segments(tokenizer, raw, "all") == [("2+2=", True), (" 4<|im_end|>", True)]
+
+
+def test_a_template_whose_markers_the_tokenizer_lacks_warns_naming_them(tokenizer, tmp_path):
+    import warnings
+
+    path = tmp_path / "turns.jinja"
+    path.write_text("{% for m in messages %}<|turn|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}")
+    with pytest.warns(UserWarning, match=r"data.chat_template .*turns.jinja: <\|turn\|> not in the tokenizer's vocab"):
+        apply_chat_template(tokenizer, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ChatML's markers are this tokenizer's own tokens: nothing to say
+        apply_chat_template(tokenizer, "chatml")
