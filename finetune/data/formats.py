@@ -26,6 +26,7 @@ class Sample:
     messages: tuple[tuple[str, str], ...] = ()  # (role, content); empty for raw text
     prompt: str = ""
     completion: str = ""
+    slice: str | None = None  # a held-out row's slice (its source's `slice:`, or its `eval.slice_by` column)
 
     @property
     def is_chat(self) -> bool:
