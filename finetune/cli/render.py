@@ -63,10 +63,12 @@ def slices_table(summary: EvalSummary) -> Table:
     table = Table(title="per slice", title_justify="left")
     for column in ("slice", "rows", "metric", "base", "tuned", "delta", "wins/losses/ties"):
         table.add_column(column, justify="left" if column in ("slice", "metric") else "right")
+    from rich.markup import escape
+
     for name, part in summary.slices.items():
         for row in part.rows():
             base = "-" if row.base is None else f"{row.base:.4f}"
-            table.add_row(name, str(part.examples), row.metric, base, f"{row.tuned:.4f}", row.delta_text(2), row.record)
+            table.add_row(escape(name), str(part.examples), row.metric, base, f"{row.tuned:.4f}", row.delta_text(2), row.record)
     return table
 
 

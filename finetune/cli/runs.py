@@ -212,6 +212,8 @@ def figures_table(result: RunComparison) -> Table:
 
 
 def _figure_label(key: str, slice_rows: dict[str, int]) -> str:
-    """`exact_match[short] (34 rows)`: a slice's figure with its held-out row count."""
+    """`exact_match[short] (34 rows)`: a slice's figure with its held-out row count (escaped: not rich markup)."""
+    from rich.markup import escape
+
     name = key[key.rfind("[") + 1 : -1] if key.endswith("]") else None
-    return f"{key} ({slice_rows[name]} rows)" if name in slice_rows else key
+    return escape(f"{key} ({slice_rows[name]} rows)" if name in slice_rows else key)
