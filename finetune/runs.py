@@ -413,7 +413,9 @@ def compare_runs(roots: list[Path]) -> RunComparison:
     for row in examples[0]:
         if row.get("slice") is not None:
             slice_rows[row["slice"]] = slice_rows.get(row["slice"], 0) + 1
-    return RunComparison([str(r) for r in roots], differing, figures, deltas, intervals, dict(sorted(slice_rows.items())))
+    return RunComparison(
+        [str(r) for r in roots], differing, figures, deltas, intervals, dict(sorted(slice_rows.items()))
+    )
 
 
 def _examples(root: Path) -> list[dict[str, Any]]:

@@ -296,7 +296,8 @@ class Requirement:
         part = summary.part(self.slice)
         if self.part == "value":
             value = part.tuned.get(self.metric)
-            return value if value is not None else f"not computed (this evaluation has {', '.join(part.tuned.names()) or 'none'})"
+            computed = ", ".join(part.tuned.names()) or "none"
+            return value if value is not None else f"not computed (this evaluation has {computed})"
         row = next((r for r in part.rows() if r.metric == self.metric), None)
         if row is None or row.delta is None:
             return "needs the base model's scores (eval.compare_base)"

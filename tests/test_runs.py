@@ -362,3 +362,18 @@ def test_runs_compare_pairs_two_runs_answers_by_prompt_overall_and_per_slice():
     text = " ".join(_render(figures_table(comparison), 120).split())
     hard = paired["exact_match[hard]"]
     assert f"exact_match[hard] (50 rows) │ 0.0000 │ 0.8000 (+0.80 [{hard['low']:+.2f}, {hard['high']:+.2f}])" in text
+
+
+def test_report_shows_the_eval_per_slice_with_intervals_and_the_answers_cost():
+    from finetune.scoring import Comparison, ModelScores
+
+    def scores(right: list[float], tokens: int) -> ModelScores:
+        return ModelScores(0.5, 1.6, {}, ["x"] * 4, {"exact_match": right}, [tokens] * 4, [0.25] * 4)
+
+    summary = Comparison(scores([1.0, 1.0, 1.0, 0.0], 2), scores([0.0, 0.0, 1.0, 0.0], 8), ["r"] * 4, ["p"] * 4,
+                         ["a<b", "a<b", "c", "c"]).summary()  # fmt: skip
+    page = render({"name": "x", "status": "completed"}, [], summary)
+    overall = summary.rows()[-1]
+    assert f'<td>exact_match</td><td>0.2500</td><td>0.7500</td><td class="better">{overall.delta_text(2)}</td>' in page
+    assert "<h3>slice a&lt;b (2 rows)</h3>" in page and "<h3>slice c (2 rows)</h3>" in page
+    assert "<tr><td>tokens</td><td>2 / 2</td><td>8 / 8</td></tr>" in page

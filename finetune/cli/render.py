@@ -68,7 +68,9 @@ def slices_table(summary: EvalSummary) -> Table:
     for name, part in summary.slices.items():
         for row in part.rows():
             base = "-" if row.base is None else f"{row.base:.4f}"
-            table.add_row(escape(name), str(part.examples), row.metric, base, f"{row.tuned:.4f}", row.delta_text(2), row.record)
+            table.add_row(
+                escape(name), str(part.examples), row.metric, base, f"{row.tuned:.4f}", row.delta_text(2), row.record
+            )
     return table
 
 

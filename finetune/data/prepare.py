@@ -117,7 +117,9 @@ def split(recipe: Recipe, stats: DataStats) -> tuple[list[Sample], list[Sample]]
     train = load_samples(list(data.train), data.on_bad_row, stats, by)
     if not train:
         raise DataError(_nothing_left(stats, 0))
-    train, held_out = hold_out(recipe, train, lambda eval_sources: load_samples(eval_sources, data.on_bad_row, stats, by))
+    train, held_out = hold_out(
+        recipe, train, lambda eval_sources: load_samples(eval_sources, data.on_bad_row, stats, by)
+    )
     check_slices(held_out, by)
     return train, held_out
 

@@ -25,7 +25,13 @@ Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 TargetPreset = Literal["attention", "mlp", "all-linear"]
 BUILTIN_TEMPLATES = ("chatml", "llama3", "mistral", "gemma", "qwen2.5", "phi3")
 LOSS_METRICS = ("loss", "perplexity")  # from the held-out loss; lower is better (finetune.summary)
-GENERATION_METRICS = ("exact_match", "contains", "regex", "json_valid", "json_schema")  # scored on generations (finetune.evaluate)
+GENERATION_METRICS = (
+    "exact_match",
+    "contains",
+    "regex",
+    "json_valid",
+    "json_schema",
+)  # scored on generations (finetune.evaluate)
 BUILTIN_METRICS = LOSS_METRICS + GENERATION_METRICS
 FOUR_BIT_OPTIONS = ("double_quant", "compute_dtype", "quant_storage")  # errors when set without nf4/fp4
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"

@@ -22,15 +22,15 @@ from finetune.data.formats import Sample
 from finetune.data.templates import IGNORE, prompt_and_reference
 from finetune.errors import UserError
 from finetune.generation import generate_timed
-from finetune.scoring.uncertainty import paired
 from finetune.recipe.schema import GENERATION_METRICS, LOSS_METRICS
+from finetune.scoring.uncertainty import paired
 from finetune.summary import EvalSummary, Scores
 
 if TYPE_CHECKING:
     from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from finetune.recipe.schema import EvalSection
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Metric = Callable[[str, str], float]
 

@@ -413,8 +413,12 @@ def test_a_held_out_row_without_the_slice_column_is_named(tmp_path, tiny_model_d
 
     rows = [{**row, "level": "easy"} for row in tiny.reverse_rows(10)]
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "eval.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(tiny.reverse_rows(2)[1]) + "\n")
-    path = write_recipe(tmp_path, tiny_model_dir(), rows, "  eval: [{path: data/eval.jsonl}]\neval:\n  slice_by: levle\n")
+    (tmp_path / "data" / "eval.jsonl").write_text(
+        json.dumps(rows[0]) + "\n" + json.dumps(tiny.reverse_rows(2)[1]) + "\n"
+    )
+    path = write_recipe(
+        tmp_path, tiny_model_dir(), rows, "  eval: [{path: data/eval.jsonl}]\neval:\n  slice_by: levle\n"
+    )
     with pytest.raises(DataError) as info:
         split(load_recipe(path), DataStats())
     assert [p.where.rpartition("/")[2] for p in info.value.problems] == ["eval.jsonl:1", "eval.jsonl:2"]
