@@ -430,7 +430,7 @@ def _examples(root: Path) -> list[dict[str, Any]]:
 def paired_runs(first: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The tuned answers' per-example scores of `other` against `first` on the prompts both answered (matched by
     prompt and reference), per metric overall and per slice of the first run's rows: `exact_match[short]`."""
-    from finetune.scoring.uncertainty import paired
+    from finetune.uncertainty import paired
 
     theirs = {(row["prompt"], row["reference"]): row for row in other}
     pairs = [(row, theirs[key]) for row in first if (key := (row["prompt"], row["reference"])) in theirs]

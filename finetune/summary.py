@@ -15,6 +15,7 @@ from typing import Any
 
 from finetune.errors import UserError
 from finetune.recipe.schema import LOSS_METRICS
+from finetune.uncertainty import CONFIDENCE, RESAMPLES, SEED
 
 LOWER_IS_BETTER = frozenset(LOSS_METRICS)  # every other metric (exact_match, a user's function) is higher-is-better
 
@@ -71,7 +72,7 @@ class Row:
     wins: int | None = None  # per-example record, for generation metrics
     losses: int | None = None
     ties: int | None = None
-    low: float | None = None  # the paired bootstrap interval of the delta (finetune.scoring.uncertainty)
+    low: float | None = None  # the paired bootstrap interval of the delta (finetune.uncertainty)
     high: float | None = None
     sign_p: float | None = None  # the sign test's two-sided p on wins against losses
 
@@ -202,9 +203,9 @@ class EvalSummary:
         )  # fmt: skip
 
 
-# How every interval in a summary was computed (finetune.scoring.uncertainty's defaults), written beside them
-UNCERTAINTY = {"method": "paired bootstrap, percentile", "confidence": 0.95, "resamples": 2000, "seed": 0,
-               "sign_test": "two-sided exact, ties dropped"}  # fmt: skip
+# How every interval in a summary was computed (finetune.uncertainty's defaults), written beside them
+UNCERTAINTY = {"method": "paired bootstrap, percentile", "confidence": CONFIDENCE, "resamples": RESAMPLES,
+               "seed": SEED, "sign_test": "two-sided exact, ties dropped"}  # fmt: skip
 
 
 def _records(versus: dict[str, Any] | None) -> dict[str, dict[str, int]]:

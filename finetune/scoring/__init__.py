@@ -23,8 +23,8 @@ from finetune.data.templates import IGNORE, prompt_and_reference
 from finetune.errors import UserError
 from finetune.generation import generate_timed
 from finetune.recipe.schema import GENERATION_METRICS, LOSS_METRICS
-from finetune.scoring.uncertainty import paired
 from finetune.summary import EvalSummary, Scores
+from finetune.uncertainty import paired
 
 if TYPE_CHECKING:
     from datasets import Dataset

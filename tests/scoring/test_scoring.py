@@ -7,7 +7,6 @@ import pytest
 
 from finetune.errors import UserError
 from finetune.scoring import Comparison, ModelScores
-from finetune.scoring.uncertainty import CONFIDENCE, RESAMPLES, SEED
 from finetune.summary import UNCERTAINTY, EvalSummary, Requirement, gate
 
 
@@ -52,10 +51,6 @@ def test_the_summary_json_carries_slices_intervals_and_cost_and_reads_back_the_s
     assert data["cost"]["base"]["tokens_per_s"]["mean"] == pytest.approx(16.0)  # 8 tokens in 0.5 s
     assert data["uncertainty"] == UNCERTAINTY
     assert EvalSummary.from_dict(data).to_dict() == data
-
-
-def test_the_recorded_method_is_the_one_the_intervals_were_computed_with():
-    assert (UNCERTAINTY["confidence"], UNCERTAINTY["resamples"], UNCERTAINTY["seed"]) == (CONFIDENCE, RESAMPLES, SEED)
 
 
 def test_without_slices_or_a_base_there_is_nothing_to_slice_or_bound():

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from finetune.scoring.uncertainty import half_width, paired, rows_needed, sign_test
+from finetune.uncertainty import half_width, paired, rows_needed, sign_test
 
 
 def scores(n: int, differ: int) -> tuple[list[float], list[float]]:
