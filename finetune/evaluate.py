@@ -88,7 +88,7 @@ def _evaluate_sft(
     held_out = data.eval if not limit or data.eval is None else data.eval.select(range(min(limit, len(data.eval))))
     comparison = compare(
         model, tokenizer, held_out, data.eval_samples, list(e.metrics), e.max_new_tokens, e.batch_size,
-        with_base=with_base, limit=limit or e.limit,
+        with_base=with_base, limit=limit or e.limit, options=e,
     )  # fmt: skip
     return write_comparison(recipe, run, comparison, with_base, limit or e.limit, out_dir)
 
@@ -154,8 +154,15 @@ def check_requirements(recipe: Recipe, require: Sequence[Requirement]) -> None:
         close = by_function or difflib.get_close_matches(requirement.metric, names, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         problems.append(f"--require {requirement.metric}: this evaluation reports {', '.join(names)}{hint}")
+    sliced = recipe.eval.slice_by is not None or any(s.slice for s in _eval_sources(recipe))
+    problems += [f"--require {r.name}: names slice {r.slice!r}, but the held-out rows have no slices (set "
+                 "eval.slice_by, or a `slice:` on each data.eval source)" for r in require if r.slice and not sliced]  # fmt: skip
     if problems:
         raise UserError(problems)
+
+
+def _eval_sources(recipe: Recipe) -> list[Any]:
+    return list(recipe.data.eval) if isinstance(recipe.data.eval, list) else []
 
 
 def _out_dir(run: RunDir, out: str | Path | None) -> Path:

@@ -60,26 +60,60 @@ def _decoding(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sampli
     }
 
 
-@torch.no_grad()
 def generate(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, batch_size: int
 ) -> list[str]:
     """Greedy, batched, left-padded generation with the KV cache; returns only the new text."""
+    return generate_timed(model, tokenizer, prompts, max_new_tokens, batch_size).texts
+
+
+@dataclass(frozen=True)
+class Generated:
+    """Answers with their cost: generated tokens per answer (up to and including the stop token) and the wall
+    seconds of the batch each was generated in (what a caller sending that batch waits)."""
+
+    texts: list[str]
+    tokens: list[int]
+    seconds: list[float]
+
+
+@torch.no_grad()
+def generate_timed(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, batch_size: int
+) -> Generated:
+    """`generate`, with each answer's token count and its batch's latency."""
+    import time
+
     model.eval()
     device = next(model.parameters()).device
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    outputs: list[str] = []
+    stops = set(stop_ids(model.generation_config, tokenizer))
+    texts: list[str] = []
+    tokens: list[int] = []
+    seconds: list[float] = []
     try:
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(
                 prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
             )
+            began = time.perf_counter()
             generated = model.generate(**batch.to(device), **_decoding(model, tokenizer, Sampling(max_new_tokens)))
-            new = generated[:, batch["input_ids"].shape[1] :]
-            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+            new = generated[:, batch["input_ids"].shape[1] :].cpu()  # to the CPU: the batch's work is done
+            elapsed = time.perf_counter() - began
+            texts += tokenizer.batch_decode(new, skip_special_tokens=True)
+            tokens += [_answer_length(row.tolist(), stops) for row in new]
+            seconds += [elapsed] * len(new)
     finally:
         tokenizer.padding_side = side
-    return outputs
+    return Generated(texts, tokens, seconds)
+
+
+def _answer_length(ids: list[int], stops: set[int]) -> int:
+    """Tokens generated for one answer: up to and including its first stop id (the rest is the batch's padding)."""
+    for i, token in enumerate(ids):
+        if token in stops:
+            return i + 1
+    return len(ids)
 
 
 class Cancelled(StoppingCriteria):

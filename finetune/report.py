@@ -173,17 +173,43 @@ def _comparison(summary: EvalSummary | None) -> str:
         return "<p>No held-out evaluation (set <code>data.eval</code>).</p>"
     if summary.preference is not None:
         return _preference_comparison(summary)
+    table = _rows_table(summary, "metric")
+    parts = [
+        f"{table}<p>{summary.examples} held-out examples"
+        + ("; delta [95% paired bootstrap interval], sign test p" if summary.intervals else "")
+        + ".</p>"
+    ]
+    if summary.slices:
+        rows = "".join(f"<h3>slice {html.escape(name)} ({part.examples} rows)</h3>{_rows_table(part, 'metric')}"
+                       for name, part in summary.slices.items())  # fmt: skip
+        parts.append(rows)
+    if summary.cost:
+        head = "<tr><th>per answer (mean / p95)</th>" + "".join(f"<th>{m}</th>" for m in summary.cost) + "</tr>"
+        body = "".join(
+            f"<tr><td>{figure}</td>" + "".join(f"<td>{c[figure]['mean']:.3g} / {c[figure]['p95']:.3g}</td>"
+                                               for c in summary.cost.values()) + "</tr>"
+            for figure in ("tokens", "latency_s", "tokens_per_s")
+        )  # fmt: skip
+        parts.append(f"<h3>cost</h3><table>{head}{body}</table><p>Latency is each answer's batch's wall time.</p>")
+    return "".join(parts)
+
+
+def _rows_table(summary: EvalSummary, first: str) -> str:
+    """Base, tuned and the delta (with its interval and sign test where computed), the delta coloured."""
     rows = []
     for row in summary.rows():
         if row.base is None:
-            rows.append(f"<tr><td>{row.metric}</td><td>-</td><td>{row.tuned:.4f}</td><td></td></tr>")
+            rows.append(
+                f"<tr><td>{html.escape(row.metric)}</td><td>-</td><td>{row.tuned:.4f}</td><td></td><td></td></tr>"
+            )
             continue
         css = {True: "better", False: "worse", None: ""}[row.better]
-        rows.append(
-            f'<tr><td>{row.metric}</td><td>{row.base:.4f}</td><td>{row.tuned:.4f}</td><td class="{css}">{row.delta:+.4f}</td></tr>'
-        )
-    head = "<tr><th>metric</th><th>base</th><th>tuned</th><th>delta</th></tr>"
-    return f"<table>{head}{''.join(rows)}</table><p>{summary.examples} held-out examples.</p>"
+        p = "" if row.sign_p is None else f"{row.sign_p:.3g}"
+        delta = row.delta_text(4 if row.low is None else 2)
+        rows.append(f'<tr><td>{html.escape(row.metric)}</td><td>{row.base:.4f}</td><td>{row.tuned:.4f}</td>'
+                    f'<td class="{css}">{delta}</td><td>{p}</td></tr>')  # fmt: skip
+    head = f"<tr><th>{first}</th><th>base</th><th>tuned</th><th>delta</th><th>sign test p</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
 
 
 def _preference_comparison(summary: EvalSummary) -> str:

@@ -384,6 +384,10 @@ class RunComparison(Result):
     recipe_differences: dict[str, list[Any]]  # dotted key -> each run's value
     figures: list[dict[str, float]]  # per run: figure -> value
     deltas: list[dict[str, float]]  # per run: figure -> value minus the first run's (where the first has it)
+    # per run: figure (`exact_match`, `exact_match[short]`) -> the paired interval of its delta to the first run,
+    # over the held-out prompts both answered (eval/examples.jsonl): delta, low, high, n, wins, losses, ties, sign_p
+    intervals: list[dict[str, dict[str, Any]]] = field(default_factory=list)
+    slice_rows: dict[str, int] = field(default_factory=dict)  # the first run's held-out rows per slice
 
     def figure_names(self) -> list[str]:
         """Every figure any run has, in the order they first appear: a DPO run's preference accuracy and a GRPO
@@ -403,7 +407,45 @@ def compare_runs(roots: list[Path]) -> RunComparison:
     differing = recipe_differences(recipes)
     figures = [_figures(show_run(root)) for root in roots]
     deltas = [{k: v - figures[0][k] for k, v in f.items() if k in figures[0]} for f in figures]
-    return RunComparison([str(r) for r in roots], differing, figures, deltas)
+    examples = [_examples(root) for root in roots]
+    intervals = [paired_runs(examples[0], other) for other in examples]
+    slice_rows: dict[str, int] = {}
+    for row in examples[0]:
+        if row.get("slice") is not None:
+            slice_rows[row["slice"]] = slice_rows.get(row["slice"], 0) + 1
+    return RunComparison(
+        [str(r) for r in roots], differing, figures, deltas, intervals, dict(sorted(slice_rows.items()))
+    )
+
+
+def _examples(root: Path) -> list[dict[str, Any]]:
+    """The run's eval/examples.jsonl rows (none if it has none, or it cannot be read)."""
+    try:
+        text = (RunDir(root).eval / "examples.jsonl").read_text(encoding="utf-8")
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def paired_runs(first: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The tuned answers' per-example scores of `other` against `first` on the prompts both answered (matched by
+    prompt and reference), per metric overall and per slice of the first run's rows: `exact_match[short]`."""
+    from finetune.uncertainty import paired
+
+    theirs = {(row["prompt"], row["reference"]): row for row in other}
+    pairs = [(row, theirs[key]) for row in first if (key := (row["prompt"], row["reference"])) in theirs]
+    groups: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {"": pairs}
+    for a, b in pairs:
+        if a.get("slice") is not None:
+            groups.setdefault(f"[{a['slice']}]", []).append((a, b))
+    out = {}
+    for metric in (pairs[0][0].get("tuned_scores") or {}) if pairs else {}:
+        for suffix, rows in groups.items():
+            scored = [(b["tuned_scores"][metric], a["tuned_scores"][metric]) for a, b in rows
+                      if metric in (b.get("tuned_scores") or {})]  # fmt: skip
+            if scored:
+                out[f"{metric}{suffix}"] = paired([x for x, _ in scored], [y for _, y in scored]).to_dict()
+    return out
 
 
 def recipe_differences(recipes: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -420,8 +462,13 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _figures(manifest: dict[str, Any]) -> dict[str, float]:
+    """The tuned figures, each slice's (`exact_match[short]`) and the tuned answers' mean cost (`tokens.mean`)."""
     summary = EvalSummary.from_dict(manifest.get("eval"))
     out = {row.metric: row.tuned for row in summary.rows()} if summary else {}
+    for name, part in summary.slices.items() if summary else ():
+        out |= {f"{row.metric}[{name}]": row.tuned for row in part.rows()}
+    for figure, spread in (summary.cost.get("tuned") or {}).items() if summary else ():
+        out[f"{figure}.mean"] = spread["mean"]
     if manifest.get("train_loss") is not None:
         out["train_loss"] = manifest["train_loss"]
     return out

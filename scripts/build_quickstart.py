@@ -17,6 +17,7 @@ Everything is seeded and the data order is fixed, so re-running the script repro
 
 Usage: python scripts/build_quickstart.py [--out assets/quickstart] [--steps N]
        python scripts/build_quickstart.py --preference-only   # only the preference files, from the SFT data
+       python scripts/build_quickstart.py --slices-only       # only the held-out rows' `length` slice
 """
 
 from __future__ import annotations
@@ -267,12 +268,28 @@ def reverse_rows(words: list[str], n_rows: int, seed: int) -> list[list[Message]
     return rows
 
 
-def write_jsonl(path: Path, rows: list[list[Message]]) -> None:
-    """Write one `{"messages": [...]}` object per line (stable key order, ASCII, trailing newline)."""
+def write_jsonl(path: Path, rows: list[list[Message]], sliced: bool = False) -> None:
+    """Write one `{"messages": [...]}` object per line (stable key order, ASCII, trailing newline); `sliced`
+    adds each row's `length` slice (the held-out rows: recipes/quickstart.yaml reports eval per slice)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="\n") as fh:
         for messages in rows:
-            fh.write(json.dumps({"messages": messages}, ensure_ascii=True) + "\n")
+            row = {"messages": messages} | ({"length": length_slice(messages)} if sliced else {})
+            fh.write(json.dumps(row, ensure_ascii=True) + "\n")
+
+
+def length_slice(messages: list[Message]) -> str:
+    """The list's length in characters, in three near-equal thirds of the 100 held-out rows: short (up to 17
+    characters, 34 rows), medium (18-19, 33 rows), long (20 or more, 33 rows). Every list has three words, so
+    this is how much there is to copy, not how many items."""
+    chars = len(messages[0]["content"].split(": ", 1)[1])
+    return "short" if chars <= 17 else "medium" if chars <= 19 else "long"
+
+
+def add_length_slices(data_dir: Path) -> None:
+    """Rewrite eval.jsonl with its `length` column (the rows and their order unchanged)."""
+    lines = (data_dir / "eval.jsonl").read_text(encoding="utf-8").splitlines()
+    write_jsonl(data_dir / "eval.jsonl", [json.loads(line)["messages"] for line in lines], sliced=True)
 
 
 PREFERENCE_TRAIN_ROWS = 800
@@ -348,6 +365,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--preference-only", action="store_true", help="only (re)write the preference files from the SFT data files"
     )
+    parser.add_argument("--slices-only", action="store_true", help="only add the `length` slice to eval.jsonl")
     return parser.parse_args()
 
 
@@ -355,6 +373,9 @@ def main() -> None:
     args = parse_args()
     if args.preference_only:
         write_preference_data(args.out / "data")
+        return
+    if args.slices_only:
+        add_length_slices(args.out / "data")
         return
     torch.set_num_threads(NUM_THREADS)  # results depend on the thread count; fixed for reproducibility
     torch.use_deterministic_algorithms(True)
@@ -372,7 +393,7 @@ def main() -> None:
 
     words = task_words(docs, tok)
     rows = reverse_rows(words, args.eval_rows + args.train_rows, SEED)
-    write_jsonl(args.out / "data" / "eval.jsonl", rows[: args.eval_rows])
+    write_jsonl(args.out / "data" / "eval.jsonl", rows[: args.eval_rows], sliced=True)
     write_jsonl(args.out / "data" / "train.jsonl", rows[args.eval_rows :])
     print(f"task: reverse 3 of {len(words)} words; {args.train_rows} train / {args.eval_rows} eval rows")
     write_preference_data(args.out / "data")

@@ -269,6 +269,7 @@ def test_examples_rows_mean_one_thing_per_key_in_every_method(method, tiny_model
     assert [r["reference"] for r in rows] == gold  # `reference` is the gold answer, never a model's
     models = {"tuned", "base"} | ({"reference_model"} if method != "sft" else set())
     for row in rows:
-        assert set(row) == {"prompt", "reference"} | models | {f"{m}_scores" for m in models}, row
+        per_model = {f"{m}{suffix}" for m in models for suffix in ("", "_scores", "_tokens", "_latency_s")}
+        assert set(row) == {"prompt", "reference", "slice"} | per_model, row
         for m in models:
             assert row[f"{m}_scores"]["exact_match"] == float(row[m].strip() == row["reference"].strip())

@@ -337,3 +337,43 @@ os.replace(final, old / final.name)
     (restored,) = clean_stale(tmp_path)
     assert restored.name.endswith(".old")
     assert (final / "weights").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def test_runs_compare_pairs_two_runs_answers_by_prompt_overall_and_per_slice():
+    """Run B right on 40 more of 100 prompts than run A (all in slice `hard`): its interval clears 0 there and
+    overall; `easy`, where both answer alike, has a zero-width interval at 0; prompts only one run has are left out."""
+    from finetune.cli.runs import figures_table
+    from finetune.runs import RunComparison, paired_runs
+
+    def rows(right: set[int], extra: bool = False) -> list[dict]:
+        out = [{"prompt": f"p{i}", "reference": "r", "slice": "hard" if i < 50 else "easy",
+                "tuned_scores": {"exact_match": float(i in right)}} for i in range(100)]  # fmt: skip
+        return out + ([{"prompt": "only-b", "reference": "r", "slice": "hard", "tuned_scores": {"exact_match": 1.0}}]
+                      if extra else [])  # fmt: skip
+
+    a, b = rows(set(range(50, 100))), rows(set(range(10, 100)), extra=True)
+    paired = paired_runs(a, b)
+    assert set(paired) == {"exact_match", "exact_match[hard]", "exact_match[easy]"}
+    assert paired["exact_match"]["n"] == 100 and paired["exact_match"]["delta"] == pytest.approx(0.4)
+    assert paired["exact_match"]["low"] > 0 and paired["exact_match[hard]"]["delta"] == pytest.approx(0.8)
+    assert (paired["exact_match[easy]"]["low"], paired["exact_match[easy]"]["high"]) == (0.0, 0.0)
+    comparison = RunComparison(["runs/a", "runs/b"], {}, [{"exact_match[hard]": 0.0}, {"exact_match[hard]": 0.8}],
+                               [{"exact_match[hard]": 0.0}, {"exact_match[hard]": 0.8}], [{}, paired], {"hard": 50})  # fmt: skip
+    text = " ".join(_render(figures_table(comparison), 120).split())
+    hard = paired["exact_match[hard]"]
+    assert f"exact_match[hard] (50 rows) │ 0.0000 │ 0.8000 (+0.80 [{hard['low']:+.2f}, {hard['high']:+.2f}])" in text
+
+
+def test_report_shows_the_eval_per_slice_with_intervals_and_the_answers_cost():
+    from finetune.scoring import Comparison, ModelScores
+
+    def scores(right: list[float], tokens: int) -> ModelScores:
+        return ModelScores(0.5, 1.6, {}, ["x"] * 4, {"exact_match": right}, [tokens] * 4, [0.25] * 4)
+
+    summary = Comparison(scores([1.0, 1.0, 1.0, 0.0], 2), scores([0.0, 0.0, 1.0, 0.0], 8), ["r"] * 4, ["p"] * 4,
+                         ["a<b", "a<b", "c", "c"]).summary()  # fmt: skip
+    page = render({"name": "x", "status": "completed"}, [], summary)
+    overall = summary.rows()[-1]
+    assert f'<td>exact_match</td><td>0.2500</td><td>0.7500</td><td class="better">{overall.delta_text(2)}</td>' in page
+    assert "<h3>slice a&lt;b (2 rows)</h3>" in page and "<h3>slice c (2 rows)</h3>" in page
+    assert "<tr><td>tokens</td><td>2 / 2</td><td>8 / 8</td></tr>" in page

@@ -31,7 +31,10 @@ def eval_(
     require: Annotated[
         list[str] | None,
         typer.Option(
-            "--require", help="Exit 1 unless a tuned figure meets a bound, e.g. 'exact_match>=0.8' or 'loss<=0.5'."
+            "--require",
+            help="Exit 1 unless a tuned figure meets a bound: 'exact_match>=0.8', 'loss<=0.5'; one slice's "
+            "'exact_match[hard]>=0.8'; the delta to the base 'exact_match.delta>0' or its 95% interval's lower end "
+            "'exact_match.delta.low>0' (better beyond the noise).",
         ),
     ] = None,
     fail_under: Annotated[
@@ -45,7 +48,7 @@ def eval_(
 ) -> None:
     """Held-out loss and metrics of the tuned model against its base, side by side; a CI gate.
 
-    Example: finetune eval runs/quickstart --require 'exact_match>=0.8' --require 'loss<=0.5' --fail-if-worse-than-base
+    Example: finetune eval runs/quickstart --require 'exact_match>=0.8' --require 'exact_match.delta.low>0'
     """
     from finetune.summary import Requirement, gate
 

@@ -17,6 +17,10 @@ def print_comparison(console: Any, summary: EvalSummary) -> None:
         console.print(preference_table(summary))
         return
     console.print(comparison_table(summary))
+    if summary.slices:
+        console.print(slices_table(summary))
+    if summary.cost:
+        console.print(cost_table(summary.cost))
     if summary.harness:
         console.print(harness_table(summary.harness))
 
@@ -39,14 +43,48 @@ def comparison_table(summary: EvalSummary) -> Table:
     """Held-out figures for base and tuned side by side, with the difference and per-example wins/losses."""
     from rich.table import Table
 
-    table = Table(title=f"held-out ({summary.examples} examples)", title_justify="left")
-    for column in ("metric", "base", "tuned", "delta", "wins/losses/ties"):
+    title = f"held-out ({summary.examples} examples; delta [95% paired bootstrap interval], sign test p)"
+    table = Table(title=title if summary.intervals else f"held-out ({summary.examples} examples)", title_justify="left")
+    for column in ("metric", "base", "tuned", "delta", "wins/losses/ties", "p"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for row in summary.rows():
         digits = 2 if row.metric == "perplexity" else 4
         base = "-" if row.base is None else f"{row.base:.{digits}f}"
-        delta = "" if row.delta is None else f"{row.delta:+.{digits}f}"
-        table.add_row(row.metric, base, f"{row.tuned:.{digits}f}", delta, row.record)
+        p = "" if row.sign_p is None else f"{row.sign_p:.3g}"
+        table.add_row(row.metric, base, f"{row.tuned:.{digits}f}", row.delta_text(digits if row.low is None else 2),
+                      row.record, p)  # fmt: skip
+    return table
+
+
+def slices_table(summary: EvalSummary) -> Table:
+    """Every generation metric per slice, with the slice's rows, delta and interval (the same test, fewer rows)."""
+    from rich.table import Table
+
+    table = Table(title="per slice", title_justify="left")
+    for column in ("slice", "rows", "metric", "base", "tuned", "delta", "wins/losses/ties"):
+        table.add_column(column, justify="left" if column in ("slice", "metric") else "right")
+    from rich.markup import escape
+
+    for name, part in summary.slices.items():
+        for row in part.rows():
+            base = "-" if row.base is None else f"{row.base:.4f}"
+            table.add_row(
+                escape(name), str(part.examples), row.metric, base, f"{row.tuned:.4f}", row.delta_text(2), row.record
+            )
+    return table
+
+
+def cost_table(cost: dict[str, dict[str, dict[str, float]]]) -> Table:
+    """Per answer: generated tokens, latency (its batch's wall time) and tokens/s, as mean and p95, per model."""
+    from rich.table import Table
+
+    table = Table(title="cost per answer (mean / p95; latency is the batch's wall time)", title_justify="left")
+    table.add_column("figure")
+    for model in cost:
+        table.add_column(model, justify="right")
+    for figure, digits in (("tokens", 1), ("latency_s", 3), ("tokens_per_s", 1)):
+        cells = [f"{c[figure]['mean']:.{digits}f} / {c[figure]['p95']:.{digits}f}" for c in cost.values()]
+        table.add_row(figure, *cells)
     return table
 
 

@@ -192,14 +192,28 @@ def figures_table(result: RunComparison) -> Table:
     """Every run's held-out figures, each with its delta to the first run where the first has that figure."""
     from rich.table import Table
 
-    table = Table(title="figures (delta to the first run)", title_justify="left")
+    title = "figures (delta to the first run"
+    title += "; [95% paired bootstrap interval] on the prompts both answered)" if any(result.intervals) else ")"
+    table = Table(title=title, title_justify="left")
     table.add_column("figure", justify="left")
     for name in (Path(r).name for r in result.runs):
         table.add_column(name, justify="right")
+    intervals = result.intervals or [{} for _ in result.runs]
     for key in result.figure_names():
         cells = []
-        for i, (f, d) in enumerate(zip(result.figures, result.deltas, strict=True)):
+        for i, (f, d, paired) in enumerate(zip(result.figures, result.deltas, intervals, strict=True)):
             delta = f" ({d[key]:+.4f})" if i and key in d else ""
+            if i and key in paired:
+                p = paired[key]
+                delta = f" ({p['delta']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}])"
             cells.append(f"{f[key]:.4f}{delta}" if key in f else "-")
-        table.add_row(key, *cells)
+        table.add_row(_figure_label(key, result.slice_rows), *cells)
     return table
+
+
+def _figure_label(key: str, slice_rows: dict[str, int]) -> str:
+    """`exact_match[short] (34 rows)`: a slice's figure with its held-out row count (escaped: not rich markup)."""
+    from rich.markup import escape
+
+    name = key[key.rfind("[") + 1 : -1] if key.endswith("]") else None
+    return escape(f"{key} ({slice_rows[name]} rows)" if name in slice_rows else key)

@@ -27,6 +27,7 @@ class Sample:
     prompt: str = ""
     completion: str = ""
     source: int = 0  # index of its data.train source, for weighted mixing (data/mix.py)
+    slice: str | None = None  # a held-out row's slice (its source's `slice:`, or its `eval.slice_by` column)
 
     @property
     def is_chat(self) -> bool:

@@ -81,8 +81,12 @@ class PreparedData:
     lengths: list[int] = field(default_factory=list)  # token length of every training row, before truncation
 
 
-def load_samples(sources_: list[DataSource], on_bad_row: str, stats: DataStats) -> list[Sample]:
-    """All rows of the sources as samples; a bad row raises DataError naming it, or is skipped and counted."""
+def load_samples(
+    sources_: list[DataSource], on_bad_row: str, stats: DataStats, slice_by: str | None = None
+) -> list[Sample]:
+    """All rows of the sources as samples; a bad row raises DataError naming it, or is skipped and counted.
+
+    Each sample carries its slice: the source's `slice:`, else the row's `slice_by` column (`eval.slice_by`)."""
     samples: list[Sample] = []
     for k, source in enumerate(sources_):
         entry = SourceStats(source.path, source.format, sources.fingerprint(source))
@@ -92,6 +96,9 @@ def load_samples(sources_: list[DataSource], on_bad_row: str, stats: DataStats) 
                 if row.problem is not None:
                     raise BadRow(row.problem[1], row.problem[0])
                 sample = to_sample(row.data, row.where, source)
+                name = source.slice or _slice_of(row.data, slice_by)
+                if name is not None:
+                    sample = replace(sample, slice=name)
                 samples.append(sample if k == 0 else replace(sample, source=k))
                 entry.rows += 1
             except BadRow as e:
@@ -101,13 +108,32 @@ def load_samples(sources_: list[DataSource], on_bad_row: str, stats: DataStats) 
     return samples
 
 
+def _slice_of(row: Any, column: str | None) -> str | None:
+    if column is None or not isinstance(row, dict) or row.get(column) is None:
+        return None
+    return str(row[column])
+
+
 def split(recipe: Recipe, stats: DataStats) -> tuple[list[Sample], list[Sample]]:
     """Train and eval samples: explicit eval sources, or a seeded `split_ratio` of the training rows."""
-    data = recipe.data
-    train = load_samples(list(data.train), data.on_bad_row, stats)
+    data, by = recipe.data, recipe.eval.slice_by
+    train = load_samples(list(data.train), data.on_bad_row, stats, by)
     if not train:
         raise DataError(_nothing_left(stats, 0))
-    return hold_out(recipe, train, lambda eval_sources: load_samples(eval_sources, data.on_bad_row, stats))
+    train, held_out = hold_out(
+        recipe, train, lambda eval_sources: load_samples(eval_sources, data.on_bad_row, stats, by)
+    )
+    check_slices(held_out, by)
+    return train, held_out
+
+
+def check_slices(held_out: list[Sample], slice_by: str | None) -> None:
+    """With `eval.slice_by`, every held-out row names its slice: the first rows without one, located."""
+    missing = [s.where for s in held_out if s.slice is None] if slice_by else []
+    if missing:
+        message = (f"eval.slice_by: no column {slice_by!r} in this held-out row ({len(missing)} of {len(held_out)} "
+                   "rows lack it); give every held-out row that column, or its source a `slice:`")  # fmt: skip
+        raise DataError([Problem(message, where) for where in missing[:5]])
 
 
 def hold_out(
@@ -276,6 +302,7 @@ def cache_key(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> str:
         "template": tokenizer.chat_template,
         "data": recipe.data.model_dump(mode="json"),
         "seed": recipe.seed,
+        "slice_by": recipe.eval.slice_by,  # the held-out samples carry their slice
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -290,7 +317,7 @@ def _load_cached(key: str) -> PreparedData | None:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         stats = DataStats(**{**meta["stats"], "sources": [SourceStats(**x) for x in meta["stats"]["sources"]]})
         samples = [
-            Sample(m["where"], tuple(tuple(t) for t in m["messages"]), m["prompt"], m["completion"])
+            Sample(m["where"], tuple(tuple(t) for t in m["messages"]), m["prompt"], m["completion"], m.get("slice"))
             for m in meta["eval_samples"]
         ]
         train = load_from_disk(str(folder / "train"))

@@ -32,7 +32,7 @@ def compare_rewards(
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
     rewards = [Reward(spec) for spec in o.rewards]
     weights = list(o.reward_weights or [1.0] * len(rewards))
-    metrics = {r.__name__: r.score for r in rewards} | metric_functions(list(e.metrics))
+    metrics = {r.__name__: r.score for r in rewards} | metric_functions(list(e.metrics), e)
     scores: dict[str, ModelScores] = {}
     for name, context in model_contexts(model, has_reference, e.compare_base).items():
         with context():

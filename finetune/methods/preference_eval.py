@@ -117,7 +117,7 @@ def compare_preference(
     samples = data.eval_samples[: e.limit] if e.limit else data.eval_samples
     pairs = [prompt_and_reference(tokenizer, s) for s in samples]
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
-    metrics = metric_functions(list(e.metrics))
+    metrics = metric_functions(list(e.metrics), e)
 
     logps: dict[str, list[float]] = {}
     scores: dict[str, ModelScores] = {}
@@ -158,7 +158,8 @@ def adapter_context(model: Any, name: str) -> Any:
 
 
 def _copy(s: ModelScores) -> ModelScores:
-    return ModelScores(s.loss, s.perplexity, dict(s.metrics), list(s.outputs), dict(s.per_example))
+    return ModelScores(s.loss, s.perplexity, dict(s.metrics), list(s.outputs), dict(s.per_example), list(s.tokens),
+                       list(s.latency))  # fmt: skip
 
 
 def _preference_metrics(

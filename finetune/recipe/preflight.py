@@ -42,7 +42,36 @@ def preflight(recipe: Recipe) -> None:
 
 
 def problems(recipe: Recipe) -> list[Problem]:
-    return [*_model_directory(recipe), *_callables(recipe)]
+    return [*_model_directory(recipe), *_callables(recipe), *_json_schema(recipe)]
+
+
+def _json_schema(recipe: Recipe) -> list[Problem]:
+    """`eval.json_schema` is JSON and a valid schema (its existence the loader checked), located at its key."""
+    path = recipe.eval.json_schema
+    if path is None or not Path(path).is_file():
+        return []
+    try:
+        read_json_schema(path)
+    except ValueError as e:
+        return [Problem(f"{path}: {e}", _where(recipe, ("eval", "json_schema")), "eval.json_schema")]
+    return []
+
+
+def read_json_schema(path: str | Path) -> dict[str, Any]:
+    """The schema in a file, checked against its declared draft (`jsonschema`); ValueError says what is wrong."""
+    import jsonschema
+
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"cannot read the schema file ({e.strerror or e})") from None
+    except ValueError as e:
+        raise ValueError(f"the schema file is not JSON ({e})") from None
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise ValueError(f"not a valid JSON Schema: {e.message}") from None
+    return schema
 
 
 def _warnings(recipe: Recipe) -> list[str]:

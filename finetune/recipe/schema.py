@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,13 @@ Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 TargetPreset = Literal["attention", "mlp", "all-linear"]
 BUILTIN_TEMPLATES = ("chatml", "llama3", "mistral", "gemma", "qwen2.5", "phi3")
 LOSS_METRICS = ("loss", "perplexity")  # from the held-out loss; lower is better (finetune.summary)
-GENERATION_METRICS = ("exact_match", "contains", "regex", "json_valid")  # scored on generations (finetune.evaluate)
+GENERATION_METRICS = (
+    "exact_match",
+    "contains",
+    "regex",
+    "json_valid",
+    "json_schema",
+)  # scored on generations (finetune.evaluate)
 BUILTIN_METRICS = LOSS_METRICS + GENERATION_METRICS
 FOUR_BIT_OPTIONS = ("double_quant", "compute_dtype", "quant_storage")  # errors when set without nf4/fp4
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -268,6 +275,12 @@ class DataSource(Section):
         "its size (weights are normalised to sum to 1; give every training source one, or none). See data.mix_stop.",
     )
     # --- end weighted mixing ---
+    slice: str | None = Field(
+        None,
+        min_length=1,
+        description="Held-out source: the slice its rows are reported under (every eval figure is given overall and "
+        "per slice); wins over `eval.slice_by`.",
+    )
 
     @model_validator(mode="after")
     def _known_columns(self) -> DataSource:
@@ -634,6 +647,24 @@ class EvalSection(Section):
         description="Evaluate generation metrics on at most this many held-out rows, and each `harness` task on at "
         "most this many examples.",
     )
+    slice_by: str | None = Field(
+        None,
+        min_length=1,
+        description="Column of the held-out rows that names each row's slice (e.g. `difficulty`); every eval figure is "
+        "then reported overall and per slice, and `--require 'exact_match[hard]>=0.8'` gates one slice. A source's "
+        "own `slice:` wins; a held-out row without the column is an error naming the row.",
+    )
+    regex: str | None = Field(
+        None,
+        min_length=1,
+        description="The pattern the `regex` metric requires each whole (stripped) answer to match, e.g. "
+        "`'[A-Z]{3}-\\d+'`; unset, each row's reference answer is the pattern.",
+    )
+    json_schema: Annotated[str, PathRef("file")] | None = Field(
+        None,
+        description="A JSON Schema file (.json), relative to the recipe: the `json_schema` metric scores 1 for an "
+        "answer that is JSON valid against it (checked with the `jsonschema` package), else 0.",
+    )
     harness: list[Annotated[str, Field(min_length=1), PathRef("local_or_hub")]] = Field(
         [],
         description="lm-evaluation-harness tasks run on the base and the tuned model (the adapter through lm-eval's "
@@ -648,6 +679,13 @@ class EvalSection(Section):
                 raise FieldRuleError(
                     f"metrics[{i}]", f"unknown metric {metric!r}: use {', '.join(BUILTIN_METRICS)} or module:function"
                 )
+        if "json_schema" in self.metrics and self.json_schema is None:
+            raise FieldRuleError("json_schema", "metric json_schema needs the schema file: set eval.json_schema")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as e:
+                raise FieldRuleError("regex", f"not a valid regular expression: {e}") from None
         return self
 
 

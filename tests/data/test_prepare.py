@@ -392,3 +392,34 @@ def test_kto_with_every_row_skipped_says_why_not_max_of_an_empty_sequence(tmp_pa
         DataError, match=r"no valid training rows: .*kto.jsonl: 0 valid rows, 3 skipped \(3 wrong_type\)"
     ):
         prepare_preference(recipe, tokenizer)
+
+
+def test_held_out_rows_carry_their_slice_from_a_column_or_their_source(tmp_path, tiny_model_dir):
+    from finetune.data.prepare import DataStats
+
+    rows = [{**row, "level": "hard" if i % 3 == 0 else "easy"} for i, row in enumerate(tiny.reverse_rows(30))]
+    path = write_recipe(tmp_path, tiny_model_dir(), rows, "  eval: {split_ratio: 0.3}\neval:\n  slice_by: level\n")
+    _, held_out = split(load_recipe(path), DataStats())
+    line = {s.where: int(s.where.rpartition(":")[2]) - 1 for s in held_out}
+    assert [s.slice for s in held_out] == ["hard" if line[s.where] % 3 == 0 else "easy" for s in held_out]
+    (tmp_path / "data" / "extra.jsonl").write_text(json.dumps(tiny.reverse_rows(1)[0]) + "\n")
+    named = write_recipe(tmp_path, tiny_model_dir(), rows, "  eval: [{path: data/extra.jsonl, slice: unseen}]\n"
+                         "eval:\n  slice_by: level\n")  # fmt: skip
+    assert [s.slice for s in split(load_recipe(named), DataStats())[1]] == ["unseen"]  # the source's wins
+
+
+def test_a_held_out_row_without_the_slice_column_is_named(tmp_path, tiny_model_dir):
+    from finetune.data.prepare import DataStats
+
+    rows = [{**row, "level": "easy"} for row in tiny.reverse_rows(10)]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "eval.jsonl").write_text(
+        json.dumps(rows[0]) + "\n" + json.dumps(tiny.reverse_rows(2)[1]) + "\n"
+    )
+    path = write_recipe(
+        tmp_path, tiny_model_dir(), rows, "  eval: [{path: data/eval.jsonl}]\neval:\n  slice_by: levle\n"
+    )
+    with pytest.raises(DataError) as info:
+        split(load_recipe(path), DataStats())
+    assert [p.where.rpartition("/")[2] for p in info.value.problems] == ["eval.jsonl:1", "eval.jsonl:2"]
+    assert "eval.slice_by: no column 'levle' in this held-out row (2 of 2 rows lack it)" in str(info.value)

@@ -935,6 +935,45 @@ BROKEN: list[Broken] = [
         """,
         ("recipe.yaml:5:3", "data.chat_template", "file not found: templates/mine.jinja"),
     ),
+    # --- eval options with a rule of their own (finetune/scoring/structured.py) -----------------
+    _case(
+        "eval-regex-invalid",
+        """
+        name: demo
+        model: {base: ./model}
+        data:
+          train: [{path: data/train.jsonl}]
+        eval:
+          metrics: [regex]
+          regex: '[a-z'
+        """,
+        ("recipe.yaml:7:3", "eval.regex", "not a valid regular expression"),
+    ),
+    _case(
+        "eval-json-schema-file-missing",
+        """
+        name: demo
+        model: {base: ./model}
+        data:
+          train: [{path: data/train.jsonl}]
+        eval:
+          metrics: [json_schema]
+          json_schema: schemas/answer.json
+        """,
+        ("recipe.yaml:7:3", "eval.json_schema", "file not found: schemas/answer.json"),
+    ),
+    _case(
+        "eval-json-schema-metric-without-file",
+        """
+        name: demo
+        model: {base: ./model}
+        data:
+          train: [{path: data/train.jsonl}]
+        eval:
+          metrics: [json_schema]
+        """,
+        ("recipe.yaml:5:1", "eval.json_schema", "metric json_schema needs the schema file"),
+    ),
 ]
 
 # Independent mistakes in one file: all are reported at once, in file order.

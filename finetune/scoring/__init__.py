@@ -21,13 +21,16 @@ import torch
 from finetune.data.formats import Sample
 from finetune.data.templates import IGNORE, prompt_and_reference
 from finetune.errors import UserError
-from finetune.generation import generate
+from finetune.generation import generate_timed
 from finetune.recipe.schema import GENERATION_METRICS, LOSS_METRICS
 from finetune.summary import EvalSummary, Scores
+from finetune.uncertainty import paired
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from finetune.recipe.schema import EvalSection
 
 Metric = Callable[[str, str], float]
 
@@ -56,20 +59,32 @@ def json_valid(prediction: str, reference: str) -> float:
     return 1.0
 
 
-GENERATION_FUNCTIONS: dict[str, Metric] = {name: globals()[name] for name in GENERATION_METRICS}  # named alike
+# The built-in metrics that need nothing but the answer and its reference (json_schema needs its file: `options`)
+GENERATION_FUNCTIONS: dict[str, Metric] = {name: globals()[name] for name in GENERATION_METRICS if name in globals()}
 
 
-def metric_functions(names: list[str] | tuple[str, ...]) -> dict[str, Metric]:
+def metric_functions(names: list[str] | tuple[str, ...], options: EvalSection | None = None) -> dict[str, Metric]:
     """Generation metrics by the name tables show; `module:function` imports a user metric(prediction, reference).
 
-    The loader already found the module (beside the recipe, else installed: `finetune.recipe.callables`),
-    and `validate` and the start of `train` imported it, so this fails only if it changed since.
+    `options` (the recipe's `eval`) gives `regex` its pattern (`eval.regex`, else each reference is the pattern)
+    and `json_schema` its file. The loader already found a user's module (beside the recipe, else installed:
+    `finetune.recipe.callables`), and `validate` and the start of `train` imported it, so this fails only if it
+    changed since.
     """
     from finetune.recipe import callables
+    from finetune.scoring.structured import json_schema_metric, regex_metric
 
     out = {}
     for name in names:
         if name in LOSS_METRICS:
+            continue
+        if name == "regex" and options is not None and options.regex is not None:
+            out[name] = regex_metric(options.regex)
+            continue
+        if name == "json_schema":
+            if options is None or options.json_schema is None:
+                raise UserError("eval.metrics: json_schema needs the schema file: set eval.json_schema")
+            out[name] = json_schema_metric(options.json_schema)
             continue
         if name in GENERATION_FUNCTIONS:
             out[name] = GENERATION_FUNCTIONS[name]
@@ -95,36 +110,73 @@ class ModelScores:
     perplexity: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
-    per_example: dict[str, list[float]] = field(default_factory=dict)
+    per_example: dict[str, list[float]] = field(default_factory=dict)  # metric -> one score per held-out prompt
+    tokens: list[int] = field(default_factory=list)  # generated tokens per answer
+    latency: list[float] = field(default_factory=list)  # seconds per answer (its batch's wall time)
 
 
 @dataclass
 class Comparison:
+    """Tuned (and base) scores on the same held-out prompts; `slices` names each prompt's slice (None: no slice).
+
+    Everything a summary reports is derived from `per_example`, so a metric scored elsewhere (a judge) that
+    fills `ModelScores.per_example[name]` and `metrics[name]` gets its per-slice figures and intervals too.
+    """
+
     tuned: ModelScores
     base: ModelScores | None
     references: list[str]
     prompts: list[str]
+    slices: list[str | None] = field(default_factory=list)
 
     def summary(self) -> EvalSummary:
-        """Per model: loss, perplexity, metric means; per generation metric: per-example wins/losses/ties."""
+        """Per model: loss, perplexity, metric means, answer cost; against the base, per generation metric: the
+        per-example record and a paired bootstrap interval of the delta; then the same per slice."""
+        every = list(range(len(self.references)))
+        summary = self._summary(every, loss=True)
+        names = sorted({s for s in self.slices if s is not None})
+        summary.slices = {name: self._summary([i for i in every if self.slices[i] == name]) for name in names}
+        return summary
 
+    def _summary(self, rows: list[int], loss: bool = False) -> EvalSummary:
         def scores(s: ModelScores | None) -> Scores | None:
-            return None if s is None else Scores(s.loss, s.perplexity, dict(s.metrics))
+            if s is None:
+                return None
+            metrics = {name: _mean([v[i] for i in rows]) for name, v in s.per_example.items()}
+            return Scores(s.loss, s.perplexity, metrics) if loss else Scores(metrics=metrics)
 
-        records = {} if self.base is None else {name: self._record(name) for name in self.tuned.metrics}
-        return EvalSummary(scores(self.tuned), scores(self.base), len(self.references), records)
-
-    def _record(self, name: str) -> dict[str, int]:
-        pairs = list(zip(self.tuned.per_example[name], self.base.per_example[name], strict=True))
-        return {
-            "wins": sum(t > b for t, b in pairs),
-            "losses": sum(t < b for t, b in pairs),
-            "ties": sum(t == b for t, b in pairs),
-        }
+        records, intervals = {}, {}
+        for name in self.tuned.per_example if self.base is not None else ():
+            interval = paired([self.tuned.per_example[name][i] for i in rows],
+                              [self.base.per_example[name][i] for i in rows])  # fmt: skip
+            records[name] = {"wins": interval.wins, "losses": interval.losses, "ties": interval.ties}
+            intervals[name] = {"low": interval.low, "high": interval.high, "sign_p": interval.sign_p}
+        cost = {k: answer_cost(s, rows) for k, s in (("tuned", self.tuned), ("base", self.base)) if s and s.tokens}
+        return EvalSummary(scores(self.tuned), scores(self.base), len(rows), records, intervals=intervals, cost=cost)
 
     def examples(self) -> list[dict[str, Any]]:
         models = {"tuned": self.tuned} | ({} if self.base is None else {"base": self.base})
-        return example_rows(self.prompts, self.references, models)
+        return example_rows(self.prompts, self.references, models, self.slices)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def answer_cost(s: ModelScores, rows: list[int]) -> dict[str, dict[str, float]]:
+    """Generated tokens, latency and tokens/s per answer over `rows`, each as its mean and 95th percentile."""
+    tokens = [s.tokens[i] for i in rows]
+    latency = [s.latency[i] for i in rows]
+    rates = [t / x for t, x in zip(tokens, latency, strict=True) if x > 0]
+    return {"tokens": _spread(tokens), "latency_s": _spread(latency), "tokens_per_s": _spread(rates)}
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Mean and p95 (nearest rank) of a list; zeros for an empty one."""
+    if not values:
+        return {"mean": 0.0, "p95": 0.0}
+    ordered = sorted(values)
+    return {"mean": sum(ordered) / len(ordered), "p95": float(ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)])}
 
 
 # eval/examples.jsonl: one row per held-out prompt, the same keys for every method. `reference` is always the
@@ -133,16 +185,24 @@ class Comparison:
 EXAMPLE_KEYS = {"tuned": "tuned", "base": "base", "reference": "reference_model"}
 
 
-def example_rows(prompts: list[str], references: list[str], models: dict[str, ModelScores]) -> list[dict[str, Any]]:
-    """The rows of eval/examples.jsonl: prompt, gold `reference`, then each model's answer and per-example scores
-    (the answer is None when eval.metrics has only loss and perplexity, so nothing was generated)."""
+def example_rows(
+    prompts: list[str],
+    references: list[str],
+    models: dict[str, ModelScores],
+    slices: list[str | None] | None = None,
+) -> list[dict[str, Any]]:
+    """The rows of eval/examples.jsonl: prompt, gold `reference`, its `slice` (None without one), then each
+    model's answer, per-example scores and cost (`<model>_tokens`, `<model>_latency_s`; the answer is None
+    when eval.metrics has only loss and perplexity, so nothing was generated)."""
     rows = []
     for i, (prompt, gold) in enumerate(zip(prompts, references, strict=True)):
-        row: dict[str, Any] = {"prompt": prompt, "reference": gold}
+        row: dict[str, Any] = {"prompt": prompt, "reference": gold, "slice": slices[i] if slices else None}
         for name, s in models.items():
             key = EXAMPLE_KEYS[name]
             row[key] = s.outputs[i] if s.outputs else None
             row[f"{key}_scores"] = {k: v[i] for k, v in s.per_example.items()}
+            if s.tokens:
+                row[f"{key}_tokens"], row[f"{key}_latency_s"] = s.tokens[i], round(s.latency[i], 4)
         rows.append(row)
     return rows
 
@@ -185,7 +245,8 @@ def score(
         scores.loss = held_out_loss(model, dataset, tokenizer.pad_token_id)
         scores.perplexity = math.exp(min(scores.loss, 50))
     if metrics and prompts:
-        scores.outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+        generated = generate_timed(model, tokenizer, prompts, max_new_tokens, batch_size)
+        scores.outputs, scores.tokens, scores.latency = generated.texts, generated.tokens, generated.seconds
         for name, fn in metrics.items():
             values = [float(fn(p, r)) for p, r in zip(scores.outputs, references, strict=True)]
             scores.per_example[name] = values
@@ -203,16 +264,17 @@ def compare(
     batch_size: int,
     with_base: bool,
     limit: int | None = None,
+    options: EvalSection | None = None,
 ) -> Comparison:
     """Score the PEFT model with its adapter, and (with_base) with the adapter disabled."""
     samples = samples[:limit] if limit else samples
     pairs = [prompt_and_reference(tokenizer, s) for s in samples]
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
-    metrics = metric_functions(metric_names)
+    metrics = metric_functions(metric_names, options)
     run = lambda: score(model, tokenizer, dataset, prompts, references, metrics, max_new_tokens, batch_size)  # noqa: E731
     tuned = run()
     base = None
     if with_base:
         with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
             base = run()
-    return Comparison(tuned, base, references, prompts)
+    return Comparison(tuned, base, references, prompts, [s.slice for s in samples])
