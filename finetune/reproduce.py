@@ -303,7 +303,7 @@ def reproduce(
     if with_parents and manifest.get("parent"):
         parent_dir = Path(manifest["parent"]["path"])
         parents.append(reproduce(parent_dir, target.with_name(target.name + "-parent"), tolerance, True, progress))
-        overrides.append(f"model.from_run={Path(parents[0].out).resolve()}")
+        overrides += _onto_parent(_recorded_recipe(rd), parent_dir, Path(parents[0].out).resolve())
     pinned = pinned_dtypes(_recorded_recipe(rd), manifest.get("dtype"))
     recipe = _recorded_recipe(rd, (*overrides, *pinned))
     train(recipe, progress=progress)
@@ -327,6 +327,15 @@ def reproduce(
     result.seconds = time.perf_counter() - started
     write_json_atomic(new.root / "reproduction.json", result.to_dict())
     return result
+
+
+def _onto_parent(recipe: Recipe, recorded: Path, rebuilt: Path) -> list[str]:
+    """`--set` options that continue the rebuilt parent: its directory, and its saved chat template where the
+    resolved recipe names the recorded parent's (the parent's template is the one a continued run must use)."""
+    sets = [f"model.from_run={rebuilt}"]
+    if recipe.data.chat_template == str((recorded / "adapter" / "chat_template.jinja").resolve()):
+        sets.append(f"data.chat_template={rebuilt / 'adapter' / 'chat_template.jinja'}")
+    return sets
 
 
 def pinned_dtypes(recipe: Recipe, recorded: dict[str, str] | None) -> list[str]:
