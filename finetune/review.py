@@ -11,6 +11,9 @@ where data changed, both versions' data statistics. Tokenizer and config only: n
 A sweep file is planned trial by trial: each grid point's resolved recipe (or, for a search, each
 key's choices and range bounds), both versions, matched by the trial's name; its summary figures are
 the whole sweep's (the largest trial's memory, every trial's steps and GPU time added up).
+
+Over 600 lines, kept whole for now: its parts (git trees, one version resolved, two compared, a sweep's
+trials, the Markdown) share the private `_Version` and `Figure`; the Markdown is the first to move out.
 """
 
 from __future__ import annotations
