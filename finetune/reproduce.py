@@ -179,6 +179,8 @@ def _recorded_recipe(rd: RunDir, overrides: tuple[str, ...] = ()) -> Recipe:
 
 def _repo_inputs(manifest: dict[str, Any]) -> list[InputCheck]:
     """The recipe file the run was started from (with its --set options) and the experiment repo's git state."""
+    from finetune.lineage import continue_parent
+
     command = (manifest.get("command") or {}).get("resume")
     if not command:
         return [InputCheck("recipe file in the repo", NOT_RECORDED, None)]
@@ -187,9 +189,10 @@ def _repo_inputs(manifest: dict[str, Any]) -> list[InputCheck]:
     path = cwd / words[2]
     sets = tuple(words[i + 1] for i, w in enumerate(words) if w in ("--set", "-s") and i + 1 < len(words))
     sets += tuple(w.split("=", 1)[1] for w in words if w.startswith("--set="))
-    try:
-        now = load_recipe(path, sets, check_files=False).fingerprint() if path.is_file() else f"missing: {path}"
-    except RecipeError as e:
+    try:  # continued from its parent, as train fingerprinted it (a DPO run's base, LoRA and template are the parent's)
+        now = continue_parent(load_recipe(path, sets, check_files=False)).fingerprint() if path.is_file() \
+            else f"missing: {path}"  # fmt: skip
+    except UserError as e:  # an invalid recipe, a parent run gone
         now = f"invalid: {e.problems[0]}"
     rows = [InputCheck(f"recipe file {words[2]} (sha256 of its resolved content)", manifest.get("recipe_sha256"), now)]
     recorded = manifest.get("git")
