@@ -2,10 +2,15 @@
 
 The manifest records what went into a run: the resolved recipe and the recipe file it came from, each
 data file's hash and rows, the base model's id, revision, weights and tokenizer, package versions,
-the experiment repo's commit, seed and hardware. `check` compares each of these with what is here now
+the experiment repo's commit, seed, hardware and the dtypes it computed in. `check` compares each of these with what is here now
 without training. `reproduce` retrains the recorded recipe into a new run directory and compares the
 result with the original: adapter tensors (bit-identical, or the largest difference per tensor), the
 loss curve step by step (the first step where it diverges), and the held-out figures.
+
+The dtype is an input of its own: `model.dtype: auto` is float32 on a CPU and bfloat16 on an Ampere GPU, so
+the recipe's text does not say what the run computed in. The manifest records the resolved dtypes; `check`
+compares them, and `reproduce` pins an `auto` dtype to the recorded one (`--set model.dtype=...`), so a
+reproduction computes in the original's dtype where this machine can, and says that it pinned it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from finetune.files import file_sha256, write_json_atomic
 from finetune.lineage import parent_record
 from finetune.recipe.load import load_recipe
 from finetune.recipe.schema import Recipe
-from finetune.runs import Manifest, Result, RunDir, git_state, hardware, package_versions
+from finetune.runs import Manifest, Result, RunDir, compute_dtypes, git_state, hardware, package_versions
 
 NOT_RECORDED = "(not recorded)"
 HARDWARE_KEYS = ("cpu", "cpu_count", "gpus", "omp_num_threads")  # what makes floating-point sums come out the same
@@ -97,6 +102,7 @@ class ReproduceResult(Result):
     held_out: list[HeldOut]
     seconds: float
     parents: list[ReproduceResult] = field(default_factory=list)  # with --with-parents, the parent's first
+    pinned: list[str] = field(default_factory=list)  # `--set` options the reproduction added: the recorded dtypes
 
     @property
     def identical(self) -> bool:
@@ -131,6 +137,7 @@ class ReproduceResult(Result):
             "held_out": [h.__dict__ for h in self.held_out],
             "seconds": self.seconds,
             "parents": [p.to_dict() for p in self.parents],
+            "pinned": self.pinned,
         }
 
 
@@ -172,6 +179,8 @@ def _recorded_recipe(rd: RunDir, overrides: tuple[str, ...] = ()) -> Recipe:
 
 def _repo_inputs(manifest: dict[str, Any]) -> list[InputCheck]:
     """The recipe file the run was started from (with its --set options) and the experiment repo's git state."""
+    from finetune.lineage import continue_parent
+
     command = (manifest.get("command") or {}).get("resume")
     if not command:
         return [InputCheck("recipe file in the repo", NOT_RECORDED, None)]
@@ -180,9 +189,10 @@ def _repo_inputs(manifest: dict[str, Any]) -> list[InputCheck]:
     path = cwd / words[2]
     sets = tuple(words[i + 1] for i, w in enumerate(words) if w in ("--set", "-s") and i + 1 < len(words))
     sets += tuple(w.split("=", 1)[1] for w in words if w.startswith("--set="))
-    try:
-        now = load_recipe(path, sets, check_files=False).fingerprint() if path.is_file() else f"missing: {path}"
-    except RecipeError as e:
+    try:  # continued from its parent, as train fingerprinted it (a DPO run's base, LoRA and template are the parent's)
+        now = continue_parent(load_recipe(path, sets, check_files=False)).fingerprint() if path.is_file() \
+            else f"missing: {path}"  # fmt: skip
+    except UserError as e:  # an invalid recipe, a parent run gone
         now = f"invalid: {e.problems[0]}"
     rows = [InputCheck(f"recipe file {words[2]} (sha256 of its resolved content)", manifest.get("recipe_sha256"), now)]
     recorded = manifest.get("git")
@@ -223,6 +233,7 @@ def _model_inputs(recipe: Recipe, manifest: dict[str, Any]) -> list[InputCheck]:
         InputCheck("base model revision", base.get("revision", NOT_RECORDED), recipe.model.revision),
         InputCheck("base model weights (sha256)", base.get("weights_sha256", NOT_RECORDED), _weights(recipe)),
     ]
+    rows.append(InputCheck("dtype (model, 4-bit compute)", manifest.get("dtype", NOT_RECORDED), compute_dtypes(recipe)))
     tokenizer, template = _tokenizer_hashes(recipe)
     rows.append(InputCheck("tokenizer (sha256)", manifest.get("tokenizer_sha256", NOT_RECORDED), tokenizer))
     rows.append(InputCheck("chat template (sha256)", manifest.get("chat_template_sha256", NOT_RECORDED), template))
@@ -295,8 +306,9 @@ def reproduce(
     if with_parents and manifest.get("parent"):
         parent_dir = Path(manifest["parent"]["path"])
         parents.append(reproduce(parent_dir, target.with_name(target.name + "-parent"), tolerance, True, progress))
-        overrides.append(f"model.from_run={Path(parents[0].out).resolve()}")
-    recipe = _recorded_recipe(rd, tuple(overrides))
+        overrides += _onto_parent(_recorded_recipe(rd), parent_dir, Path(parents[0].out).resolve())
+    pinned = pinned_dtypes(_recorded_recipe(rd), manifest.get("dtype"))
+    recipe = _recorded_recipe(rd, (*overrides, *pinned))
     train(recipe, progress=progress)
     new = RunDir(target)
     record = {"run": str(rd.root.resolve()), "manifest_sha256": file_sha256(rd.manifest)}
@@ -312,11 +324,33 @@ def reproduce(
         held_out=_held_out(manifest, new.read_manifest() or {}),
         seconds=0.0,
         parents=parents,
+        pinned=pinned,
     )
     result.steps_compared, result.first_divergence = compare_losses(rd.metrics, new.metrics, tolerance)
     result.seconds = time.perf_counter() - started
     write_json_atomic(new.root / "reproduction.json", result.to_dict())
     return result
+
+
+def _onto_parent(recipe: Recipe, recorded: Path, rebuilt: Path) -> list[str]:
+    """`--set` options that continue the rebuilt parent: its directory, and its saved chat template where the
+    resolved recipe names the recorded parent's (the parent's template is the one a continued run must use)."""
+    sets = [f"model.from_run={rebuilt}"]
+    if recipe.data.chat_template == str((recorded / "adapter" / "chat_template.jinja").resolve()):
+        sets.append(f"data.chat_template={rebuilt / 'adapter' / 'chat_template.jinja'}")
+    return sets
+
+
+def pinned_dtypes(recipe: Recipe, recorded: dict[str, str] | None) -> list[str]:
+    """`--set` options that make the recipe's `auto` dtypes the ones the run recorded, where they would resolve
+    to others here (a GPU run reproduced on a CPU); a dtype the recipe names resolves the same everywhere."""
+    if not recorded:
+        return []
+    now = compute_dtypes(recipe)
+    keys = {"model": ("model.dtype", recipe.model.dtype), "compute": ("quantization.compute_dtype",
+            recipe.quantization.compute_dtype)}  # fmt: skip
+    return [f"{key}={recorded[side]}" for side, (key, value) in keys.items()
+            if value == "auto" and side in recorded and side in now and recorded[side] != now[side]]  # fmt: skip
 
 
 def compare_adapters(original: Path, reproduced: Path) -> list[TensorDiff]:

@@ -7,11 +7,19 @@ tree of the base commit (materialised with `git archive`, so its fragments, conf
 the ones at that commit) and once in the working tree. Recipes whose resolved content or read files
 differ are reported with the key-by-key diff (each value's file:line), the `plan` of both versions and,
 where data changed, both versions' data statistics. Tokenizer and config only: never weights.
+
+A sweep file is planned trial by trial: each grid point's resolved recipe (or, for a search, each
+key's choices and range bounds), both versions, matched by the trial's name; its summary figures are
+the whole sweep's (the largest trial's memory, every trial's steps and GPU time added up).
+
+Over 600 lines, kept whole for now: its parts (git trees, one version resolved, two compared, a sweep's
+trials, the Markdown) share the private `_Version` and `Figure`; the Markdown is the first to move out.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import subprocess
 import tarfile
@@ -23,14 +31,15 @@ from typing import Any
 from finetune.errors import RecipeError, UserError
 from finetune.recipe.load import load_recipe
 from finetune.recipe.schema import Recipe
-from finetune.recipe.yaml_source import KeyPath, dotted
+from finetune.recipe.yaml_source import KeyPath, dotted, load_file
 from finetune.runs import Result
-from finetune.sweep.file import is_sweep_file, load_sweep
+from finetune.sweep.file import Sweep, is_sweep_file, load_sweep
 from finetune.units import duration
 
 YAML_SUFFIXES = (".yaml", ".yml")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # read files hashed, weights never
 GB = 10**9
+MAX_TRIAL_PLANS = 32  # a bigger grid (or search space) is planned at each key's first and last value
 
 
 @dataclass
@@ -73,6 +82,19 @@ class FileChange:
 
 
 @dataclass
+class TrialPlan:
+    """One trial of a sweep file, planned in both versions: a grid point, or an extreme of a search space."""
+
+    name: str  # the trial's run name, from its values (`rank-8_targets-all-linear`)
+    values: dict[str, Any]
+    status: str  # "changed" | "added" | "removed" | "same"
+    plan: list[Figure] = field(default_factory=list)
+
+    def figure(self, name: str) -> Figure | None:
+        return next((f for f in self.plan if f.name == name), None)
+
+
+@dataclass
 class RecipeReview:
     path: str  # relative to the repository
     kind: str  # "recipe" | "sweep"
@@ -84,6 +106,8 @@ class RecipeReview:
     fits: dict[str, list[int]] = field(default_factory=dict)  # "old"/"new": the GPU sizes (GB) each fits
     data: list[Figure] = field(default_factory=list)
     not_computed: list[str] = field(default_factory=list)  # "plan of the base version: why"
+    trials: list[TrialPlan] = field(default_factory=list)  # a sweep's, each planned
+    notes: list[str] = field(default_factory=list)  # how a sweep's figures were made
 
     @property
     def valid(self) -> bool:
@@ -110,9 +134,11 @@ class ReviewResult(Result):
                      "percent": f.percent} for f in items]  # fmt: skip
 
         recipes = [
-            {**{k: v for k, v in r.__dict__.items() if k not in ("plan", "data", "changes", "files")},
+            {**{k: v for k, v in r.__dict__.items() if k not in ("plan", "data", "changes", "files", "trials")},
              "valid": r.valid, "changes": [c.__dict__ for c in r.changes], "files": [f.__dict__ for f in r.files],
-             "plan": figures(r.plan), "data": figures(r.data)}
+             "plan": figures(r.plan), "data": figures(r.data),
+             "trials": [{"name": t.name, "values": t.values, "status": t.status, "plan": figures(t.plan)}
+                        for t in r.trials]}
             for r in self.recipes
         ]  # fmt: skip
         return {"base": self.base, "commit": self.commit, "valid": self.valid, "unchanged": self.unchanged,
@@ -126,6 +152,9 @@ class _Version:
     root: Path
     kind: str
     recipe: Recipe | None = None  # a sweep: its base recipe (fixed values applied)
+    sweep: Sweep | None = None
+    spec: dict[str, Any] = field(default_factory=dict)  # a sweep file's own keys, defaults filled in
+    spec_where: dict[KeyPath, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     resolved: dict[str, Any] = field(default_factory=dict)  # paths made relative to the tree
     where: dict[KeyPath, str] = field(default_factory=dict)
@@ -280,7 +309,10 @@ def _version(root: Path, name: str, ref: str | None) -> _Version | None:
     try:
         if kind == "sweep":
             version.text = _text(path)
-            recipe = load_sweep(path).base
+            version.sweep = load_sweep(path)
+            recipe = version.sweep.base
+            version.spec = version.sweep.spec.model_dump(mode="json")
+            version.spec_where = {k: _strip(str(v), prefix, label) for k, v in load_file(path).locs.items()}
         else:
             recipe = load_recipe(path)
     except RecipeError as e:
@@ -363,10 +395,13 @@ def _review_one(name: str, old: _Version | None, new: _Version | None, gpu: str)
     if old is not None and old.valid:
         r.changes = _changes(old, new)
         r.files = _file_changes(old, new)
-    if kind == "sweep":
-        r.not_computed.append("plan and data of a sweep: run `finetune sweep FILE --dry-run` for each trial's")
-        return r
     old_recipe = old.recipe if old is not None and old.valid else None
+    if kind == "sweep":
+        _review_sweep(old.sweep if old_recipe else None, new.sweep, gpu, r)  # type: ignore[union-attr,arg-type]
+        if old_recipe is None or any(f.data for f in r.files) or any(c.key.startswith("data") for c in r.changes):
+            r.data = _data_figures(old if old_recipe else None, new, r)
+            r.notes.append("data: of the sweep's recipe with its fixed values (the first trial's data)")
+        return r
     old_plan = _planned(old_recipe, gpu, r, "the base version") if old_recipe else None
     new_plan = _planned(new.recipe, gpu, r, "the new version")
     r.plan = _plan_figures(old_plan, new_plan)
@@ -378,13 +413,30 @@ def _review_one(name: str, old: _Version | None, new: _Version | None, gpu: str)
 
 
 def _changes(old: _Version, new: _Version) -> list[Change]:
-    a, b = _flatten(old.resolved), _flatten(new.resolved)
+    """Resolved keys that differ; a sweep's own keys first (`grid.lora.rank`), then its recipe's, less the keys the
+    sweep sets (those differ from trial to trial: the sweep's keys show them)."""
+    out = _diff(old.spec, new.spec, old.spec_where, new.spec_where)
+    swept = _swept(old.sweep) | _swept(new.sweep)
+    changes = _diff(old.resolved, new.resolved, old.where, new.where)
+    return out + [c for c in changes if not any(c.key == k or c.key.startswith(k + ".") for k in swept)]
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], old_where: dict[KeyPath, str], new_where: dict[KeyPath, str]
+          ) -> list[Change]:  # fmt: skip
+    a, b = _flatten(old), _flatten(new)
     out = []
     for key in sorted(a.keys() | b.keys(), key=lambda k: [str(p) for p in k]):
         if a.get(key, _MISSING) != b.get(key, _MISSING):
             out.append(Change(dotted(key), _shown(a.get(key, _MISSING)), _shown(b.get(key, _MISSING)),
-                              _where(old, key), _where(new, key)))  # fmt: skip
+                              _where(old_where, key), _where(new_where, key)))  # fmt: skip
     return out
+
+
+def _swept(sweep: Sweep | None) -> set[str]:
+    """The recipe keys a sweep sets in its trials: fixed, varied, the seed, each trial's name and directory."""
+    if sweep is None:
+        return set()
+    return {*sweep.spec.fixed, *sweep.keys, "name", "output_dir", *(["seed"] if sweep.spec.seeds else [])}
 
 
 _MISSING = object()
@@ -394,11 +446,11 @@ def _shown(value: Any) -> Any:
     return "(absent)" if value is _MISSING else value
 
 
-def _where(version: _Version, key: KeyPath) -> str:
+def _where(where: dict[KeyPath, str], key: KeyPath) -> str:
     """Where the value was written; a key no file sets comes from the schema's default."""
     for n in range(len(key), 0, -1):
-        if key[:n] in version.where:
-            return version.where[key[:n]]
+        if key[:n] in where:
+            return where[key[:n]]
     return "default"
 
 
@@ -446,6 +498,91 @@ def _plan_figures(old: Any, new: Any) -> list[Figure]:
     a, b = of(old), of(new)
     names = list(dict.fromkeys([*b, *a]))
     return [Figure(n, a.get(n, (None, ""))[0], b.get(n, (None, ""))[0], (b.get(n) or a.get(n))[1]) for n in names]
+
+
+# --- a sweep file: its trials planned ------------------------------------------------------------------
+
+
+def _review_sweep(old: Sweep | None, new: Sweep, gpu: str, r: RecipeReview) -> None:
+    """Each trial planned in both versions, matched by name; the sweep's figures: its largest trial's memory and
+    parameters, and every trial's steps and GPU time added up (once per seed)."""
+    r.notes.append(_trial_points(new)[1])
+    before = _trial_plans(old, gpu, r, "the base version") if old is not None else {}
+    after = _trial_plans(new, gpu, r, "the new version")
+    for name in dict.fromkeys([*after, *before]):
+        values, a = before.get(name, ({}, None))
+        values, b = after.get(name, (values, None))
+        figures = _plan_figures(a, b)
+        status = "added" if name not in before else "removed" if name not in after else \
+            "changed" if any(f.old != f.new for f in figures) else "same"  # fmt: skip
+        r.trials.append(TrialPlan(name, values, status, figures))
+    totals = [_sweep_totals(sweep, plans) for sweep, plans in ((old, before), (new, after))]
+    r.plan = [Figure(n, totals[0].get(n, (None, ""))[0], totals[1][n][0], totals[1][n][1]) for n in totals[1]]
+    r.fits = {side: sorted(set.intersection(*(set(f.memory_gb for f in p.memory.fits if f.fits) for _, p in plans.values())))
+              for side, plans in (("old", before), ("new", after)) if plans and all(p for _, p in plans.values())}  # fmt: skip
+    if new.spec.search is not None:
+        r.notes.append(f"a search: steps and GPU time are its {new.spec.search.trials} trials at the slowest "
+                       "extreme planned (an upper bound); the trials it samples lie between the extremes")  # fmt: skip
+
+
+def _trial_points(sweep: Sweep) -> tuple[list[dict[str, Any]], str]:
+    """The points planned: every grid point, or every combination of a search's choices and range bounds; over
+    MAX_TRIAL_PLANS, each key's first and last value with the others at their first."""
+    search = sweep.spec.search
+    values = sweep.spec.grid if search is None else {k: s.values for k, s in search.space.items()}
+    how = "trials: every grid point" if search is None else "trials: the search space's extremes (each choice, " \
+          "each range's bounds)"  # fmt: skip
+    combos = [dict(zip(values, c, strict=True)) for c in itertools.product(*values.values())]
+    if len(combos) > MAX_TRIAL_PLANS:
+        first = {k: v[0] for k, v in values.items()}
+        combos = list({json.dumps(c, sort_keys=True, default=str): c
+                       for c in ({**first, k: x} for k, v in values.items() for x in (v[0], v[-1]))}.values())  # fmt: skip
+        how += f"; over {MAX_TRIAL_PLANS} combinations, so each key's first and last value, the others at their first"
+    return combos, how
+
+
+def _trial_plans(sweep: Sweep, gpu: str, r: RecipeReview, side: str) -> dict[str, tuple[dict[str, Any], Any]]:
+    """trial name -> (its values, its plan or None), each trial's recipe resolved as `sweep` resolves it."""
+    out = {}
+    seed = sweep.seeds[0]
+    for values in _trial_points(sweep)[0]:
+        name = sweep.trial_name(values)
+        try:
+            recipe = sweep.recipe(values, seed, sweep.run_name(name, seed))
+        except RecipeError as e:  # validated by load_sweep: only a file changed under it gets here
+            r.not_computed.append(f"plan of trial {name} of {side}: {e.problems[0]}")
+            out[name] = (values, None)
+            continue
+        out[name] = (values, _planned(recipe, gpu, r, f"trial {name} of {side}"))
+    return out
+
+
+def _sweep_totals(sweep: Sweep | None, plans: dict[str, tuple[dict[str, Any], Any]]) -> dict[str, tuple[Any, str]]:
+    """The whole sweep's figures; None where a trial could not be planned."""
+    if sweep is None:
+        return {}
+    done = [p for _, p in plans.values()]
+    complete = bool(done) and all(p is not None for p in done)
+    seeds, search = len(sweep.seeds), sweep.spec.search
+
+    def total(figure: Any) -> float | None:
+        each = [figure(p) for p in done] if complete else [None]
+        if None in each:
+            return None
+        return max(each) * search.trials * seeds if search is not None else sum(each) * seeds
+
+    def largest(figure: Any) -> float | None:
+        each = [figure(p) for p in done] if complete else [None]
+        return None if None in each else max(each)
+
+    def hours(p: Any) -> float | None:
+        return None if p.time is None else p.time.total_seconds / 3600
+
+    return {"trials": (sweep.trial_count, ""),
+            "trainable parameters": (largest(lambda p: p.params.trainable), ""),
+            "peak memory": (largest(lambda p: p.memory.total), "bytes"),
+            "steps": (total(lambda p: p.work.total_steps), ""),
+            "GPU time": (total(hours), "h")}  # fmt: skip
 
 
 def _data_figures(old: _Version | None, new: _Version, r: RecipeReview) -> list[Figure]:
@@ -524,6 +661,14 @@ def _section(r: RecipeReview) -> list[str]:
             out += [f"| {f.name} | {figure_text(f.old, f.unit)} | {figure_text(f.new, f.unit)} | {change_text(f)} |"
                     for f in figures]  # fmt: skip
             out.append("")
+    if r.trials:
+        out += ["**Trials**", "", "| Trial | Status | " + " | ".join(SUMMARY_FIGURES.values()) + " |",
+                "|---" * (len(SUMMARY_FIGURES) + 2) + "|"]  # fmt: skip
+        out += [f"| `{t.name}` | {t.status} | " + " | ".join(_arrow(t.figure(n)) for n in SUMMARY_FIGURES) + " |"
+                for t in r.trials]  # fmt: skip
+        out.append("")
+    if r.notes:
+        out += [*(f"- {n}" for n in r.notes), ""]
     if r.fits:
         shown = {side: ", ".join(f"{gb} GB" for gb in sizes) or "none" for side, sizes in r.fits.items()}
         out += ["Fits GPUs of: " + "; ".join(f"{side} {sizes}" for side, sizes in shown.items()), ""]

@@ -215,6 +215,22 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def compute_dtypes(recipe: Recipe) -> dict[str, str]:
+    """The dtypes the run computes in on this machine: the model's and, quantized to 4 bits, the matmuls' on the
+    quantized weights. Recorded because `auto` resolves per machine (float32 on a CPU, bfloat16 on an Ampere GPU):
+    the recipe's text alone does not say it, and `reproduce` compares and pins it."""
+    from finetune.machine import resolve_dtype
+
+    def name(dtype: str) -> str:
+        return str(resolve_dtype(dtype)).removeprefix("torch.")
+
+    q = recipe.quantization
+    dtypes = {"model": name(recipe.model.dtype)}
+    if q.method in ("nf4", "fp4"):
+        dtypes["compute"] = name(q.compute_dtype if q.compute_dtype != "auto" else recipe.model.dtype)
+    return dtypes
+
+
 def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine()}
     info["cpu_count"] = os.cpu_count()
@@ -291,6 +307,7 @@ class Manifest:
             "packages": package_versions(),
             "python": platform.python_version(),
             "hardware": hardware(),
+            "dtype": compute_dtypes(recipe),
             "git": git_state(experiment_repo),
             "process": process_record(),
         }

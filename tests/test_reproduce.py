@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 from helpers import finetune, losses, write_recipe
+from preference_runs import dpo, parent  # noqa: F401  (a DPO run continuing an SFT run: fixtures)
 
-from finetune.reproduce import check
+from finetune.reproduce import check, reproduce
 
 FAST = ["--set", "train.max_steps=4", "--set", "eval.compare_base=false"]
 
@@ -93,3 +94,41 @@ def test_reproduce_with_another_seed_names_the_first_diverging_step(trained):
     assert "inputs that differ: recipe (run's recipe.yaml)" in done.stderr  # the edited seed changed its hash
     report = json.loads((trained / "runs" / "seed-again" / "reproduction.json").read_text())
     assert not report["identical"] and report["first_divergence"]["step"] == step
+
+
+def test_an_auto_dtype_is_pinned_to_the_recorded_one(trained, tiny_model_dir):
+    """A run recorded as computing in bfloat16 (`dtype: auto` on a bf16 GPU) is reproduced in bfloat16 here, where
+    auto means float32; the dtype is the one input that differs, and the failure names it."""
+    copy = _copy(trained, "tiny-bf16")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["dtype"] == {"model": "float32"}  # recorded by train: auto on this CPU
+    manifest["dtype"] = {"model": "bfloat16"}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert [i.name for i in check(copy).differing] == ["dtype (model, 4-bit compute)"]
+    out = trained / "runs" / "bf16-again"
+    result = reproduce(copy, out)
+    assert result.pinned == ["model.dtype=bfloat16"]
+    assert json.loads((out / "manifest.json").read_text())["dtype"] == {"model": "bfloat16"}
+    assert "dtype: bfloat16" in (out / "recipe.yaml").read_text()
+    assert not result.identical and [i.name for i in result.check.differing] == ["dtype (model, 4-bit compute)"]
+    assert json.loads((out / "reproduction.json").read_text())["pinned"] == ["model.dtype=bfloat16"]
+
+
+def test_with_parents_rebuilds_the_sft_parent_and_the_dpo_run_reproduces(dpo, monkeypatch):  # noqa: F811
+    """A DPO run continued from an SFT run: the parent retrained first, the DPO run retrained on that copy; both
+    bit-identical (the parent's logged losses and the DPO run's 8 too)."""
+    run, _, root = dpo
+    monkeypatch.chdir(root)
+    out = root / "runs" / "dpo-again"
+    result = reproduce(run, out, with_parents=True)
+    (sft,) = result.parents
+    assert sft.identical and sft.out == str(root / "runs" / "dpo-again-parent")
+    assert sft.steps_compared == len(losses(Path(sft.run))) > 0 and sft.first_divergence is None
+    assert result.identical and result.ok and result.check.matches
+    assert result.steps_compared == 8 and result.first_divergence is None
+    assert result.held_out and all(h.original == h.reproduced for h in result.held_out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parent"]["path"] == str((root / "runs" / "dpo-again-parent").resolve())  # trained on the copy
+    assert manifest["reproduces"]["run"] == str(run.resolve())
+    report = json.loads((out / "reproduction.json").read_text())
+    assert report["parents"][0]["identical"] and report["identical"]

@@ -63,7 +63,7 @@ def review(
 
 def _print_review(result: Any) -> None:
     """One block per changed recipe: what changed, where, and the figures that moved."""
-    from finetune.review import change_text, figure_text
+    from finetune.review import SUMMARY_FIGURES, change_text, figure_text
 
     typer.echo(f"{len(result.recipes)} recipe(s) changed against {result.base} ({result.commit[:10]}), "
                f"{result.unchanged} unchanged")  # fmt: skip
@@ -78,6 +78,10 @@ def _print_review(result: Any) -> None:
                 typer.echo(
                     f"  {f.name}: {figure_text(f.old, f.unit)} -> {figure_text(f.new, f.unit)} ({change_text(f)})"
                 )
+        for t in r.trials:
+            moved = [f"{f.name} {figure_text(f.old, f.unit)} -> {figure_text(f.new, f.unit)}"
+                     for f in t.plan if f.name in SUMMARY_FIGURES and f.old != f.new]  # fmt: skip
+            typer.echo(f"  trial {t.name}: {t.status}" + (f" ({'; '.join(moved)})" if moved else ""))
         for note in r.not_computed:
             typer.echo(f"  could not compute {note}")
 
@@ -139,6 +143,8 @@ def _print_reproduction(r: Any) -> None:
     for parent in r.parents:
         _print_reproduction(parent)
     typer.echo(f"{r.run} -> {r.out}")
+    for pin in r.pinned:
+        typer.echo(f"  pinned --set {pin}: the run's recorded dtype (auto resolves to another here)")
     _print_inputs(r.check, everything=False)
     worst = max(r.tensors, key=lambda t: -1 if t.max_abs_diff is None else t.max_abs_diff, default=None)
     typer.echo(f"  adapter: {len(r.tensors)} tensors, " + ("bit-identical" if r.identical else
