@@ -56,6 +56,38 @@ def test_the_rubric_keeps_braces_that_are_not_its_fields():
     assert render('{answer} as {"score": n}', {"answer": "x"}) == 'x as {"score": n}'
 
 
+@pytest.mark.parametrize(
+    ("judge", "message"),
+    [
+        (
+            "{url: http://h/v1, model: m, rubric: 'Rate {anwser}'}",
+            r"eval\.judge\.rubric: unknown field\(s\) \['anwser'\]",
+        ),
+        ("{url: http://h/v1, model: m, mode: pairwise, rubric: 'Rate {answer}'}", r"needs \{answer_a\}, \{answer_b\}"),
+        ("{url: http://h/v1, model: m, scale: [5, 1]}", r"eval\.judge\.scale: must be \[lowest, highest\]"),
+        ("{url: http://h/v1, model: m, api_key_env: 'sk-123'}", r"eval\.judge\.api_key_env"),
+        ("{url: h/v1, model: m}", r"eval\.judge\.url"),
+    ],
+)
+def test_a_wrong_judge_section_is_a_located_recipe_error(tmp_path, judge, message):
+    check_judge(tmp_path, judge, message)
+
+
+def test_a_judge_needs_generated_answers(tmp_path):
+    check_judge(tmp_path, "{url: http://h/v1, model: m}\n  metrics: [loss]", r"eval\.judge: rates generated answers")
+
+
+def check_judge(tmp_path, judge, message):
+    from finetune.errors import RecipeError
+    from finetune.recipe.load import load_recipe
+
+    recipe = write_recipe(tmp_path, tmp_path)
+    recipe.write_text(recipe.read_text().replace("  max_new_tokens: 6\n", f"  max_new_tokens: 6\n  judge: {judge}\n"))
+    with pytest.raises(RecipeError, match=message) as raised:
+        load_recipe(recipe, check_files=False)
+    assert "recipe.yaml:" in str(raised.value)  # located in the file
+
+
 # --- a scripted endpoint: the numeric and pairwise paths, retries, refusals ------------------------------------
 
 
@@ -114,7 +146,10 @@ def test_scores_are_parsed_and_an_answer_that_is_not_a_score_is_counted_by_row(t
         endpoint.close()
     assert report["models"]["tuned"] == {"mean": pytest.approx(13 / 3), "scored": 3, "unscored": 1}
     assert report["models"]["base"] == {"mean": 2.0, "scored": 3, "unscored": 1}  # 9 is off the 1-5 scale
-    assert [(u["row"], u["model"], u["reply"]) for u in report["unscored"]] == [(3, "tuned", "excellent"), (2, "base", "9")]
+    assert [(u["row"], u["model"], u["reply"]) for u in report["unscored"]] == [
+        (3, "tuned", "excellent"),
+        (2, "base", "9"),
+    ]
     assert report["rows"][1] == {"tuned": 4.0, "base": 1.0}
     assert report["requests"] == {"sent": 10, "cached": 0} and endpoint.posts == 10  # 8 answers + 2 retried
 
@@ -177,7 +212,9 @@ def live(tmp_path_factory, tiny_model_dir):
     recipe = write_recipe(root, tiny_model_dir())
     text = recipe.read_text().replace("max_steps: 8", "max_steps: 1").replace("max_new_tokens: 6", "max_new_tokens: 4")
     judge = f"  judge: {{url: 'http://127.0.0.1:{port}/v1', model: tiny, api_key_env: {KEY_ENV}}}\n"
-    recipe.write_text(text.replace("  max_new_tokens: 4\n", "  max_new_tokens: 4\n  limit: 4\n  metrics: [exact_match]\n" + judge))
+    recipe.write_text(
+        text.replace("  max_new_tokens: 4\n", "  max_new_tokens: 4\n  limit: 4\n  metrics: [exact_match]\n" + judge)
+    )
     assert runner.invoke(app, ["train", str(recipe), "--set", f"output_dir={root / 'run'}"]).exit_code == 0
     run = root / "run"
     counting = Counting(create_app(load_models([run], Limits(max_tokens=16)), SECRET))
@@ -210,7 +247,7 @@ def test_the_live_judge_scores_caches_and_keeps_its_key_out_of_every_file(live, 
     assert rows == 4 and set(report["models"]) == {"tuned", "base"}
     asked = counting.chats()
     assert 1 <= asked == report["requests"]["sent"] <= 2 * rows  # identical rubrics are asked once
-    for model, m in report["models"].items():
+    for m in report["models"].values():
         assert m["scored"] + m["unscored"] == rows  # every answer is scored or counted unscored
     # each reply is what the server answers the same request, parsed as parse_score parses it
     examples = [json.loads(line) for line in (Path(json.loads(first.stdout)["out_dir"]) / "examples.jsonl").open()]
@@ -260,7 +297,15 @@ def test_a_review_sheet_round_trip_through_the_cli(live, tmp_path):
     assert Path(sheet["key"]).parent == run / "eval" / "review"
     with (tmp_path / "sheet.csv").open(newline="") as f:
         items = list(csv.DictReader(f))
-    assert len(items) == 4 and set(items[0]) == {"sheet", "item", "prompt", "answer_1", "answer_2", "preferred", "comment"}
+    assert len(items) == 4 and set(items[0]) == {
+        "sheet",
+        "item",
+        "prompt",
+        "answer_1",
+        "answer_2",
+        "preferred",
+        "comment",
+    }
     assert not any("tiny" in (tmp_path / f"sheet.{ext}").read_text() for ext in ("csv", "html"))  # no model names
     for item, k in zip(items, key["items"], strict=True):  # the rater prefers the tuned answer on all but one
         item["preferred"] = str(k["tuned"]) if k["item"] != 1 else "tie"

@@ -579,11 +579,16 @@ class JudgeSection(Section):
         "{answer_a} and {answer_b} (pairwise). None: a built-in rubric for the mode.",
     )
     scale: list[int] = Field(
-        [1, 5], min_length=2, max_length=2, description="[lowest, highest] score (score mode); other replies are unscored."
+        [1, 5],
+        min_length=2,
+        max_length=2,
+        description="[lowest, highest] score (score mode); other replies are unscored.",
     )
     max_tokens: int = Field(16, ge=1, description="The judge's reply budget, in tokens: a score or a letter is short.")
     timeout: float = Field(60.0, gt=0, description="Seconds to wait for one judge reply before retrying.")
-    retries: int = Field(3, ge=0, description="Retries of a failed request (unreachable, timeout, 429, 5xx), with backoff.")
+    retries: int = Field(
+        3, ge=0, description="Retries of a failed request (unreachable, timeout, 429, 5xx), with backoff."
+    )
     concurrency: int = Field(4, ge=1, description="Judge requests in flight at once.")
 
     @model_validator(mode="after")
@@ -595,7 +600,9 @@ class JudgeSection(Section):
         if unknown := used - JUDGE_FIELDS:
             raise FieldRuleError("rubric", f"unknown field(s) {sorted(unknown)}: use {sorted(JUDGE_FIELDS)}")
         if self.rubric is not None and (missing := needed - used):
-            raise FieldRuleError("rubric", f"mode {self.mode} needs {', '.join('{' + m + '}' for m in sorted(missing))}")
+            raise FieldRuleError(
+                "rubric", f"mode {self.mode} needs {', '.join('{' + m + '}' for m in sorted(missing))}"
+            )
         return self
 
     def template(self) -> str:
@@ -641,6 +648,8 @@ class EvalSection(Section):
                 raise FieldRuleError(
                     f"metrics[{i}]", f"unknown metric {metric!r}: use {', '.join(BUILTIN_METRICS)} or module:function"
                 )
+        if self.judge is not None and all(m in LOSS_METRICS for m in self.metrics):
+            raise FieldRuleError("judge", "rates generated answers: add a generation metric to eval.metrics")
         return self
 
 
