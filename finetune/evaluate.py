@@ -29,9 +29,11 @@ class EvalResult:
     run_dir: str
     summary: EvalSummary
     out_dir: str = ""
+    judge: dict[str, Any] | None = None  # judge.json's content, with eval.judge (finetune.judge)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run_dir": self.run_dir, "out_dir": self.out_dir, **self.summary.to_dict()}
+        extra = {} if self.judge is None else {"judge": self.judge}
+        return {"run_dir": self.run_dir, "out_dir": self.out_dir, **self.summary.to_dict(), **extra}
 
 
 def evaluate(
@@ -56,6 +58,7 @@ def evaluate(
     run = RunDir(open_run(target).root)
     out_dir = _out_dir(run, out)
     recipe = load_recipe(run.recipe)
+    judge = _open_judge(recipe, run)
     if recipe.train.method == "sft":
         if recipe.data.eval is None:
             raise _no_held_out(run)
@@ -63,7 +66,23 @@ def evaluate(
         summary = _evaluate_sft(recipe, run, against_base, limit, out_dir)
     else:
         summary = _evaluate_method(recipe, run, against_base, limit, out_dir, require)
-    return EvalResult(str(run.root), summary, str(out_dir))
+    judged = None if judge is None else _judge(judge, out_dir, recipe.seed)
+    return EvalResult(str(run.root), summary, str(out_dir), judged)
+
+
+# --- eval.judge (issue 32): the LLM judge of finetune.judge, reached before any model loads ---
+def _open_judge(recipe: Recipe, run: RunDir) -> Any:
+    if recipe.eval.judge is None:
+        return None
+    from finetune.judge import open_judge
+
+    return open_judge(recipe.eval.judge, run.eval)
+
+
+def _judge(judge: Any, out_dir: Path, seed: int) -> dict[str, Any]:
+    from finetune.judge import judge_file
+
+    return judge_file(judge, out_dir / "examples.jsonl", seed)
 
 
 def _no_held_out(run: RunDir) -> UserError:

@@ -44,12 +44,25 @@ def eval_(
     fail_if_worse: Annotated[
         bool, typer.Option("--fail-if-worse-than-base", help="Exit 1 if any tuned figure is worse than the base's.")
     ] = False,
+    review_sheet: Annotated[
+        Path | None,
+        typer.Option("--review-sheet", help="Write a blind review sheet (FILE.csv and FILE.html) of the newest eval."),
+    ] = None,
+    ratings: Annotated[
+        Path | None, typer.Option("--ratings", help="Read a filled review sheet back: tuned preferred over base.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Held-out loss and metrics of the tuned model against its base, side by side; a CI gate.
 
     Example: finetune eval runs/quickstart --require 'exact_match>=0.8' --require 'exact_match.delta.low>0'
+
+    Blind review: finetune eval runs/quickstart --review-sheet review.csv, then --ratings review.csv once filled.
     """
+    if review_sheet is not None or ratings is not None:
+        from finetune.cli.judged import review
+
+        return review(target, review_sheet, ratings, as_json)
     from finetune.summary import Requirement, gate
 
     if against not in (None, "base", "none"):
@@ -66,6 +79,10 @@ def eval_(
         echo_json({**result.to_dict(), "gate_failures": failures})
     else:
         print_comparison(console(), result.summary)
+        if result.judge is not None:
+            from finetune.cli.judged import print_judge
+
+            print_judge(result.judge)
         typer.echo(f"results: {result.out_dir} (the run's own eval/summary.json is unchanged)")
     if failures:
         raise fail("\n".join(f"gate failed: {f}" for f in failures), 1)

@@ -628,6 +628,76 @@ class TrainSection(Section):
     )
 
 
+# --- eval.judge (issue 32: an LLM judge on any OpenAI-compatible endpoint; finetune/judge.py runs it) ---
+JUDGE_FIELDS = {"prompt", "reference", "answer", "answer_a", "answer_b", "min", "max"}
+JUDGE_SCORE_RUBRIC = (
+    "Rate the answer to the request below on a scale from {min} to {max} ({max} is best): is it correct and "
+    "helpful? Reply with the number only.\n\nRequest:\n{prompt}\n\nReference answer:\n{reference}\n\n"
+    "Answer to rate:\n{answer}\n\nScore:"
+)
+JUDGE_PAIRWISE_RUBRIC = (
+    "Two answers to the request below. Which is better: correct, helpful, in the right tone? Reply with A, B or "
+    "tie only.\n\nRequest:\n{prompt}\n\nReference answer:\n{reference}\n\nAnswer A:\n{answer_a}\n\n"
+    "Answer B:\n{answer_b}\n\nBetter answer:"
+)
+
+
+class JudgeSection(Section):
+    url: str = Field(
+        pattern=r"^https?://\S+$",
+        description="Base URL of an OpenAI-compatible API (a hosted one, vLLM, or `finetune serve`), e.g. "
+        "http://127.0.0.1:8000/v1: the judge is asked at URL/chat/completions.",
+    )
+    model: str = Field(min_length=1, description="The judge's model name at that endpoint (`model` of the request).")
+    api_key_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="The NAME of the environment variable holding the endpoint's API key (sent as a Bearer token); "
+        "never the key itself, which no recipe, manifest, log or result holds. None: no key is sent.",
+    )
+    mode: Literal["score", "pairwise"] = Field(
+        "score",
+        description="`score`: each answer (tuned and base) rated on `scale`; `pairwise`: tuned and base answers shown "
+        "together in a seeded random order, the judge picks one: a win rate, with position bias counted.",
+    )
+    rubric: str | None = Field(
+        None,
+        min_length=1,
+        description="The judge's prompt, with {prompt}, {reference}, {min}, {max} and {answer} (score mode) or "
+        "{answer_a} and {answer_b} (pairwise). None: a built-in rubric for the mode.",
+    )
+    scale: list[int] = Field(
+        [1, 5],
+        min_length=2,
+        max_length=2,
+        description="[lowest, highest] score (score mode); other replies are unscored.",
+    )
+    max_tokens: int = Field(16, ge=1, description="The judge's reply budget, in tokens: a score or a letter is short.")
+    timeout: float = Field(60.0, gt=0, description="Seconds to wait for one judge reply before retrying.")
+    retries: int = Field(
+        3, ge=0, description="Retries of a failed request (unreachable, timeout, 429, 5xx), with backoff."
+    )
+    concurrency: int = Field(4, ge=1, description="Judge requests in flight at once.")
+
+    @model_validator(mode="after")
+    def _rubric_fields(self) -> JudgeSection:
+        if self.scale[0] >= self.scale[1]:
+            raise FieldRuleError("scale", f"must be [lowest, highest] with lowest < highest (got {self.scale})")
+        needed = {"answer"} if self.mode == "score" else {"answer_a", "answer_b"}
+        used = set(re.findall(r"\{([a-z_]+)\}", self.rubric or ""))
+        if unknown := used - JUDGE_FIELDS:
+            raise FieldRuleError("rubric", f"unknown field(s) {sorted(unknown)}: use {sorted(JUDGE_FIELDS)}")
+        if self.rubric is not None and (missing := needed - used):
+            raise FieldRuleError(
+                "rubric", f"mode {self.mode} needs {', '.join('{' + m + '}' for m in sorted(missing))}"
+            )
+        return self
+
+    def template(self) -> str:
+        """The rubric the judge is sent: the recipe's, else the mode's built-in one."""
+        return self.rubric or (JUDGE_SCORE_RUBRIC if self.mode == "score" else JUDGE_PAIRWISE_RUBRIC)
+
+
 class EvalSection(Section):
     metrics: list[Annotated[str, Field(min_length=1), CallableRef(("prediction", "reference"))]] = Field(
         ["loss", "exact_match"],
@@ -671,6 +741,11 @@ class EvalSection(Section):
         "`peft=`), results in eval/harness.json: task or group names such as `hellaswag`, or local task .yaml files "
         "or folders of them (every task inside), relative to the recipe. Needs `pip install lm-eval` and `data.eval`.",
     )
+    judge: JudgeSection | None = Field(
+        None,
+        description="An LLM judge that `finetune eval` asks to rate the held-out answers (results in judge.json); "
+        "replies cached under RUN/eval/judge-cache/, so a rerun sends nothing.",
+    )
 
     @model_validator(mode="after")
     def _known_metrics(self) -> EvalSection:
@@ -686,6 +761,8 @@ class EvalSection(Section):
                 re.compile(self.regex)
             except re.error as e:
                 raise FieldRuleError("regex", f"not a valid regular expression: {e}") from None
+        if self.judge is not None and all(m in LOSS_METRICS for m in self.metrics):
+            raise FieldRuleError("judge", "rates generated answers: add a generation metric to eval.metrics")
         return self
 
 

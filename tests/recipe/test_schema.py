@@ -31,6 +31,7 @@ from finetune.recipe.schema import (
     EvalSection,
     EvalSplit,
     GrpoOptions,
+    JudgeSection,
     KtoOptions,
     LoraSection,
     ModelSection,
@@ -504,6 +505,7 @@ SECTIONS = {
     KtoOptions,
     GrpoOptions,
     EvalSection,
+    JudgeSection,
 }
 
 
