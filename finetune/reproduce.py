@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import RecipeError, RunDirError, UserError
+from finetune.errors import RunDirError, UserError
 from finetune.files import file_sha256, write_json_atomic
 from finetune.lineage import parent_record
 from finetune.recipe.load import load_recipe
