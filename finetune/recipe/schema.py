@@ -784,13 +784,16 @@ class Recipe(Section):
     def resolved(self) -> dict[str, Any]:
         """The recipe as plain data with `extends` applied away: what runs write to recipe.yaml.
 
-        Options that do not apply are left out (4-bit options without a 4-bit method), so that
+        Options that do not apply are left out (4-bit options without a 4-bit method, lora.init options of
+        another initialisation), so that
         the resolved recipe validates again.
         """
         exclude: dict[str, Any] = {"extends": True}
         if self.quantization.method not in ("nf4", "fp4"):
             exclude["quantization"] = set(FOUR_BIT_OPTIONS)
         exclude["train"] = {m for m in OPTION_METHODS if m != self.train.method}  # other methods' options
+        init = self.lora.init.method  # options of other initialisations
+        exclude["lora"] = {"init": {o for o, methods in INIT_OPTIONS.items() if init not in methods}}
         return self.model_dump(mode="json", exclude=exclude)
 
     def fingerprint(self) -> str:
