@@ -59,11 +59,12 @@ def _logits(model, batch):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-INITS = [  # kaiming and gaussian leave the base alone and need no conversion: scripts/lora_init_e2e.py trains them
+# kaiming, gaussian and eva leave the base alone and need no conversion; scripts/lora_init_e2e.py trains them
+# (eva's data pass cycles until its components converge: minutes on this machine, too long for the main suite)
+INITS = [
     ("pissa", []),
     ("pissa", ["lora.init.svd_iters=2"]),
     ("olora", []),
-    ("eva", ["lora.init.data_batches=2", "lora.init.eva_tau=0.9"]),
     ("corda", ["lora.init.data_batches=2"]),
     pytest.param(
         "loftq",
