@@ -425,6 +425,7 @@ def _training_section(run: Run) -> list[str]:
             "LoRA",
             f"{run.variant}, rank {recipe.lora.rank}, alpha {recipe.lora.alpha:g}, dropout {recipe.lora.dropout:g}",
         ),
+        ("LoRA initialisation", _init_row(m.get("lora_init"))),
         ("quantization", quant),
         ("epochs / max steps", f"{t.epochs:g} / {t.max_steps or '-'}"),
         ("learning rate", f"{t.lr:g}, {t.scheduler}, warmup {t.warmup_ratio:g}" + _loraplus(t)),
@@ -447,6 +448,15 @@ def _training_section(run: Run) -> list[str]:
         ("run status", m.get("status")),
     ]
     return ["## Training", "", *_table(rows)]
+
+
+def _init_row(init: dict | None) -> str | None:
+    """`lora.init` and how the adapter relates to the original base (finetune.lora_init); None for the default."""
+    if not init:
+        return None
+    data = init.get("data")
+    read = f", from {data['rows']} training rows" if data else ""
+    return f"{init['method']} ({init.get('seconds', 0):.1f} s{read}); conversion: {init['conversion']}"
 
 
 def _hardware(hw: dict) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from finetune import lora_layers, methods, sharding
+from finetune import lora_init, lora_layers, methods, sharding
 from finetune.errors import (
     LaunchError,
     RewardFailed,
@@ -369,7 +369,7 @@ def _train(
     trainer = _make_trainer(recipe, run, manifest, setup, stop, progress and main, on_eval)
     trainable, total = _record_trainer(recipe, run, manifest, trainer, setup.targets)
     output = _fit(recipe, run, trainer, checkpoint, setup.speed, stop)
-    _keep_best_adapter(run, manifest, trainer, setup.tokenizer)
+    _keep_best_adapter(recipe, run, manifest, trainer, setup.tokenizer)
     summary = setup.method.evaluate(recipe, run, trainer.model, setup.tokenizer, setup.data) if main else None
     manifest.update(steps=output.global_step, train_loss=output.training_loss, eval=summary and summary.to_dict())
     return TrainResult(
@@ -412,6 +412,10 @@ def _setup(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     model, targets, peft_config = method.policy(recipe, model)
     if peft_config is not None:  # a new adapter: patterns and blocks that would adapt nothing stop here
         lora_layers.check(recipe, model, peft_config)
+    model, peft_config, init = lora_init.apply(recipe, run.root, model, peft_config, data, tokenizer,
+                                               resumed=checkpoint is not None, main=state.is_main_process)  # fmt: skip
+    if init is not None:
+        manifest.update(lora_init=init)
     return Setup(method, tokenizer, data, machine, speed, model, targets, peft_config)
 
 
@@ -457,7 +461,7 @@ def _make_trainer(
     def save_best(step: int, value: float) -> None:
         manifest.update(best_step=step, **{key: value})
         if main:
-            _save_adapter(run, trainer.model, setup.tokenizer)
+            _save_adapter(recipe, run, trainer.model, setup.tokenizer)
 
     at_end = setup.data.eval is not None and (metric == "eval_loss" or recipe.train.eval_every)  # GRPO's is generation
     callbacks = [BestAdapter(save_best, manifest.data.get(key), metric, higher), stop]
@@ -527,15 +531,15 @@ def _fit(recipe: Recipe, run: RunDir, trainer: Any, checkpoint: Path | None, spe
     return output
 
 
-def _keep_best_adapter(run: RunDir, manifest: Manifest, trainer: Any, tokenizer: Any) -> None:
+def _keep_best_adapter(recipe: Recipe, run: RunDir, manifest: Manifest, trainer: Any, tokenizer: Any) -> None:
     """adapter/ and the model in memory hold the best held-out adapter (the last one without held-out data);
     the tokenizer and template saved beside it are hashed into the manifest."""
     state = process_state()
     if state.is_main_process and not run.adapter.exists():  # no held-out data: the final adapter is the one
-        _save_adapter(run, trainer.model, tokenizer)
+        _save_adapter(recipe, run, trainer.model, tokenizer)
     state.wait_for_everyone()
     if manifest.data.get("best_step") not in (None, trainer.state.global_step):
-        _load_adapter_weights(trainer.model, run.adapter)
+        _load_adapter_weights(trainer.model, lora_init.reload_from(recipe, run.root, run.adapter))
     manifest.update(tokenizer_sha256=file_sha256(run.adapter / "tokenizer.json"),
                     chat_template_sha256=file_sha256(run.adapter / "chat_template.jinja"))  # fmt: skip
 
@@ -583,9 +587,9 @@ def _trackers_write_into(run: RunDir, recipe: Recipe) -> None:
         os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", recipe.name)
 
 
-def _save_adapter(run: RunDir, model: Any, tokenizer: Any) -> None:
+def _save_adapter(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any) -> None:
     with atomic_dir(run.adapter) as tmp:
-        model.save_pretrained(tmp, selected_adapters=["default"])  # not a preference method's frozen reference
+        lora_init.save_adapter(recipe, run.root, model, tmp)  # a plain LoRA on the original base, whatever the init
         tokenizer.save_pretrained(tmp)
 
 

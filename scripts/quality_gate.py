@@ -46,6 +46,14 @@ VARIANTS = {
     "packing": ["data.packing=true"],  # trained on the same share of the data: see `length`
     "padding-free": ["data.padding_free=true"],  # the GPU default (with flash attention), here with SDPA
     "loraplus": ["train.loraplus_lr_ratio=16"],  # LoRA+ at its paper's ratio, same lr and steps (issue 33)
+    # lora.init (docs/guides/lora-options.md): same-settings is the default init, `kaiming`
+    "init-gaussian": ["lora.init.method=gaussian"],
+    "init-pissa": ["lora.init.method=pissa"],
+    "init-pissa-fast": ["lora.init.method=pissa", "lora.init.svd_iters=4"],
+    "init-olora": ["lora.init.method=olora"],
+    "init-corda": ["lora.init.method=corda"],
+    "init-eva": ["lora.init.method=eva"],
+    "init-loftq": ["lora.init.method=loftq", "quantization.method=nf4"],  # needs CUDA (PEFT's LoftQ)
 }
 BATCH = 16
 TASKS = ("varied", "uniform", "quickstart")  # the most telling first

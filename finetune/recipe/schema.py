@@ -190,6 +190,72 @@ class QuantizationSection(Section):
         return self
 
 
+# lora.init (finetune.lora_init): what each initialisation needs and refuses, checked at validate time
+LoraInitMethod = Literal["kaiming", "gaussian", "pissa", "olora", "loftq", "eva", "corda"]
+BASE_MOVING_INITS = ("pissa", "olora", "corda")  # they subtract their initial adapter from the base weights
+DATA_INITS = ("eva", "corda")  # a pass over training batches before the first step
+INIT_OPTIONS = {
+    "svd_iters": ("pissa",),
+    "data_batches": DATA_INITS,
+    "eva_rho": ("eva",),
+    "eva_tau": ("eva",),
+    "corda_mode": ("corda",),
+}
+
+
+class LoraInitSection(Section):
+    method: LoraInitMethod = Field(
+        "kaiming",
+        description="How the adapter starts. `kaiming` (PEFT's default, `init_lora_weights: true`): A Kaiming-uniform, "
+        "B zero. `gaussian`: A ~ N(0, 1/rank), B zero. `pissa`: A and B from the weight's top singular vectors, the "
+        "base keeps the residual. `olora`: A and B from a QR decomposition of the weight, the base keeps the residual. "
+        "`loftq` (needs quantization.method nf4): A and B from the SVD of the NF4 quantization error, so that "
+        "base + adapter starts nearer the unquantized weights. `eva`: A from the SVD of the layer inputs on training "
+        "batches, B zero. `corda`: A and B from the weight decomposed with the covariance of the layer inputs on "
+        "training batches, the base keeps the residual. The saved adapter is always a plain LoRA on the original base: "
+        "for pissa, olora and corda it is converted at save time (rank 2 x lora.rank, PEFT's conversion).",
+    )
+    svd_iters: int | None = Field(
+        None,
+        ge=0,
+        description="pissa only: the fast randomized SVD with this many subspace iterations (PEFT's "
+        "`pissa_niter_N`; 16 is PEFT's suggestion for large models) instead of the full SVD; unset: full SVD.",
+    )
+    data_batches: int = Field(
+        8,
+        ge=1,
+        description="eva and corda only: how many batches of train.batch_size rows of the prepared training data "
+        "(the first rows in order, no shuffle) the initialisation's pass reads; recorded in the manifest.",
+    )
+    eva_rho: float = Field(
+        1.0,
+        ge=1.0,
+        description="eva only: PEFT's rank redistribution; a layer may get up to rho x lora.rank. 1.0: every layer "
+        "keeps lora.rank (PEFT's default is 2.0; above 1 the ranks differ per layer).",
+    )
+    eva_tau: float = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="eva only: PEFT's convergence threshold (cosine similarity of each layer's components between "
+        "passes); EVA cycles over the data_batches until every layer reaches it, so a lower tau is a shorter pass.",
+    )
+    corda_mode: Literal["ipm", "kpm"] = Field(
+        "ipm",
+        description="corda only: `ipm` (instruction-previewed: adapt the directions the task's inputs use most) or "
+        "`kpm` (knowledge-preserved: adapt the least used ones, keeping the base's knowledge).",
+    )
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> LoraInitSection:
+        for option, methods in INIT_OPTIONS.items():
+            if option in self.model_fields_set and self.method not in methods:
+                raise FieldRuleError(
+                    option, f"only applies to lora.init.method {' or '.join(methods)}, not {self.method!r}"
+                )
+        return self
+
+
 class LoraSection(Section):
     rank: int = Field(16, ge=1, description="LoRA rank r: size of the low-rank update.")
     alpha: float = Field(
@@ -245,6 +311,7 @@ class LoraSection(Section):
         return self
 
     # --- end of per-layer structure ---
+    init: LoraInitSection = Field(LoraInitSection(), description="How the adapter's weights start (lora.init).")
 
 
 class DataSource(Section):
@@ -849,6 +916,45 @@ class Recipe(Section):
             )
 
     @model_validator(mode="after")
+    def _lora_init_fits(self) -> Recipe:
+        """The combinations of lora.init PEFT refuses, or that would not give a plain LoRA on the original base."""
+        init, quant = self.lora.init.method, self.quantization.method
+        if init in ("kaiming", "gaussian"):
+            return self
+        if self.model.from_run is not None:
+            raise FieldRuleError("lora.init.method", "a continued run (model.from_run) trains its parent's adapter")
+        if self.train.method != "sft":
+            raise FieldRuleError(
+                "lora.init.method",
+                f"{init} applies to train.method sft only, not {self.train.method}: DPO, KTO and GRPO use the base "
+                "with the adapter off as their reference",
+            )
+        if self.lora.variant == "dora":
+            raise FieldRuleError("lora.variant", f"dora is not supported with lora.init.method {init}")
+        if init == "loftq" and quant != "nf4":
+            raise FieldRuleError(
+                "lora.init.method",
+                f"loftq initialises against an NF4 base: it needs quantization.method nf4, not {quant}",
+            )
+        if init in BASE_MOVING_INITS and quant != "none":
+            raise FieldRuleError(
+                "lora.init.method",
+                f"{init} moves part of the base weights into the adapter, which a quantized base cannot hold exactly "
+                f"(quantization.method {quant}); use loftq for a quantized base",
+            )
+        if (
+            init in BASE_MOVING_INITS
+            and self.lora.variant == "rslora"
+            and (self.lora.rank_pattern or self.lora.alpha_pattern)
+        ):
+            raise FieldRuleError(  # PEFT's conversion to a plain LoRA (subtract_mutated_init) refuses this
+                "lora.variant",
+                f"rslora with rank_pattern/alpha_pattern cannot be saved as a plain LoRA after {init}: PEFT's "
+                "conversion does not support it; drop the patterns or use variant lora",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _eval_needs_data(self) -> Recipe:
         if self.train.eval_every is not None and self.data.eval is None:
             raise FieldRuleError("train.eval_every", "needs held-out data: set data.eval")
@@ -879,13 +985,16 @@ class Recipe(Section):
     def resolved(self) -> dict[str, Any]:
         """The recipe as plain data with `extends` applied away: what runs write to recipe.yaml.
 
-        Options that do not apply are left out (4-bit options without a 4-bit method), so that
+        Options that do not apply are left out (4-bit options without a 4-bit method, lora.init options of
+        another initialisation), so that
         the resolved recipe validates again.
         """
         exclude: dict[str, Any] = {"extends": True}
         if self.quantization.method not in ("nf4", "fp4"):
             exclude["quantization"] = set(FOUR_BIT_OPTIONS)
         exclude["train"] = {m for m in OPTION_METHODS if m != self.train.method}  # other methods' options
+        init = self.lora.init.method  # options of other initialisations
+        exclude["lora"] = {"init": {o for o, methods in INIT_OPTIONS.items() if init not in methods}}
         return self.model_dump(mode="json", exclude=exclude)
 
     def fingerprint(self) -> str:

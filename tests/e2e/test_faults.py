@@ -85,11 +85,12 @@ def test_a_full_disk_while_saving_the_adapter_keeps_the_previous_adapter(tmp_pat
             (Path(folder) / "tokenizer.json").write_text("{}")
 
     run = RunDir(tmp_path / "run")
-    _save_adapter(run, Model(fail=False), Tokenizer())
+    recipe = load_recipe(recipe_file(tmp_path, tmp_path), check_files=False)
+    _save_adapter(recipe, run, Model(fail=False), Tokenizer())
     before = snapshot(run.adapter)
     written = run.adapter / "adapter_model.safetensors"
     with pytest.raises(WriteError, match=rf"could not write {written}: No space left on device; .* is unchanged"):
-        _save_adapter(run, Model(fail=True), Tokenizer())
+        _save_adapter(recipe, run, Model(fail=True), Tokenizer())
     assert snapshot(run.adapter) == before and dot_leftovers(run.root) == []
 
 

@@ -1,0 +1,98 @@
+"""`lora.init` end to end through the CLI, minutes of training: not in the main suite (tests/test_lora_init.py
+holds the fast conversion checks). Run: python -m pytest -p no:cacheprovider scripts/lora_init_e2e.py
+
+Per init: `finetune train`, then `finetune eval` (adapter/ loaded with plain PEFT on the base, as chat and serve
+load it) must score what training scored in memory, and `finetune merge` must pass its logits check against
+base + adapter on the ORIGINAL base. And a PiSSA run killed mid-way resumes to the uninterrupted adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
+import tiny
+from helpers import finetune, losses, write_recipe
+
+INITS = [
+    ("kaiming", []),
+    ("gaussian", []),
+    ("pissa", []),
+    ("pissa", ["lora.init.svd_iters=2"]),
+    ("olora", []),
+    ("eva", ["lora.init.data_batches=2", "lora.init.eva_tau=0.9"]),
+    ("corda", ["lora.init.data_batches=2"]),
+    pytest.param(
+        "loftq",
+        ["quantization.method=nf4"],
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="PEFT 0.21's LoftQ computes on 'cuda' (or 'xpu'): no CPU path"
+        ),
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    return tiny.build_model("llama", root / "model", tiny.build_tokenizer(root / "tokenizer"))
+
+
+def _train(recipe, cwd, *sets):
+    args = [a for s in sets for a in ((s,) if s.startswith("--") else ("--set", s))]
+    result = finetune("train", str(recipe), *args, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "extra"), INITS, ids=lambda v: "-".join(v) if isinstance(v, list) else v)
+def test_train_eval_and_merge_through_the_cli(method, extra, model_dir, tmp_path):
+    """`finetune eval` loads adapter/ with plain PEFT on the base (as chat and serve do): it scores what training
+    scored in memory; `finetune merge` verifies the merged model against base + adapter on the original base."""
+    recipe = write_recipe(tmp_path, model_dir)
+    _train(recipe, tmp_path, f"lora.init.method={method}", *extra)
+    run = tmp_path / "runs" / "tiny"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["lora_init"]["method"] == method and manifest["lora_init"]["seconds"] >= 0
+    if method in ("eva", "corda"):
+        assert manifest["lora_init"]["data"]["rows"] == 16  # 2 batches of 8
+    in_training = json.loads((run / "eval" / "summary.json").read_text())["tuned"]
+    again = finetune("eval", str(run), "--out", str(tmp_path / "again"), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    reloaded = json.loads((tmp_path / "again" / "summary.json").read_text())["tuned"]
+    assert reloaded["loss"] == pytest.approx(in_training["loss"], abs=1e-4)
+    if method != "loftq":
+        merged = finetune("merge", str(run), cwd=tmp_path)
+        assert merged.returncode == 0, merged.stderr[-2000:]
+        assert json.loads((run / "merged" / "merge_check.json").read_text())["passed"]
+
+
+@pytest.mark.slow
+def test_a_killed_pissa_run_resumes_to_the_uninterrupted_adapter(model_dir, tmp_path):
+    """The checkpoints hold the adapter on the residual base; the resumed run rebuilds that base (checked against
+    lora-init/initial) and ends with the same converted adapter as a run never interrupted."""
+    from training import adapter_tensors, start, wait_for_step
+
+    recipe = write_recipe(tmp_path, model_dir)
+    recipe.write_text(recipe.read_text().replace("max_steps: 8", "max_steps: 16\n  save_every: 4"))
+    _train(recipe, tmp_path, "lora.init.method=pissa", "output_dir=runs/full")
+    proc = start(recipe, tmp_path, "--set", "lora.init.method=pissa", "--set", "output_dir=runs/killed")
+    run = tmp_path / "runs" / "killed"
+    wait_for_step(run, 10, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _train(recipe, tmp_path, "lora.init.method=pissa", "output_dir=runs/killed", "--resume")
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["resumes"][0]["from_step"] in (4, 8)
+    expected, got = adapter_tensors(tmp_path / "runs" / "full"), adapter_tensors(run)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert (expected[name] - got[name]).abs().max() <= 1e-6, name
+    assert losses(run) == pytest.approx(losses(tmp_path / "runs" / "full"), abs=1e-6)
