@@ -19,7 +19,7 @@ pytestmark = pytest.mark.engines
 STARTUP_S = 600  # vLLM's CPU build takes minutes to start on 2 shared cores
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session, as quickstart_run: pytest sets up wider scopes first
 def vllm_python() -> str:
     from finetune.inference.vllm import find_python
 
@@ -60,7 +60,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(quickstart_run, vllm_python, tmp_path_factory):
+def server(vllm_python, quickstart_run, tmp_path_factory):  # vLLM first: skip before training
     """finetune serve RUN --engine vllm on a free loopback port, with an API key; stopped by SIGTERM."""
     port, key = _port(), "engine-test-key"
     log = tmp_path_factory.mktemp("vllm") / "serve.log"
