@@ -261,7 +261,7 @@ def ready(proc, url: str, log: Path) -> None:
     """Wait until a vLLM server answers /v1/models (its CPU build takes minutes to start on 2 shared cores)."""
     import httpx
 
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + 1800
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"vLLM exited {proc.returncode}: {log.read_text()[-3000:]}")
@@ -272,7 +272,7 @@ def ready(proc, url: str, log: Path) -> None:
             pass
         time.sleep(2)
     proc.kill()
-    raise SystemExit(f"vLLM did not answer within 900 s: {log.read_text()[-3000:]}")
+    raise SystemExit(f"vLLM did not answer within 1800 s: {log.read_text()[-3000:]}")
 
 
 def merged_model(base: Path, run: Path, folder: Path) -> Path:
