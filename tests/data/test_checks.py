@@ -83,7 +83,7 @@ def test_prepare_drops_or_stops_as_the_recipe_says(tmp_path):
 
     train = write("t.jsonl", [("one two", "a"), ("one  two", "a"), ("three four", "b"), ("five six", "c")])
     held = write("e.jsonl", [("five six", "c")])
-    base = [f"data.train=[{{path: {train}}}]", f"data.eval=[{{path: {held}}}]"]
+    base = [f"data.train=[{{path: {train}}}]", f"data.eval=[{{path: {held}}}]", "eval.slice_by=null"]
     recipe = load_recipe("recipes/quickstart.yaml", [*base, "data.dedup=exact", "data.leakage=drop"])
     prepared = prepare_data(recipe, load_tokenizer(recipe), use_cache=False)
     assert len(prepared.train) == 2 and [w.rsplit(":", 1)[1] for w in prepared.train_where] == ["1", "3"]

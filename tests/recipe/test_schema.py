@@ -33,6 +33,7 @@ from finetune.recipe.schema import (
     GrpoOptions,
     JudgeSection,
     KtoOptions,
+    LoraInitSection,
     LoraSection,
     ModelSection,
     QuantizationSection,
@@ -506,6 +507,7 @@ SECTIONS = {
     GrpoOptions,
     EvalSection,
     JudgeSection,
+    LoraInitSection,
 }
 
 
