@@ -4,7 +4,7 @@ The fast tests train a few optimizer steps in this process (no trainer: the conv
 save adapter/ as `finetune train` does, then load it with plain PEFT on a freshly loaded original base: its
 logits must equal the trained model's (the model our eval scores), and merged into that base must equal
 base + adapter, with merge's tolerance (1e-4 in float32). The end-to-end ones (CLI train, `finetune eval`,
-`finetune merge`, resume after SIGKILL) train for minutes: scripts/lora_init_e2e.py.
+`finetune merge`, resume after SIGKILL) train for minutes: scripts/lora_options_e2e.py.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _logits(model, batch):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-# kaiming, gaussian and eva leave the base alone and need no conversion; scripts/lora_init_e2e.py trains them
+# kaiming, gaussian and eva leave the base alone and need no conversion; scripts/lora_options_e2e.py trains them
 # (eva's data pass cycles until its components converge: minutes on this machine, too long for the main suite)
 INITS = [
     ("pissa", []),

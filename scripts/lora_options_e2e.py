@@ -1,5 +1,5 @@
-"""`lora.init` end to end through the CLI, minutes of training: not in the main suite (tests/test_lora_init.py
-holds the fast conversion checks). Run: python -m pytest -p no:cacheprovider scripts/lora_init_e2e.py
+"""`lora.init` and LoRA+ end to end through the CLI, minutes of training: not in the main suite (tests/test_lora_init.py
+holds the fast conversion checks). Run: python -m pytest -p no:cacheprovider scripts/lora_options_e2e.py
 
 Per init: `finetune train`, then `finetune eval` (adapter/ loaded with plain PEFT on the base, as chat and serve
 load it) must score what training scored in memory, and `finetune merge` must pass its logits check against
@@ -96,3 +96,34 @@ def test_a_killed_pissa_run_resumes_to_the_uninterrupted_adapter(model_dir, tmp_
     for name in expected:
         assert (expected[name] - got[name]).abs().max() <= 1e-6, name
     assert losses(run) == pytest.approx(losses(tmp_path / "runs" / "full"), abs=1e-6)
+
+
+LORAPLUS = "  loraplus_lr_ratio: 16\n  scheduler: constant\n  save_every: 4\n"
+
+
+def loraplus_recipe(tmp_path, model_dir, steps: int):
+    path = write_recipe(tmp_path, model_dir)
+    text = path.read_text().replace("max_steps: 8", f"max_steps: {steps}")
+    path.write_text(text.replace("train:\n", "train:\n" + LORAPLUS))
+    return path
+
+
+@pytest.mark.slow
+def test_a_killed_loraplus_run_resumes_to_the_same_adapter(model_dir, tmp_path):
+    from training import adapter_tensors, start, wait_for_step
+
+    recipe = loraplus_recipe(tmp_path, model_dir, steps=12)
+    full = finetune("train", str(recipe), "--set", "output_dir=runs/full", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-2000:]
+    proc = start(recipe, tmp_path)
+    run = tmp_path / "runs" / "tiny"
+    wait_for_step(run, 6, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = finetune("train", str(recipe), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((run / "manifest.json").read_text())["resumes"][0]["from_step"] in (4, 8)
+    expected, got = adapter_tensors(tmp_path / "runs" / "full"), adapter_tensors(run)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert (expected[name] - got[name]).abs().max() <= 1e-6, name
