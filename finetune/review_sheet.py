@@ -23,28 +23,17 @@ import csv
 import hashlib
 import html
 import json
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetune.errors import Problem, UserError
+from finetune.uncertainty import wilson
 
 COLUMNS = ["sheet", "item", "prompt", "answer_1", "answer_2", "preferred", "comment"]
 REQUIRED = ("sheet", "item", "preferred")
 CHOICES = {"1": "1", "2": "2", "tie": "tie", "": ""}
-Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
-
-
-def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None:
-    """The Wilson score interval of a proportion successes/n; None for n = 0."""
-    if n == 0:
-        return None
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @dataclass

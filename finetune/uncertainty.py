@@ -89,6 +89,17 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def wilson(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """The Wilson score interval of a proportion successes/n (preferences, win rates: stays inside [0, 1] at
+    the 20-200 items of a human review, where the normal approximation does not); None for n = 0."""
+    if n == 0:
+        return None
+    z, p = _z(confidence), successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def half_width(n: int, discordant: float, confidence: float = CONFIDENCE) -> float:
     """The interval's half-width for a 0/1 metric on n paired rows of which a share `discordant` differ
     (at a delta of 0, the widest): z * sqrt(discordant / n)."""

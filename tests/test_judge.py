@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.judge import Judge, JudgeError, judge_examples, parse_choice, parse_score, render
 from finetune.recipe.schema import JudgeSection
-from finetune.review_sheet import wilson
+from finetune.uncertainty import wilson
 
 SECRET = "sk-judge-planted-7f3e9a1c5b"  # planted in the environment: must reach no file the run writes
 KEY_ENV = "FINETUNE_TEST_JUDGE_KEY"

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from finetune.errors import UserError
-from finetune.review_sheet import Tally, read_ratings, wilson, write_sheet
+from finetune.review_sheet import Tally, read_ratings, write_sheet
+from finetune.uncertainty import wilson
 
 
 @pytest.mark.parametrize(
