@@ -122,7 +122,9 @@ def _gguf_into(run: Run, tmp: Path, dtype_name: str | None, quants: list[str], p
     report = gguf.build(run, merged, tmp, quants, progress)
     shutil.rmtree(merged)
     write_json_atomic(tmp / "gguf.json", report)
-    return check, {"format": "gguf", "adapter": adapter_facts(run), "targets": gguf.compat(report)}
+    first = next(iter(report["files"].values()))  # the first --quant: the file the model card's snippet loads
+    files = {k: first[k] for k in ("model", "base", "adapter")}
+    return check, {"format": "gguf", "adapter": adapter_facts(run), "files": files, "targets": gguf.compat(report)}
 
 
 # --- compatibility ----------------------------------------------------------------------------------
@@ -319,7 +321,8 @@ def model_card(run: Run, format: str, compat: dict, check: dict | None) -> str:
                       f"run `{parent}`: its adapter started as `{parent}`'s and holds both updates."]  # fmt: skip
     if facts["modules_to_save"]:
         lines.append(f"Fully trained modules: {', '.join(facts['modules_to_save'])}.")
-    lines += ["", "## Use", "", "```python", *_usage(format, base, recipe.model.revision), "```", ""]
+    usage = _usage(format, base, recipe.model.revision, compat.get("files"))
+    lines += ["", "## Use", "", "```python", *usage, "```", ""]
     if combined:
         lines += _combination_section(manifest)
     else:
@@ -356,13 +359,15 @@ def _modules(targets: list[str] | str) -> str:
     return targets if isinstance(targets, str) else ", ".join(targets)
 
 
-def _usage(format: str, base: str, revision: str | None) -> list[str]:
+def _usage(format: str, base: str, revision: str | None, gguf_files: dict[str, str] | None = None) -> list[str]:
     rev = f', revision="{revision}"' if revision else ""
-    if format == "gguf":  # see gguf.json for the files and their verification
+    if format == "gguf" and gguf_files:  # see gguf.json for every file and its verification
+        model, base_gguf, adapter = gguf_files["model"], gguf_files["base"], gguf_files["adapter"]
         return [
             "from llama_cpp import Llama",
             "",
-            'model = Llama("<this directory>/model-f16.gguf")  # or the base GGUF with lora_path="adapter-f32.gguf"',
+            f'model = Llama("<this directory>/{model}")',
+            f'# or: Llama("<this directory>/{base_gguf}", lora_path="<this directory>/{adapter}")',
             "# Ollama: ollama create NAME -f Modelfile  (Modelfile.adapter: the base GGUF + the GGUF adapter)",
         ]
     if format == "adapter":

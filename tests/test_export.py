@@ -241,3 +241,14 @@ def test_bad_arguments_are_user_errors(tmp_path):
     assert result.exit_code == 2 and "--method: must be one of linear, ties" in result.stderr
     result = runner.invoke(app, ["merge", str(tmp_path), str(tmp_path), "--method", "cat", "--weights", "1,x"])
     assert result.exit_code == 2 and "--weights: expected numbers separated by commas" in result.stderr
+
+
+def test_the_gguf_card_loads_the_first_exported_file(tmp_path, tiny_model_dir):
+    from finetune.export import adapter_facts, model_card
+
+    run = _run_without_training(tmp_path, tiny_model_dir())
+    files = {"model": "model-q4_k_m.gguf", "base": "base-q4_k_m.gguf", "adapter": "adapter-f32.gguf"}
+    card = model_card(run, "gguf", {"adapter": adapter_facts(run), "files": files, "targets": {}}, None)
+    assert 'Llama("<this directory>/model-q4_k_m.gguf")' in card
+    assert 'Llama("<this directory>/base-q4_k_m.gguf", lora_path="<this directory>/adapter-f32.gguf")' in card
+    assert "f16" not in card.split("## Use")[1].split("```")[1]
