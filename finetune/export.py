@@ -317,8 +317,13 @@ def model_card(run: Run, format: str, compat: dict, check: dict | None) -> str:
         )
     if manifest.get("parent"):
         parent = manifest["parent"].get("name")
+        how = (
+            f"its adapter started as `{parent}`'s and holds both updates"
+            if recipe.train.method != "sft"
+            else f"a fresh adapter trained on `{parent}`'s base, with its LoRA settings and template"
+        )
         lines += ["", f"Lineage: {' → '.join(f'`{n}`' for n in lineage(manifest, paths=False))}. This run continued "
-                      f"run `{parent}`: its adapter started as `{parent}`'s and holds both updates."]  # fmt: skip
+                      f"run `{parent}`: {how}."]  # fmt: skip
     if facts["modules_to_save"]:
         lines.append(f"Fully trained modules: {', '.join(facts['modules_to_save'])}.")
     usage = _usage(format, base, recipe.model.revision, compat.get("files"))

@@ -150,8 +150,9 @@ class ModelSection(Section):
         min_length=1,
         description="Continue a completed run directory (e.g. runs/sft, relative to the working directory like the "
         "default output_dir): its base model, revision, weights, tokenizer, "
-        "chat template and LoRA settings are used, and its adapter is both the starting policy and the frozen "
-        "reference of a preference method. `base` may then be omitted; set, it must equal the parent's.",
+        "chat template and LoRA settings are used. DPO, KTO and GRPO start from its adapter, which is also their "
+        "frozen reference; SFT trains a fresh adapter on the parent's base. `base` may then be omitted; set, it must "
+        "equal the parent's.",
     )
 
     @model_validator(mode="after")
