@@ -157,25 +157,31 @@ def test_scores_are_parsed_and_an_answer_that_is_not_a_score_is_counted_by_row(t
     assert report["requests"] == {"sent": 10, "cached": 0} and endpoint.posts == 10  # 8 answers + 2 retried
 
 
-def test_pairwise_gives_a_win_rate_and_counts_position_bias(tmp_path):
-    endpoint = Scripted({"Answer A": "A"})  # a judge that always picks the first answer shown
+def test_pairwise_gives_a_win_rate_per_slice_and_counts_position_bias(tmp_path):
+    endpoint = Scripted({"Request:\np3\n": "maybe", "Answer A": "A"})  # picks the first answer shown; row 3: no
     try:
         config = JudgeSection(url=endpoint.url, model="judge", mode="pairwise", timeout=5, retries=0)
-        rows = [{**ROWS[0], "prompt": f"p{i}"} for i in range(40)]
+        rows = [{**ROWS[0], "prompt": f"p{i}", "slice": "odd" if i % 2 else "even"} for i in range(40)]
         report = judge_examples(config, rows, Judge(config, tmp_path / "cache"), seed=7)
         again = judge_examples(config, rows, Judge(config, tmp_path / "cache2"), seed=7)["rows"]
     finally:
         endpoint.close()
-    firsts = sum(r["tuned_as"] == "A" for r in report["rows"])
-    assert 0 < firsts < 40  # the order is drawn per row
-    assert report["preference"]["wins"] == firsts and report["preference"]["losses"] == 40 - firsts
+    tuned_first = [r["tuned_as"] == "A" for r in report["rows"]]
+    firsts = sum(tuned_first[:3] + tuned_first[4:])
+    assert 0 < firsts < 39  # the order is drawn per row
+    preference = report["preference"]
+    assert (preference["wins"], preference["losses"], preference["unrated"]) == (firsts, 39 - firsts, 1)
+    assert report["unparsed"] == [{"row": 3, "reply": "maybe"}] and report["rows"][3]["choice"] is None
     assert report["position"] == {
-        "A": 40,
+        "A": 39,
         "B": 0,
         "tie": 0,
         "A_share": 1.0,
-        "A_share_interval": list(wilson(40, 40)),
+        "A_share_interval": list(wilson(39, 39)),
     }
+    even, odd = report["slices"]["even"], report["slices"]["odd"]
+    assert even["wins"] == sum(tuned_first[0::2]) and (even["wins"] + even["losses"], even["unrated"]) == (20, 0)
+    assert odd["wins"] == sum(tuned_first[1::2]) - tuned_first[3] and odd["unrated"] == 1  # row 3 is odd
     assert again == report["rows"]  # seeded
 
 
