@@ -8,8 +8,10 @@ environment variable holding its key, and a rubric. Two modes:
   listed with its row and reply in judge.json, never dropped from the count silently.
 - `pairwise`: tuned and base answers shown together as A and B, in an order drawn per row from the recipe's
   seed; the reply's first word (A, B or tie) picks one. Yields a win rate with a Wilson interval
-  (`finetune.review_sheet.Tally`, shared with the human ratings) and how often the judge picked each
-  position, so a judge that favours "A" whatever it reads is visible.
+  (`finetune.review_sheet.Tally`, shared with the human ratings), overall and per slice, and how often the
+  judge picked each position with the A share's own interval: the order is a coin flip per row, so a judge
+  that favours one position whatever it reads shows as an interval clear of 0.5. A reply that is not a
+  choice is unrated, counted and listed with its row.
 
 Replies are cached, one file per request named by the sha256 of the request (judge URL, model, the rendered
 rubric, which holds the prompt and the answers, and the reply budget), under RUN/eval/judge-cache/: a rerun
@@ -31,6 +33,7 @@ import random
 import re
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.errors import UserError
 from finetune.review_sheet import Tally
+from finetune.uncertainty import wilson
 
 if TYPE_CHECKING:
     import httpx
@@ -76,9 +80,10 @@ class Judge:
     def _http(self) -> httpx.Client:
         import httpx
 
-        if self._client is None:
-            self._client = httpx.Client(timeout=self.config.timeout, headers=_auth(self.config))
-        return self._client
+        with self._lock:  # ask_all's threads share one client: two made at once would leak one's connections
+            if self._client is None:
+                self._client = httpx.Client(timeout=self.config.timeout, headers=_auth(self.config))
+            return self._client
 
     def check(self) -> None:
         """Reach the endpoint once (GET URL/models) before any work, so a wrong URL costs nothing: JudgeError."""
@@ -246,21 +251,36 @@ def _pairwise(
         for row, first in zip(examples, tuned_first, strict=True)
     ]
     replies = ask(prompts)
-    tally, position = Tally(), {"A": 0, "B": 0, "tie": 0}
+    tally, slices, position = Tally(), defaultdict(Tally), {"A": 0, "B": 0, "tie": 0}
     out: dict[str, Any] = {"seed": seed, "unparsed": [], "rows": []}
-    for i, (reply, first) in enumerate(zip(replies, tuned_first, strict=True)):
+    for i, (row, reply, first) in enumerate(zip(examples, replies, tuned_first, strict=True)):
         choice = parse_choice(reply)
         if choice is None:
             out["unparsed"].append({"row": i, "reply": reply[:REPLY_EXCERPT]})
-            tally.unrated += 1
-            out["rows"].append({"tuned_as": "A" if first else "B", "choice": None})
-            continue
-        position[choice] += 1
-        tally.add("tie" if choice == "tie" else "tuned" if (choice == "A") == first else "base")
+            outcome = ""  # unrated: counted, never dropped
+        else:
+            position[choice] += 1
+            outcome = "tie" if choice == "tie" else "tuned" if (choice == "A") == first else "base"
+        tally.add(outcome)
+        if row.get("slice") is not None:
+            slices[str(row["slice"])].add(outcome)
         out["rows"].append({"tuned_as": "A" if first else "B", "choice": choice})
-    decisive = position["A"] + position["B"]
-    position["A_share"] = position["A"] / decisive if decisive else None
-    return out | {"preference": tally.to_dict(), "position": position}
+    return out | {
+        "preference": tally.to_dict(),
+        "slices": {name: slices[name].to_dict() for name in sorted(slices)},
+        "position": _position(position),
+    }
+
+
+def _position(picks: dict[str, int]) -> dict[str, Any]:
+    """The judge's picks by position, with the share of decisive picks that went to A and its Wilson interval:
+    the order is a coin flip per row, so an interval that excludes 0.5 is a judge reading positions, not answers."""
+    decisive = picks["A"] + picks["B"]
+    interval = wilson(picks["A"], decisive)
+    return picks | {
+        "A_share": picks["A"] / decisive if decisive else None,
+        "A_share_interval": list(interval) if interval else None,
+    }
 
 
 def _order(row: dict[str, Any], tuned_first: bool) -> dict[str, str]:

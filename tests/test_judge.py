@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import http.server
 import json
+import shutil
 import socket
 import threading
 import time
@@ -18,12 +19,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import tiny
 import yaml
 from helpers import write_recipe
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.judge import Judge, JudgeError, judge_examples, parse_choice, parse_score, render
+from finetune.judge import CACHE_DIR, Judge, JudgeError, judge_examples, parse_choice, parse_score, render
 from finetune.recipe.schema import JudgeSection
 from finetune.uncertainty import wilson
 
@@ -155,19 +157,31 @@ def test_scores_are_parsed_and_an_answer_that_is_not_a_score_is_counted_by_row(t
     assert report["requests"] == {"sent": 10, "cached": 0} and endpoint.posts == 10  # 8 answers + 2 retried
 
 
-def test_pairwise_gives_a_win_rate_and_counts_position_bias(tmp_path):
-    endpoint = Scripted({"Answer A": "A"})  # a judge that always picks the first answer shown
+def test_pairwise_gives_a_win_rate_per_slice_and_counts_position_bias(tmp_path):
+    endpoint = Scripted({"Request:\np3\n": "maybe", "Answer A": "A"})  # picks the first answer shown; row 3: no
     try:
         config = JudgeSection(url=endpoint.url, model="judge", mode="pairwise", timeout=5, retries=0)
-        rows = [{**ROWS[0], "prompt": f"p{i}"} for i in range(40)]
+        rows = [{**ROWS[0], "prompt": f"p{i}", "slice": "odd" if i % 2 else "even"} for i in range(40)]
         report = judge_examples(config, rows, Judge(config, tmp_path / "cache"), seed=7)
         again = judge_examples(config, rows, Judge(config, tmp_path / "cache2"), seed=7)["rows"]
     finally:
         endpoint.close()
-    firsts = sum(r["tuned_as"] == "A" for r in report["rows"])
-    assert 0 < firsts < 40  # the order is drawn per row
-    assert report["preference"]["wins"] == firsts and report["preference"]["losses"] == 40 - firsts
-    assert report["position"] == {"A": 40, "B": 0, "tie": 0, "A_share": 1.0}  # the bias is visible
+    tuned_first = [r["tuned_as"] == "A" for r in report["rows"]]
+    firsts = sum(tuned_first[:3] + tuned_first[4:])
+    assert 0 < firsts < 39  # the order is drawn per row
+    preference = report["preference"]
+    assert (preference["wins"], preference["losses"], preference["unrated"]) == (firsts, 39 - firsts, 1)
+    assert report["unparsed"] == [{"row": 3, "reply": "maybe"}] and report["rows"][3]["choice"] is None
+    assert report["position"] == {
+        "A": 39,
+        "B": 0,
+        "tie": 0,
+        "A_share": 1.0,
+        "A_share_interval": list(wilson(39, 39)),
+    }
+    even, odd = report["slices"]["even"], report["slices"]["odd"]
+    assert even["wins"] == sum(tuned_first[0::2]) and (even["wins"] + even["losses"], even["unrated"]) == (20, 0)
+    assert odd["wins"] == sum(tuned_first[1::2]) - tuned_first[3] and odd["unrated"] == 1  # row 3 is odd
     assert again == report["rows"]  # seeded
 
 
@@ -201,9 +215,25 @@ class Counting:
         return self.paths.count("/v1/chat/completions")
 
 
+def one_word_adapter(root: Path, base: Path, word: str) -> Path:
+    """An adapter on the tiny base taught to answer every prompt with `word`: a judge whose verdict is known."""
+    rows = [{"messages": [r["messages"][0], {"role": "assistant", "content": word}]} for r in tiny.reverse_rows(16)]
+    data = tiny.write_jsonl(root / f"{word}.jsonl", rows)
+    recipe = root / f"say-{word}.yaml"
+    recipe.write_text(
+        f"name: say-{word}\nmodel: {{base: {base}}}\nlora: {{rank: 8, alpha: 16}}\n"
+        f"data: {{train: [{{path: {data}}}], max_seq_length: 64}}\n"
+        "train: {max_steps: 12, lr: 2.0e-2, batch_size: 8, warmup_ratio: 0.0, gradient_checkpointing: false}\n"
+        f"output_dir: {root / f'say-{word}'}\n"
+    )
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    return root / f"say-{word}"
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, tiny_model_dir):
-    """A tiny run trained one step (eval with base), served by `finetune serve`'s app under uvicorn, key required."""
+    """A tiny run trained one step (eval with base), served by `finetune serve`'s app under uvicorn, key required,
+    beside an adapter on the same base that answers "B" to anything (model `say-B`: the pairwise test's judge)."""
     import uvicorn
 
     from finetune.inference.serve import Limits, create_app, load_models
@@ -218,7 +248,8 @@ def live(tmp_path_factory, tiny_model_dir):
     )
     assert runner.invoke(app, ["train", str(recipe), "--set", f"output_dir={root / 'run'}"]).exit_code == 0
     run = root / "run"
-    counting = Counting(create_app(load_models([run], Limits(max_tokens=16)), SECRET))
+    judge_b = one_word_adapter(root, tiny_model_dir(), "B")
+    counting = Counting(create_app(load_models([run, judge_b], Limits(max_tokens=16)), SECRET))
     server = uvicorn.Server(uvicorn.Config(counting, host="127.0.0.1", port=port, log_config=None, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -271,6 +302,63 @@ def test_the_live_judge_scores_caches_and_keeps_its_key_out_of_every_file(live, 
     assert cached["rows"] == report["rows"] and cached["unscored"] == report["unscored"]
     leaked = [p for p in run.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaked == [] and KEY_ENV in (run / "recipe.yaml").read_text()
+
+
+PAIRWISE_RUBRIC = "Which answer to {prompt} is better, A: {answer_a} or B: {answer_b}? Reply A, B or tie."
+
+
+def judged(result) -> dict:
+    assert result.exit_code == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)["judge"]
+
+
+def test_the_live_pairwise_judge_counts_positions_caches_and_lists_unparsed_rows(live, monkeypatch, tmp_path):
+    """say-B always answers "B": every verdict goes to the second position, so the tuned model wins exactly the
+    rows where the seeded order showed it second, and the position counts show the bias for what it is."""
+    run, counting, url = live
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    copy = tmp_path / "run"  # the score test's run, its evaluations and cache left as they are
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(CACHE_DIR))
+    set_judge(copy, mode="pairwise", model="say-B", rubric=PAIRWISE_RUBRIC)
+    before = counting.chats()
+    report = judged(runner.invoke(app, ["eval", str(copy), "--json"]))
+    rows = report["rows"]
+    n, second = len(rows), sum(r["tuned_as"] == "B" for r in rows)
+    assert n == 4 and 0 < second < n  # the order is drawn per row
+    assert [r["choice"] for r in rows] == ["B"] * n and report["unparsed"] == []
+    assert report["position"] == {"A": 0, "B": n, "tie": 0, "A_share": 0.0, "A_share_interval": list(wilson(0, n))}
+    preference = report["preference"]
+    assert (preference["wins"], preference["losses"], preference["ties"], preference["unrated"]) == (
+        second, n - second, 0, 0,
+    )  # fmt: skip
+    assert preference["win_rate"] == second / n and preference["interval"] == list(wilson(second, n))
+    assert report["requests"] == {"sent": n, "cached": 0} and counting.chats() - before == n
+    # a rerun: the same seeded order renders the same rubrics, so every verdict is read from the cache
+    again = runner.invoke(app, ["eval", str(copy)])
+    assert again.exit_code == 0, again.stderr[-2000:]
+    assert counting.chats() - before == n and f"requests: 0 sent, {n} from RUN/eval/judge-cache/" in again.stdout
+    assert f"position picks: A 0, B {n}, tie 0 (A share 0.00 [0.00, {wilson(0, n)[1]:.2f}]" in again.stdout
+    newest = max((copy / "eval").glob("2*/judge.json"))
+    assert json.loads(newest.read_text())["rows"] == rows  # the order is the recipe seed's, run after run
+    # the tiny run as its own judge: replies that are not A, B or tie are counted unrated and listed by row
+    set_judge(copy, model="tiny")
+    result = runner.invoke(app, ["eval", str(copy), "--json"])
+    report = judged(result)
+    unparsed = {u["row"]: u["reply"] for u in report["unparsed"]}
+    assert unparsed and report["preference"]["unrated"] == len(unparsed)
+    assert {i for i, r in enumerate(report["rows"]) if r["choice"] is None} == set(unparsed)
+    decided = report["preference"]
+    assert decided["wins"] + decided["losses"] + decided["ties"] + decided["unrated"] == n
+    assert all(parse_choice(reply) is None for reply in unparsed.values())
+    i = min(unparsed)  # that row's reply is what the server answers the same request
+    row = [json.loads(line) for line in (Path(json.loads(result.stdout)["out_dir"]) / "examples.jsonl").open()][i]
+    a, b = ("tuned", "base") if report["rows"][i]["tuned_as"] == "A" else ("base", "tuned")
+    rubric = render(PAIRWISE_RUBRIC, {"prompt": row["prompt"], "answer_a": row[a], "answer_b": row[b]})
+    body = {"model": "tiny", "messages": [{"role": "user", "content": rubric}], "temperature": 0, "max_tokens": 16}
+    reply = httpx.post(f"{url}/chat/completions", json=body, headers={"Authorization": f"Bearer {SECRET}"}, timeout=60)
+    assert reply.json()["choices"][0]["message"]["content"][:200] == unparsed[i]
+    leaked = [p for p in copy.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked == []
 
 
 def test_an_unreachable_judge_stops_the_eval_naming_its_url(live, monkeypatch):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from finetune.cli.common import console, echo_json
+
+LISTED = 5  # unscored or unparsed replies quoted under the judge's table; judge.json has them all
 
 
 def review(target: Path, sheet: Path | None, ratings: Path | None, as_json: bool) -> None:
@@ -64,11 +67,11 @@ def print_judge(report: dict[str, Any]) -> None:
     requests = report["requests"]
     sent = f"requests: {requests['sent']} sent, {requests['cached']} from RUN/eval/judge-cache/"
     if report["mode"] == "pairwise":
-        out.print(preference_table(title + " (pairwise)", report["preference"], {}))
+        out.print(preference_table(title + " (pairwise)", report["preference"], report.get("slices", {})))
         p = report["position"]
-        share = "-" if p["A_share"] is None else f"{p['A_share']:.2f}"
-        typer.echo(f"position picks: A {p['A']}, B {p['B']}, tie {p['tie']} (A share {share}); "
-                   f"unparsed replies: {len(report['unparsed'])}; {sent}")  # fmt: skip
+        share = "-" if p["A_share"] is None else "{:.2f} [{:.2f}, {:.2f}]".format(p["A_share"], *p["A_share_interval"])
+        typer.echo(f"position picks: A {p['A']}, B {p['B']}, tie {p['tie']} (A share {share}; 0.50: no position bias)")
+        _listed(report["unparsed"], "unparsed", lambda u: f"row {u['row']}", sent)
         return
     from rich.table import Table
 
@@ -80,7 +83,12 @@ def print_judge(report: dict[str, Any]) -> None:
         mean = "-" if m["mean"] is None else f"{m['mean']:.2f}"
         table.add_row(model, mean, str(m["scored"]), str(m["unscored"]))
     out.print(table)
-    for u in report["unscored"][:5]:
-        typer.echo(f"unscored: row {u['row']} ({u['model']}): {u['reply']!r}")
-    more = len(report["unscored"]) - 5
-    typer.echo((f"... and {more} more unscored (judge.json lists them); " if more > 0 else "") + sent)
+    _listed(report["unscored"], "unscored", lambda u: f"row {u['row']} ({u['model']})", sent)
+
+
+def _listed(replies: list[dict[str, Any]], what: str, where: Callable[[dict[str, Any]], str], sent: str) -> None:
+    """The first replies the judge gave that were not a verdict, by row, then the request count."""
+    for u in replies[:LISTED]:
+        typer.echo(f"{what}: {where(u)}: {u['reply']!r}")
+    more = len(replies) - LISTED
+    typer.echo((f"... and {more} more {what} (judge.json lists them); " if more > 0 else "") + sent)
