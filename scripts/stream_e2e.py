@@ -75,6 +75,7 @@ def test_a_killed_streaming_run_resumes_to_the_same_rows_and_weights(model_dir, 
     run = tmp_path / "runs" / "killed"
     wait_for_step(run, kill_at, proc, timeout=600)
     proc.send_signal(signal.SIGKILL)
+    print(f"killed at step {kill_at}")
     proc.wait()
     resumed = finetune("train", str(recipe), "--set", "output_dir=runs/killed", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -63,7 +63,7 @@ def test_streamed_rows_carry_the_prepared_tokens_and_labels(tmp_path, tokenizer)
 
 def test_statistics_are_those_of_a_bounded_sample_and_say_so(tmp_path, tokenizer, monkeypatch):
     from finetune.data.inspect import inspect_data
-    from finetune.plan import plan
+    from finetune.plan import _stream_work
 
     monkeypatch.setattr(stream, "SAMPLE_ROWS", 50)
     source = _parquet(tmp_path / "train.parquet", ROWS[:400])
@@ -74,7 +74,7 @@ def test_statistics_are_those_of_a_bounded_sample_and_say_so(tmp_path, tokenizer
     assert stats.sample["rows_read"] == 50 and stats.sample["note"].startswith("statistics of a sample: the first 50")
     assert stats.checks["summary"].endswith("(on a sample: the stream's first 50 valid rows)")
     assert sum(n for _, _, n in result.histogram) == 50 and len(result.examples) == 2
-    work = plan(recipe).work
+    work = _stream_work(recipe, tokenizer)  # what `finetune plan` counts (plan() itself also builds the model)
     assert work.total_steps == 5 and work.sequences_per_epoch == 5 * 16  # max_steps x batch_size rows
     assert work.note.startswith("streaming: 'per epoch' is the whole run (80 rows)")
 
