@@ -72,7 +72,8 @@ class FinetuneSFTTrainer(SafeTraining, SFTTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def get_train_dataloader(self) -> Any:
-        """A stream starts where the checkpoint resumed from left it (`ignore_data_skip`: nothing is re-read)."""
+        """A stream starts where the checkpoint resumed from left it (`ignore_data_skip`: transformers does not
+        also skip batches by reading them)."""
         from datasets import IterableDataset
 
         if not isinstance(self.train_dataset, IterableDataset):
