@@ -714,6 +714,8 @@ def _work(recipe: Recipe, packed: bool) -> Work:
         return _prompt_work(recipe, tokenizer)
     if recipe.train.method != "sft":
         return _preference_work(recipe, tokenizer)
+    if any(s.streaming for s in data.train):
+        return _stream_work(recipe, tokenizer)
     prepared = prepare_data(recipe, tokenizer)
     stats = prepared.stats
     sequences = stats.train_rows
@@ -722,6 +724,21 @@ def _work(recipe: Recipe, packed: bool) -> Work:
 
         sequences = len(pack_dataset(prepared.train.select_columns(["input_ids", "labels"]), stats.max_seq_length))
     return _counted_work(recipe, stats, sequences, sequences, stats.train_tokens, stats.trained_tokens)
+
+
+def _stream_work(recipe: Recipe, tokenizer: Any) -> Work:
+    """A stream has no length: the run is train.max_steps steps of batch_size x grad_accum rows, its tokens
+    estimated from the sample the statistics are of (data/stream.py)."""
+    from finetune.data.stream import prepare_stream
+
+    stats = prepare_stream(recipe, tokenizer).stats
+    t = recipe.train
+    rows = (t.max_steps or 0) * t.batch_size * t.grad_accum
+    work = _counted_work(recipe, stats, rows, rows, round(stats.train_tokens / stats.train_rows * rows),
+                         round(stats.trained_tokens / stats.train_rows * rows))  # fmt: skip
+    work.note = (f"streaming: 'per epoch' is the whole run ({rows:,} rows), its tokens estimated from "
+                 f"{stats.sample['note']}")  # fmt: skip
+    return work
 
 
 def _counted_work(recipe: Recipe, stats: Any, batched: int, sequences: int, tokens: int, trained: int) -> Work:

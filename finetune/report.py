@@ -98,6 +98,7 @@ def _facts(m: dict[str, Any]) -> str:
         ("trainable parameters", f"{lora.get('trainable_params', 0):,} of {lora.get('total_params', 0):,}"),
         ("LoRA targets", ", ".join(lora.get("targets", []))),
         ("train / eval rows", f"{data['train_rows']} / {data.get('eval_rows') or 0}" if "train_rows" in data else None),
+        ("streaming", (data.get("sample") or {}).get("note")),  # a stream's data figures are of a sample
         ("recipe sha256", m.get("recipe_sha256")),
         ("git", _git(m.get("git"))),
         ("packages", ", ".join(f"{k} {v}" for k, v in (m.get("packages") or {}).items() if v)),

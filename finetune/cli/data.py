@@ -109,6 +109,11 @@ def _print_sft_data(result: DataResult, examples: list[Example], color: bool | N
     s = cast("DataStats", result.stats)
     out = console(markup=False, no_color=color is False, force_terminal=color or None)
     table = Table(title="data", title_justify="left", show_header=False)
+    sample = getattr(s, "sample", None)  # a stream's figures are of its first rows (data/stream.py)
+    if sample:
+        table.add_row("streaming", sample["note"])
+        for share in sample["sources"] if len(sample["sources"]) > 1 else []:
+            table.add_row(Text(f"sample {share['path']}"), f"{share['rows']} rows ({share['share']:.1%} of the sample)")
     for source in s.sources:
         table.add_row(f"source {source.path}", f"{source.rows} rows ({_skipped(source)}), {source.format}")
     p = s.length_percentiles

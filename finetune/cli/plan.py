@@ -127,6 +127,8 @@ def _print_work(out: Any, w: Work) -> None:
     ):
         table.add_row(label, f"{per_epoch:,}", f"{round(per_epoch * w.epochs):,}")
     out.print(table)
+    if w.note:
+        out.print(w.note)
     out.print(
         f"{w.train_rows:,} train rows, {w.eval_rows:,} eval rows, max_seq_length {w.max_seq_length}, "
         f"{w.truncated:,} truncated, {w.dropped:,} dropped; {w.epochs:g} epoch(s)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from finetune.data.prepare import DataStats, prepare_data
+from finetune.data.prepare import DataStats
 from finetune.data.templates import IGNORE
 from finetune.lineage import continue_parent
 from finetune.recipe.schema import Recipe
@@ -90,11 +90,15 @@ def inspect_data(recipe: Recipe, show: int = 3) -> DataResult:
         pairs = prepare_preference(recipe, tokenizer)
         examples = [PairExample(**{**e, "tokens": PairTokens(**e["tokens"])}) for e in pairs.examples[:show]]
         return DataResult(pairs.stats, [], examples)
-    prepared = prepare_data(recipe, tokenizer)
+    from finetune.data.stream import prepare_training_data
+
+    prepared = prepare_training_data(recipe, tokenizer)
     lengths = prepared.lengths
+    sample = getattr(prepared, "sample_rows", None)  # a stream's examples: the rows of its sample
+    rows = prepared.train if sample is None else sample
     examples = []
-    for i in range(min(show, len(prepared.train))):
-        ids, labels = prepared.train[i]["input_ids"], prepared.train[i]["labels"]
+    for i in range(min(show, len(rows))):
+        ids, labels = rows[i]["input_ids"], rows[i]["labels"]
         examples.append(
             Example(
                 prepared.train_where[i], _pieces(tokenizer, ids, labels), len(ids), sum(x != IGNORE for x in labels)

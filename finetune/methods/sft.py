@@ -9,18 +9,19 @@ comparison is tuned against base: SFT has no reference model.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trl import SFTConfig, SFTTrainer
 
-from finetune.data import PreparedData, prepare_data
+from finetune.data import PreparedData
+from finetune.errors import DataError
 from finetune.modeling import lora_config, resolve_targets
 from finetune.recipe.schema import Recipe
 from finetune.trainer import SafeTraining, build
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from finetune.runs import RunDir
     from finetune.scoring import Comparison
     from finetune.speed import Speed
@@ -34,7 +35,9 @@ PACKABLE = True  # rows may be packed or batched padding-free (`speed`); other m
 
 
 def prepare(recipe: Recipe, tokenizer: Any) -> PreparedData:
-    return prepare_data(recipe, tokenizer)
+    from finetune.data.stream import prepare_training_data
+
+    return prepare_training_data(recipe, tokenizer)
 
 
 def policy(recipe: Recipe, model: Any) -> tuple[Any, list[str], Any]:
@@ -53,11 +56,57 @@ def config(recipe: Recipe, common: dict[str, Any], max_length: int, speed: Speed
         padding_free=speed.padding_free,
         packing=speed.packing,
         packing_strategy="bfd",
+        ignore_data_skip=any(s.streaming for s in recipe.data.train),  # a stream resumes from its saved state
     )
 
 
 class FinetuneSFTTrainer(SafeTraining, SFTTrainer):
-    """TRL's SFTTrainer on our tokenized and masked rows, with SafeTraining."""
+    """TRL's SFTTrainer on our tokenized and masked rows, with SafeTraining; a streamed training set
+    (data/stream.py) is read through `stream.Tracked`, whose position each checkpoint keeps."""
+
+    _resume_from: str | None = None
+    _tracked: Any = None
+
+    def train(self, resume_from_checkpoint: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        self._resume_from = resume_from_checkpoint
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def get_train_dataloader(self) -> Any:
+        """A stream starts where the checkpoint resumed from left it (`ignore_data_skip`: transformers does not
+        also skip batches by reading them)."""
+        from datasets import IterableDataset
+
+        if not isinstance(self.train_dataset, IterableDataset):
+            return super().get_train_dataloader()
+        from finetune.data.stream import Tracked, load_position
+
+        if self.accelerator.num_processes > 1:
+            raise DataError("data.train[].streaming: a stream trains in one process; run without a distributed launch")
+        resume = self._resume_from
+        position = load_position(resume, self._rows_trained_at_resume())
+        self._tracked = Tracked(
+            self.train_dataset, position, (lambda: self._load_rng_state(resume)) if resume else None
+        )
+        return self._get_dataloader(dataset=self._tracked, description="Training", batch_size=self._train_batch_size,
+                                    sampler_fn=self._get_train_sampler, is_training=True)  # fmt: skip
+
+    def _rows_per_step(self) -> int:
+        return self._train_batch_size * self.args.gradient_accumulation_steps
+
+    def _rows_trained_at_resume(self) -> int:
+        if self._resume_from is None:
+            return 0
+        state = json.loads((Path(self._resume_from) / "trainer_state.json").read_text(encoding="utf-8"))
+        return state["global_step"] * self._rows_per_step()
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Beside the RNG states, inside the checkpoint still being staged: the stream's position after the rows
+        the saved steps trained (every micro-batch of an endless stream is full)."""
+        super()._save_rng_state(output_dir)
+        if self._tracked is not None and self.args.should_save:
+            from finetune.data.stream import save_position
+
+            save_position(self._tracked, self.state.global_step * self._rows_per_step(), output_dir)
 
 
 def make_trainer(

@@ -343,6 +343,15 @@ class DataSource(Section):
         "its size (weights are normalised to sum to 1; give every training source one, or none). See data.mix_stop.",
     )
     # --- end weighted mixing ---
+    # --- streaming (data/stream.py, issue 31 item 3) ---
+    streaming: bool = Field(
+        False,
+        description="Read this training source as a stream (`datasets`' iterable datasets) instead of preparing all "
+        "its rows before training: for sources too large to tokenize up front. Needs `train.max_steps`; every training "
+        "source streams or none; held-out rows come from `data.eval` sources (read whole); `finetune data`, `plan` and "
+        "the manifest report a sample of the stream's first rows; `--resume` continues the exact row sequence.",
+    )
+    # --- end streaming ---
     slice: str | None = Field(
         None,
         min_length=1,
@@ -954,6 +963,42 @@ class Recipe(Section):
                 "conversion does not support it; drop the patterns or use variant lora",
             )
         return self
+
+    # --- streaming (data/stream.py, issue 31 item 3) ---
+    @model_validator(mode="after")
+    def _streaming_fits(self) -> Recipe:
+        """What a stream cannot do: it has no length (so no epochs), and its rows are never all in hand at once."""
+        d, t = self.data, self.train
+        for i, source in enumerate(d.eval if isinstance(d.eval, list) else []):
+            if source.streaming:
+                raise FieldRuleError(f"data.eval.{i}.streaming", "held-out sources are read whole; stream training "
+                                     "sources only")  # fmt: skip
+        streamed = [i for i, source in enumerate(d.train) if source.streaming]
+        if not streamed:
+            return self
+        if len(streamed) < len(d.train):
+            other = next(i for i in range(len(d.train)) if i not in streamed)
+            raise FieldRuleError(f"data.train.{other}.streaming", "stream every training source or none")
+        at = f"data.train.{streamed[0]}.streaming"
+        refusals = [
+            (t.max_steps is None, at, "needs train.max_steps: a stream has no length to count epochs by"),
+            (t.method != "sft", at, f"streams train.method sft only, not {t.method}"),
+            (isinstance(d.eval, EvalSplit), "data.eval.split_ratio",
+             "cannot be drawn from a stream: give data.eval sources of their own (a list like data.train)"),
+            (d.packing is True, "data.packing", "packs rows prepared up front: not with streaming sources"),
+            (d.group_by_length is True, "data.group_by_length", "sorts rows prepared up front: not with streaming"),
+            (d.dedup != "none", "data.dedup", "compares every row with every other: not with streaming sources"),
+            (d.leakage != "warn", "data.leakage", "a stream's rows are checked on a sample only: use warn"),
+            (t.distributed is not None, "train.distributed", "streaming trains in one process (not checked with more)"),
+            (self.lora.init.method in ("eva", "corda"), "lora.init.method",
+             f"{self.lora.init.method} reads prepared training rows: not with streaming sources"),
+        ]  # fmt: skip
+        for refused, field_, message in refusals:
+            if refused:
+                raise FieldRuleError(field_, message)
+        return self
+
+    # --- end streaming ---
 
     @model_validator(mode="after")
     def _eval_needs_data(self) -> Recipe:
