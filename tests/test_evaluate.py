@@ -355,3 +355,19 @@ def test_a_preference_slice_is_gated_by_name(by_method):
     (failure,) = gate(summary, require(f"preference_accuracy[even]>={accuracy + 0.01}"), False)
     assert failure.startswith(f"preference_accuracy[even] = {accuracy:.4f} is under")
     assert gate(summary, require(f"preference_accuracy[even]>={accuracy}"), False) == []
+
+
+@pytest.mark.parametrize("method", ["sft", "kto"])
+def test_report_and_runs_compare_show_every_figure_per_slice(method, by_method):
+    """report.html has a table per slice (the loss in SFT's, the preference metrics in KTO's), and `runs compare`
+    reads each slice's figures from the manifest's eval: `loss[odd]`, `preference_accuracy[odd]`."""
+    from finetune.report import render
+    from finetune.runs import _figures
+
+    summary = by_method(method)[0].summary()
+    page = render({"name": "x", "status": "completed"}, [], summary)
+    assert "<h3>slice even" in page and "<h3>slice odd" in page
+    figure = "loss" if method == "sft" else "preference_accuracy"
+    odd = summary.slices["odd"].tuned.get(figure)
+    assert f"<td>{figure}</td>" in page.split("<h3>slice odd")[1] and f"{odd:.4f}" in page.split("<h3>slice odd")[1]
+    assert _figures({"eval": summary.to_dict()})[f"{figure}[odd]"] == pytest.approx(odd)
