@@ -13,6 +13,7 @@ the base when the run started from the base) and the base (adapters disabled). F
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ class Sides:
 
     def part(self, groups: list[int]) -> tuple[dict[str, list[float]], list[bool], list[int]]:
         """The logps, labels and group sizes of the groups numbered `groups`, in order."""
-        starts = [sum(self.groups[:g]) for g in range(len(self.groups))]
+        starts = [0, *itertools.accumulate(self.groups)]
         rows = [starts[g] + k for g in groups for k in range(self.groups[g])]
         logps = {name: [values[r] for r in rows] for name, values in self.logps.items()}
         return logps, [self.labels[r] for r in rows], [self.groups[g] for g in groups]
