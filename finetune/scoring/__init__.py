@@ -124,7 +124,7 @@ class Comparison:
     Everything a summary reports is derived from `per_example`, so a metric scored elsewhere (a judge) that
     fills `ModelScores.per_example[name]` and `metrics[name]` gets its per-slice figures and intervals too.
     The loss is scored on the tokenized held-out rows (`ModelScores.loss_sums`), which are the prompts' rows less
-    any cut by max_seq_length: `loss_slices` names each loss row's slice, `loss_of` maps a prompt to its loss row.
+    any that max_seq_length dropped: `loss_slices` names each loss row's slice, `loss_of` maps a prompt to its row.
     """
 
     tuned: ModelScores
