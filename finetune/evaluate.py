@@ -107,7 +107,7 @@ def _evaluate_sft(
     held_out = data.eval if not limit or data.eval is None else data.eval.select(range(min(limit, len(data.eval))))
     comparison = compare(
         model, tokenizer, held_out, data.eval_samples, list(e.metrics), e.max_new_tokens, e.batch_size,
-        with_base=with_base, limit=limit or e.limit, options=e,
+        with_base=with_base, limit=limit or e.limit, options=e, kept=data.eval_kept,
     )  # fmt: skip
     return write_comparison(recipe, run, comparison, with_base, limit or e.limit, out_dir)
 

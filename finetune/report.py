@@ -181,8 +181,9 @@ def _comparison(summary: EvalSummary | None) -> str:
         + ".</p>"
     ]
     if summary.slices:
-        rows = "".join(f"<h3>slice {html.escape(name)} ({part.examples} rows)</h3>{_rows_table(part, 'metric')}"
-                       for name, part in summary.slices.items())  # fmt: skip
+        rows = "".join(f"<h3>slice {html.escape(name)} ({part.examples} rows"
+                       f"{'' if part.loss_rows is None else f'; loss on {part.loss_rows}'})</h3>"
+                       f"{_rows_table(part, 'metric')}" for name, part in summary.slices.items())  # fmt: skip
         parts.append(rows)
     if summary.cost:
         head = "<tr><th>per answer (mean / p95)</th>" + "".join(f"<th>{m}</th>" for m in summary.cost) + "</tr>"
@@ -236,7 +237,11 @@ def _preference_comparison(summary: EvalSummary) -> str:
     which = "the base" if p.reference_is_base else "the parent run"
     head = f"<tr><th>metric</th><th>base</th><th>reference ({which})</th><th>tuned</th><th>vs reference</th></tr>"
     counted = {"dpo": f"{p.pairs} held-out pairs, ", "kto": f"{p.pairs} held-out rows, "}.get(p.method, "")
-    return f"<table>{head}{''.join(rows)}</table><p>{counted}{summary.examples} held-out prompts.</p>"
+    parts = [f"<table>{head}{''.join(rows)}</table><p>{counted}{summary.examples} held-out prompts.</p>"]
+    parts += [
+        f"<h3>slice {html.escape(name)}</h3>{_preference_comparison(part)}" for name, part in summary.slices.items()
+    ]
+    return "".join(parts)
 
 
 def _logps(logps: dict[str, float] | None) -> dict[str, float]:

@@ -462,7 +462,23 @@ def paired_runs(first: list[dict[str, Any]], other: list[dict[str, Any]]) -> dic
                       if metric in (b.get("tuned_scores") or {})]  # fmt: skip
             if scored:
                 out[f"{metric}{suffix}"] = paired([x for x, _ in scored], [y for _, y in scored]).to_dict()
+    for suffix, rows in groups.items():
+        if (loss := _paired_loss(rows)) is not None:
+            out[f"loss{suffix}"] = loss
     return out
+
+
+def _paired_loss(rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any] | None:
+    """The tuned loss of the second run against the first on the rows both scored (`tuned_loss`, the same
+    `loss_tokens`): token-weighted, as the loss is, and a win is a row where the second run's loss is lower."""
+    from finetune.uncertainty import paired
+
+    both = [(b["tuned_loss"], a["tuned_loss"], a["loss_tokens"]) for a, b in rows
+            if "tuned_loss" in a and "tuned_loss" in b and a.get("loss_tokens") == b.get("loss_tokens")]  # fmt: skip
+    if not both:
+        return None
+    interval = paired([x for x, _, _ in both], [y for _, y, _ in both], weights=[w for _, _, w in both]).to_dict()
+    return interval | {"wins": interval["losses"], "losses": interval["wins"]}
 
 
 def recipe_differences(recipes: list[dict[str, Any]]) -> dict[str, list[Any]]:

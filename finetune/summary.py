@@ -129,6 +129,7 @@ class EvalSummary:
     intervals: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> low, high, sign_p (vs base)
     cost: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # model -> figure -> mean, p95
     slices: dict[str, EvalSummary] = field(default_factory=dict)  # slice -> the same figures on its rows
+    loss_rows: int | None = None  # the tokenized rows the loss scored, where they differ from `examples` (cut, limit)
 
     def rows(self, against: str = "base") -> list[Row]:
         """Every figure of the tuned model, with the base's (or, `against="reference"`, the preference run's
@@ -170,10 +171,13 @@ class EvalSummary:
                 for name in self.tuned.metrics
             }  # fmt: skip
             if self.tuned.loss is not None and self.base.loss is not None:
-                versus["loss"] = {"delta": self.tuned.loss - self.base.loss}
+                versus["loss"] = {"delta": self.tuned.loss - self.base.loss, **self.records.get("loss", {}),
+                                  **self.intervals.get("loss", {})}  # fmt: skip
             out["vs_base"] = versus
         if self.intervals:
             out["uncertainty"] = UNCERTAINTY
+        if self.loss_rows is not None:
+            out["loss_rows"] = self.loss_rows
         if self.cost:
             out["cost"] = self.cost
         if self.slices:
@@ -199,7 +203,7 @@ class EvalSummary:
         return cls(
             tuned, Scores.from_dict(data.get("base")), int(data.get("examples") or 0), _records(data.get("vs_base")),
             data.get("harness"), preference, _intervals(data.get("vs_base")), dict(data.get("cost") or {}),
-            {name: part for name, part in slices.items() if part is not None},
+            {name: part for name, part in slices.items() if part is not None}, data.get("loss_rows"),
         )  # fmt: skip
 
 
@@ -303,7 +307,7 @@ class Requirement:
         if row is None or row.delta is None:
             return "needs the base model's scores (eval.compare_base)"
         value = {"delta": row.delta, "low": row.low, "high": row.high}[self.part]
-        return value if value is not None else "no interval: it is computed for generation metrics, not the loss"
+        return value if value is not None else "no interval: it is computed for the loss and per-example metrics"
 
 
 def gate(summary: EvalSummary, requirements: list[Requirement], worse_than_base: bool) -> list[str]:

@@ -6,6 +6,11 @@ resampled, which is what makes +0.02 on 100 rows read differently from +0.60. Th
 an interval is reproducible: the same scores give the same bounds on every machine.
 
     paired(tuned_scores, base_scores) -> Interval(delta, low, high, n, wins, losses, ties, sign_p)
+    paired(tuned_losses, base_losses, weights=tokens)   # a token-weighted mean, as the held-out loss is
+
+With `weights` (a row's trained tokens) the delta is the weighted mean difference, sum(w*(a-b)) / sum(w), and
+each resample recomputes that ratio over the rows it drew: rows stay the unit that is resampled, so a long row
+counts as much as its tokens, exactly as in the overall loss, and no more.
 
 `half_width(n, discordant)` is the resolution a test set of n rows gives (docs/guides/evaluation.md has its
 table): the normal approximation of the same interval, for planning how many rows to hold out.
@@ -50,30 +55,41 @@ def paired(
     confidence: float = CONFIDENCE,
     resamples: int = RESAMPLES,
     seed: int = SEED,
+    weights: Sequence[float] | None = None,
 ) -> Interval:
-    """The difference of a over b on the same rows, with a percentile bootstrap interval of its mean."""
-    if len(a) != len(b):
+    """The difference of a over b on the same rows, with a percentile bootstrap interval of its (weighted) mean."""
+    if len(a) != len(b) or (weights is not None and len(weights) != len(a)):
         raise ValueError(f"paired scores need the same rows: {len(a)} against {len(b)}")
     diffs = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
     wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-    low, high = bootstrap(diffs, confidence, resamples, seed)
-    delta = sum(diffs) / len(diffs) if diffs else 0.0
+    low, high = bootstrap(diffs, confidence, resamples, seed, weights)
+    if weights is None:
+        delta = sum(diffs) / len(diffs) if diffs else 0.0
+    else:
+        total = sum(weights)
+        delta = sum(w * d for w, d in zip(weights, diffs, strict=True)) / total if total else 0.0
     return Interval(delta, low, high, len(diffs), wins, losses, len(diffs) - wins - losses, sign_test(wins, losses))
 
 
 def bootstrap(diffs: Sequence[float], confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
-              seed: int = SEED) -> tuple[float, float]:  # fmt: skip
-    """Percentile interval of the mean of `diffs`, rows drawn with replacement `resamples` times (seeded)."""
+              seed: int = SEED, weights: Sequence[float] | None = None) -> tuple[float, float]:  # fmt: skip
+    """Percentile interval of the mean of `diffs` (weighted by `weights`: a ratio of sums per resample), rows
+    drawn with replacement `resamples` times (seeded)."""
     import numpy as np
 
     if not diffs:
         return 0.0, 0.0
     values = np.asarray(diffs, dtype=np.float64)
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
     for start in range(0, resamples, 500):  # 500 resamples at a time bound the memory for large test sets
         stop = min(start + 500, resamples)
-        means[start:stop] = values[rng.integers(0, len(values), (stop - start, len(values)))].mean(axis=1)
+        drawn = rng.integers(0, len(values), (stop - start, len(values)))
+        if w is None:
+            means[start:stop] = values[drawn].mean(axis=1)
+        else:
+            means[start:stop] = (values[drawn] * w[drawn]).sum(axis=1) / np.maximum(w[drawn].sum(axis=1), 1e-300)
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)

@@ -287,27 +287,30 @@ def length_slice(messages: list[Message]) -> str:
 
 
 def add_length_slices(data_dir: Path) -> None:
-    """Rewrite eval.jsonl with its `length` column (the rows and their order unchanged)."""
+    """Rewrite eval.jsonl and preference_eval.jsonl with their `length` column (the rows and their order unchanged)."""
     lines = (data_dir / "eval.jsonl").read_text(encoding="utf-8").splitlines()
-    write_jsonl(data_dir / "eval.jsonl", [json.loads(line)["messages"] for line in lines], sliced=True)
+    held_out = [json.loads(line)["messages"] for line in lines]
+    write_jsonl(data_dir / "eval.jsonl", held_out, sliced=True)
+    write_preference_jsonl(data_dir / "preference_eval.jsonl", preference_rows(held_out, sliced=True))
 
 
 PREFERENCE_TRAIN_ROWS = 800
 PREFERRED_SEPARATOR = " | "
 
 
-def preference_rows(rows: list[list[Message]]) -> list[dict[str, str]]:
+def preference_rows(rows: list[list[Message]], sliced: bool = False) -> list[dict[str, str]]:
     """Each reversal answered twice: the ' | ' style chosen over the SFT model's own ', ' style.
 
     Both answers are the correct reversal, so the pair teaches a style the SFT model does not have,
-    not the task; the task's exact match can then be checked to survive the preference stage.
+    not the task; the task's exact match can then be checked to survive the preference stage. `sliced` adds the
+    row's `length` slice, as eval.jsonl has it (the held-out pairs: the DPO and GRPO examples report per slice).
     """
     out = []
-    for user, assistant in rows:
+    for messages in rows:
+        user, assistant = messages
         items = assistant["content"].split(", ")
-        out.append(
-            {"prompt": user["content"], "chosen": PREFERRED_SEPARATOR.join(items), "rejected": assistant["content"]}
-        )
+        row = {"prompt": user["content"], "chosen": PREFERRED_SEPARATOR.join(items), "rejected": assistant["content"]}
+        out.append(row | ({"length": length_slice(messages)} if sliced else {}))
     return out
 
 
@@ -326,7 +329,7 @@ def write_preference_data(data_dir: Path) -> None:
 
     train, held_out = read("train.jsonl")[:PREFERENCE_TRAIN_ROWS], read("eval.jsonl")
     write_preference_jsonl(data_dir / "preference_train.jsonl", preference_rows(train))
-    write_preference_jsonl(data_dir / "preference_eval.jsonl", preference_rows(held_out))
+    write_preference_jsonl(data_dir / "preference_eval.jsonl", preference_rows(held_out, sliced=True))
     print(f"preference: {len(train)} train / {len(held_out)} held-out pairs ('{PREFERRED_SEPARATOR}' over ', ')")
 
 
@@ -365,7 +368,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--preference-only", action="store_true", help="only (re)write the preference files from the SFT data files"
     )
-    parser.add_argument("--slices-only", action="store_true", help="only add the `length` slice to eval.jsonl")
+    parser.add_argument("--slices-only", action="store_true", help="only add the `length` slice to the held-out files")
     return parser.parse_args()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import write_recipe
@@ -210,12 +211,17 @@ def test_eval_and_chat_treat_a_recipe_whose_data_moved_alike(tiny_model_dir, tmp
     assert chats[0].stdout == chats[1].stdout
 
 
-def _rows_by_method(method: str, model_dir: Path, tmp_path: Path) -> tuple[list[dict], list[str]]:
-    """eval/examples.jsonl rows that `method`'s own held-out comparison makes on a fresh adapter, and the gold answers.
+SLICES = ["odd", "even", "odd", "even"]  # the held-out rows' `level` column: eval.slice_by
 
-    Nothing is trained: a fresh LoRA answers like the base, so the reference model's answers (the random tiny
-    base's) differ from the gold ones, which is what a row that mixes them up would show."""
+
+def _comparison_by_method(method: str, model_dir: Path, tmp_path: Path) -> tuple[Any, list[str]]:
+    """`method`'s own held-out comparison on an untrained adapter, over four rows in two slices, and the gold answers.
+
+    Nothing is trained: the adapter's B matrices are drawn at random (a fresh LoRA's are zero) so that tuned differs
+    from the base, and the reference model's answers (the random tiny base's) differ from the gold ones, which is
+    what a row that mixes them up would show."""
     import tiny
+    import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -225,18 +231,14 @@ def _rows_by_method(method: str, model_dir: Path, tmp_path: Path) -> tuple[list[
     from finetune.recipe.load import load_recipe
     from finetune.scoring import compare
 
-    held = tiny.reverse_rows(3, seed=1)
+    held = [{**r, "level": level} for r, level in zip(tiny.reverse_rows(4, seed=1), SLICES, strict=True)]
     gold = [r["messages"][1]["content"] for r in held]
     prompts = [r["messages"][0]["content"] for r in held]
-    as_pair = [{"prompt": p, "chosen": a, "rejected": "no"} for p, a in zip(prompts, gold, strict=True)]
-    rows = {
-        "sft": held,
-        "grpo": held,
-        "dpo": as_pair,
-        "kto": [
-            {"prompt": p["prompt"], "completion": c, "label": c != "no"} for p in as_pair for c in (p["chosen"], "no")
-        ],
-    }[method]
+    as_pair = [{"prompt": p, "chosen": a, "rejected": "no", "level": level}
+               for p, a, level in zip(prompts, gold, SLICES, strict=True)]  # fmt: skip
+    unpaired = [{"prompt": p["prompt"], "completion": c, "label": c != "no", "level": p["level"]}
+                for p in as_pair for c in (p["chosen"], "no")]  # fmt: skip
+    rows = {"sft": held, "grpo": held, "dpo": as_pair, "kto": unpaired}[method]
     fmt = {"dpo": "preference", "kto": "unpaired"}.get(method, "messages")
     tiny.write_jsonl(tmp_path / "held.jsonl", rows)
     options = "grpo: {rewards: [exact_match], num_generations: 2, max_completion_length: 4}" if method == "grpo" else ""
@@ -246,30 +248,126 @@ model: {{base: {model_dir}}}
 lora: {{rank: 4, alpha: 8}}
 data: {{train: [{{path: held.jsonl, format: {fmt}}}], eval: [{{path: held.jsonl, format: {fmt}}}], max_seq_length: 64}}
 train: {{method: {method}, max_steps: 1, {options}}}
-eval: {{metrics: [exact_match], max_new_tokens: 3}}
+eval: {{metrics: [exact_match], max_new_tokens: 3, slice_by: level}}
 """)  # fmt: skip
     recipe = load_recipe(tmp_path / "r.yaml")
     tokenizer = load_tokenizer(recipe)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     model = get_peft_model(base, lora_config(recipe, resolve_targets(recipe, base)))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():  # tuned differs from base (a fresh LoRA's B is zero)
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
     if method == "sft":
         data = prepare_data(recipe, tokenizer)
         e = recipe.eval
         comparison = compare(model, tokenizer, data.eval, data.eval_samples, list(e.metrics), e.max_new_tokens,
-                             e.batch_size, with_base=True)  # fmt: skip
+                             e.batch_size, with_base=True, kept=data.eval_kept)  # fmt: skip
     else:
         hooks = methods.load(method)
         comparison = hooks.compare(recipe, model, tokenizer, hooks.prepare(recipe, tokenizer), False)
-    return comparison.examples(), gold
+    return comparison, gold
+
+
+@pytest.fixture(scope="module")
+def by_method(tiny_model_dir, tmp_path_factory):
+    """method -> (comparison, gold answers), each made once for the module (the tests read them only)."""
+    made: dict[str, tuple[Any, list[str]]] = {}
+
+    def get(method: str) -> tuple[Any, list[str]]:
+        if method not in made:
+            made[method] = _comparison_by_method(method, tiny_model_dir(), tmp_path_factory.mktemp(method))
+        return made[method]
+
+    return get
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "kto", "grpo"])
-def test_examples_rows_mean_one_thing_per_key_in_every_method(method, tiny_model_dir, tmp_path):
-    rows, gold = _rows_by_method(method, tiny_model_dir(), tmp_path)
+def test_examples_rows_mean_one_thing_per_key_in_every_method(method, by_method):
+    comparison, gold = by_method(method)
+    rows = comparison.examples()
     assert [r["reference"] for r in rows] == gold  # `reference` is the gold answer, never a model's
+    assert [r["slice"] for r in rows] == SLICES
     models = {"tuned", "base"} | ({"reference_model"} if method != "sft" else set())
+    losses = {"loss_tokens", "tuned_loss", "base_loss"} if method == "sft" else set()  # SFT's loss, row by row
     for row in rows:
         per_model = {f"{m}{suffix}" for m in models for suffix in ("", "_scores", "_tokens", "_latency_s")}
-        assert set(row) == {"prompt", "reference", "slice"} | per_model, row
+        assert set(row) == {"prompt", "reference", "slice"} | per_model | losses, row
         for m in models:
             assert row[f"{m}_scores"]["exact_match"] == float(row[m].strip() == row["reference"].strip())
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "kto", "grpo"])
+def test_every_method_reports_each_figure_per_slice_and_the_slices_make_up_the_whole(method, by_method):
+    """Two slices of two prompts (pairs, KTO rows) each: every overall figure is there per slice, with its row
+    counts, and (equal sizes) the two slices average to the overall figure; through the JSON and back; printed."""
+    from rich.console import Console
+
+    from finetune.cli.render import print_comparison
+
+    comparison, _ = by_method(method)
+    summary = comparison.summary()
+    assert {name: part.examples for name, part in summary.slices.items()} == {"even": 2, "odd": 2}
+    for part in summary.slices.values():
+        assert part.tuned.names() == summary.tuned.names() and part.base is not None
+    for name, value in summary.tuned.metrics.items():
+        halves = [summary.slices[s].tuned.metrics[name] for s in ("even", "odd")]
+        assert sum(halves) / 2 == pytest.approx(value, abs=1e-9), name
+    if method in ("dpo", "kto"):
+        assert {part.preference.pairs for part in summary.slices.values()} == {2 if method == "dpo" else 4}
+        assert summary.tuned.metrics["reward_margin"] != 0.0  # the tuned adapter differs from the reference
+    data = summary.to_dict()
+    assert EvalSummary.from_dict(data).to_dict() == data and set(data["slices"]) == {"even", "odd"}
+    console = Console(width=200, record=True)
+    print_comparison(console, summary)
+    lines = [line for line in console.export_text().splitlines() if line.startswith("│ odd")]
+    assert len(lines) == len(summary.tuned.names()), lines  # one row per figure of the slice
+
+
+def test_sft_loss_per_slice_is_token_weighted_with_an_interval_and_gated(by_method):
+    """The loss of a slice is its rows' summed cross-entropy over their trained tokens, as the overall figure is
+    (so the slices weight by tokens, not rows); its delta to the base has a token-weighted paired interval."""
+    comparison, _ = by_method("sft")
+    summary = comparison.summary()
+    tuned, base = comparison.tuned, comparison.base
+    assert summary.tuned.loss == pytest.approx(sum(tuned.loss_sums) / sum(tuned.loss_tokens))
+    tokens = {name: sum(n for n, s in zip(tuned.loss_tokens, comparison.loss_slices, strict=True) if s == name)
+              for name in ("even", "odd")}  # fmt: skip
+    parts = {name: summary.slices[name] for name in tokens}
+    weighted = sum(parts[n].tuned.loss * tokens[n] for n in tokens) / sum(tokens.values())
+    assert weighted == pytest.approx(summary.tuned.loss)
+    assert parts["odd"].tuned.perplexity == pytest.approx(math.exp(parts["odd"].tuned.loss))
+    assert tuned.loss_tokens == base.loss_tokens and summary.base.loss != summary.tuned.loss
+    (row,) = [r for r in parts["odd"].rows() if r.metric == "loss"]
+    assert row.low <= row.delta <= row.high and sum(map(int, row.record.split("/"))) == 2
+    data = summary.to_dict()
+    assert set(data["slices"]["odd"]["vs_base"]["loss"]) == {"delta", "wins", "losses", "ties", "low", "high", "sign_p"}
+    odd = parts["odd"].tuned.loss
+    assert gate(summary, require(f"loss[odd]<={odd + 0.01}", f"loss[odd].delta.high<={row.high + 0.01}"), False) == []
+    (failure,) = gate(summary, require(f"loss[odd]<={odd - 0.01}"), False)
+    assert failure.startswith(f"loss[odd] = {odd:.4f} is over ")
+
+
+def test_a_preference_slice_is_gated_by_name(by_method):
+    comparison, _ = by_method("dpo")
+    summary = comparison.summary()
+    accuracy = summary.slices["even"].tuned.metrics["preference_accuracy"]
+    (failure,) = gate(summary, require(f"preference_accuracy[even]>={accuracy + 0.01}"), False)
+    assert failure.startswith(f"preference_accuracy[even] = {accuracy:.4f} is under")
+    assert gate(summary, require(f"preference_accuracy[even]>={accuracy}"), False) == []
+
+
+@pytest.mark.parametrize("method", ["sft", "kto"])
+def test_report_and_runs_compare_show_every_figure_per_slice(method, by_method):
+    """report.html has a table per slice (the loss in SFT's, the preference metrics in KTO's), and `runs compare`
+    reads each slice's figures from the manifest's eval: `loss[odd]`, `preference_accuracy[odd]`."""
+    from finetune.report import render
+    from finetune.runs import _figures
+
+    summary = by_method(method)[0].summary()
+    page = render({"name": "x", "status": "completed"}, [], summary)
+    assert "<h3>slice even" in page and "<h3>slice odd" in page
+    figure = "loss" if method == "sft" else "preference_accuracy"
+    odd = summary.slices["odd"].tuned.get(figure)
+    assert f"<td>{figure}</td>" in page.split("<h3>slice odd")[1] and f"{odd:.4f}" in page.split("<h3>slice odd")[1]
+    assert _figures({"eval": summary.to_dict()})[f"{figure}[odd]"] == pytest.approx(odd)

@@ -364,6 +364,25 @@ def test_runs_compare_pairs_two_runs_answers_by_prompt_overall_and_per_slice():
     assert f"exact_match[hard] (50 rows) │ 0.0000 │ 0.8000 (+0.80 [{hard['low']:+.2f}, {hard['high']:+.2f}])" in text
 
 
+def test_runs_compare_pairs_the_losses_row_by_row_weighted_by_tokens():
+    """Run B's loss is 1.0 lower on the long rows (9 tokens) of slice `long`, the same on the short ones: the
+    delta is token-weighted (-0.9 overall, as the loss is), a win is a lower loss, and rows whose tokens differ
+    (another tokenizer, another max_seq_length) are not paired."""
+    from finetune.runs import paired_runs
+
+    def rows(long_loss: float) -> list[dict]:
+        return [{"prompt": f"p{i}", "reference": "r", "slice": "long" if i % 2 else "short", "tuned_scores": {},
+                 "loss_tokens": 9 if i % 2 else 1, "tuned_loss": long_loss if i % 2 else 2.0} for i in range(40)]  # fmt: skip
+
+    a, b = rows(2.0), rows(1.0)
+    b[0]["loss_tokens"] = 2
+    paired = paired_runs(a, b)
+    assert set(paired) == {"loss", "loss[long]", "loss[short]"}
+    assert paired["loss[long]"]["delta"] == pytest.approx(-1.0) and paired["loss[short]"]["n"] == 19
+    assert paired["loss"]["delta"] == pytest.approx(-180 / 199) and paired["loss"]["high"] < 0
+    assert (paired["loss"]["wins"], paired["loss"]["losses"], paired["loss"]["ties"]) == (20, 0, 19)
+
+
 def test_report_shows_the_eval_per_slice_with_intervals_and_the_answers_cost():
     from finetune.scoring import Comparison, ModelScores
 

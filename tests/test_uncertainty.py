@@ -52,6 +52,17 @@ def test_the_interval_covers_the_true_difference_about_as_often_as_it_says():
     assert 176 <= covered <= 198, covered
 
 
+def test_a_token_weighted_delta_is_a_ratio_of_sums_and_equal_weights_change_nothing():
+    """The loss's interval: rows of 1 and 9 tokens, the long rows 1.0 better; weighted, the delta is the
+    token-weighted mean (0.9), not the row mean (0.5), and every resample is weighted the same way."""
+    a, b = [2.0, 1.0] * 20, [2.0, 2.0] * 20
+    tokens = [1, 9] * 20
+    weighted = paired(b, a, weights=tokens)
+    assert weighted.delta == pytest.approx(0.9) and paired(b, a).delta == pytest.approx(0.5)
+    assert 0.8 < weighted.low <= 0.9 <= weighted.high <= 1.0 and (weighted.wins, weighted.ties) == (20, 20)
+    assert paired(a, b, weights=[3] * 40) == paired(a, b)
+
+
 def test_sign_test_exact_values():
     assert sign_test(0, 0) == 1.0
     assert sign_test(5, 5) == 1.0

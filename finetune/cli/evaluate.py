@@ -33,7 +33,7 @@ def eval_(
         typer.Option(
             "--require",
             help="Exit 1 unless a tuned figure meets a bound: 'exact_match>=0.8', 'loss<=0.5'; one slice's "
-            "'exact_match[hard]>=0.8'; the delta to the base 'exact_match.delta>0' or its 95% interval's lower end "
+            "'exact_match[hard]>=0.8', 'loss[hard]<=1.2', 'preference_accuracy[hard]>=0.7'; the delta to the base 'exact_match.delta>0' or its 95% interval's lower end "
             "'exact_match.delta.low>0' (better beyond the noise).",
         ),
     ] = None,

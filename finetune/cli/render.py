@@ -15,6 +15,8 @@ def print_comparison(console: Any, summary: EvalSummary) -> None:
     """Tuned against base (and reference, for a continued run) on held-out data, then the harness's figures."""
     if summary.preference is not None:
         console.print(preference_table(summary))
+        if summary.slices:
+            console.print(preference_slices_table(summary))
         return
     console.print(comparison_table(summary))
     if summary.slices:
@@ -57,20 +59,22 @@ def comparison_table(summary: EvalSummary) -> Table:
 
 
 def slices_table(summary: EvalSummary) -> Table:
-    """Every generation metric per slice, with the slice's rows, delta and interval (the same test, fewer rows)."""
+    """Every figure per slice (loss and perplexity too, token-weighted over the slice's rows), with the slice's
+    rows, delta and interval (the same test, fewer rows). `rows` counts the prompts; where the loss scored a
+    different number of tokenized rows (some cut by max_seq_length, or eval.limit), it says so: `5 (loss 6)`."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="per slice", title_justify="left")
     for column in ("slice", "rows", "metric", "base", "tuned", "delta", "wins/losses/ties"):
         table.add_column(column, justify="left" if column in ("slice", "metric") else "right")
-    from rich.markup import escape
-
     for name, part in summary.slices.items():
+        rows = str(part.examples) + ("" if part.loss_rows is None else f" (loss {part.loss_rows})")
         for row in part.rows():
-            base = "-" if row.base is None else f"{row.base:.4f}"
-            table.add_row(
-                escape(name), str(part.examples), row.metric, base, f"{row.tuned:.4f}", row.delta_text(2), row.record
-            )
+            digits = 2 if row.metric == "perplexity" else 4
+            base = "-" if row.base is None else f"{row.base:.{digits}f}"
+            delta = row.delta_text(digits if row.low is None else 2)
+            table.add_row(escape(name), rows, row.metric, base, f"{row.tuned:.{digits}f}", delta, row.record)
     return table
 
 
@@ -112,6 +116,32 @@ def preference_table(summary: EvalSummary) -> Table:
         for side in ("chosen", "rejected"):
             cells = [f"{s.logps[side]:.3f}" for s in models.values()]
             table.add_row(f"logp {side}", *cells, f"{tuned.logps[side] - reference.logps[side]:+.3f}")
+    return table
+
+
+def preference_slices_table(summary: EvalSummary) -> Table:
+    """A DPO, KTO or GRPO run's figures per slice: the preference metrics recomputed on the slice's pairs (KTO:
+    rows), the rewards and generation metrics on its prompts, base, reference and tuned side by side."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    p = summary.preference
+    counted = {"dpo": "pairs", "kto": "rows"}.get(p.method if p else "", "")
+    table = Table(title="per slice", title_justify="left")
+    columns = ("slice", *((counted,) if counted else ()), "prompts", "metric", "base", "reference", "tuned",
+               "vs reference")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("slice", "metric") else "right")
+    for name, part in summary.slices.items():
+        q = part.preference
+        if q is None:
+            continue
+        count = (str(q.pairs),) if counted else ()
+        for key, tuned in part.tuned.metrics.items():
+            cells = [f"{s.metrics[key]:.4f}" if s is not None and key in s.metrics else "-"
+                     for s in (part.base, q.reference)]  # fmt: skip
+            versus = f"{tuned - q.reference.metrics[key]:+.4f}" if key in q.reference.metrics else ""
+            table.add_row(escape(name), *count, str(part.examples), key, *cells, f"{tuned:.4f}", versus)
     return table
 
 

@@ -204,8 +204,8 @@ def figures_table(result: RunComparison) -> Table:
         for i, (f, d, paired) in enumerate(zip(result.figures, result.deltas, intervals, strict=True)):
             delta = f" ({d[key]:+.4f})" if i and key in d else ""
             if i and key in paired:
-                p = paired[key]
-                delta = f" ({p['delta']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}])"
+                p, n = paired[key], 4 if key.partition("[")[0] == "loss" else 2  # a loss moves in smaller steps
+                delta = f" ({p['delta']:+.{n}f} [{p['low']:+.{n}f}, {p['high']:+.{n}f}])"
             cells.append(f"{f[key]:.4f}{delta}" if key in f else "-")
         table.add_row(_figure_label(key, result.slice_rows), *cells)
     return table

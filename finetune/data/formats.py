@@ -54,10 +54,11 @@ class Judged:
     completion: str
     desirable: bool
     pair: int = -1
+    slice: str | None = None  # a held-out row's slice, as a Sample's
 
     def as_sample(self) -> Sample:
         """The chat up to and including this completion, for generation metrics (reference = completion)."""
-        return Sample(self.where, messages=(*self.prompt, ("assistant", self.completion)))
+        return Sample(self.where, messages=(*self.prompt, ("assistant", self.completion)), slice=self.slice)
 
 
 class BadRow(ValueError):

@@ -9,12 +9,12 @@ score the answer tokens only (`completion_mask`), so a mask cannot slip into the
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from finetune.data import mix, sources
 from finetune.data.formats import BadRow, Judged, Sample, to_judged
-from finetune.data.prepare import SourceStats, _nothing_left, _round_up, hold_out, percentile
+from finetune.data.prepare import SourceStats, _nothing_left, _round_up, _slice_of, check_slices, hold_out, percentile
 from finetune.data.templates import apply_chat_template, render
 from finetune.errors import DataError, Problem, UserError
 from finetune.recipe.schema import DataSource, Recipe
@@ -102,8 +102,12 @@ def prepare_preference(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Pr
     )
 
 
-def load_judged(sources_: list[DataSource], on_bad_row: str, stats: PreferenceStats) -> list[list[Judged]]:
-    """Every row as a group of judged completions (a pair, or one unpaired row); bad rows name file and row."""
+def load_judged(
+    sources_: list[DataSource], on_bad_row: str, stats: PreferenceStats, slice_by: str | None = None
+) -> list[list[Judged]]:
+    """Every row as a group of judged completions (a pair, or one unpaired row); bad rows name file and row.
+
+    Each side carries the row's slice, as SFT samples do: the source's `slice:`, else the `slice_by` column."""
     groups: list[list[Judged]] = []
     for source in sources_:
         entry = SourceStats(source.path, source.format, sources.fingerprint(source))
@@ -112,7 +116,9 @@ def load_judged(sources_: list[DataSource], on_bad_row: str, stats: PreferenceSt
             try:
                 if row.problem is not None:  # not UTF-8, not JSON, malformed CSV: said as SFT data says it
                     raise BadRow(row.problem[1], row.problem[0])
-                groups.append(to_judged(row.data, row.where, source, pair=len(groups)))
+                group = to_judged(row.data, row.where, source, pair=len(groups))
+                name = source.slice or _slice_of(row.data, slice_by)
+                groups.append(group if name is None else [replace(j, slice=name) for j in group])
                 entry.rows += 1
             except BadRow as e:
                 if on_bad_row == "error":
@@ -125,12 +131,14 @@ def _split(recipe: Recipe, stats: PreferenceStats) -> tuple[list[list[Judged]], 
     """Train and held-out groups: explicit eval sources, or a seeded `split_ratio` of the training groups."""
 
     def load(sources_: list[DataSource]) -> list[list[Judged]]:
-        return load_judged(sources_, recipe.data.on_bad_row, stats)
+        return load_judged(sources_, recipe.data.on_bad_row, stats, recipe.eval.slice_by)
 
     train = load(list(recipe.data.train))
     if not train:  # every row skipped (on_bad_row: skip): say which files and why
         raise DataError(_nothing_left(stats, 0))
-    return hold_out(recipe, train, load)
+    train, held_out = hold_out(recipe, train, load)
+    check_slices([group[0] for group in held_out], recipe.eval.slice_by)
+    return train, held_out
 
 
 def _checked(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, train: list[list[Judged]],
@@ -193,7 +201,7 @@ def _fit(
                 stats.dropped += 1
                 continue
         rows = [
-            {"prompt_ids": prompt, "completion_ids": a, "label": j.desirable, "where": j.where}
+            {"prompt_ids": prompt, "completion_ids": a, "label": j.desirable, "where": j.where, "slice": j.slice}
             for j, a in zip(group, answers, strict=True)
         ]
         out.append(rows)

@@ -14,20 +14,20 @@ import multiprocessing
 import os
 import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from finetune.data import sources
-from finetune.data.formats import BadRow, Sample, to_sample
+from finetune.data.formats import BadRow, Judged, Sample, to_sample
 from finetune.data.templates import IGNORE, apply_chat_template, segments, tokenize
 from finetune.errors import DataError, Problem, WriteError
 from finetune.recipe.schema import DataSource, Recipe
 
 Row = TypeVar("Row")  # a sample, or a group of judged completions (data.preference)
 
-CACHE_VERSION = 3  # bump when preprocessing changes what it produces
+CACHE_VERSION = 4  # bump when preprocessing changes what it produces
 CHUNK = 1000
 PARALLEL_MIN_ROWS = 4000
 
@@ -79,6 +79,9 @@ class PreparedData:
     stats: DataStats
     train_where: list[str] = field(default_factory=list)  # origin (file:line) of each training row kept
     lengths: list[int] = field(default_factory=list)  # token length of every training row, before truncation
+    # for each row of `eval` (the loss rows), the index of its sample in `eval_samples`: a row cut by max_seq_length
+    # has none, so this is how a loss row finds its slice and its prompt in eval/examples.jsonl
+    eval_kept: list[int] = field(default_factory=list)
 
 
 def load_samples(
@@ -127,7 +130,7 @@ def split(recipe: Recipe, stats: DataStats) -> tuple[list[Sample], list[Sample]]
     return train, held_out
 
 
-def check_slices(held_out: list[Sample], slice_by: str | None) -> None:
+def check_slices(held_out: Sequence[Sample | Judged], slice_by: str | None) -> None:
     """With `eval.slice_by`, every held-out row names its slice: the first rows without one, located."""
     missing = [s.where for s in held_out if s.slice is None] if slice_by else []
     if missing:
@@ -193,7 +196,7 @@ def _prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData
     stats.over_max_seq_length = sum(n > max_len for n in lengths)
     stats.suggested_max_seq_length = _round_up(stats.length_percentiles["p99"])
     train_rows, kept = _fit(encoded_train, max_len, recipe.data.truncation, stats)
-    eval_rows, _ = _fit(encoded_eval, max_len, recipe.data.truncation, DataStats())
+    eval_rows, eval_kept = _fit(encoded_eval, max_len, recipe.data.truncation, DataStats())
     if not train_rows:
         raise DataError(_nothing_left(stats, len(train)))
     stats.train_rows, stats.eval_rows = len(train_rows), len(eval_rows)
@@ -210,6 +213,7 @@ def _prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData
         stats,
         train_where=[train[i].where for i in kept],
         lengths=lengths,
+        eval_kept=eval_kept,
     )
 
 
@@ -316,15 +320,12 @@ def _load_cached(key: str) -> PreparedData | None:
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         stats = DataStats(**{**meta["stats"], "sources": [SourceStats(**x) for x in meta["stats"]["sources"]]})
-        samples = [
-            Sample(m["where"], tuple(tuple(t) for t in m["messages"]), m["prompt"], m["completion"], m.get("slice"))
-            for m in meta["eval_samples"]
-        ]
+        samples = [Sample(**{**m, "messages": tuple(tuple(t) for t in m["messages"])}) for m in meta["eval_samples"]]
         train = load_from_disk(str(folder / "train"))
         held = load_from_disk(str(folder / "eval")) if (folder / "eval").exists() else None
     except (OSError, ValueError, KeyError, TypeError):
         return None  # a damaged cache entry is rebuilt, never trusted
-    return PreparedData(train, held, samples, stats, meta["train_where"], meta["lengths"])
+    return PreparedData(train, held, samples, stats, meta["train_where"], meta["lengths"], meta["eval_kept"])
 
 
 def _store(key: str, prepared: PreparedData) -> None:
@@ -341,6 +342,7 @@ def _store(key: str, prepared: PreparedData) -> None:
                 "eval_samples": [asdict(s) for s in prepared.eval_samples],
                 "train_where": prepared.train_where,
                 "lengths": prepared.lengths,
+                "eval_kept": prepared.eval_kept,
             }
             write_json_atomic(tmp / "meta.json", meta)
     except (OSError, WriteError) as e:  # an unwritable cache costs time next run, nothing else

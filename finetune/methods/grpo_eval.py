@@ -40,7 +40,8 @@ def compare_rewards(
         _add_total(scores[name], [r.__name__ for r in rewards], weights)
     if e.compare_base and not has_reference:  # the reference is the base itself
         scores["base"] = scores["reference"]
-    return PreferenceComparison("grpo", o.beta, 0, scores, {}, prompts, references, reference_is_base=not has_reference)
+    return PreferenceComparison("grpo", o.beta, 0, scores, {}, prompts, references, reference_is_base=not has_reference,
+                                slices=[s.slice for s in samples])  # fmt: skip
 
 
 def _add_total(s: ModelScores, names: list[str], weights: list[float]) -> None:

@@ -13,6 +13,7 @@ the base when the run started from the base) and the base (adapters disabled). F
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -35,6 +36,25 @@ PREFERENCE_METRICS = ("preference_accuracy", "reward_margin", "likelihood_accura
 
 
 @dataclass
+class Sides:
+    """What the preference metrics are computed from, kept so that they can be recomputed on any slice's rows:
+    each model's summed log-probability per scored answer, its label, the answers per held-out group (2 for a
+    pair, 1 for a KTO row) and each group's slice."""
+
+    logps: dict[str, list[float]]
+    labels: list[bool]
+    groups: list[int]
+    slices: list[str | None]
+
+    def part(self, groups: list[int]) -> tuple[dict[str, list[float]], list[bool], list[int]]:
+        """The logps, labels and group sizes of the groups numbered `groups`, in order."""
+        starts = [0, *itertools.accumulate(self.groups)]
+        rows = [starts[g] + k for g in groups for k in range(self.groups[g])]
+        logps = {name: [values[r] for r in rows] for name, values in self.logps.items()}
+        return logps, [self.labels[r] for r in rows], [self.groups[g] for g in groups]
+
+
+@dataclass
 class PreferenceComparison:
     method: str
     beta: float
@@ -44,42 +64,78 @@ class PreferenceComparison:
     prompts: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
     reference_is_base: bool = False
+    slices: list[str | None] = field(default_factory=list)  # each prompt's slice (None: none)
+    sides: Sides | None = None  # DPO/KTO: the per-answer figures, for the preference metrics per slice
 
     def summary(self) -> EvalSummary:
-        """The typed held-out summary: tuned and base as for SFT runs, plus the reference and the method."""
+        """The typed held-out summary: tuned and base as for SFT runs, plus the reference and the method; then the
+        same figures per slice (preference metrics over the slice's pairs, generation metrics over its prompts)."""
 
         def scores(name: str) -> Scores | None:
             s = self.scores.get(name)
             logps = self.logps.get(name)
             return None if s is None else Scores(None, None, dict(s.metrics), None if logps is None else dict(logps))
 
+        summary = self._summary(scores, len(self.prompts), self.pairs, None)
+        group_slices = self.sides.slices if self.sides else []
+        names = sorted({s for s in (*self.slices, *group_slices) if s is not None})
+        summary.slices = {name: self._slice(name) for name in names}
+        return summary
+
+    def _summary(self, scores: Callable[[str], Scores | None], examples: int, pairs: int,
+                 rows: list[int] | None) -> EvalSummary:  # fmt: skip
         reference = scores("reference")
         return EvalSummary(
             tuned=scores("tuned"),
             base=scores("base"),
-            examples=len(self.prompts),
-            records=self._records("base"),
-            preference=Preference(self.method, self.beta, self.pairs, reference, self.reference_is_base,
-                                  self._records("reference")),
+            examples=examples,
+            records=self._records("base", rows),
+            preference=Preference(self.method, self.beta, pairs, reference, self.reference_is_base,
+                                  self._records("reference", rows)),
         )  # fmt: skip
 
-    def _records(self, other: str) -> dict[str, dict[str, int]]:
-        """Per-example wins, losses and ties of tuned against `other`, for the metrics scored per example."""
+    def _slice(self, name: str) -> EvalSummary:
+        """One slice's summary: the preference metrics recomputed on its pairs (or KTO rows), the generation
+        metrics averaged over its prompts; a slice without prompts (KTO rows all undesirable) has none of those."""
+        rows = [i for i, s in enumerate(self.slices) if s == name]
+        groups = [g for g, s in enumerate(self.sides.slices) if s == name] if self.sides else []
+        figures: dict[str, tuple[dict[str, float], dict[str, float]]] = {}
+        if groups and self.sides is not None:
+            logps, labels, sizes = self.sides.part(groups)
+            figures = {
+                m: _preference_metrics(v, logps["reference"], labels, sizes, self.beta) for m, v in logps.items()
+            }
+
+        def scores(model: str) -> Scores | None:
+            s = self.scores.get(model)
+            if s is None:
+                return None
+            preference, logps = figures.get(model, ({}, None))
+            generated = {k: sum(v[i] for i in rows) / len(rows) for k, v in s.per_example.items()} if rows else {}
+            return Scores(None, None, {**preference, **generated}, logps)
+
+        return self._summary(scores, len(rows), len(groups), rows)
+
+    def _records(self, other: str, rows: list[int] | None = None) -> dict[str, dict[str, int]]:
+        """Per-example wins, losses and ties of tuned against `other` (over `rows`, default all), for the metrics
+        scored per example."""
         tuned, them = self.scores["tuned"], self.scores.get(other)
         if them is None:
             return {}
         out = {}
-        for metric in tuned.metrics:
-            if metric in tuned.per_example and metric in them.per_example:
+        for metric in tuned.per_example:
+            if metric in them.per_example:
                 pairs = list(zip(tuned.per_example[metric], them.per_example[metric], strict=True))
-                out[metric] = {"wins": sum(t > b for t, b in pairs), "losses": sum(t < b for t, b in pairs),
-                               "ties": sum(t == b for t, b in pairs)}  # fmt: skip
+                pairs = pairs if rows is None else [pairs[i] for i in rows]
+                if pairs or rows is None:
+                    out[metric] = {"wins": sum(t > b for t, b in pairs), "losses": sum(t < b for t, b in pairs),
+                                   "ties": sum(t == b for t, b in pairs)}  # fmt: skip
         return out
 
     def examples(self) -> list[dict[str, Any]]:
         """Rows keyed as every method's: `reference` the gold answer, `reference_model` the reference's answer."""
         models = {name: s for name, s in self.scores.items() if s is not None}
-        return example_rows(self.prompts, self.references, models)
+        return example_rows(self.prompts, self.references, models, self.slices)
 
 
 @torch.no_grad()
@@ -133,8 +189,9 @@ def compare_preference(
     for name in logps:
         preference, figures[name] = _preference_metrics(logps[name], logps["reference"], labels, groups, b)
         scores[name].metrics = {**preference, **scores[name].metrics}
+    sides = Sides(logps, labels, groups, [group[0]["slice"] for group in data.eval_rows])
     return PreferenceComparison(recipe.train.method, b, len(data.eval_rows), scores, figures, prompts, references,
-                                reference_is_base=not has_reference)  # fmt: skip
+                                reference_is_base=not has_reference, slices=[s.slice for s in samples], sides=sides)  # fmt: skip
 
 
 def model_contexts(model: Any, has_reference: bool, compare_base: bool) -> dict[str, Callable[[], Any]]:

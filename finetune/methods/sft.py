@@ -125,7 +125,7 @@ def compare(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData, has_
     e = recipe.eval
     return compare_models(
         model, tokenizer, data.eval, data.eval_samples, list(e.metrics), e.max_new_tokens, e.batch_size,
-        with_base=e.compare_base, limit=e.limit, options=e,
+        with_base=e.compare_base, limit=e.limit, options=e, kept=data.eval_kept,
     )  # fmt: skip
 
 

@@ -113,6 +113,8 @@ class ModelScores:
     per_example: dict[str, list[float]] = field(default_factory=dict)  # metric -> one score per held-out prompt
     tokens: list[int] = field(default_factory=list)  # generated tokens per answer
     latency: list[float] = field(default_factory=list)  # seconds per answer (its batch's wall time)
+    loss_sums: list[float] = field(default_factory=list)  # summed cross-entropy of each loss row's trained tokens
+    loss_tokens: list[int] = field(default_factory=list)  # trained tokens per loss row (the same for every model)
 
 
 @dataclass
@@ -121,6 +123,8 @@ class Comparison:
 
     Everything a summary reports is derived from `per_example`, so a metric scored elsewhere (a judge) that
     fills `ModelScores.per_example[name]` and `metrics[name]` gets its per-slice figures and intervals too.
+    The loss is scored on the tokenized held-out rows (`ModelScores.loss_sums`), which are the prompts' rows less
+    any that max_seq_length dropped: `loss_slices` names each loss row's slice, `loss_of` maps a prompt to its row.
     """
 
     tuned: ModelScores
@@ -128,22 +132,29 @@ class Comparison:
     references: list[str]
     prompts: list[str]
     slices: list[str | None] = field(default_factory=list)
+    loss_slices: list[str | None] = field(default_factory=list)
+    loss_of: dict[int, int] = field(default_factory=dict)
 
     def summary(self) -> EvalSummary:
-        """Per model: loss, perplexity, metric means, answer cost; against the base, per generation metric: the
-        per-example record and a paired bootstrap interval of the delta; then the same per slice."""
+        """Per model: loss, perplexity, metric means, answer cost; against the base, per metric (the loss too):
+        the per-example record and a paired bootstrap interval of the delta; then the same per slice."""
         every = list(range(len(self.references)))
-        summary = self._summary(every, loss=True)
-        names = sorted({s for s in self.slices if s is not None})
-        summary.slices = {name: self._summary([i for i in every if self.slices[i] == name]) for name in names}
+        summary = self._summary(every, list(range(len(self.tuned.loss_sums))), overall=True)
+        names = sorted({s for s in (*self.slices, *self.loss_slices) if s is not None})
+        summary.slices = {
+            name: self._summary([i for i in every if self.slices[i] == name],
+                                [j for j, s in enumerate(self.loss_slices) if s == name])
+            for name in names
+        }  # fmt: skip
         return summary
 
-    def _summary(self, rows: list[int], loss: bool = False) -> EvalSummary:
+    def _summary(self, rows: list[int], loss_rows: list[int], overall: bool = False) -> EvalSummary:
         def scores(s: ModelScores | None) -> Scores | None:
             if s is None:
                 return None
             metrics = {name: _mean([v[i] for i in rows]) for name, v in s.per_example.items()}
-            return Scores(s.loss, s.perplexity, metrics) if loss else Scores(metrics=metrics)
+            loss = token_weighted(s, loss_rows) if s.loss_sums else s.loss if overall else None
+            return Scores(loss, None if loss is None else perplexity(loss), metrics)
 
         records, intervals = {}, {}
         for name in self.tuned.per_example if self.base is not None else ():
@@ -151,12 +162,37 @@ class Comparison:
                               [self.base.per_example[name][i] for i in rows])  # fmt: skip
             records[name] = {"wins": interval.wins, "losses": interval.losses, "ties": interval.ties}
             intervals[name] = {"low": interval.low, "high": interval.high, "sign_p": interval.sign_p}
+        if self.base is not None and self.base.loss_sums and loss_rows:
+            records["loss"], intervals["loss"] = loss_interval(self.tuned, self.base, loss_rows)
         cost = {k: answer_cost(s, rows) for k, s in (("tuned", self.tuned), ("base", self.base)) if s and s.tokens}
-        return EvalSummary(scores(self.tuned), scores(self.base), len(rows), records, intervals=intervals, cost=cost)
+        counted = len(loss_rows) if self.tuned.loss_sums and len(loss_rows) != len(rows) else None
+        return EvalSummary(scores(self.tuned), scores(self.base), len(rows), records, intervals=intervals, cost=cost,
+                           loss_rows=counted)  # fmt: skip
 
     def examples(self) -> list[dict[str, Any]]:
         models = {"tuned": self.tuned} | ({} if self.base is None else {"base": self.base})
-        return example_rows(self.prompts, self.references, models, self.slices)
+        return example_rows(self.prompts, self.references, models, self.slices, self.loss_of)
+
+
+def token_weighted(s: ModelScores, loss_rows: list[int]) -> float | None:
+    """The held-out loss over `loss_rows`: their summed cross-entropy over their trained tokens (a token-weighted
+    mean, as in training), so a slice's figure and the overall one are the same statistic; None for no rows."""
+    tokens = sum(s.loss_tokens[j] for j in loss_rows)
+    return sum(s.loss_sums[j] for j in loss_rows) / tokens if tokens else None
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50))
+
+
+def loss_interval(tuned: ModelScores, base: ModelScores, loss_rows: list[int]) -> tuple[dict[str, int], dict]:
+    """The record and paired bootstrap interval of the loss delta (tuned - base) over `loss_rows`, weighted by the
+    rows' trained tokens as the loss itself is. A win is a row where tuned's loss is lower (the better way)."""
+    w = [tuned.loss_tokens[j] for j in loss_rows]
+    mean = lambda s: [s.loss_sums[j] / max(s.loss_tokens[j], 1) for j in loss_rows]  # noqa: E731
+    interval = paired(mean(tuned), mean(base), weights=w)
+    record = {"wins": interval.losses, "losses": interval.wins, "ties": interval.ties}
+    return record, {"low": interval.low, "high": interval.high, "sign_p": interval.sign_p}
 
 
 def _mean(values: list[float]) -> float:
@@ -190,28 +226,42 @@ def example_rows(
     references: list[str],
     models: dict[str, ModelScores],
     slices: list[str | None] | None = None,
+    loss_of: dict[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """The rows of eval/examples.jsonl: prompt, gold `reference`, its `slice` (None without one), then each
     model's answer, per-example scores and cost (`<model>_tokens`, `<model>_latency_s`; the answer is None
-    when eval.metrics has only loss and perplexity, so nothing was generated)."""
+    when eval.metrics has only loss and perplexity, so nothing was generated). A row whose tokens the loss
+    scored (`loss_of`: prompt -> loss row) has `loss_tokens` (its trained tokens) and `<model>_loss` (their mean
+    cross-entropy): `runs compare` pairs two runs' losses row by row from these, weighted by `loss_tokens`."""
     rows = []
     for i, (prompt, gold) in enumerate(zip(prompts, references, strict=True)):
         row: dict[str, Any] = {"prompt": prompt, "reference": gold, "slice": slices[i] if slices else None}
+        j = (loss_of or {}).get(i)
         for name, s in models.items():
             key = EXAMPLE_KEYS[name]
             row[key] = s.outputs[i] if s.outputs else None
             row[f"{key}_scores"] = {k: v[i] for k, v in s.per_example.items()}
             if s.tokens:
                 row[f"{key}_tokens"], row[f"{key}_latency_s"] = s.tokens[i], round(s.latency[i], 4)
+            if j is not None and s.loss_sums:
+                row["loss_tokens"] = s.loss_tokens[j]
+                row[f"{key}_loss"] = s.loss_sums[j] / max(s.loss_tokens[j], 1)
         rows.append(row)
     return rows
 
 
 @torch.no_grad()
-def held_out_loss(model: PreTrainedModel, dataset: Dataset, pad_id: int, batch_size: int = 8) -> float:
-    """Mean cross-entropy over the trained (labelled) tokens, weighted by token, as in training."""
+def held_out_losses(
+    model: PreTrainedModel, dataset: Dataset, pad_id: int, batch_size: int = 8
+) -> tuple[list[float], list[int]]:
+    """Per row: the summed cross-entropy over its trained (labelled) tokens, and how many there are.
+
+    The held-out loss of any set of rows is sum(sums) / sum(tokens), weighted by token as in training: overall
+    and per slice alike (`token_weighted`).
+    """
     model.eval()
-    total, count = 0.0, 0
+    sums: list[float] = []
+    counts: list[int] = []
     device = next(model.parameters()).device
     for start in range(0, len(dataset), batch_size):
         rows = dataset[start : start + batch_size]
@@ -222,12 +272,13 @@ def held_out_loss(model: PreTrainedModel, dataset: Dataset, pad_id: int, batch_s
         for i, (x, y) in enumerate(zip(rows["input_ids"], rows["labels"], strict=True)):
             ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        shift_logits, shift_labels = logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1).to(device)
-        total += torch.nn.functional.cross_entropy(
-            shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum"
-        ).item()
-        count += int((shift_labels != IGNORE).sum())
-    return total / max(count, 1)
+        shift_labels = labels[:, 1:].to(device)
+        per_token = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+        ).view(shift_labels.shape)
+        sums += per_token.double().sum(dim=1).tolist()
+        counts += (shift_labels != IGNORE).sum(dim=1).tolist()
+    return sums, counts
 
 
 def score(
@@ -242,8 +293,9 @@ def score(
 ) -> ModelScores:
     scores = ModelScores()
     if dataset is not None and len(dataset):
-        scores.loss = held_out_loss(model, dataset, tokenizer.pad_token_id)
-        scores.perplexity = math.exp(min(scores.loss, 50))
+        scores.loss_sums, scores.loss_tokens = held_out_losses(model, dataset, tokenizer.pad_token_id)
+        scores.loss = token_weighted(scores, list(range(len(dataset))))
+        scores.perplexity = None if scores.loss is None else perplexity(scores.loss)
     if metrics and prompts:
         generated = generate_timed(model, tokenizer, prompts, max_new_tokens, batch_size)
         scores.outputs, scores.tokens, scores.latency = generated.texts, generated.tokens, generated.seconds
@@ -265,9 +317,18 @@ def compare(
     with_base: bool,
     limit: int | None = None,
     options: EvalSection | None = None,
+    kept: list[int] | None = None,
 ) -> Comparison:
-    """Score the PEFT model with its adapter, and (with_base) with the adapter disabled."""
+    """Score the PEFT model with its adapter, and (with_base) with the adapter disabled.
+
+    `kept` (`PreparedData.eval_kept`) gives each row of `dataset` its sample, so the loss is sliced as the
+    prompts are; without it the rows are taken to be the samples in order.
+    """
+    rows = len(dataset) if dataset is not None else 0
+    owner = list(kept or range(len(samples)))[:rows]
+    loss_slices = [samples[k].slice if k < len(samples) else None for k in owner]
     samples = samples[:limit] if limit else samples
+    loss_of = {k: j for j, k in enumerate(owner) if k < len(samples)}
     pairs = [prompt_and_reference(tokenizer, s) for s in samples]
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
     metrics = metric_functions(metric_names, options)
@@ -277,4 +338,4 @@ def compare(
     if with_base:
         with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
             base = run()
-    return Comparison(tuned, base, references, prompts, [s.slice for s in samples])
+    return Comparison(tuned, base, references, prompts, [s.slice for s in samples], loss_slices, loss_of)

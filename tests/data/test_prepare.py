@@ -252,7 +252,8 @@ def test_preprocessing_is_cached_and_never_stale(tmp_path, tiny_model_dir, token
     import finetune.data.prepare as prepare_module
 
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
-    path = write_recipe(tmp_path, tiny_model_dir(), tiny.reverse_rows(10), "  eval: {split_ratio: 0.2}\n")
+    sliced = [{**row, "level": str(i % 2)} for i, row in enumerate(tiny.reverse_rows(10))]
+    path = write_recipe(tmp_path, tiny_model_dir(), sliced, "  eval: {split_ratio: 0.2}\neval: {slice_by: level}\n")
     first = prepare_data(load_recipe(path), tokenizer)
     calls = []
     real = prepare_module._prepare
@@ -261,8 +262,10 @@ def test_preprocessing_is_cached_and_never_stale(tmp_path, tiny_model_dir, token
     assert calls == [] and again.train["input_ids"] == first.train["input_ids"]
     assert [s.messages for s in again.eval_samples] == [s.messages for s in first.eval_samples]
     assert again.stats == first.stats
+    assert again.eval_samples == first.eval_samples and {s.slice for s in again.eval_samples} <= {"0", "1"}
+    assert again.eval_kept == first.eval_kept == [0, 1]  # each loss row's sample, for its slice
 
-    rows = tiny.reverse_rows(10)
+    rows = sliced
     rows[0]["messages"][1]["content"] = "changed answer"
     (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     edited = prepare_data(load_recipe(path), tokenizer)

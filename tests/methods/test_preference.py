@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tiny
@@ -162,6 +163,39 @@ def test_a_broken_preference_row_names_file_and_row(tmp_path, row, message):
     with pytest.raises(DataError) as e:
         load_judged([DataSource(path=str(path), format="preference")], "error", PreferenceStats())
     assert str(e.value).startswith(f"{path}:3: ") and message in str(e.value), str(e.value)
+
+
+def test_held_out_pairs_carry_their_slice_and_a_pair_without_one_is_named(tmp_path):
+    """DPO's held-out pairs are sliced as SFT rows are: a source's `slice:` wins over the `eval.slice_by` column;
+    a held-out pair without the column is a located error, before anything loads."""
+    from finetune.data.preference import PreferenceStats, _split
+
+    held = [{**p, "level": level} for p, level in zip(pairs(3, seed=1), ["a", "b", None], strict=True)]
+    tiny.write_jsonl(tmp_path / "data" / "pairs.jsonl", pairs(6))
+    tiny.write_jsonl(tmp_path / "data" / "held.jsonl", [{k: v for k, v in p.items() if v is not None} for p in held])
+    tiny.write_jsonl(tmp_path / "data" / "named.jsonl", pairs(2, seed=2))
+
+    def recipe(named: str = "") -> Any:
+        path = write(tmp_path, "dpo", f"""\
+name: dpo
+model: {{base: acme/tiny}}
+data:
+  train: [{{path: data/pairs.jsonl, format: preference}}]
+  eval: [{{path: data/held.jsonl, format: preference}}{named}]
+train: {{method: dpo}}
+eval: {{slice_by: level}}
+""")  # fmt: skip
+        return load_recipe(path, check_files=False)  # the data files are read; no model is needed
+
+    with pytest.raises(DataError) as e:
+        _split(recipe(), PreferenceStats())
+    assert [p.where.rpartition("/")[2] for p in e.value.problems] == ["held.jsonl:3"], str(e.value)
+    tiny.write_jsonl(tmp_path / "data" / "held.jsonl", [{**p, "level": p["level"] or "c"} for p in held])
+    source = ", {path: data/named.jsonl, format: preference, slice: named}"
+    _, held_out = _split(recipe(source), PreferenceStats())
+    assert [[side.slice for side in group] for group in held_out] == [["a", "a"], ["b", "b"], ["c", "c"],
+                                                                      ["named", "named"], ["named", "named"]]  # fmt: skip
+    assert held_out[0][0].as_sample().slice == "a"  # the prompts the generation metrics answer are sliced too
 
 
 def test_conversation_pairs_share_their_prompt_turns(tmp_path):
