@@ -39,6 +39,9 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"(?s).*ensure_weight_tying", category=UserWarning)
+    # new tokens: checkpoints hold the grown embeddings in full (so a resume is exact); adapter/ holds the rows only
+    warnings.filterwarnings("ignore", message=r"Setting `save_embedding_layers` to `True` as the embedding layer has "
+                            "been resized", category=UserWarning)  # fmt: skip
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(_INT8_CAST_ONCE)
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
