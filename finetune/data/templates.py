@@ -77,7 +77,19 @@ def add_special_tokens(tokenizer: PreTrainedTokenizerBase, add: str | list[str],
         tokens = list(add)
     if tokens:
         tokenizer.add_special_tokens({"extra_special_tokens": tokens}, replace_extra_special_tokens=False)
+        _end_turns_with(tokenizer, tokens)
     return tokens
+
+
+def _end_turns_with(tokenizer: PreTrainedTokenizerBase, added: list[str]) -> None:
+    """Make the new token that closes an assistant turn (ChatML's <|im_end|>) the tokenizer's eos, which generation
+    stops at (`generation.stop_ids`): a base tokenizer's own eos (`</s>`) never follows an answer in this template,
+    so eval, chat and serve would otherwise talk past the end of the turn."""
+    turn = render(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ANSWER"}])
+    after = turn[turn.rfind("ANSWER") + len("ANSWER") :]
+    closing = min((t for t in added if t in after), key=after.index, default=None)
+    if closing is not None and tokenizer.eos_token not in after:
+        tokenizer.eos_token = closing
 
 
 def new_token_ids(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> list[int]:

@@ -133,6 +133,7 @@ def test_auto_adds_the_templates_missing_markers_as_single_special_tokens_after_
     ids = encode(base_tokenizer, prompt)
     assert ids[0] == size and ids.count(size + 1) == 2
     assert base_tokenizer.decode(ids, skip_special_tokens=True).startswith("system\nBe brief.")
+    assert base_tokenizer.eos_token == "<|im_end|>", "generation stops where the template ends an answer"
 
 
 def test_none_keeps_the_vocabulary_and_warns_that_auto_would_add_them(base_tokenizer):
