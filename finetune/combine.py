@@ -190,6 +190,11 @@ def _check_compatible(runs: list[Run], method: str) -> tuple[list[str], int]:
                 f"{run.root} trains whole modules ({', '.join(run.adapter_config['modules_to_save'])}, "
                 "modules_to_save), which cannot be combined by weighting low-rank matrices"
             )
+        if run.adapter_config.get("trainable_token_indices"):
+            problems.append(
+                f"{run.root} added tokens and trained their rows (data.add_special_tokens, trainable_token_indices), "
+                "which cannot be combined by weighting low-rank matrices"
+            )
         if run.adapter_config.get("rank_pattern") or run.adapter_config.get("alpha_pattern"):
             problems.append(f"{run.root} uses per-module ranks (rank_pattern/alpha_pattern), not supported here")
     ranks = [int(r.adapter_config.get("r", 0)) for r in runs]

@@ -123,7 +123,7 @@ def _gguf_into(run: Run, tmp: Path, dtype_name: str | None, quants: list[str], p
     shutil.rmtree(merged)
     write_json_atomic(tmp / "gguf.json", report)
     first = next(iter(report["files"].values()))  # the first --quant: the file the model card's snippet loads
-    files = {k: first[k] for k in ("model", "base", "adapter")}
+    files = {k: first[k] for k in ("model", "base", "adapter") if k in first}  # a run that added tokens: model only
     return check, {"format": "gguf", "adapter": adapter_facts(run), "files": files, "targets": gguf.compat(report)}
 
 
@@ -159,6 +159,15 @@ def _adapter_transformers(facts: dict) -> dict:
             f"trained on a {facts['quantization_in_training']}-quantized base: load the base with the same "
             "BitsAndBytesConfig to reproduce training-time outputs exactly"
         )
+    if new := facts.get("new_tokens"):
+        command = (f'base = AutoModelForCausalLM.from_pretrained("{facts["base_model"]}"{revision}); '
+                   'base.resize_token_embeddings(len(AutoTokenizer.from_pretrained("<this directory>")), '
+                   'mean_resizing=False); PeftModel.from_pretrained(base, "<this directory>")')  # fmt: skip
+        reasons.append(
+            f"the run added {len(new['ids'])} tokens ({', '.join(new['tokens'])}): grow the base's embeddings to the "
+            "length of this directory's tokenizer before loading the adapter, which holds the new rows "
+            f"({new['mode']})"
+        )
     reasons.insert(0, "the adapter is PEFT's own format as training saved it (adapter_config.json and the "
                       "safetensors header were read); export --format merged loads it onto the base and checks it")  # fmt: skip
     return _verdict(None, "export --format adapter loads no model", reasons, command)
@@ -192,7 +201,13 @@ def _adapter_gguf(facts: dict) -> dict:
     blockers = []
     if facts["magnitude_vectors"]:
         blockers.append(f"DoRA: {script} accepts only lora_A/lora_B tensors, not DoRA's magnitude vectors")
-    if facts["full_tensors"]:
+    if facts.get("new_tokens"):
+        blockers.append(
+            f'{script} takes lora_A/lora_B tensors only and stops at trained embedding rows ("Embeddings is present '
+            'in the adapter. This can be due to new tokens added during fine tuning"; read in its source, not run): '
+            "export --format gguf converts the merged model, whose vocabulary holds the new tokens"
+        )
+    elif facts["full_tensors"]:
         shown = ", ".join(facts["full_tensors"][:3]) + (" ..." if len(facts["full_tensors"]) > 3 else "")
         blockers.append(f"{script} refuses whole tensors (modules_to_save: {shown})")
     if facts["variant"] == "rslora":
@@ -326,7 +341,7 @@ def model_card(run: Run, format: str, compat: dict, check: dict | None) -> str:
                       f"run `{parent}`: {how}."]  # fmt: skip
     if facts["modules_to_save"]:
         lines.append(f"Fully trained modules: {', '.join(facts['modules_to_save'])}.")
-    usage = _usage(format, base, recipe.model.revision, compat.get("files"))
+    usage = _usage(format, base, recipe.model.revision, compat.get("files"), bool(manifest.get("new_tokens")))
     lines += ["", "## Use", "", "```python", *usage, "```", ""]
     if combined:
         lines += _combination_section(manifest)
@@ -364,14 +379,17 @@ def _modules(targets: list[str] | str) -> str:
     return targets if isinstance(targets, str) else ", ".join(targets)
 
 
-def _usage(format: str, base: str, revision: str | None, gguf_files: dict[str, str] | None = None) -> list[str]:
+def _usage(
+    format: str, base: str, revision: str | None, gguf_files: dict[str, str] | None = None, new_tokens: bool = False
+) -> list[str]:
     rev = f', revision="{revision}"' if revision else ""
     if format == "gguf" and gguf_files:  # see gguf.json for every file and its verification
-        model, base_gguf, adapter = gguf_files["model"], gguf_files["base"], gguf_files["adapter"]
+        lines = ["from llama_cpp import Llama", "", f'model = Llama("<this directory>/{gguf_files["model"]}")']
+        if "adapter" not in gguf_files:  # a run that added tokens: the merged model only
+            return [*lines, "# Ollama: ollama create NAME -f Modelfile"]
+        base_gguf, adapter = gguf_files["base"], gguf_files["adapter"]
         return [
-            "from llama_cpp import Llama",
-            "",
-            f'model = Llama("<this directory>/{model}")',
+            *lines,
             f'# or: Llama("<this directory>/{base_gguf}", lora_path="<this directory>/{adapter}")',
             "# Ollama: ollama create NAME -f Modelfile  (Modelfile.adapter: the base GGUF + the GGUF adapter)",
         ]
@@ -381,8 +399,16 @@ def _usage(format: str, base: str, revision: str | None, gguf_files: dict[str, s
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "",
             f'base = AutoModelForCausalLM.from_pretrained("{base}"{rev})',
-            'model = PeftModel.from_pretrained(base, "<this directory>")',
             'tokenizer = AutoTokenizer.from_pretrained("<this directory>")  # with the chat template used in training',
+            *(
+                [
+                    "base.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the new tokens' rows are in "
+                    "the adapter"
+                ]
+                if new_tokens
+                else []
+            ),
+            'model = PeftModel.from_pretrained(base, "<this directory>")',
         ]
     return [
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -437,6 +463,7 @@ def _training_section(run: Run) -> list[str]:
         ),
         ("LoRA initialisation", _init_row(m.get("lora_init"))),
         ("quantization", quant),
+        ("new tokens", _new_tokens_row(m.get("new_tokens"))),
         ("epochs / max steps", f"{t.epochs:g} / {t.max_steps or '-'}"),
         ("learning rate", f"{t.lr:g}, {t.scheduler}, warmup {t.warmup_ratio:g}" + _loraplus(t)),
         ("adapter layout", "; ".join(lora.get("ranks") or []) if _per_layer(recipe) else None),
@@ -458,6 +485,15 @@ def _training_section(run: Run) -> list[str]:
         ("run status", m.get("status")),
     ]
     return ["## Training", "", *_table(rows)]
+
+
+def _new_tokens_row(new: dict | None) -> str | None:
+    """data.add_special_tokens: which tokens, their ids, how they were trained, the vocabulary it gave."""
+    if not new:
+        return None
+    how = "their rows only" if new["mode"] == "trainable_rows" else "in full (modules_to_save)"
+    return (f"{', '.join(f'`{t}`' for t in new['tokens'])} (ids {new['ids'][0]}-{new['ids'][-1]}), "
+            f"{', '.join(new['layers'])} trained {how}; embeddings {new['embedding_rows']:,} rows")  # fmt: skip
 
 
 def _init_row(init: dict | None) -> str | None:

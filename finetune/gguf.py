@@ -476,9 +476,11 @@ def build(run: Any, merged: Path, out: Path, quants: list[str], progress: Any) -
         answers["base"] = cases_of(examples, "base")
     report: dict[str, Any] = {"converter": str(converter.root), "context": n_ctx, "max_new_tokens": max_new,
                               "convert_seconds": {}, "files": {}}  # fmt: skip
-    base = base_dir(run.recipe.model.base, run.recipe.model.revision)
     timed = _timer(report["convert_seconds"], progress)
     f32 = timed("model-f32.gguf", lambda p: convert_model(converter, merged, p, "f32"), out)
+    if run.manifest.get("new_tokens"):  # the merged model alone: see merged_only
+        return merged_only(run, f32, out, quants, tokenizer, answers["tuned"], (stop_ids, stop_texts), report, progress)
+    base = base_dir(run.recipe.model.base, run.recipe.model.revision)
     base_f32 = timed("base-f32.gguf", lambda p: convert_model(converter, base, p, "f32"), out)
     adapter = timed("adapter-f32.gguf", lambda p: convert_adapter(converter, run.adapter, base, p, "f32"), out)
     references = _references(f32, base_f32, n_ctx, tokenizer, answers, quants)
@@ -513,6 +515,45 @@ def build(run: Any, merged: Path, out: Path, quants: list[str], progress: Any) -
         base_f32.unlink()
     _modelfiles(report, out, template_family(tokenizer), stop_texts)
     report.update(tokenizer_pre=_pre_of(run.adapter), llama_cpp_python=_llama_version())
+    return report
+
+
+def merged_only(
+    run: Any, f32: Path, out: Path, quants: list[str], tokenizer: Any, tuned: list[Case],
+    stops: tuple[list[int], list[str]], report: dict, progress: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """A run that added tokens (data.add_special_tokens): only the merged model, whose vocabulary holds them, is
+    converted and verified. llama.cpp's LoRA converter stops at trained embedding rows, and the base's GGUF has no
+    ids for the new tokens, so there is no base + adapter form (nor its Modelfile.adapter)."""
+    n_ctx, max_new = report["context"], report["max_new_tokens"]
+    stop_ids, stop_texts = stops
+    references = None
+    if not all(q in UNQUANTIZED for q in quants):
+        with contextlib.closing(open_llama(f32, n_ctx)) as llm:
+            references = reference_logits(llm, tokenizer, tuned)
+    failures = []
+    for quant in quants:
+        made: dict[str, float] = {}
+        model = f32 if quant == "f32" else _timer(made, progress)(f"model-{quant}.gguf",
+                                                                 lambda p, q=quant: quantize(f32, p, q), out)  # fmt: skip
+        with contextlib.closing(open_llama(model, n_ctx)) as llm:
+            check = verify(llm, tokenizer, tuned, stop_ids, max_new, None if quant in UNQUANTIZED else references)
+        check["passed"], check["verdict"] = judge(quant, check, "merged")
+        progress(f"{quant} merged: {check['verdict']} ({check['seconds']:.1f} s)")
+        if not check["passed"]:
+            failures.append(f"merged {model.name}: {check['verdict']}")
+        report["files"][quant] = {"model": model.name, "bytes": {model.name: model.stat().st_size},
+                                  "make_seconds": made, "checks": {"merged": check}}  # fmt: skip
+    if failures:
+        raise GGUFCheckError(failures, report)
+    if "f32" not in quants:
+        f32.unlink()
+    first = next(iter(report["files"].values()))
+    text, notes = modelfile(first["model"], template_family(tokenizer), stop_texts)
+    (out / "Modelfile").write_text(text, encoding="utf-8")
+    report.update(template_family=template_family(tokenizer), stop_tokens=stop_texts, modelfile_notes=notes,
+                  modelfiles={"Modelfile": first["model"]}, adapter_form="not made: the run added tokens",
+                  tokenizer_pre=_pre_of(run.adapter), llama_cpp_python=_llama_version())  # fmt: skip
     return report
 
 
@@ -573,8 +614,9 @@ def compat(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The compatibility verdicts of a GGUF export: only what ran here is "works"."""
     lines = [f"{q} {form}: {c['verdict']}" for q, f in report["files"].items() for form, c in f["checks"].items()]
     first = next(iter(report["files"].values()))
-    ollama_reasons = [f"Modelfile: FROM {first['model']}; Modelfile.adapter: FROM {first['base']} + ADAPTER "
-                      f"{first['adapter']}; stop {', '.join(report['stop_tokens'])}",
+    adapter_form = "adapter" in first  # not for a run that added tokens (merged_only)
+    with_adapter = f"; Modelfile.adapter: FROM {first['base']} + ADAPTER {first['adapter']}" if adapter_form else ""
+    ollama_reasons = [f"Modelfile: FROM {first['model']}{with_adapter}; stop {', '.join(report['stop_tokens'])}",
                       *report["modelfile_notes"]]  # fmt: skip
     return {
         "llama_cpp": {
@@ -582,7 +624,8 @@ def compat(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "summary": f"converted by llama.cpp's converter and verified by generating with llama-cpp-python "
             f"{report['llama_cpp_python']} (greedy, held-out prompts, the run's template)",
             "reasons": lines,
-            "command": f"llama-cli -m {first['model']}  # or: -m {first['base']} --lora {first['adapter']}",
+            "command": f"llama-cli -m {first['model']}"
+            + (f"  # or: -m {first['base']} --lora {first['adapter']}" if adapter_form else ""),
         },
         "ollama": {
             "works": None,

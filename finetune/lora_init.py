@@ -205,8 +205,13 @@ def _plain_config(model: Any) -> Iterator[None]:
 def save_adapter(recipe: Recipe, run_root: Path, model: Any, out: Path) -> None:
     """adapter/'s weights and config: converted to a plain LoRA on the original base when the init moved it."""
     if not moves_base(recipe):  # saved as PEFT's default init, so that loading it anywhere runs no init of its own
+        # new tokens: their rows are in the adapter (trainable_token_indices or modules_to_save); PEFT would add the
+        # whole resized embeddings and output layer of the base as well, on seeing the vocabulary grown
+        rows_only = {"save_embedding_layers": False} if recipe.data.add_special_tokens != "none" else {}
         with _plain_config(model):
-            model.save_pretrained(out, selected_adapters=["default"])  # not a preference method's frozen reference
+            model.save_pretrained(
+                out, selected_adapters=["default"], **rows_only
+            )  # not a preference method's reference
         return
     with atomic_dir(trained_dir(run_root)) as tmp:
         model.save_pretrained(tmp, selected_adapters=["default"])

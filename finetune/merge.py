@@ -24,7 +24,7 @@ import torch
 from finetune.errors import UserError
 from finetune.files import atomic_dir, file_sha256, write_json_atomic
 from finetune.machine import device, free_memory, resolve_dtype, this_machine
-from finetune.modeling import load_model, model_kwargs, quiet_libraries
+from finetune.modeling import fit_to_adapter, load_model, model_kwargs, quiet_libraries
 from finetune.recipe.schema import Recipe
 from finetune.runs import Result, Run, claim_output, now, open_run
 from finetune.speed import model_attention
@@ -211,6 +211,7 @@ def _load_unmerged(run: Run, recipe: Recipe) -> tuple[Any, bool]:
 
     base = load_model(recipe, model_attention(recipe, this_machine()), quantized=False)
     tied = _tied(base)
+    fit_to_adapter(base, run.adapter)  # a run that added tokens: the merged model keeps the grown vocabulary
     model = PeftModel.from_pretrained(base, str(run.adapter), is_trainable=False)
     model.eval()
     return model, tied

@@ -39,6 +39,9 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"(?s).*ensure_weight_tying", category=UserWarning)
+    # new tokens: checkpoints hold the grown embeddings in full (so a resume is exact); adapter/ holds the rows only
+    warnings.filterwarnings("ignore", message=r"Setting `save_embedding_layers` to `True` as the embedding layer has "
+                            "been resized", category=UserWarning)  # fmt: skip
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(_INT8_CAST_ONCE)
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
@@ -241,3 +244,55 @@ def lora_config(recipe: Recipe, targets: list[str]) -> LoraConfig:
         task_type="CAUSAL_LM",
         **peft_fields(recipe),  # per-layer ranks, alphas and blocks (finetune.lora_layers)
     )
+
+
+# --- new tokens (data.add_special_tokens, lora.new_tokens; issue 33) ---
+
+
+def fit_vocabulary(model: PreTrainedModel, size: int, mean: bool = False) -> bool:
+    """Grow the input embeddings and the output layer to `size` rows when they hold fewer (never shrink: a
+    vocabulary padded beyond the tokenizer stays as it is). `mean`: new rows drawn around the old rows' mean and
+    covariance (transformers' mean_resizing, so the new tokens start as likely as an average one), as training
+    does; a consumer loading a trained adapter needs no such start, the adapter holds the rows. Whether it grew."""
+    if size <= model.get_input_embeddings().weight.shape[0]:
+        return False
+    model.resize_token_embeddings(size, mean_resizing=mean)
+    return True
+
+
+def fit_to_adapter(model: PreTrainedModel, adapter: Any) -> bool:
+    """The base grown to the vocabulary of the tokenizer saved with `adapter` (a run that added tokens), before
+    PEFT loads the adapter: its new rows have no place in the base's embeddings otherwise."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    if not (Path(adapter) / "tokenizer_config.json").is_file():
+        return False
+    return fit_vocabulary(model, len(AutoTokenizer.from_pretrained(adapter)))
+
+
+def embedding_names(model: PreTrainedModel) -> tuple[str, str | None]:
+    """Leaf names of the input embeddings and of the output layer, None for the latter when it is tied to them."""
+    modules = {id(m): name.rsplit(".", 1)[-1] for name, m in model.named_modules()}
+    out = model.get_output_embeddings()
+    tied = getattr(model.config, "tie_word_embeddings", False) or out is None
+    return modules[id(model.get_input_embeddings())], None if tied else modules[id(out)]
+
+
+def train_new_tokens(recipe: Recipe, model: PreTrainedModel, peft_config: LoraConfig, ids: list[int]) -> dict[str, Any]:
+    """Make room for the tokens the tokenizer gained (`ids`) and have the adapter train them, as lora.new_tokens
+    says: `trainable_rows` PEFT's trainable_token_indices on the input embeddings and an untied output layer (a
+    tied one follows its embeddings), `modules_to_save` both matrices in full. What the manifest records."""
+    vocabulary = max(ids) + 1
+    grew = fit_vocabulary(model, vocabulary, mean=True)
+    embed, output = embedding_names(model)
+    layers = [embed] if output is None else [embed, output]
+    if recipe.lora.new_tokens == "trainable_rows":
+        peft_config.trainable_token_indices = {layer: list(ids) for layer in layers}
+    else:
+        peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *layers]
+        peft_config.ensure_weight_tying = output is None  # a tied output layer follows the trained embeddings copy
+    rows = model.get_input_embeddings().weight.shape[0]
+    return {"ids": list(ids), "mode": recipe.lora.new_tokens, "layers": layers, "embedding_rows": rows,
+            "resized": grew}  # fmt: skip

@@ -188,6 +188,12 @@ def plan(recipe: Recipe, gpu: str | None = None, tflops: float | None = None, mf
             f"attention auto is planned as {attention}, padding-free batches as {'on' if flat else 'off'} "
             "(this machine); with flash-attn on the GPU both turn on (the steps stay the same)"
         )
+    if recipe.data.add_special_tokens != "none":
+        notes.append(
+            "data.add_special_tokens: the new tokens' rows are not counted above (lora.new_tokens trainable_rows: "
+            "hidden size x new tokens per embedding matrix; modules_to_save: the embeddings and output layer in "
+            "full); `finetune train` records them in the manifest (new_tokens)"
+        )
     if recipe.train.optimizer.startswith("paged_"):
         notes.append("paged optimizer: its states can move to CPU memory under pressure; counted here on the GPU")
     how, n, _ = sharding(recipe)

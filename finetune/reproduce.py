@@ -258,13 +258,13 @@ def _weights(recipe: Recipe) -> Any:
 
 def _tokenizer_hashes(recipe: Recipe) -> tuple[str | None, str | None]:
     """The tokenizer saved the way train saves it beside the adapter, hashed the way the manifest hashed it."""
-    from finetune.data.templates import apply_chat_template
+    from finetune.data.templates import recipe_template
     from finetune.modeling import load_tokenizer, quiet_libraries
 
     quiet_libraries()
     try:
         tokenizer = load_tokenizer(recipe)
-        apply_chat_template(tokenizer, recipe.data.chat_template)
+        recipe_template(recipe, tokenizer)
     except Exception as e:  # an offline hub id: reported as the value now, not a crash
         return f"unavailable: {type(e).__name__}", f"unavailable: {type(e).__name__}"
     with tempfile.TemporaryDirectory() as tmp:

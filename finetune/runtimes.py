@@ -58,6 +58,8 @@ def adapter_facts(run: Run) -> dict[str, Any]:
         ),
         # new token rows trained by PEFT's trainable_token_indices: `<module>.token_adapter.trainable_tokens_delta`
         "trainable_tokens": sorted({n.split(".token_adapter.")[0].rsplit(".", 1)[-1] for n in names if _rows(n)}),
+        # tokens the run added (data.add_special_tokens): what the manifest recorded, None for a run without
+        "new_tokens": run.manifest.get("new_tokens"),
         "per_layer": sorted(k for k in ("rank_pattern", "alpha_pattern", "layers_to_transform") if config.get(k)),
         "base_model": run.recipe.model.base,
         "base_revision": run.recipe.model.revision,
@@ -91,6 +93,12 @@ def adapter_vllm(facts: dict, run: Run) -> dict:
             f"trained token rows of {', '.join(facts['trainable_tokens'])} (trainable_token_indices) are not served by "
             "vLLM 0.32, whose LoRA loader knows only lora_A/lora_B tensors (read in its source, not run); "
             "export --format merged"
+        )
+    if (new := facts.get("new_tokens")) and new.get("resized"):
+        blockers.append(
+            f"the run added {len(new['ids'])} tokens ({', '.join(new['tokens'])}) beyond the base's vocabulary, and "
+            "vLLM 0.32 serves a LoRA on the base's own embeddings, with no extra-vocabulary rows (read in its source, "
+            "not run); export --format merged, whose vocabulary holds them, and serve that"
         )
     if facts["bias"] != "none" or facts["lora_bias"]:
         blockers.append("adapter biases (bias/lora_bias) are not served by vLLM")

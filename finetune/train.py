@@ -48,6 +48,7 @@ from finetune.modeling import (
     prepare_quantized,
     quiet_libraries,
     tied_output_note,
+    train_new_tokens,
     weight_files,
 )
 from finetune.recipe.preflight import preflight
@@ -399,6 +400,7 @@ def _setup(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     _trackers_write_into(run, recipe)
     transformers.set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
+    base_vocabulary = len(tokenizer)  # data.add_special_tokens may add to it while the data is prepared
     method = methods.load(recipe.train.method)
     state = process_state()
     with state.main_process_first():  # the main process fills the preprocessing cache, the others read it
@@ -410,6 +412,10 @@ def _setup(recipe: Recipe, run: RunDir, manifest: Manifest, checkpoint: Path | N
     machine = this_machine()
     model, speed = _load_model(recipe, run, manifest, checkpoint, machine, data.stats.max_seq_length)
     model, targets, peft_config = method.policy(recipe, model)
+    if len(tokenizer) > base_vocabulary:  # the schema keeps new tokens to a fresh SFT adapter (peft_config)
+        new_ids = list(range(base_vocabulary, len(tokenizer)))
+        record = train_new_tokens(recipe, model, peft_config, new_ids)
+        manifest.update(new_tokens={"tokens": tokenizer.convert_ids_to_tokens(new_ids), **record})
     if peft_config is not None:  # a new adapter: patterns and blocks that would adapt nothing stop here
         lora_layers.check(recipe, model, peft_config)
     model, peft_config, init = lora_init.apply(recipe, run.root, model, peft_config, data, tokenizer,

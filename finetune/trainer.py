@@ -49,6 +49,7 @@ class SafeTraining:
         self.group_by_length = group_by_length
         self.loraplus_lr_ratio = loraplus_lr_ratio
         super().__init__(*args, **kwargs)
+        _output_rows_readable(self.model)
 
     def create_optimizer(self, model=None):
         """`train.loraplus_lr_ratio`: PEFT's LoRA+ parameter groups (B matrices at lr x ratio) in the optimizer the
@@ -297,6 +298,17 @@ class StopOnSignal(TrainerCallback):
             flag = bool(tensor.item())
             self.received = self.received or (signal.SIGTERM if flag else None)
         return flag
+
+
+def _output_rows_readable(model: Any) -> None:
+    """New tokens' output rows (PEFT's trainable_token_indices on the output layer, or tied to the embeddings'):
+    TRL's fused LM head reads `lm_head.weight` and `lm_head.bias`; PEFT's wrapper answers `weight` with the trained
+    rows in place (so they learn) but has no `bias`. Give this one instance the bias of the layer it wraps (None for
+    every head we know), set past nn.Module's registration so that no parameter is added to the adapter."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    adapter = getattr(head, "token_adapter", None) if head is not None else None
+    if adapter is not None and "bias" not in head.__dict__:
+        object.__setattr__(head, "bias", adapter.get_base_layer().bias)
 
 
 def build(cls: type, model: Any, tokenizer: Any, data: Any, args: Any, peft_config: Any, callbacks: list,

@@ -23,6 +23,12 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_base_tokenizer_dir(tmp_path_factory) -> Path:
+    """A base model's tokenizer: no ChatML tokens, no chat template (what data.add_special_tokens is for)."""
+    return tiny.build_tokenizer(tmp_path_factory.mktemp("base-tokenizer"), base=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
     """tiny_model_dir(family) -> a saved random model of that family, built once per session."""
     built: dict[str, Path] = {}

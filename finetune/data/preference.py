@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from finetune.data import mix, sources
 from finetune.data.formats import BadRow, Judged, Sample, to_judged
 from finetune.data.prepare import SourceStats, _nothing_left, _round_up, _slice_of, check_slices, hold_out, percentile
-from finetune.data.templates import apply_chat_template, render
+from finetune.data.templates import recipe_template, render
 from finetune.errors import DataError, Problem, UserError
 from finetune.recipe.schema import DataSource, Recipe
 
@@ -64,7 +64,7 @@ def prepare_preference(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Pr
     """Validate, split, render and tokenize the recipe's preference data for `train.method`."""
     from datasets import Dataset
 
-    apply_chat_template(tokenizer, recipe.data.chat_template)
+    recipe_template(recipe, tokenizer)
     mix.refuse_weights(recipe)
     paired = recipe.train.method == "dpo"
     stats = PreferenceStats(paired=paired)

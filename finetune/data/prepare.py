@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from finetune.data import sources
 from finetune.data.formats import BadRow, Judged, Sample, to_sample
-from finetune.data.templates import IGNORE, apply_chat_template, segments, tokenize
+from finetune.data.templates import IGNORE, recipe_template, segments, tokenize
 from finetune.errors import DataError, Problem, WriteError
 from finetune.recipe.schema import DataSource, Recipe
 
@@ -164,7 +164,7 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, use_cache: 
     The key covers the content of every source file, the tokenizer, the chat template, the data
     settings and the seed: an edited file or another tokenizer is never served stale data.
     """
-    apply_chat_template(tokenizer, recipe.data.chat_template)
+    recipe_template(recipe, tokenizer)
     if not use_cache:
         return _prepare(recipe, tokenizer)
     key = cache_key(recipe, tokenizer)

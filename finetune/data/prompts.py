@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from finetune.data import mix
 from finetune.data.formats import Sample
 from finetune.data.prepare import DataStats, SourceStats, _round_up, percentile, split
-from finetune.data.templates import apply_chat_template, encode, prompt_and_reference
+from finetune.data.templates import encode, prompt_and_reference, recipe_template
 from finetune.errors import DataError
 from finetune.recipe.schema import Recipe
 
@@ -57,7 +57,7 @@ def prepare_prompts(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Promp
     """Validate, split and render the recipe's data as prompts with references; count what is dropped."""
     from datasets import Dataset
 
-    apply_chat_template(tokenizer, recipe.data.chat_template)
+    recipe_template(recipe, tokenizer)
     mix.refuse_weights(recipe)
     counted = DataStats()
     train, held_out = split(recipe, counted)

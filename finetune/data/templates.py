@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune.data.formats import Sample
-from finetune.errors import UserError
+from finetune.errors import Problem, UserError
 from finetune.recipe.schema import BUILTIN_TEMPLATES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from finetune.recipe.schema import Recipe
 
 IGNORE = -100
 Segments = list[tuple[str, bool]]  # (text, trained)
@@ -31,8 +33,11 @@ def builtin_template(name: str) -> str:
     return resources.files("finetune.templates").joinpath(f"{name}.jinja").read_text(encoding="utf-8")
 
 
-def apply_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str) -> None:
-    """Set the recipe's template on the tokenizer, so that it is saved with the adapter and used everywhere after."""
+def apply_chat_template(
+    tokenizer: PreTrainedTokenizerBase, choice: str, add: str | list[str] = "none", where: str = ""
+) -> list[str]:
+    """Set the recipe's template on the tokenizer, so that it is saved with the adapter and used everywhere after;
+    add the special tokens `add` asks for (`data.add_special_tokens`, located by `where`). The tokens added."""
     if choice in BUILTIN_TEMPLATES:
         tokenizer.chat_template = builtin_template(choice)
     elif choice != "auto":
@@ -42,13 +47,53 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str) -> None
             "data.chat_template: the tokenizer has no chat template of its own; "
             f"set one of {', '.join(BUILTIN_TEMPLATES)} or a .jinja file"
         )
+    added = add_special_tokens(tokenizer, add, where)
     if missing := missing_markers(tokenizer):
         warnings.warn(
             f"data.chat_template {choice}: {', '.join(missing)} not in the tokenizer's vocabulary, so each is split "
-            "into several ordinary tokens the model must learn to use as markers; prefer a template the base "
-            "model's tokenizer has tokens for (adding new tokens is not supported yet)",
+            "into several ordinary tokens the model must learn to use as markers; set data.add_special_tokens: auto "
+            "to add them as new tokens (the embeddings grow and their rows are trained), or use a template the base "
+            "model's tokenizer has tokens for",
             stacklevel=2,
         )
+    return added
+
+
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase, add: str | list[str], where: str = "") -> list[str]:
+    """Add `data.add_special_tokens` to the tokenizer as special tokens (never split, skipped when decoding):
+    `auto` the template's markers it lacks, a list exactly those (each must be new). The tokens added, in id order."""
+    if add == "none":
+        return []
+    if add == "auto":
+        tokens = missing_markers(tokenizer)
+    else:
+        vocab = tokenizer.get_vocab()
+        if known := [t for t in add if t in vocab]:
+            raise UserError(Problem(
+                ", ".join(f"{t} is already token {vocab[t]}" for t in known) + " of the tokenizer; list only new "
+                "tokens, or use auto (the chat template's markers the tokenizer lacks)",
+                where, "data.add_special_tokens",
+            ))  # fmt: skip
+        tokens = list(add)
+    if tokens:
+        tokenizer.add_special_tokens({"extra_special_tokens": tokens}, replace_extra_special_tokens=False)
+        _end_turns_with(tokenizer, tokens)
+    return tokens
+
+
+def _end_turns_with(tokenizer: PreTrainedTokenizerBase, added: list[str]) -> None:
+    """Make the new token that closes an assistant turn (ChatML's <|im_end|>) the tokenizer's eos, which generation
+    stops at (`generation.stop_ids`): a base tokenizer's own eos (`</s>`) never follows an answer in this template,
+    so eval, chat and serve would otherwise talk past the end of the turn."""
+    turn = render(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ANSWER"}])
+    after = turn[turn.rfind("ANSWER") + len("ANSWER") :]
+    closing = min((t for t in added if t in after), key=after.index, default=None)
+    if closing is not None and tokenizer.eos_token not in after:
+        tokenizer.eos_token = closing
+
+
+def new_token_ids(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> list[int]:
+    return [int(i) for i in tokenizer.convert_tokens_to_ids(tokens)]
 
 
 # Marker-like literals of a template: `<|im_start|>`, `<start_of_turn>`, `</s>` (what a tokenizer holds as special tokens)
@@ -57,11 +102,17 @@ _MARKER = re.compile(r"<\|?/?[A-Za-z_][\w.]*\|?>")
 
 def missing_markers(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """The template's marker literals the tokenizer lacks as single tokens (ChatML's on a base model's tokenizer):
-    each is then split into several ordinary tokens, whose embeddings mean something else. `finetune` does not
-    add tokens (issue 33), so `apply_chat_template` warns."""
+    each is then split into several ordinary tokens, whose embeddings mean something else, unless
+    `data.add_special_tokens` adds them."""
     vocab = tokenizer.get_vocab()
     markers = dict.fromkeys(_MARKER.findall(tokenizer.chat_template or ""))
     return [m for m in markers if m not in vocab]
+
+
+def recipe_template(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """`apply_chat_template` with the recipe's template and new tokens, errors located at the recipe's line."""
+    where = recipe.source.where(("data", "add_special_tokens")) if recipe.source else ""
+    return apply_chat_template(tokenizer, recipe.data.chat_template, recipe.data.add_special_tokens, where)
 
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool = False) -> str:

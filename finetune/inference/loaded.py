@@ -53,7 +53,7 @@ def load(target: str | Path) -> Loaded:
     """Open a run (base + adapter, the base quantized as in training) or a merged model directory, to answer."""
     from peft import PeftModel
 
-    from finetune.modeling import quiet_libraries
+    from finetune.modeling import fit_vocabulary, quiet_libraries
 
     quiet_libraries()
     path = resolve_run(target)
@@ -61,7 +61,9 @@ def load(target: str | Path) -> Loaded:
         return _load_merged(path)
     run = open_run(path)
     tokenizer = chat_tokenizer(run.adapter)
-    model = PeftModel.from_pretrained(base_model(run.recipe), str(run.adapter), adapter_name=run.recipe.name)
+    base = base_model(run.recipe)
+    fit_vocabulary(base, len(tokenizer))  # a run that added tokens (data.add_special_tokens): rows for them
+    model = PeftModel.from_pretrained(base, str(run.adapter), adapter_name=run.recipe.name)
     model.eval()
     return Loaded(run.recipe.name, model, tokenizer, run.recipe.eval.max_new_tokens, run)
 
@@ -99,8 +101,11 @@ def for_evaluation(recipe: Recipe, adapter: Path) -> Any:
     from peft import PeftModel
 
     from finetune.lineage import parent_of
+    from finetune.modeling import fit_to_adapter
 
-    model = PeftModel.from_pretrained(base_model(recipe), adapter)
+    base = base_model(recipe)
+    fit_to_adapter(base, adapter)  # a run that added tokens (data.add_special_tokens): rows for them
+    model = PeftModel.from_pretrained(base, adapter)
     parent = parent_of(recipe) if recipe.train.method != "sft" else None
     if parent is not None:
         model.load_adapter(parent.adapter, adapter_name=REFERENCE_ADAPTER)

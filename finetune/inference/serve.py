@@ -138,6 +138,11 @@ class Models:
             raise ApiError(400, f"adapter {name!r} ({run.root}) was trained on another base: {refused}", "lora_path")
         self._check_holdable(run)
         tokenizer = chat_tokenizer(run.adapter)
+        rows = self.model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > rows:  # the base was grown for the first run's tokens only, or not at all
+            raise ApiError(400, f"adapter {name!r} ({run.root}) added tokens: its tokenizer has {len(tokenizer)} "
+                                f"tokens, this base's embeddings {rows} rows; serve it first or on its own",
+                           "lora_path")  # fmt: skip
         with self.lock:
             self._check_name(name)  # again: another load may have taken the name meanwhile
             try:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, T
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 TargetPreset = Literal["attention", "mlp", "all-linear"]
 BUILTIN_TEMPLATES = ("chatml", "llama3", "mistral", "gemma", "qwen2.5", "phi3")
+EMBEDDING_LAYERS = ("embed_tokens", "lm_head", "wte", "embed_out")  # input and output embeddings, by usual name
 LOSS_METRICS = ("loss", "perplexity")  # from the held-out loss; lower is better (finetune.summary)
 GENERATION_METRICS = (
     "exact_match",
@@ -312,6 +313,13 @@ class LoraSection(Section):
         return self
 
     # --- end of per-layer structure ---
+    new_tokens: Literal["trainable_rows", "modules_to_save"] = Field(
+        "trainable_rows",
+        description="How the tokens that data.add_special_tokens adds are trained: `trainable_rows` trains only their "
+        "rows of the input embeddings and (untied) output layer (PEFT's trainable_token_indices; a small adapter, "
+        "not served by vLLM LoRA serving); `modules_to_save` trains both matrices in full and saves them with the "
+        "adapter (a large adapter, refused by vLLM). Either way the adapter's tokenizer holds the new tokens.",
+    )
     init: LoraInitSection = Field(LoraInitSection(), description="How the adapter's weights start (lora.init).")
 
 
@@ -434,6 +442,18 @@ class DataSection(Section):
     chat_template: Annotated[str, PathRef("template")] = Field(
         "auto",
         description=f"`auto` (the tokenizer's own), a built-in ({', '.join(BUILTIN_TEMPLATES)}) or a .jinja file.",
+    )
+    add_special_tokens: Annotated[
+        Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1), Tag("list")]
+        | Annotated[Literal["none", "auto"], Tag("one")],
+        Discriminator(_by_type),
+    ] = Field(
+        "none",
+        description="Special tokens added to the base tokenizer before the data is tokenized: `none` (a template "
+        "marker the tokenizer lacks, like ChatML's <|im_start|> on a base model, is split into ordinary tokens, with "
+        "a warning), `auto` (add the chat template's markers the tokenizer lacks), or a list of tokens (each must be "
+        "new). The model's embeddings grow to hold them, their rows are trained as lora.new_tokens says, and the "
+        "tokenizer saved with the adapter holds them.",
     )
     dedup: Literal["none", "exact", "near"] = Field(
         "none",
@@ -999,6 +1019,37 @@ class Recipe(Section):
         return self
 
     # --- end streaming ---
+
+    @model_validator(mode="after")
+    def _new_tokens_fit(self) -> Recipe:
+        """What adding tokens was verified with (SFT, a fresh adapter, the default init), and no row trained twice."""
+        add = self.data.add_special_tokens
+        if add == "none":
+            return self
+        if isinstance(add, list) and len(set(add)) != len(add):
+            raise FieldRuleError("data.add_special_tokens", "lists a token twice")
+        if self.train.method != "sft":
+            raise FieldRuleError(
+                "data.add_special_tokens", f"new tokens are trained with train.method sft only, not {self.train.method}"
+            )
+        if self.model.from_run is not None:
+            raise FieldRuleError(
+                "data.add_special_tokens", "a continued run (model.from_run) keeps its parent's tokenizer"
+            )
+        if self.lora.init.method not in ("kaiming", "gaussian"):
+            raise FieldRuleError(
+                "data.add_special_tokens",
+                f"new tokens are not supported with lora.init.method {self.lora.init.method} (its conversion to a "
+                "plain LoRA was not verified with new token rows); use gaussian",
+            )
+        embedding = [m for m in self.lora.modules_to_save if m in EMBEDDING_LAYERS]
+        if embedding and self.lora.new_tokens == "trainable_rows":
+            raise FieldRuleError(
+                "lora.new_tokens",
+                f"trainable_rows trains the new tokens' rows, but lora.modules_to_save already trains "
+                f"{', '.join(embedding)} in full; set lora.new_tokens: modules_to_save",
+            )
+        return self
 
     @model_validator(mode="after")
     def _eval_needs_data(self) -> Recipe:

@@ -98,8 +98,60 @@ def test_a_template_whose_markers_the_tokenizer_lacks_warns_naming_them(tokenize
 
     path = tmp_path / "turns.jinja"
     path.write_text("{% for m in messages %}<|turn|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}")
-    with pytest.warns(UserWarning, match=r"data.chat_template .*turns.jinja: <\|turn\|> not in the tokenizer's vocab"):
+    with pytest.warns(
+        UserWarning,
+        match=r"data.chat_template .*turns.jinja: <\|turn\|> not in the tokenizer's vocab.*"
+        r"set data.add_special_tokens: auto",
+    ):
         apply_chat_template(tokenizer, str(path))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # ChatML's markers are this tokenizer's own tokens: nothing to say
         apply_chat_template(tokenizer, "chatml")
+
+
+@pytest.fixture
+def base_tokenizer(tiny_base_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_base_tokenizer_dir)
+
+
+def test_auto_adds_the_templates_missing_markers_as_single_special_tokens_after_the_vocabulary(base_tokenizer):
+    """ChatML on a base tokenizer: each marker was several byte tokens; now one new id each, never split, dropped
+    when decoding, and the rendered conversation tokenizes to them (no warning left to give)."""
+    import warnings
+
+    size = len(base_tokenizer)
+    assert len(encode(base_tokenizer, "<|im_start|>")) > 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        added = apply_chat_template(base_tokenizer, "chatml", "auto")
+    assert added == ["<|im_start|>", "<|im_end|>"]
+    assert base_tokenizer.convert_tokens_to_ids(added) == [size, size + 1] and len(base_tokenizer) == size + 2
+    assert set(added) <= set(base_tokenizer.all_special_tokens)
+    prompt, _ = prompt_and_reference(base_tokenizer, CHAT)
+    ids = encode(base_tokenizer, prompt)
+    assert ids[0] == size and ids.count(size + 1) == 2
+    assert base_tokenizer.decode(ids, skip_special_tokens=True).startswith("system\nBe brief.")
+    assert base_tokenizer.eos_token == "<|im_end|>", "generation stops where the template ends an answer"
+
+
+def test_none_keeps_the_vocabulary_and_warns_that_auto_would_add_them(base_tokenizer):
+    size = len(base_tokenizer)
+    with pytest.warns(
+        UserWarning,
+        match=r"<\|im_start\|>, <\|im_end\|> not in the tokenizer's vocabulary.*"
+        r"data.add_special_tokens: auto",
+    ):
+        assert apply_chat_template(base_tokenizer, "chatml", "none") == []
+    assert len(base_tokenizer) == size
+
+
+def test_a_listed_token_is_added_and_one_the_tokenizer_has_is_refused_naming_its_id(base_tokenizer):
+    size = len(base_tokenizer)
+    with pytest.warns(UserWarning, match=r"<\|im_end\|> not in"):  # the list does not cover ChatML's end of turn
+        assert apply_chat_template(base_tokenizer, "chatml", ["<|im_start|>", "<tool>"]) == ["<|im_start|>", "<tool>"]
+    assert len(base_tokenizer) == size + 2
+    pad = base_tokenizer.convert_tokens_to_ids("<|pad|>")
+    with pytest.raises(UserError, match=rf"recipe.yaml:9:3 data.add_special_tokens: <\|pad\|> is already token {pad}"):
+        apply_chat_template(base_tokenizer, "chatml", ["<|pad|>", "<new>"], where="recipe.yaml:9:3")

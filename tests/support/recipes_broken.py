@@ -935,6 +935,56 @@ BROKEN: list[Broken] = [
         """,
         ("recipe.yaml:5:3", "data.chat_template", "file not found: templates/mine.jinja"),
     ),
+    # --- new tokens (data.add_special_tokens, lora.new_tokens): what adding tokens was verified with ------------
+    _case(
+        "new-tokens-listed-twice",
+        """
+        name: demo
+        model: {base: ./model}
+        data:
+          train: [{path: data/train.jsonl}]
+          add_special_tokens: ["<|a|>", "<|a|>"]
+        """,
+        ("recipe.yaml:5:3", "data.add_special_tokens", "lists a token twice"),
+    ),
+    _case(
+        "new-tokens-with-dpo",
+        """
+        name: demo
+        model: {base: ./model}
+        data:
+          train: [{path: data/train.jsonl, format: preference}]
+          add_special_tokens: auto
+        train: {method: dpo}
+        """,
+        ("recipe.yaml:5:3", "data.add_special_tokens", "train.method sft only, not dpo"),
+    ),
+    _case(
+        "new-tokens-with-pissa",
+        """
+        name: demo
+        model: {base: ./model}
+        lora:
+          init: {method: pissa}
+        data:
+          train: [{path: data/train.jsonl}]
+          add_special_tokens: auto
+        """,
+        ("recipe.yaml:7:3", "data.add_special_tokens", "not supported with lora.init.method pissa"),
+    ),
+    _case(
+        "new-tokens-rows-and-the-whole-embeddings",
+        """
+        name: demo
+        model: {base: ./model}
+        lora:
+          modules_to_save: [embed_tokens]
+        data:
+          train: [{path: data/train.jsonl}]
+          add_special_tokens: auto
+        """,
+        ("recipe.yaml:3:1", "lora.new_tokens", "set lora.new_tokens: modules_to_save"),
+    ),
     # --- eval options with a rule of their own (finetune/scoring/structured.py) -----------------
     _case(
         "eval-regex-invalid",

@@ -59,8 +59,11 @@ WORDS = [
 ]
 
 
-def build_tokenizer(out: Path, vocab_size: int = 512) -> Path:
-    """A byte-level BPE tokenizer with a ChatML template; eos is <|im_end|>, pad is <|pad|>."""
+def build_tokenizer(out: Path, vocab_size: int = 512, base: bool = False) -> Path:
+    """A byte-level BPE tokenizer with a ChatML template; eos is <|im_end|>, pad is <|pad|>.
+
+    base: a base model's tokenizer instead, without ChatML's tokens or any template (eos </s>, pad <|pad|>),
+    the case data.add_special_tokens is for."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -69,17 +72,16 @@ def build_tokenizer(out: Path, vocab_size: int = 512) -> Path:
     tok.decoder = decoders.ByteLevel()
     corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4
     corpus += ['Reverse the words: user assistant system You are a helpful assistant. 0123456789 {}[]":,'] * 4
+    specials = ["<|pad|>", "</s>"] if base else SPECIAL + TEMPLATE_SPECIALS
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL + TEMPLATE_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token=None, unk_token=None,
-        additional_special_tokens=TEMPLATE_SPECIALS,
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="</s>" if base else "<|im_end|>", bos_token=None,
+        unk_token=None, additional_special_tokens=[] if base else TEMPLATE_SPECIALS,
     )  # fmt: skip
-    fast.chat_template = CHATML
+    fast.chat_template = None if base else CHATML
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out)
     return out
