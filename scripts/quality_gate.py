@@ -46,12 +46,16 @@ VARIANTS = {
     "packing": ["data.packing=true"],  # trained on the same share of the data: see `length`
     "padding-free": ["data.padding_free=true"],  # the GPU default (with flash attention), here with SDPA
     "loraplus": ["train.loraplus_lr_ratio=16"],  # LoRA+ at its paper's ratio, same lr and steps (issue 33)
+    # ratio 16 with a lower lr, as LoRA+'s authors advise: at 2e-3 the B matrices' 3.2e-2 diverges (lora-options.md)
+    "loraplus-lr5e-4": ["train.loraplus_lr_ratio=16", "train.lr=5e-4"],
     # lora.init (docs/guides/lora-options.md): same-settings is the default init, `kaiming`
     "init-gaussian": ["lora.init.method=gaussian"],
     "init-pissa": ["lora.init.method=pissa"],
     "init-pissa-fast": ["lora.init.method=pissa", "lora.init.svd_iters=4"],
     "init-olora": ["lora.init.method=olora"],
     "init-corda": ["lora.init.method=corda"],
+    # CorDA's B starts ~|C| times larger than A, so its steps are larger at the same lr: 10x lower (lora-options.md)
+    "init-corda-lr2e-4": ["lora.init.method=corda", "train.lr=2e-4"],
     "init-eva": ["lora.init.method=eva"],
     "init-loftq": ["lora.init.method=loftq", "quantization.method=nf4"],  # needs CUDA (PEFT's LoftQ)
 }

@@ -27,7 +27,8 @@ def cache(tmp_path, monkeypatch):
 
 
 def _train_in_process(recipe, run_root, steps: int = 3):
-    """The model as `finetune train` builds it (policy, then lora_init), a few AdamW steps, then adapter/ saved."""
+    """The model as `finetune train` builds it (policy, then lora_init), a few AdamW steps, then adapter/ saved; and
+    its logits before the first step."""
     from peft import get_peft_model
 
     from finetune.data import prepare_data
@@ -42,6 +43,8 @@ def _train_in_process(recipe, run_root, steps: int = 3):
     if config is not None:
         model = get_peft_model(model, config)
     batch, _ = lora_init._batches(recipe, data, tokenizer, model.device)
+    start = _logits(model.eval(), batch[0])  # before any step: W_res + B0 A0 must give the base's outputs
+    model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     for _ in range(steps):
         loss = model(**batch[0]).loss
@@ -51,7 +54,7 @@ def _train_in_process(recipe, run_root, steps: int = 3):
     adapter = run_root / "adapter"
     adapter.mkdir(parents=True)
     lora_init.save_adapter(recipe, run_root, model, adapter)
-    return model.eval(), batch[0], adapter, record
+    return model.eval(), batch[0], adapter, record, start
 
 
 def _logits(model, batch):
@@ -83,7 +86,7 @@ def test_the_saved_adapter_on_the_original_base_is_the_trained_model(method, ext
     from finetune.modeling import load_model
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir()), [f"lora.init.method={method}", *extra])
-    model, batch, adapter, record = _train_in_process(recipe, tmp_path / "run")
+    model, batch, adapter, record, start = _train_in_process(recipe, tmp_path / "run")
     trained = _logits(model, batch)
     config = json.loads((adapter / "adapter_config.json").read_text())
     moved = method in ("pissa", "olora", "corda")
@@ -95,8 +98,11 @@ def test_the_saved_adapter_on_the_original_base_is_the_trained_model(method, ext
     ).eval()  # the base, loaded as in training
     assert (_logits(plain, batch) - trained).abs().max() <= TOLERANCE
     with plain.disable_adapter():  # and the adapter did move the model, so the check above means something
-        assert (_logits(plain, batch) - trained).abs().max() > 100 * TOLERANCE
-    if method != "loftq":  # merge's check: merged into the original base = base + adapter (loftq: see the e2e test)
+        base = _logits(plain, batch)
+    assert (base - trained).abs().max() > 100 * TOLERANCE
+    if method != "loftq":  # loftq starts from NF4(W) + B0 A0 and merges differently: see the e2e test
+        assert (start - base).abs().max() <= 1e-5  # the model training started from was the base itself
+        # merge's check: merged into the original base = base + adapter
         merged = plain.merge_and_unload(safe_merge=True)
         assert (_logits(merged, batch) - trained).abs().max() <= TOLERANCE
 
