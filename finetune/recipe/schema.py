@@ -214,7 +214,8 @@ class LoraInitSection(Section):
         "`loftq` (needs quantization.method nf4): A and B from the SVD of the NF4 quantization error, so that "
         "base + adapter starts nearer the unquantized weights. `eva`: A from the SVD of the layer inputs on training "
         "batches, B zero. `corda`: A and B from the weight decomposed with the covariance of the layer inputs on "
-        "training batches, the base keeps the residual. The saved adapter is always a plain LoRA on the original base: "
+        "training batches, the base keeps the residual; its B starts far larger than its A, so it wants a much lower "
+        "`train.lr` than plain LoRA (PEFT's example: 2e-5; docs/guides/lora-options.md). The saved adapter is always a plain LoRA on the original base: "
         "for pissa, olora and corda it is converted at save time (rank 2 x lora.rank, PEFT's conversion).",
     )
     svd_iters: int | None = Field(
@@ -674,7 +675,8 @@ class TrainSection(Section):
         None,
         gt=0,
         description="LoRA+: the B matrices (and DoRA magnitudes, biases) learn at `lr` x this ratio, the A matrices "
-        "at `lr` (PEFT's create_loraplus_optimizer; its paper suggests 16, with a lower `lr`). Works with every "
+        "at `lr` (PEFT's create_loraplus_optimizer; its paper suggests 16, with a lower `lr`: on the quickstart, 16 "
+        "diverges at lr 2e-3 and learns at 5e-4). Works with every "
         "`optimizer` choice; none: plain LoRA, one learning rate.",
     )
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
