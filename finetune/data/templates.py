@@ -10,6 +10,7 @@ offsets in the one full rendering, so BPE merges across turn boundaries cannot s
 from __future__ import annotations
 
 import bisect
+import operator
 import re
 import warnings
 from importlib import resources
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 IGNORE = -100
 Segments = list[tuple[str, bool]]  # (text, trained)
+_START = operator.itemgetter(0)  # a token's first character, from its (start, end) offsets
 
 
 def builtin_template(name: str) -> str:
@@ -119,14 +121,65 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+class Renderer:
+    """`render` for many rows: the tokenizer's template compiled once and called directly.
+
+    `apply_chat_template` spends most of a call copying and normalising the messages and looking the template up
+    (about 2/3 of its time on two-turn chats); our messages are plain role/content strings, for which the template
+    then sees exactly what it is given here. The first rendering is compared with `apply_chat_template`'s and on
+    any difference (a transformers version that prepares messages otherwise) every row goes through it.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self._template = None
+        self._kwargs: dict[str, str] = {}
+        self._checked = False
+        self._bos: bool | None = None
+        if tokenizer.chat_template:
+            try:
+                from transformers.utils.chat_template_utils import _compile_jinja_template
+            except ImportError:  # a transformers without it: the public path, slower
+                return
+            self._template = _compile_jinja_template(tokenizer.get_chat_template())
+            self._kwargs = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes the template
+
+    def __call__(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        if self._template is None:
+            return render(self.tokenizer, messages, generation_prompt)
+        text = self._template.render(
+            messages=messages, tools=None, documents=None, add_generation_prompt=generation_prompt, **self._kwargs
+        )
+        if not self._checked:
+            self._checked = True
+            reference = render(self.tokenizer, messages, generation_prompt)
+            if text != reference:
+                self._template, text = None, reference
+        return text
+
+    def adds_bos(self) -> bool:
+        if self._bos is None:
+            self._bos = _adds_bos(self.tokenizer)
+        return self._bos
+
+
 def segments(tokenizer: PreTrainedTokenizerBase, sample: Sample, train_on: str) -> Segments:
     """The sample's full text cut into trained and untrained pieces."""
+    return sample_segments(Renderer(tokenizer), sample, train_on)
+
+
+def sample_segments(render_: Renderer, sample: Sample, train_on: str) -> Segments:
+    """`segments` with a renderer shared by many samples.
+
+    An assistant turn's trained text starts where `messages[:i]` with the generation prompt ends and ends
+    where `messages[:i+1]` ends; for the last turn that rendering is the full one, so it is not rendered twice."""
+    tokenizer = render_.tokenizer
     if not sample.is_chat:
-        bos = tokenizer.bos_token if _adds_bos(tokenizer) else ""
+        bos = tokenizer.bos_token if render_.adds_bos() else ""
         pieces = [(bos + sample.prompt, False), (sample.completion + (tokenizer.eos_token or ""), True)]
         return [(t, train_on == "all" or trained) for t, trained in pieces if t]
     messages = sample.as_messages()
-    full = render(tokenizer, messages)
+    full = render_(messages)
     if train_on == "all":
         return [(full, True)]
     out: Segments = []
@@ -134,8 +187,8 @@ def segments(tokenizer: PreTrainedTokenizerBase, sample: Sample, train_on: str) 
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = render(tokenizer, messages[:i], generation_prompt=True)
-        upto = render(tokenizer, messages[: i + 1])
+        prefix = render_(messages[:i], generation_prompt=True)
+        upto = full if i == len(messages) - 1 else render_(messages[: i + 1])
         start, end = len(prefix), len(upto)
         if not (full.startswith(upto) and upto.startswith(prefix) and pos <= start < end):
             raise UserError(
@@ -154,22 +207,42 @@ def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, batch: list[Segments]) -> list[tuple[list[int], list[int]]]:
-    """input_ids and labels for each segmented text; labels are IGNORE outside trained pieces."""
+    """input_ids and labels for each segmented text; labels are IGNORE outside trained pieces.
+
+    A token takes the mark of the piece its first character is in. Token start offsets only grow along a text,
+    so each piece's tokens are one run, found by bisecting the offsets at the piece's end: labels are built
+    from a few slices per row instead of a lookup per token (which cost as much as the Rust tokenizer's work)."""
     texts = ["".join(t for t, _ in segs) for segs in batch]
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     out = []
-    for segs, ids, offsets in zip(batch, encoded["input_ids"], encoded["offset_mapping"], strict=True):
-        bounds, flags, pos = [], [], 0
-        for text, trained in segs:
+    for segs, (ids, offsets) in zip(batch, _ids_and_offsets(tokenizer, texts), strict=True):
+        labels: list[int] = []
+        first, pos = 0, 0
+        for k, (text, trained) in enumerate(segs):
             pos += len(text)
-            bounds.append(pos)
-            flags.append(trained)
-        labels = [
-            tok if flags[min(bisect.bisect_right(bounds, start), len(flags) - 1)] else IGNORE
-            for tok, (start, _) in zip(ids, offsets, strict=True)
-        ]
-        out.append((list(ids), labels))
+            last = len(ids) if k == len(segs) - 1 else bisect.bisect_right(offsets, pos - 1, lo=first, key=_START)
+            labels += ids[first:last] if trained else [IGNORE] * (last - first)
+            first = last
+        out.append((ids, labels))
     return out
+
+
+def _ids_and_offsets(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[tuple[list[int], list]]:
+    """Token ids and character offsets of each text, as `tokenizer(texts, add_special_tokens=False,
+    return_offsets_mapping=True)` gives them, from the Rust tokenizer's encodings directly.
+
+    transformers copies every encoding into dicts of lists first. Its own call on the first text sets the Rust
+    tokenizer up as it would (no truncation or padding) and is compared with ours; on any difference every
+    text goes through transformers."""
+    if not texts:
+        return []
+    head = tokenizer(texts[:1], add_special_tokens=False, return_offsets_mapping=True)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        if encodings[0].ids == head["input_ids"][0] and encodings[0].offsets == head["offset_mapping"][0]:
+            return [(e.ids, e.offsets) for e in encodings]
+    every = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [(list(ids), offsets) for ids, offsets in zip(every["input_ids"], every["offset_mapping"], strict=True)]
 
 
 def prompt_and_reference(tokenizer: PreTrainedTokenizerBase, sample: Sample) -> tuple[str, str]:

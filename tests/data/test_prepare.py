@@ -426,3 +426,71 @@ def test_a_held_out_row_without_the_slice_column_is_named(tmp_path, tiny_model_d
         split(load_recipe(path), DataStats())
     assert [p.where.rpartition("/")[2] for p in info.value.problems] == ["eval.jsonl:1", "eval.jsonl:2"]
     assert "eval.slice_by: no column 'levle' in this held-out row (2 of 2 rows lack it)" in str(info.value)
+
+
+# --- the faster encoding gives the tokens and labels of the reference one (tests/support/prepare_reference.py) ----
+
+GENERATION_MASK_TEMPLATE = (  # ChatML with transformers' {% generation %} marks around what the assistant says
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] == 'assistant' %}"
+    "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}{{ m['content'] + '<|im_end|>' }}"
+    "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+EDGE_ROWS = [  # multi-turn, with and without a system prompt, unicode, whitespace runs, long rows to truncate
+    {"messages": CONVERSATION},
+    {"messages": CONVERSATION[1:3]},
+    {"messages": [{"role": "system", "content": "Réponds  brièvement.\t"}, *CONVERSATION[1:] * 3]},
+    {
+        "messages": [
+            {"role": "user", "content": "naïve café 日本語 😀👍🏽 e\u0301 \u00a0x"},
+            {"role": "assistant", "content": "  😀 日本 \n\n tab\there  "},
+        ]
+    },
+    {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "ok " * 120}]},
+    {"messages": [{"role": "user", "content": "long " * 100}, {"role": "assistant", "content": "short"}]},
+    {"messages": [{"role": "user", "content": "\n"}, {"role": "assistant", "content": "ünïcödé\n"}]},
+]
+RAW_ROWS = [{"prompt": "2+2=", "completion": " 4 ✓"}, {"prompt": "", "completion": "héllo wörld"}, {"text": "só text"}]
+
+
+def edge_samples() -> list:
+    chats = [to_sample(r, f"t.jsonl:{i + 1}", source()) for i, r in enumerate(EDGE_ROWS * 3)]
+    return chats + [to_sample(r, f"c.jsonl:{i + 1}", source("completion")) for i, r in enumerate(RAW_ROWS)]
+
+
+@pytest.mark.parametrize("template", ["auto", "llama3", "mistral", "gemma", "generation_mask"])
+@pytest.mark.parametrize("train_on", ["assistant", "all"])
+def test_the_encoding_gives_the_reference_tokens_and_labels(tokenizer, tmp_path, template, train_on, monkeypatch):
+    """Every template family (ChatML's markers as single tokens, others' split), a template with generation marks,
+    both train_on values, unicode and whitespace: ids and labels equal the reference's, serial and in processes."""
+    import prepare_reference
+
+    import finetune.data.prepare as prepare_module
+
+    if template == "generation_mask":
+        (tmp_path / "gen.jinja").write_text(GENERATION_MASK_TEMPLATE)
+        template = str(tmp_path / "gen.jinja")
+    apply_chat_template(tokenizer, template)
+    samples = edge_samples()
+    expected = prepare_reference.encode(tokenizer, samples, train_on)
+    assert prepare_module._encode(tokenizer, samples, train_on) == expected
+    assert any(IGNORE in labels for _, labels in expected) == (train_on == "assistant")
+    monkeypatch.setattr(prepare_module, "PARALLEL_MIN_ROWS", 4)
+    monkeypatch.setattr(prepare_module, "CHUNK", 5)
+    assert prepare_module._encode(tokenizer, samples, train_on) == expected
+
+
+@pytest.mark.parametrize("truncation", ["truncate", "drop"])
+def test_prepared_data_is_the_reference_preparation_row_for_row(tmp_path, tiny_model_dir, tokenizer, truncation):
+    """The whole preparation (split, truncation, the datasets' columns and types, the figures) is unchanged."""
+    from prepare_reference import reference_prepare
+
+    rows = [r for r in EDGE_ROWS for _ in range(2)] + tiny.reverse_rows(20)
+    sets = ["data.max_seq_length=48", f"data.truncation={truncation}", "data.eval={split_ratio: 0.2}"]
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir(), rows), sets)
+    now = prepare_data(recipe, tokenizer, use_cache=False)
+    with reference_prepare():
+        before = prepare_data(recipe, tokenizer, use_cache=False)
+    assert now.train.features == before.train.features and now.eval.features == before.eval.features
+    assert now.train.to_dict() == before.train.to_dict() and now.eval.to_dict() == before.eval.to_dict()
+    assert now.stats == before.stats and now.train_where == before.train_where and now.lengths == before.lengths
+    assert now.stats.truncated + now.stats.dropped > 0, "rows over max_seq_length are among them"
