@@ -65,8 +65,14 @@ def test_kto_label_balance_and_contradicting_labels(tmp_path, tokenizer):
 def test_preference_leakage_stops_on_error_and_grpo_prompts_are_checked(tmp_path, tokenizer):
     pairs = _write(tmp_path / "p.jsonl", [{"prompt": f"p{i} w", "chosen": "x", "rejected": "y"} for i in range(4)])
     held = _write(tmp_path / "e.jsonl", [{"prompt": "p1 w", "chosen": "z", "rejected": "y"}])
-    recipe = _recipe("dpo", pairs, "preference", f"data.eval=[{{path: {held}, format: preference}}]",
-                     "data.leakage=error")  # fmt: skip
+    recipe = _recipe(
+        "dpo",
+        pairs,
+        "preference",
+        f"data.eval=[{{path: {held}, format: preference}}]",
+        "data.leakage=error",
+        "eval.slice_by=null",
+    )  # fmt: skip  (the held-out rows have no slice column)
     with pytest.raises(DataError, match=rf"leakage.*{held}:1 = {pairs}:2"):
         prepare_preference(recipe, tokenizer)
     chats = [{"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}
