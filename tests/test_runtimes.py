@@ -21,7 +21,7 @@ def saved_adapter(tmp_path, model_dir, **fields):
     recipe = SimpleNamespace(name="r", model=SimpleNamespace(base=str(model_dir), revision=None),
                              quantization=SimpleNamespace(method="none"))  # fmt: skip
     adapter_config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    return SimpleNamespace(adapter_config=adapter_config, tensors=tensors, variant="lora", recipe=recipe)
+    return SimpleNamespace(adapter_config=adapter_config, tensors=tensors, variant="lora", recipe=recipe, manifest={})
 
 
 @pytest.mark.parametrize(
