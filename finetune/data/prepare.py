@@ -192,23 +192,15 @@ def _prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData
     max_len = _max_length(recipe, encoded_train)
     train, encoded_train = _act_on_checks(recipe, tokenizer, train, held_out, encoded_train, max_len, stats)
     train, encoded_train = _mix(recipe, train, encoded_train, stats)
-    stats.max_seq_length = max_len
-    lengths = sorted(len(ids) for ids, _ in encoded_train)
-    stats.length_percentiles = {f"p{q}": percentile(lengths, q) for q in (50, 95, 99)} | {
-        "max": lengths[-1] if lengths else 0
-    }
-    stats.over_max_seq_length = sum(n > max_len for n in lengths)
-    stats.suggested_max_seq_length = _round_up(stats.length_percentiles["p99"])
+    lengths = record_lengths(stats, encoded_train, max_len)
     train_rows, kept = _fit(encoded_train, max_len, recipe.data.truncation, stats)
     eval_rows, eval_kept = _fit(encoded_eval, max_len, recipe.data.truncation, DataStats())
     if not train_rows:
         raise DataError(_nothing_left(stats, len(train)))
-    stats.train_rows, stats.eval_rows = len(train_rows), len(eval_rows)
-    stats.train_tokens = sum(len(ids) for ids, _ in train_rows)
-    stats.trained_tokens = sum(len(labels) - labels.count(IGNORE) for _, labels in train_rows)  # count runs in C
+    record_rows(stats, train_rows, eval_rows)
     return PreparedData(
-        _dataset(train_rows),
-        _dataset(eval_rows) if eval_rows else None,
+        dataset(train_rows),
+        dataset(eval_rows) if eval_rows else None,
         held_out,
         stats,
         train_where=[train[i].where for i in kept],
@@ -217,7 +209,27 @@ def _prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData
     )
 
 
-def _dataset(rows: list[tuple[list[int], list[int]]]) -> Dataset:
+def record_lengths(stats: DataStats, encoded: list[tuple[list[int], list[int]]], max_len: int) -> list[int]:
+    """The rows' lengths before fitting (sorted), and their figures in `stats`: percentiles, rows over
+    max_seq_length and a suggested max_seq_length."""
+    stats.max_seq_length = max_len
+    lengths = sorted(len(ids) for ids, _ in encoded)
+    stats.length_percentiles = {f"p{q}": percentile(lengths, q) for q in (50, 95, 99)} | {
+        "max": lengths[-1] if lengths else 0
+    }
+    stats.over_max_seq_length = sum(n > max_len for n in lengths)
+    stats.suggested_max_seq_length = _round_up(stats.length_percentiles["p99"])
+    return lengths
+
+
+def record_rows(stats: DataStats, train_rows: list, eval_rows: list) -> None:
+    """The fitted rows' counts and tokens in `stats`."""
+    stats.train_rows, stats.eval_rows = len(train_rows), len(eval_rows)
+    stats.train_tokens = sum(len(ids) for ids, _ in train_rows)
+    stats.trained_tokens = sum(len(labels) - labels.count(IGNORE) for _, labels in train_rows)  # count runs in C
+
+
+def dataset(rows: list[tuple[list[int], list[int]]]) -> Dataset:
     """The rows as a Dataset, converted to arrow in one call per column with the types `Dataset.from_dict` infers
     (int32 input ids, int64 labels): its own inference walks every token again."""
     import pyarrow as pa

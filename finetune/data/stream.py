@@ -40,12 +40,13 @@ from finetune.data.prepare import (
     _fit,
     _max_length,
     _nothing_left,
-    _round_up,
     check_slices,
+    dataset,
     load_samples,
-    percentile,
+    record_lengths,
+    record_rows,
 )
-from finetune.data.templates import IGNORE, segments, tokenize
+from finetune.data.templates import segments, tokenize
 from finetune.errors import DataError, Problem
 from finetune.recipe.schema import DataSource, Recipe
 
@@ -80,8 +81,6 @@ def prepare_training_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) ->
 
 def prepare_stream(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> StreamedData:
     """The endless training stream, the held-out set prepared whole, and the statistics of the stream's head."""
-    from datasets import Dataset
-
     d = recipe.data
     stats = StreamStats(sources=[_source_stats(s) for s in d.train])
     head = list(islice(raw_stream(recipe), SAMPLE_ROWS))
@@ -93,33 +92,24 @@ def prepare_stream(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Stream
     encoded = _encode(tokenizer, train, d.train_on)
     max_len = _max_length(recipe, encoded)
     _record_checks(recipe, tokenizer, train, held_out, encoded, max_len, stats)
-    lengths = sorted(len(ids) for ids, _ in encoded)
-    stats.max_seq_length = max_len
-    stats.length_percentiles = {f"p{q}": percentile(lengths, q) for q in (50, 95, 99)} | {"max": lengths[-1]}
-    stats.over_max_seq_length = sum(n > max_len for n in lengths)
-    stats.suggested_max_seq_length = _round_up(stats.length_percentiles["p99"])
+    lengths = record_lengths(stats, encoded, max_len)
     eval_keys = {s.key() for s in held_out}
     stats.duplicates_train_eval = sum(s.key() in eval_keys for s in train)
     rows, kept = _fit(encoded, max_len, d.truncation, stats)
     if not rows:
         raise DataError(_nothing_left(stats, len(train)))
-    eval_rows, _ = _fit(_encode(tokenizer, held_out, d.train_on), max_len, d.truncation, DataStats())
-    stats.train_rows, stats.eval_rows = len(rows), len(eval_rows)
-    stats.train_tokens = sum(len(ids) for ids, _ in rows)
-    stats.trained_tokens = sum(sum(x != IGNORE for x in labels) for _, labels in rows)
+    eval_rows, eval_kept = _fit(_encode(tokenizer, held_out, d.train_on), max_len, d.truncation, DataStats())
+    record_rows(stats, rows, eval_rows)
     stats.sample = _sample_note(recipe, len(head), train)
-
-    def as_dataset(pairs: list[tuple[list[int], list[int]]]) -> Dataset:
-        return Dataset.from_dict({"input_ids": [p[0] for p in pairs], "labels": [p[1] for p in pairs]})
-
     return StreamedData(
         train=encoded_stream(recipe, tokenizer, max_len),
-        eval=as_dataset(eval_rows) if eval_rows else None,
+        eval=dataset(eval_rows) if eval_rows else None,
         eval_samples=held_out,
         stats=stats,
         train_where=[train[i].where for i in kept],
         lengths=lengths,
-        sample_rows=as_dataset(rows),
+        eval_kept=eval_kept,
+        sample_rows=dataset(rows),
     )
 
 

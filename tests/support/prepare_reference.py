@@ -122,7 +122,7 @@ def reference_prepare() -> Iterator[None]:
     """Within it, finetune.data.prepare encodes, fits and builds datasets the reference way (the rest is shared)."""
     from finetune.data import prepare
 
-    pieces = {"_encode": encode, "_fit": fit, "_dataset": dataset}
+    pieces = {"_encode": encode, "_fit": fit, "dataset": dataset}
     saved = {name: getattr(prepare, name) for name in pieces}
     for name, value in pieces.items():
         setattr(prepare, name, value)
