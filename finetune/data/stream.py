@@ -37,6 +37,7 @@ from finetune.data.prepare import (
     DataStats,
     PreparedData,
     SourceStats,
+    _act_on_checks,
     _fit,
     _max_length,
     _nothing_left,
@@ -174,12 +175,9 @@ def _encode(tokenizer: Any, samples: list[Sample], train_on: str) -> list[tuple[
 
 def _record_checks(recipe: Recipe, tokenizer: Any, train: list[Sample], held_out: list[Sample], encoded: list,
                    max_len: int, stats: DataStats) -> None:  # fmt: skip
-    """The data checks (data/checks.py) over the sample; their one-line summary says it is a sample."""
-    from finetune.data import checks
-
-    result = checks.check(train, held_out, encoded, max_len, list(tokenizer.all_special_tokens),
-                          recipe.data.near_duplicate_threshold)  # fmt: skip
-    stats.checks = checks.recorded(result)
+    """The data checks over the sample, as prepare records them (the schema refuses dedup and leakage drop/error
+    with streaming, so no row is dropped); their one-line summary says it is a sample."""
+    _act_on_checks(recipe, tokenizer, train, held_out, encoded, max_len, stats)
     stats.checks["summary"] = f"{stats.checks['summary']} (on a sample: the stream's first {len(train)} valid rows)"
 
 
