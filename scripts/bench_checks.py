@@ -31,6 +31,7 @@ from bench_data import write_rows
 from finetune.data import checks
 from finetune.data.formats import Sample
 from finetune.data.near import Sketch
+from finetune.data.tokens import Tokens
 
 THRESHOLD = 0.85
 
@@ -115,7 +116,7 @@ def cost(args: argparse.Namespace) -> None:
         path = Path(tmp) / "chats.jsonl"
         write_rows(path, args.rows, 2)
         train = load(path)
-    encoded = [([1] * 300, [-100] * 150 + [1] * 150)] * len(train)  # lengths do not matter for the cost
+    encoded = Tokens.of([([1] * 300, [-100] * 150 + [1] * 150)] * len(train))  # lengths do not matter for the cost
     start, cpu = time.perf_counter(), time.process_time()
     result = checks.check(train, [], encoded, 512, ["<|im_end|>"], THRESHOLD)
     print(f"checks on {len(train):,} rows: {time.perf_counter() - start:.1f} s wall, "

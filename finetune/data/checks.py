@@ -13,9 +13,11 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
+
 from finetune.data.formats import Sample
 from finetune.data.near import Sketch
-from finetune.data.templates import IGNORE
+from finetune.data.tokens import Tokens
 from finetune.errors import DataError
 
 Row = TypeVar("Row")
@@ -27,7 +29,18 @@ FAIL_ON = ("duplicates", "leakage", "contradictions")  # the kinds `finetune dat
 TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "[INST]", "[/INST]", "<|eot_id|>", "<|start_header_id|>",
                     "<|end_header_id|>", "<start_of_turn>", "<end_of_turn>", "<|endoftext|>", "<|user|>",
                     "<|assistant|>", "<|system|>", "<|end|>")  # fmt: skip
-Encoded = list[tuple[list[int], list[int]]]
+KINDS = (
+    "duplicates",
+    "near_duplicates",
+    "leakage",
+    "contradictions",
+    "truncation",
+    "answer_cut_away",
+    "empty_answers",
+    "echo_answers",
+    "length_outliers",
+    "template_tokens",
+)  # the order findings are listed in
 
 
 @dataclass
@@ -141,36 +154,59 @@ def near_duplicates(sketch: Sketch, threshold: float) -> dict[int, int]:
 # --- the checks ---------------------------------------------------------------------------
 
 
-def check(
-    train: list[Sample],
-    held_out: list[Sample],
-    encoded: Encoded | None,
-    max_len: int,
-    special_tokens: list[str],
-    threshold: float,
-) -> ChecksResult:
-    """Every finding over the training rows (and held-out rows for leakage), before anything is dropped.
+@dataclass
+class TextChecks:
+    """What the checks find in the rows' text alone: computed while the rows are tokenized (data/prepare.py runs
+    it in one of the encoding workers), picklable."""
 
-    Without `encoded` (GRPO prompts: nothing is trained on their tokens) truncation and length outliers
-    are left out and duplicates are measured in rows."""
-    trained = [_trained(labels) for _, labels in encoded] if encoded is not None else None
-    texts = Texts.of(train)
-    held = Texts.of(held_out)
+    exact: dict[int, int]  # later copy -> first occurrence
+    near: dict[int, int]  # near-duplicate -> the earliest earlier row like it (exact copies left out)
+    leaks: dict[int, int]  # training row -> the held-out row it matches
+    findings: list[Finding]  # leakage, contradictions, empty or echoed answers, template tokens
+
+
+def text_checks(train: list[Sample], held_out: list[Sample], special_tokens: list[str], threshold: float) -> TextChecks:
+    texts, held = Texts.of(train), Texts.of(held_out)
     sketch = Sketch.of(held.wholes + texts.wholes)  # one pass for duplicates and leakage
     exact = exact_duplicates(texts.wholes)
     near = {i: j for i, j in near_duplicates(sketch.part(len(held_out)), threshold).items() if i not in exact}
     leaks = leaked(texts, held, sketch, threshold)
     findings = [
-        *_duplicates(train, exact, near, trained),
         *_leakage(train, held_out, leaks),
         *_contradictions(train, texts),
-        *(_truncation(train, encoded, max_len) if encoded is not None else []),
         *_answers(train, texts),
-        *(_outliers(train, encoded) if encoded is not None else []),
         *_template_tokens(train, [_raw_text(s) for s in train], special_tokens),
     ]
-    findings = [f for f in findings if f.rows]
-    matches = {"duplicates": set(exact), "near_duplicates": set(near), "leakage": set(leaks)}
+    return TextChecks(exact, near, leaks, findings)
+
+
+def check(
+    train: list[Sample],
+    held_out: list[Sample],
+    encoded: Tokens | None,
+    max_len: int,
+    special_tokens: list[str],
+    threshold: float,
+    text: TextChecks | None = None,
+) -> ChecksResult:
+    """Every finding over the training rows (and held-out rows for leakage), before anything is dropped; `text`:
+    the text checks, when they were run already.
+
+    Without `encoded` (GRPO prompts: nothing is trained on their tokens) truncation and length outliers
+    are left out and duplicates are measured in rows."""
+    text = text or text_checks(train, held_out, special_tokens, threshold)
+    if encoded is None:
+        return assemble(train, text, [], None)
+    trained = encoded.trained().tolist()
+    return assemble(train, text, [*_truncation(train, encoded, max_len), *_outliers(train, encoded)], trained)
+
+
+def assemble(train: list[Sample], text: TextChecks, token_findings: list[Finding], trained: list[int] | None
+             ) -> ChecksResult:  # fmt: skip
+    """The findings in their one order (KINDS), empty ones left out, with the per-source figures and the matches."""
+    findings = [*_duplicates(train, text.exact, text.near, trained), *text.findings, *token_findings]
+    findings = sorted((f for f in findings if f.rows), key=lambda f: KINDS.index(f.kind))
+    matches = {"duplicates": set(text.exact), "near_duplicates": set(text.near), "leakage": set(text.leaks)}
     return ChecksResult(findings, _per_source(train, findings), matches=matches)
 
 
@@ -233,22 +269,12 @@ def _jaccard(a: str, b: str) -> float:
     return len(x & y) / max(len(x | y), 1)
 
 
-def _trained(labels: list[int]) -> int:
-    return len(labels) - labels.count(IGNORE)  # list.count runs in C: a generator per token cost seconds on 100k rows
-
-
-def _truncation(train: list[Sample], encoded: Encoded, max_len: int) -> list[Finding]:
-    cut, lost, gone, total = [], 0, [], 0
-    for i, (_, labels) in enumerate(encoded):
-        total += _trained(labels)
-        if len(labels) <= max_len:
-            continue
-        tail = _trained(labels[max_len:])
-        if tail:
-            cut.append(i)
-            lost += tail
-            if not _trained(labels[:max_len]):
-                gone.append(i)
+def _truncation(train: list[Sample], encoded: Tokens, max_len: int) -> list[Finding]:
+    trained, kept = encoded.trained(), encoded.trained(within=max_len)
+    tail = trained - kept
+    cut = np.flatnonzero(tail).tolist()
+    gone = np.flatnonzero((tail > 0) & (kept == 0)).tolist()
+    lost, total = int(tail.sum()), int(trained.sum())
     return [
         _finding("truncation", cut, train, f"rows whose trained tokens pass max_seq_length {max_len}; "
                  f"{lost:,} trained tokens lost ({lost / max(total, 1):.1%})"),
@@ -277,12 +303,12 @@ def _last_prompt(sample: Sample) -> str:
     return normalise(sample.prompt)
 
 
-def _outliers(train: list[Sample], encoded: Encoded) -> list[Finding]:
-    lengths = sorted(len(ids) for ids, _ in encoded)
-    if not lengths:
+def _outliers(train: list[Sample], encoded: Tokens) -> list[Finding]:
+    lengths = encoded.lengths()
+    if not len(lengths):
         return []
-    median = lengths[len(lengths) // 2]
-    rows = [i for i, (ids, _) in enumerate(encoded) if len(ids) > OUTLIER_FACTOR * median]
+    median = int(np.sort(lengths)[len(lengths) // 2])
+    rows = np.flatnonzero(lengths > OUTLIER_FACTOR * median).tolist()
     return [_finding("length_outliers", rows, train, f"rows over {OUTLIER_FACTOR}x the median of {median} tokens")]
 
 

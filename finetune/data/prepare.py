@@ -6,6 +6,7 @@ duplicates are counted in `DataStats`, which the run's manifest and summary repo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -13,21 +14,15 @@ import multiprocessing
 import os
 import random
 import warnings
-from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from finetune.data import sources
+from finetune.data import checks, sources
 from finetune.data.formats import BadRow, Judged, Sample, to_sample
-from finetune.data.templates import (
-    IGNORE,
-    Renderer,
-    recipe_template,
-    sample_segments,
-    tokenize,
-)
+from finetune.data.templates import Renderer, recipe_template, sample_segments, tokenize
+from finetune.data.tokens import Tokens
 from finetune.errors import DataError, Problem, WriteError
 from finetune.recipe.schema import DataSource, Recipe
 
@@ -187,20 +182,22 @@ def _prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData
     train, held_out = split(recipe, stats)
     eval_keys = {s.key() for s in held_out}
     stats.duplicates_train_eval = sum(s.key() in eval_keys for s in train)
-    encoded_train = _encode(tokenizer, train, recipe.data.train_on)
-    encoded_eval = _encode(tokenizer, held_out, recipe.data.train_on)
+    texts = functools.partial(checks.text_checks, train, held_out, list(tokenizer.all_special_tokens),
+                              recipe.data.near_duplicate_threshold)  # fmt: skip
+    encoded_train, text = _encode(tokenizer, train, recipe.data.train_on, alongside=texts)
+    encoded_eval, _ = _encode(tokenizer, held_out, recipe.data.train_on)
     max_len = _max_length(recipe, encoded_train)
-    train, encoded_train = _act_on_checks(recipe, tokenizer, train, held_out, encoded_train, max_len, stats)
+    train, encoded_train = _act_on_checks(recipe, tokenizer, train, held_out, encoded_train, max_len, stats, text)
     train, encoded_train = _mix(recipe, train, encoded_train, stats)
     lengths = record_lengths(stats, encoded_train, max_len)
     train_rows, kept = _fit(encoded_train, max_len, recipe.data.truncation, stats)
     eval_rows, eval_kept = _fit(encoded_eval, max_len, recipe.data.truncation, DataStats())
-    if not train_rows:
+    if not len(train_rows):
         raise DataError(_nothing_left(stats, len(train)))
     record_rows(stats, train_rows, eval_rows)
     return PreparedData(
-        dataset(train_rows),
-        dataset(eval_rows) if eval_rows else None,
+        train_rows.dataset(),
+        eval_rows.dataset() if len(eval_rows) else None,
         held_out,
         stats,
         train_where=[train[i].where for i in kept],
@@ -209,11 +206,11 @@ def _prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData
     )
 
 
-def record_lengths(stats: DataStats, encoded: list[tuple[list[int], list[int]]], max_len: int) -> list[int]:
+def record_lengths(stats: DataStats, encoded: Tokens, max_len: int) -> list[int]:
     """The rows' lengths before fitting (sorted), and their figures in `stats`: percentiles, rows over
     max_seq_length and a suggested max_seq_length."""
     stats.max_seq_length = max_len
-    lengths = sorted(len(ids) for ids, _ in encoded)
+    lengths = sorted(encoded.lengths().tolist())
     stats.length_percentiles = {f"p{q}": percentile(lengths, q) for q in (50, 95, 99)} | {
         "max": lengths[-1] if lengths else 0
     }
@@ -222,38 +219,26 @@ def record_lengths(stats: DataStats, encoded: list[tuple[list[int], list[int]]],
     return lengths
 
 
-def record_rows(stats: DataStats, train_rows: list, eval_rows: list) -> None:
+def record_rows(stats: DataStats, train_rows: Tokens, eval_rows: Tokens) -> None:
     """The fitted rows' counts and tokens in `stats`."""
     stats.train_rows, stats.eval_rows = len(train_rows), len(eval_rows)
-    stats.train_tokens = sum(len(ids) for ids, _ in train_rows)
-    stats.trained_tokens = sum(len(labels) - labels.count(IGNORE) for _, labels in train_rows)  # count runs in C
-
-
-def dataset(rows: list[tuple[list[int], list[int]]]) -> Dataset:
-    """The rows as a Dataset, converted to arrow in one call per column with the types `Dataset.from_dict` infers
-    (int32 input ids, int64 labels): its own inference walks every token again."""
-    import pyarrow as pa
-    from datasets import Dataset
-
-    return Dataset.from_dict({
-        "input_ids": pa.array([ids for ids, _ in rows], pa.list_(pa.int32())),
-        "labels": pa.array([labels for _, labels in rows], pa.list_(pa.int64())),
-    })  # fmt: skip
+    stats.train_tokens = len(train_rows.ids)
+    stats.trained_tokens = int(train_rows.trained().sum())
 
 
 def _act_on_checks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, train: list[Sample],
-                   held_out: list[Sample], encoded: list, max_len: int, stats: DataStats) -> tuple[list, list]:  # fmt: skip
-    """Record the data checks' findings; drop what data.dedup / data.leakage ask, or stop on leakage: error."""
-    from finetune.data import checks
-
+                   held_out: list[Sample], encoded: Tokens, max_len: int, stats: DataStats,
+                   text: checks.TextChecks | None = None) -> tuple[list, Tokens]:  # fmt: skip
+    """Record the data checks' findings (`text`: their text part, when it was run alongside the encoding); drop
+    what data.dedup / data.leakage ask, or stop on leakage: error."""
     result = checks.check(train, held_out, encoded, max_len, list(tokenizer.all_special_tokens),
-                          recipe.data.near_duplicate_threshold)  # fmt: skip
+                          recipe.data.near_duplicate_threshold, text)  # fmt: skip
     keep = checks.act(result, list(range(len(train))), recipe.data)
     stats.checks = checks.recorded(result)
-    return [train[i] for i in keep], [encoded[i] for i in keep]
+    return [train[i] for i in keep], encoded.select(keep)
 
 
-def _mix(recipe: Recipe, train: list[Sample], encoded: list, stats: DataStats) -> tuple[list, list]:
+def _mix(recipe: Recipe, train: list[Sample], encoded: Tokens, stats: DataStats) -> tuple[list, Tokens]:
     """One epoch of the weighted mix (data/mix.py) when the sources have weights; the rows as they are otherwise."""
     from finetune.data import mix
 
@@ -268,11 +253,12 @@ def _mix(recipe: Recipe, train: list[Sample], encoded: list, stats: DataStats) -
         raise DataError(f"{', '.join(empty)}: no training rows left to mix (held out, dropped or skipped)")
     sizes, weights = [len(rows) for rows in by_source], [float(s.weight or 0) for s in sources_]
     order = mix.mix(sizes, weights, recipe.data.mix_stop, recipe.seed)
-    tokens = [[len(encoded[i][0]) for i in rows] for rows in by_source]
+    lengths = encoded.lengths().tolist()
+    tokens = [[lengths[i] for i in rows] for rows in by_source]
     figures = mix.summary([s.path for s in sources_], sizes, weights, order, tokens)
     stats.mix = {"stop": recipe.data.mix_stop, "sources": [f.to_dict() for f in figures]}
     picked = [by_source[s][r] for s, r in order]
-    return [train[i] for i in picked], [encoded[i] for i in picked]
+    return [train[i] for i in picked], encoded.select(picked)
 
 
 def _nothing_left(stats: DataStats, valid: int) -> str:
@@ -291,53 +277,49 @@ def _nothing_left(stats: DataStats, valid: int) -> str:
 
 
 def _encode(
-    tokenizer: PreTrainedTokenizerBase, samples: list[Sample], train_on: str
-) -> list[tuple[list[int], list[int]]]:
-    """Render and tokenize in chunks; in several processes when there are many rows (templates are Python).
+    tokenizer: PreTrainedTokenizerBase, samples: list[Sample], train_on: str, alongside: Callable[[], T] | None = None
+) -> tuple[Tokens, T | None]:
+    """Render and tokenize in chunks, in forked processes when there are many rows (templates are Python); and
+    `alongside()` (the data checks that read only text) in one of those workers meanwhile, so that both cores work
+    from the start. Returns the tokens and what `alongside` returned.
 
-    Forked workers inherit the tokenizer and the samples (`_JOB`) instead of receiving them pickled with every
-    chunk (a large vocabulary is megabytes), and send their rows back as flat arrays of ids and labels."""
+    Forked workers inherit the tokenizer, the samples and `alongside` (`_JOB`) instead of receiving them pickled
+    with every chunk (a large vocabulary is megabytes), and send their rows back as flat arrays."""
     global _JOB
     ranges = [(i, min(i + CHUNK, len(samples))) for i in range(0, len(samples), CHUNK)]
-    workers = min(os.cpu_count() or 1, 8, len(ranges))
+    workers = min(os.cpu_count() or 1, 8, len(ranges) + (alongside is not None))
     if len(samples) < PARALLEL_MIN_ROWS or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        return [row for a, b in ranges for row in _encode_chunk(tokenizer, train_on, samples[a:b])]
-    _JOB = (tokenizer, train_on, samples)
+        tokens = Tokens.concat([_encode_chunk(tokenizer, train_on, samples[a:b]) for a, b in ranges])
+        return tokens, alongside() if alongside is not None else None
+    _JOB = (tokenizer, train_on, samples, alongside)
     try:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            return [row for part in pool.imap(_encode_range, ranges) for row in _unpack(*part)]
+            side = pool.apply_async(_run_alongside) if alongside is not None else None  # queued first
+            tokens = Tokens.concat(list(pool.imap(_encode_range, ranges)))
+            return tokens, side.get() if side is not None else None
     finally:
         _JOB = None
 
 
-_JOB: tuple[Any, str, list[Sample]] | None = None  # set in the parent just before forking its encoding workers
+T = TypeVar("T")
+_JOB: tuple[Any, str, list[Sample], Callable[[], Any] | None] | None = None  # the parent's, for its forked workers
 
 
-def _encode_chunk(
-    tokenizer: PreTrainedTokenizerBase, train_on: str, samples: list[Sample]
-) -> list[tuple[list[int], list[int]]]:
+def _encode_chunk(tokenizer: PreTrainedTokenizerBase, train_on: str, samples: list[Sample]) -> Tokens:
     render = Renderer(tokenizer)  # compiled once per chunk
     return tokenize(tokenizer, [sample_segments(render, s, train_on) for s in samples])
 
 
-def _encode_range(bounds: tuple[int, int]) -> tuple[list[int], array, array]:
-    """In a worker: one chunk of the inherited job, as row lengths and the flat ids and labels (pickled as bytes)."""
+def _encode_range(bounds: tuple[int, int]) -> Tokens:
+    """In a worker: one chunk of the inherited job."""
     assert _JOB is not None
-    tokenizer, train_on, samples = _JOB
-    rows = _encode_chunk(tokenizer, train_on, samples[bounds[0] : bounds[1]])
-    ids, labels = array("q"), array("q")
-    for row_ids, row_labels in rows:
-        ids.extend(row_ids)
-        labels.extend(row_labels)
-    return [len(row_ids) for row_ids, _ in rows], ids, labels
+    tokenizer, train_on, samples, _ = _JOB
+    return _encode_chunk(tokenizer, train_on, samples[bounds[0] : bounds[1]])
 
 
-def _unpack(lengths: list[int], ids: array, labels: array) -> list[tuple[list[int], list[int]]]:
-    flat_ids, flat_labels, out, pos = ids.tolist(), labels.tolist(), [], 0
-    for n in lengths:
-        out.append((flat_ids[pos : pos + n], flat_labels[pos : pos + n]))
-        pos += n
-    return out
+def _run_alongside() -> Any:
+    assert _JOB is not None and _JOB[3] is not None
+    return _JOB[3]()
 
 
 # --- the preprocessing cache ---------------------------------------------------------------
@@ -416,29 +398,27 @@ def _round_up(n: int) -> int:
     return max(64, math.ceil(n / 64) * 64)
 
 
-def _max_length(recipe: Recipe, encoded: list[tuple[list[int], list[int]]]) -> int:
+def _max_length(recipe: Recipe, encoded: Tokens) -> int:
     """The recipe's max_seq_length, or for `auto` the 95th percentile of lengths rounded up to a multiple of 64."""
     if recipe.data.max_seq_length != "auto":
         return recipe.data.max_seq_length
-    return _round_up(percentile(sorted(len(ids) for ids, _ in encoded), 95))
+    return _round_up(percentile(sorted(encoded.lengths().tolist()), 95))
 
 
-def _fit(rows: list[tuple[list[int], list[int]]], max_len: int, mode: str, stats: DataStats) -> tuple[list, list[int]]:
+def _fit(rows: Tokens, max_len: int, mode: str, stats: DataStats) -> tuple[Tokens, list[int]]:
     """Truncate or drop rows over max_len, counting both; rows left with nothing to train on are dropped.
 
     Returns the rows kept and their indices in `rows`.
     """
-    out, kept = [], []
-    for i, (ids, labels) in enumerate(rows):
-        if len(ids) > max_len:
-            if mode == "drop":
-                stats.dropped += 1
-                continue
-            stats.truncated += 1
-            ids, labels = ids[:max_len], labels[:max_len]
-        if labels.count(IGNORE) == len(labels):  # in C; a generator per token cost a second on 100k rows
-            stats.dropped += 1
-            continue
-        out.append((ids, labels))
-        kept.append(i)
-    return out, kept
+    import numpy as np
+
+    over = rows.lengths() > max_len
+    if mode == "drop":
+        stats.dropped += int(over.sum())
+    else:
+        stats.truncated += int(over.sum())
+    keep = ~over if mode == "drop" else np.ones(len(rows), bool)
+    untrained = keep & (rows.trained(within=max_len) == 0)
+    stats.dropped += int(untrained.sum())
+    kept = np.flatnonzero(keep & ~untrained)
+    return rows.select(kept, max_len), kept.tolist()

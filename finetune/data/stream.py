@@ -42,12 +42,12 @@ from finetune.data.prepare import (
     _max_length,
     _nothing_left,
     check_slices,
-    dataset,
     load_samples,
     record_lengths,
     record_rows,
 )
 from finetune.data.templates import segments, tokenize
+from finetune.data.tokens import Tokens
 from finetune.errors import DataError, Problem
 from finetune.recipe.schema import DataSource, Recipe
 
@@ -97,20 +97,20 @@ def prepare_stream(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Stream
     eval_keys = {s.key() for s in held_out}
     stats.duplicates_train_eval = sum(s.key() in eval_keys for s in train)
     rows, kept = _fit(encoded, max_len, d.truncation, stats)
-    if not rows:
+    if not len(rows):
         raise DataError(_nothing_left(stats, len(train)))
     eval_rows, eval_kept = _fit(_encode(tokenizer, held_out, d.train_on), max_len, d.truncation, DataStats())
     record_rows(stats, rows, eval_rows)
     stats.sample = _sample_note(recipe, len(head), train)
     return StreamedData(
         train=encoded_stream(recipe, tokenizer, max_len),
-        eval=dataset(eval_rows) if eval_rows else None,
+        eval=eval_rows.dataset() if len(eval_rows) else None,
         eval_samples=held_out,
         stats=stats,
         train_where=[train[i].where for i in kept],
         lengths=lengths,
         eval_kept=eval_kept,
-        sample_rows=dataset(rows),
+        sample_rows=rows.dataset(),
     )
 
 
@@ -168,12 +168,12 @@ def _sample(raw: dict, source: DataSource, on_bad_row: str, entry: SourceStats |
     return replace(sample, source=raw["source"]) if raw["source"] else sample
 
 
-def _encode(tokenizer: Any, samples: list[Sample], train_on: str) -> list[tuple[list[int], list[int]]]:
+def _encode(tokenizer: Any, samples: list[Sample], train_on: str) -> Tokens:
     """Render, mask and tokenize: the prepared path's template functions, unchanged."""
-    return tokenize(tokenizer, [segments(tokenizer, s, train_on) for s in samples]) if samples else []
+    return tokenize(tokenizer, [segments(tokenizer, s, train_on) for s in samples])
 
 
-def _record_checks(recipe: Recipe, tokenizer: Any, train: list[Sample], held_out: list[Sample], encoded: list,
+def _record_checks(recipe: Recipe, tokenizer: Any, train: list[Sample], held_out: list[Sample], encoded: Tokens,
                    max_len: int, stats: DataStats) -> None:  # fmt: skip
     """The data checks over the sample, as prepare records them (the schema refuses dedup and leakage drop/error
     with streaming, so no row is dropped); their one-line summary says it is a sample."""
@@ -239,7 +239,10 @@ def encoded_stream(recipe: Recipe, tokenizer: Any, max_len: int) -> IterableData
         if sample is None:
             return {"input_ids": [], "labels": []}
         rows, _ = _fit(_encode(tokenizer, [sample], d.train_on), max_len, d.truncation, DataStats())
-        return {"input_ids": rows[0][0], "labels": rows[0][1]} if rows else {"input_ids": [], "labels": []}
+        if not len(rows):
+            return {"input_ids": [], "labels": []}
+        ids, labels = rows[0]
+        return {"input_ids": ids, "labels": labels}
 
     stream = raw_stream(recipe).repeat(None)
     stream = stream.map(encode, remove_columns=["source", "where", "row", "problem"], features=features)

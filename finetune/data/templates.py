@@ -10,25 +10,26 @@ offsets in the one full rendering, so BPE merges across turn boundaries cannot s
 from __future__ import annotations
 
 import bisect
-import operator
 import re
 import warnings
+from array import array
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from finetune.data.formats import Sample
+from finetune.data.tokens import IGNORE
 from finetune.errors import Problem, UserError
 from finetune.recipe.schema import BUILTIN_TEMPLATES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from finetune.data.tokens import Tokens
     from finetune.recipe.schema import Recipe
 
-IGNORE = -100
 Segments = list[tuple[str, bool]]  # (text, trained)
-_START = operator.itemgetter(0)  # a token's first character, from its (start, end) offsets
 
 
 def builtin_template(name: str) -> str:
@@ -206,28 +207,52 @@ def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, batch: list[Segments]) -> list[tuple[list[int], list[int]]]:
-    """input_ids and labels for each segmented text; labels are IGNORE outside trained pieces.
+def tokenize(tokenizer: PreTrainedTokenizerBase, batch: list[Segments]) -> Tokens:
+    """input_ids and labels of each segmented text (iterating gives (ids, labels) lists); labels are IGNORE outside
+    trained pieces.
 
     A token takes the mark of the piece its first character is in. Token start offsets only grow along a text,
-    so each piece's tokens are one run, found by bisecting the offsets at the piece's end: labels are built
-    from a few slices per row instead of a lookup per token (which cost as much as the Rust tokenizer's work)."""
+    so each piece's tokens are one run, found by bisecting the starts at the piece's end: a few probes per piece,
+    read from the Rust encoding one at a time (copying out every token's offsets cost more than the bisection),
+    and the labels are the ids with each untrained run masked, in one vectorised call per batch."""
+    import numpy as np
+
+    from finetune.data.tokens import Tokens
+
     texts = ["".join(t for t, _ in segs) for segs in batch]
-    out = []
-    for segs, (ids, offsets) in zip(batch, _ids_and_offsets(tokenizer, texts), strict=True):
-        labels: list[int] = []
+    flat, lengths, counts, flags = array("q"), [], [], []
+    for segs, (ids, starts) in zip(batch, _ids_and_starts(tokenizer, texts), strict=True):
+        flat.extend(ids)
+        lengths.append(len(ids))
         first, pos = 0, 0
         for k, (text, trained) in enumerate(segs):
             pos += len(text)
-            last = len(ids) if k == len(segs) - 1 else bisect.bisect_right(offsets, pos - 1, lo=first, key=_START)
-            labels += ids[first:last] if trained else [IGNORE] * (last - first)
+            last = len(ids) if k == len(segs) - 1 else bisect.bisect_right(starts, pos - 1, lo=first)
+            counts.append(last - first)
+            flags.append(trained)
             first = last
-        out.append((ids, labels))
-    return out
+    ids = np.frombuffer(flat, np.int64) if flat else np.zeros(0, np.int64)
+    labels = np.where(np.repeat(np.array(flags, bool), np.array(counts, np.int64)), ids, IGNORE)
+    return Tokens(ids, labels, np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64))
 
 
-def _ids_and_offsets(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[tuple[list[int], list]]:
-    """Token ids and character offsets of each text, as `tokenizer(texts, add_special_tokens=False,
+class _Starts:
+    """The start offsets of an encoding's tokens, read one at a time from the Rust encoding (for bisection)."""
+
+    __slots__ = ("encoding",)
+
+    def __init__(self, encoding: Any) -> None:
+        self.encoding = encoding
+
+    def __len__(self) -> int:
+        return len(self.encoding)
+
+    def __getitem__(self, i: int) -> int:
+        return self.encoding.token_to_chars(i)[0]
+
+
+def _ids_and_starts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[tuple[list[int], Sequence[int]]]:
+    """Token ids and start offsets of each text, as `tokenizer(texts, add_special_tokens=False,
     return_offsets_mapping=True)` gives them, from the Rust tokenizer's encodings directly.
 
     transformers copies every encoding into dicts of lists first. Its own call on the first text sets the Rust
@@ -240,9 +265,10 @@ def _ids_and_offsets(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> li
     if backend is not None:
         encodings = backend.encode_batch(texts, add_special_tokens=False)
         if encodings[0].ids == head["input_ids"][0] and encodings[0].offsets == head["offset_mapping"][0]:
-            return [(e.ids, e.offsets) for e in encodings]
+            return [(e.ids, _Starts(e)) for e in encodings]
     every = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return [(list(ids), offsets) for ids, offsets in zip(every["input_ids"], every["offset_mapping"], strict=True)]
+    return [(list(ids), [start for start, _ in offsets])
+            for ids, offsets in zip(every["input_ids"], every["offset_mapping"], strict=True)]  # fmt: skip
 
 
 def prompt_and_reference(tokenizer: PreTrainedTokenizerBase, sample: Sample) -> tuple[str, str]:

@@ -2,6 +2,7 @@
 
 from finetune.data.checks import check, to_drop
 from finetune.data.formats import Sample
+from finetune.data.tokens import Tokens
 
 
 def _chat(user: str, answer: str, where: str) -> Sample:
@@ -20,7 +21,7 @@ TRAIN = [
     _chat("empty", " ", "t.jsonl:8"),  # empty answer, and truncated away below
 ]
 HELD = [_chat("what is two plus two", "four", "e.jsonl:1")]
-ENCODED = [([1] * 10, [-100] * 5 + [1] * 5)] * 7 + [([1] * 100, [-100] * 90 + [1] * 10)]
+ENCODED = Tokens.of([([1] * 10, [-100] * 5 + [1] * 5)] * 7 + [([1] * 100, [-100] * 90 + [1] * 10)])
 
 
 def _found():
@@ -50,7 +51,7 @@ def test_dedup_and_leakage_drop_name_the_training_rows():
 
 def test_clean_rows_have_no_findings():
     rows = [_chat(f"question number {i} about topic {i * 7}", f"answer {i}", f"c.jsonl:{i}") for i in range(1, 20)]
-    encoded = [([1] * 10, [-100] * 5 + [1] * 5)] * len(rows)
+    encoded = Tokens.of([([1] * 10, [-100] * 5 + [1] * 5)] * len(rows))
     assert check(rows, [], encoded, 64, [], 0.85).findings == []
 
 

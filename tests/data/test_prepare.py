@@ -472,20 +472,24 @@ def test_the_encoding_gives_the_reference_tokens_and_labels(tokenizer, tmp_path,
     apply_chat_template(tokenizer, template)
     samples = edge_samples()
     expected = prepare_reference.encode(tokenizer, samples, train_on)
-    assert prepare_module._encode(tokenizer, samples, train_on) == expected
+    assert list(prepare_module._encode(tokenizer, samples, train_on)[0]) == expected
     assert any(IGNORE in labels for _, labels in expected) == (train_on == "assistant")
     monkeypatch.setattr(prepare_module, "PARALLEL_MIN_ROWS", 4)
     monkeypatch.setattr(prepare_module, "CHUNK", 5)
-    assert prepare_module._encode(tokenizer, samples, train_on) == expected
+    tokens, beside = prepare_module._encode(tokenizer, samples, train_on, alongside=lambda: len(samples))
+    assert list(tokens) == expected and beside == len(samples), "in forked workers, with a job run alongside"
 
 
-@pytest.mark.parametrize("truncation", ["truncate", "drop"])
-def test_prepared_data_is_the_reference_preparation_row_for_row(tmp_path, tiny_model_dir, tokenizer, truncation):
-    """The whole preparation (split, truncation, the datasets' columns and types, the figures) is unchanged."""
+@pytest.mark.parametrize(("truncation", "dedup"), [("truncate", "none"), ("drop", "none"), ("truncate", "exact")])
+def test_prepared_data_is_the_reference_preparation_row_for_row(tmp_path, tiny_model_dir, tokenizer, truncation,
+                                                                dedup):  # fmt: skip
+    """The whole preparation (split, the checks and what they drop, truncation, the datasets' columns and types,
+    the figures) is unchanged."""
     from prepare_reference import reference_prepare
 
     rows = [r for r in EDGE_ROWS for _ in range(2)] + tiny.reverse_rows(20)
-    sets = ["data.max_seq_length=48", f"data.truncation={truncation}", "data.eval={split_ratio: 0.2}"]
+    sets = ["data.max_seq_length=48", f"data.truncation={truncation}", "data.eval={split_ratio: 0.2}",
+            f"data.dedup={dedup}"]  # fmt: skip
     recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir(), rows), sets)
     now = prepare_data(recipe, tokenizer, use_cache=False)
     with reference_prepare():

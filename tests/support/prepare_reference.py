@@ -117,17 +117,110 @@ def dataset(rows: list[tuple[list[int], list[int]]]):
     return Dataset.from_dict({"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]})
 
 
+def prepare(recipe, tokenizer):
+    """prepare._prepare as it was: rows as lists of ints from encoding to the Dataset, the data checks after the
+    encoding (their text part is shared, their token part as it was), mixing, fitting and figures on the lists."""
+    from finetune.data import checks
+    from finetune.data import prepare as now
+
+    stats = now.DataStats()
+    train, held_out = now.split(recipe, stats)
+    eval_keys = {s.key() for s in held_out}
+    stats.duplicates_train_eval = sum(s.key() in eval_keys for s in train)
+    encoded = encode(tokenizer, train, recipe.data.train_on)
+    encoded_eval = encode(tokenizer, held_out, recipe.data.train_on)
+    max_len = recipe.data.max_seq_length
+    if max_len == "auto":
+        max_len = now._round_up(now.percentile(sorted(len(ids) for ids, _ in encoded), 95))
+    text = checks.text_checks(train, held_out, list(tokenizer.all_special_tokens), recipe.data.near_duplicate_threshold)
+    trained = [_trained(labels) for _, labels in encoded]
+    result = checks.assemble(train, text, [*_truncation(train, encoded, max_len), *_outliers(train, encoded)], trained)
+    keep = checks.act(result, list(range(len(train))), recipe.data)
+    stats.checks = checks.recorded(result)
+    train, encoded = [train[i] for i in keep], [encoded[i] for i in keep]
+    if recipe.data.train[0].weight is not None:
+        picked = _mixed(recipe, train, stats)
+        train, encoded = [train[i] for i in picked], [encoded[i] for i in picked]
+    lengths = sorted(len(ids) for ids, _ in encoded)
+    stats.max_seq_length = max_len
+    stats.length_percentiles = {f"p{q}": now.percentile(lengths, q) for q in (50, 95, 99)} | {"max": lengths[-1]}
+    stats.over_max_seq_length = sum(n > max_len for n in lengths)
+    stats.suggested_max_seq_length = now._round_up(stats.length_percentiles["p99"])
+    rows, kept = fit(encoded, max_len, recipe.data.truncation, stats)
+    eval_rows, eval_kept = fit(encoded_eval, max_len, recipe.data.truncation, now.DataStats())
+    stats.train_rows, stats.eval_rows = len(rows), len(eval_rows)
+    stats.train_tokens = sum(len(ids) for ids, _ in rows)
+    stats.trained_tokens = sum(_trained(labels) for _, labels in rows)
+    return now.PreparedData(
+        dataset(rows),
+        dataset(eval_rows) if eval_rows else None,
+        held_out,
+        stats,
+        train_where=[train[i].where for i in kept],
+        lengths=lengths,
+        eval_kept=eval_kept,
+    )
+
+
+def _mixed(recipe, train, stats) -> list[int]:
+    """The training rows' indices in one epoch of the weighted mix, and its figures in `stats` (as prepare._mix)."""
+    from finetune.data import mix
+
+    sources_ = list(recipe.data.train)
+    by_source = [[i for i, s in enumerate(train) if s.source == k] for k in range(len(sources_))]
+    sizes, weights = [len(rows) for rows in by_source], [float(s.weight or 0) for s in sources_]
+    order = mix.mix(sizes, weights, recipe.data.mix_stop, recipe.seed)
+    return [by_source[s][r] for s, r in order]
+
+
+def _trained(labels: list[int]) -> int:
+    return len(labels) - labels.count(IGNORE)
+
+
+def _truncation(train, encoded, max_len):
+    from finetune.data.checks import _finding
+
+    cut, lost, gone, total = [], 0, [], 0
+    for i, (_, labels) in enumerate(encoded):
+        total += _trained(labels)
+        if len(labels) <= max_len:
+            continue
+        tail = _trained(labels[max_len:])
+        if tail:
+            cut.append(i)
+            lost += tail
+            if not _trained(labels[:max_len]):
+                gone.append(i)
+    return [
+        _finding(
+            "truncation",
+            cut,
+            train,
+            f"rows whose trained tokens pass max_seq_length {max_len}; "
+            f"{lost:,} trained tokens lost ({lost / max(total, 1):.1%})",
+        ),
+        _finding("answer_cut_away", gone, train, "rows with no trained token left within max_seq_length"),
+    ]
+
+
+def _outliers(train, encoded):
+    from finetune.data.checks import OUTLIER_FACTOR, _finding
+
+    lengths = sorted(len(ids) for ids, _ in encoded)
+    if not lengths:
+        return []
+    median = lengths[len(lengths) // 2]
+    rows = [i for i, (ids, _) in enumerate(encoded) if len(ids) > OUTLIER_FACTOR * median]
+    return [_finding("length_outliers", rows, train, f"rows over {OUTLIER_FACTOR}x the median of {median} tokens")]
+
+
 @contextlib.contextmanager
 def reference_prepare() -> Iterator[None]:
-    """Within it, finetune.data.prepare encodes, fits and builds datasets the reference way (the rest is shared)."""
-    from finetune.data import prepare
+    """Within it, finetune.data.prepare prepares the reference way (`prepare` above) instead of its own."""
+    from finetune.data import prepare as now
 
-    pieces = {"_encode": encode, "_fit": fit, "dataset": dataset}
-    saved = {name: getattr(prepare, name) for name in pieces}
-    for name, value in pieces.items():
-        setattr(prepare, name, value)
+    saved, now._prepare = now._prepare, prepare
     try:
         yield
     finally:
-        for name, value in saved.items():
-            setattr(prepare, name, value)
+        now._prepare = saved
