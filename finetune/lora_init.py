@@ -1,8 +1,9 @@
 """`lora.init`: how the adapter's weights start, and the conversion that keeps every saved adapter a plain LoRA.
 
-PEFT does the initialisations (`init_lora_weights`, `replace_lora_weights_loftq`, `initialize_lora_eva_weights`,
-`preprocess_corda`); this module builds the PEFT model with them before the trainer sees it, and keeps the
-promise that `adapter/` is relative to the *original* base, whatever the initialisation:
+PEFT does the initialisations (`init_lora_weights`, `initialize_lora_eva_weights`, `preprocess_corda`; LoftQ is
+PEFT's `replace_lora_weights_loftq` step computed here, see `loftq`); this module builds the PEFT model with them
+before the trainer sees it, and keeps the promise that `adapter/` is relative to the *original* base, whatever the
+initialisation:
 
 - pissa, olora and corda move part of each base weight into the adapter (W = W_res + B0 A0) and train on
   W_res. Their initial adapter is saved first (lora-init/initial/, with `init_lora_weights: true`, as PEFT
@@ -11,9 +12,8 @@ promise that `adapter/` is relative to the *original* base, whatever the initial
   trained adapter in its own form (on W_res) is kept in lora-init/trained/ for reloading the best step into
   memory; checkpoints hold that form too, and a resumed run recomputes W_res from the original base (the
   initialisation is deterministic) and checks that it reproduced the saved initial adapter exactly.
-- loftq (NF4 base) leaves the base as loaded, NF4(W): `replace_lora_weights_loftq` sets A0, B0 from the SVD of
-  W - NF4(W), read from the base's safetensors. The adapter is relative to the NF4 base, like every QLoRA
-  adapter, and every consumer that loads the base as training did (eval, chat, serve) gets the trained model.
+- loftq (NF4 base) leaves the base as loaded, NF4(W): A0, B0 from the SVD of W - NF4(W), W read from the base's
+  safetensors. The adapter is relative to the NF4 base, like every QLoRA adapter, and every consumer that loads the base as training did (eval, chat, serve) gets the trained model.
 - eva sets A from the layer inputs on training batches and B to zero: the base is untouched.
 """
 
@@ -102,15 +102,7 @@ def apply(
     else:
         model = get_peft_model(model, peft_config)
     if method == "loftq":
-        from peft import replace_lora_weights_loftq
-
-        if not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())):
-            raise UserError(
-                "lora.init.method: loftq needs a CUDA or XPU device: PEFT's LoftQ (replace_lora_weights_loftq) "
-                "computes the SVD of the quantization error on one, and this machine has neither"
-            )
-
-        replace_lora_weights_loftq(model, model_path=_safetensors_of(recipe, model))
+        record["layers"] = loftq(model, _safetensors_of(recipe, model))
     record["seconds"] = round(time.perf_counter() - started, 3)
     if moves_base(recipe):
         _keep_initial(model, run_root, resumed, main)
@@ -152,6 +144,58 @@ def _forward_rows(model: Any, batches: list[dict]) -> None:
     for batch in batches:
         for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
             model(input_ids=ids[mask.bool()][None])
+
+
+@torch.no_grad()
+def loftq(model: Any, weights_dir: str, adapter: str = "default") -> dict[str, float]:
+    """LoftQ's step for a base already quantized by bitsandbytes, as PEFT's `replace_lora_weights_loftq` takes
+    it: for each NF4 layer, A0 and B0 from the rank-r SVD of W - NF4(W), W read from the base's safetensors.
+
+    Two differences, both of the arithmetic's place, not its idea: it runs on the weights' own device (PEFT 0.21
+    moves W to 'cuda' or 'xpu', so it cannot run on a CPU), and B0 A0 is divided by the adapter's scaling
+    (alpha / r), so that the layer starts at NF4(W) + scaling B0 A0 = NF4(W) + SVD_r(W - NF4(W)); PEFT leaves the
+    scaling out (huggingface/peft#1982), and at alpha = 2r that start is exactly as far from W as NF4(W) is.
+    Returns, per layer, the relative error ||W - start|| / ||W - NF4(W)|| (below 1: nearer W)."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import Linear4bit
+
+    read, out = _tensor_reader(Path(weights_dir)), {}
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        quantized = module.get_base_layer().weight
+        base = bnb.functional.dequantize_4bit(quantized.data, quantized.quant_state).float()
+        error = read(name.removeprefix("base_model.model.") + ".weight").to(base.device, torch.float32) - base
+        u, s, vh = torch.linalg.svd(error, full_matrices=False)
+        r, scale = module.r[adapter], module.scaling[adapter]
+        root = (s[:r] / scale).sqrt()
+        a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        a.data = (root[:, None] * vh[:r]).to(a.dtype)
+        b.data = (u[:, :r] * root).to(b.dtype)
+        left = error - scale * (b.data.float() @ a.data.float())
+        out[name.removeprefix("base_model.model.")] = round(float(left.norm() / error.norm()), 4)
+    if not out:
+        raise UserError("lora.init.method: loftq found no NF4 layer among the adapter's targets")
+    return out
+
+
+def _tensor_reader(folder: Path) -> Any:
+    """name -> tensor from a model directory's safetensors (sharded or not), one tensor read at a time."""
+    from safetensors import safe_open
+
+    where = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            where.update(dict.fromkeys(f.keys(), file))
+
+    def read(name: str) -> torch.Tensor:
+        key = name if name in where else next((k for k in where if k.endswith("." + name) or name.endswith(k)), None)
+        if key is None:
+            raise UserError(f"lora.init.method: loftq: no weight {name} in the base's safetensors ({folder})")
+        with safe_open(str(where[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+    return read
 
 
 def _safetensors_of(recipe: Recipe, model: Any) -> str:

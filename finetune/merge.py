@@ -176,6 +176,12 @@ def merge_into(run: Run, out: Path, dtype_name: str, progress: Progress = lambda
     """
     from transformers import AutoTokenizer
 
+    if run.recipe.lora.init.method == "loftq":
+        raise UserError(
+            f"{run.root}: a LoftQ adapter is relative to the NF4-quantized base (its initial B0 A0 is that base's "
+            "quantization error), so merged into the original weights it would count that error twice; merging into "
+            "the NF4 weights dequantized is not built. eval, chat and serve load the NF4 base as training did."
+        )
     quiet_libraries()
     recipe = _with_dtype(run.recipe, dtype_name)
     tokenizer = AutoTokenizer.from_pretrained(run.adapter)

@@ -57,7 +57,8 @@ VARIANTS = {
     # CorDA's B starts ~|C| times larger than A, so its steps are larger at the same lr: 10x lower (lora-options.md)
     "init-corda-lr2e-4": ["lora.init.method=corda", "train.lr=2e-4"],
     "init-eva": ["lora.init.method=eva"],
-    "init-loftq": ["lora.init.method=loftq", "quantization.method=nf4"],  # needs CUDA (PEFT's LoftQ)
+    "nf4": ["quantization.method=nf4"],  # QLoRA with the default init: what init-loftq is compared with
+    "init-loftq": ["lora.init.method=loftq", "quantization.method=nf4"],
 }
 BATCH = 16
 TASKS = ("varied", "uniform", "quickstart")  # the most telling first
