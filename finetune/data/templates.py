@@ -217,7 +217,7 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, batch: list[Segments]) -> Token
     and the labels are the ids with each untrained run masked, in one vectorised call per batch."""
     import numpy as np
 
-    from finetune.data.tokens import Tokens
+    from finetune.data.tokens import Tokens, starts_of
 
     texts = ["".join(t for t, _ in segs) for segs in batch]
     flat, lengths, counts, flags = array("q"), [], [], []
@@ -233,7 +233,7 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, batch: list[Segments]) -> Token
             first = last
     ids = np.frombuffer(flat, np.int64) if flat else np.zeros(0, np.int64)
     labels = np.where(np.repeat(np.array(flags, bool), np.array(counts, np.int64)), ids, IGNORE)
-    return Tokens(ids, labels, np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64))
+    return Tokens(ids, labels, starts_of(lengths))
 
 
 class _Starts:

@@ -37,17 +37,16 @@ class Tokens:
         """From (ids, labels) pairs."""
         lengths = [len(ids) for ids, _ in rows]
         flat = [[t for ids, _ in rows for t in ids], [t for _, labels in rows for t in labels]]
-        return cls(*(np.array(f, np.int64) for f in flat), _starts(np.array(lengths, np.int64)))
+        return cls(*(np.array(f, np.int64) for f in flat), starts_of(np.array(lengths, np.int64)))
 
     @classmethod
     def concat(cls, parts: Sequence[Tokens]) -> Tokens:
         if not parts:
             return cls.empty()
-        offsets = np.cumsum([0] + [len(p.ids) for p in parts[:-1]])
-        starts = np.concatenate([p.starts[:-1] + o for p, o in zip(parts, offsets, strict=True)] + [[offsets[-1] +
-                                len(parts[-1].ids)]])  # fmt: skip
-        return cls(np.concatenate([p.ids for p in parts]), np.concatenate([p.labels for p in parts]),
-                   starts.astype(np.int64))  # fmt: skip
+        lengths = np.concatenate([p.lengths() for p in parts])
+        return cls(
+            np.concatenate([p.ids for p in parts]), np.concatenate([p.labels for p in parts]), starts_of(lengths)
+        )
 
     def __len__(self) -> int:
         return len(self.starts) - 1
@@ -84,7 +83,7 @@ class Tokens:
         lengths = self.lengths()[rows]
         if max_len is not None:
             lengths = np.minimum(lengths, max_len)
-        starts = _starts(lengths)
+        starts = starts_of(lengths)
         where = np.repeat(self.starts[:-1][rows] - starts[:-1], lengths) + np.arange(starts[-1])
         return Tokens(self.ids[where], self.labels[where], starts)
 
@@ -101,5 +100,6 @@ class Tokens:
         })  # fmt: skip
 
 
-def _starts(lengths: np.ndarray) -> np.ndarray:
+def starts_of(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Each row's start in the flat arrays, and the end of the last, from the rows' lengths."""
     return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
