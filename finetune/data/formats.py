@@ -176,8 +176,9 @@ def _text(value: Any, field: str, empty: bool = False) -> str:
 
 
 def _encodable(text: str, what: str) -> None:
-    """A lone surrogate (JSON's `"\\ud800"`) is valid JSON but not text: no tokenizer or file can encode it."""
-    if SURROGATE.search(text):
+    """A lone surrogate (JSON's `"\\ud800"`) is valid JSON but not text: no tokenizer or file can encode it.
+    ASCII text holds none, and `isascii` reads a flag the string keeps (no scan)."""
+    if not text.isascii() and SURROGATE.search(text):
         raise BadRow(f"{what} holds a lone surrogate escape (such as \\ud800), which is not text", "not_utf8")
 
 

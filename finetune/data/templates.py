@@ -220,7 +220,7 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, batch: list[Segments]) -> Token
     from finetune.data.tokens import Tokens, starts_of
 
     texts = ["".join(t for t, _ in segs) for segs in batch]
-    flat, lengths, counts, flags = array("q"), [], [], []
+    flat, lengths, counts, flags = array("i"), [], [], []  # C int: 32 bits, the type of Tokens.ids
     for segs, (ids, starts) in zip(batch, _ids_and_starts(tokenizer, texts), strict=True):
         flat.extend(ids)
         lengths.append(len(ids))
@@ -231,7 +231,7 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, batch: list[Segments]) -> Token
             counts.append(last - first)
             flags.append(trained)
             first = last
-    ids = np.frombuffer(flat, np.int64) if flat else np.zeros(0, np.int64)
+    ids = np.frombuffer(flat, np.int32) if flat else np.zeros(0, np.int32)
     labels = np.where(np.repeat(np.array(flags, bool), np.array(counts, np.int64)), ids, IGNORE)
     return Tokens(ids, labels, starts_of(lengths))
 

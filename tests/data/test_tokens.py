@@ -32,7 +32,26 @@ def test_flat_rows_behave_as_the_lists(rows, data):
 def test_the_dataset_has_the_types_and_values_from_dict_infers():
     from datasets import Dataset
 
-    rows = [([5, 6, 7], [IGNORE, 6, 7]), ([], []), ([2**31 - 1], [2**40])]
+    rows = [([5, 6, 7], [IGNORE, 6, 7]), ([], []), ([2**31 - 1], [2**31 - 1])]  # a label is an id or IGNORE
     ours, inferred = Tokens.of(rows).dataset(), Dataset.from_dict({"input_ids": [[5, 6, 7], [], [2**31 - 1]],
-                                                                  "labels": [[IGNORE, 6, 7], [], [2**40]]})  # fmt: skip
+                                                                  "labels": [[IGNORE, 6, 7], [], [2**31 - 1]]})  # fmt: skip
     assert ours.features == inferred.features and ours.to_dict() == inferred.to_dict()
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows_, st.integers(0, 14))
+def test_selecting_every_row_whole_shares_the_arrays_and_anything_else_copies(rows, within):
+    """The fast path of `select` (every row, in order, none cut) gives what the copy gives."""
+    tokens = Tokens.of(rows)
+    every = range(len(rows))
+    assert tokens.select(every) is tokens
+    cut = tokens.select(every, within)
+    assert list(cut) == [(ids[:within], labels[:within]) for ids, labels in rows]
+    assert (cut is tokens) == all(len(ids) <= within for ids, _ in rows)
+
+
+def test_the_dataset_fingerprint_follows_the_rows():
+    """A content fingerprint, not a random one: the same rows give the same, other rows another."""
+    rows = [([5, 6, 7], [IGNORE, 6, 7]), ([8], [8])]
+    same, other = Tokens.of(rows).dataset(), Tokens.of([rows[0], ([8], [IGNORE])]).dataset()
+    assert Tokens.of(rows).dataset()._fingerprint == same._fingerprint != other._fingerprint
