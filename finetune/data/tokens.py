@@ -89,8 +89,10 @@ class Tokens:
         """These rows, in this order (repeats allowed), each cut to its first `max_len` tokens."""
         rows = np.asarray(rows, np.int64)
         lengths = self.lengths()[rows]
-        if len(rows) == len(self) and np.array_equal(rows, np.arange(len(self))) and (
-            max_len is None or not len(rows) or lengths.max() <= max_len
+        if (
+            len(rows) == len(self)
+            and np.array_equal(rows, np.arange(len(self)))
+            and (max_len is None or not len(rows) or lengths.max() <= max_len)
         ):
             return self  # every row, whole: the arrays are never written, so they are shared, not copied
         if max_len is not None:
