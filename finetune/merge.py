@@ -2,7 +2,8 @@
 
 merge, top to bottom: open the run (`finetune.runs.open_run`: resolved recipe, manifest, adapter
 checked file by file), load the base at the run's revision in full or half precision (never 4-bit:
-a QLoRA adapter goes into the unquantized base) with the adapter unmerged, record its reference
+a QLoRA adapter goes into the unquantized base, a LoftQ one into the NF4 weights dequantized) with the adapter
+unmerged, record its reference
 logits on held-out prompts, `merge_and_unload` and save safetensors + tokenizer + chat template +
 generation config into a temporary directory, reload that directory with plain transformers and
 verify its logits against the reference. Only a merge that passes is renamed into place, with
@@ -176,12 +177,6 @@ def merge_into(run: Run, out: Path, dtype_name: str, progress: Progress = lambda
     """
     from transformers import AutoTokenizer
 
-    if run.recipe.lora.init.method == "loftq":
-        raise UserError(
-            f"{run.root}: a LoftQ adapter is relative to the NF4-quantized base (its initial B0 A0 is that base's "
-            "quantization error), so merged into the original weights it would count that error twice; merging into "
-            "the NF4 weights dequantized is not built. eval, chat and serve load the NF4 base as training did."
-        )
     quiet_libraries()
     recipe = _with_dtype(run.recipe, dtype_name)
     tokenizer = AutoTokenizer.from_pretrained(run.adapter)
@@ -212,10 +207,17 @@ def merge_into(run: Run, out: Path, dtype_name: str, progress: Progress = lambda
 
 
 def _load_unmerged(run: Run, recipe: Recipe) -> tuple[Any, bool]:
-    """The base (never quantized) with the run's adapter applied unmerged; whether its embeddings were tied."""
+    """The base (never quantized) with the run's adapter applied unmerged; whether its embeddings were tied.
+
+    The base is the original weights, except for a LoftQ run: its adapter is relative to the NF4 base (B0 A0 starts
+    at W - NF4(W)), so it goes into the NF4 weights dequantized, the base it was trained on, in full precision."""
     from peft import PeftModel
 
-    base = load_model(recipe, model_attention(recipe, this_machine()), quantized=False)
+    attention = model_attention(recipe, this_machine())
+    if run.recipe.lora.init.method == "loftq":
+        base = load_model(recipe, attention, quantized=True).dequantize(dtype=getattr(torch, recipe.model.dtype))
+    else:
+        base = load_model(recipe, attention, quantized=False)
     tied = _tied(base)
     fit_to_adapter(base, run.adapter)  # a run that added tokens: the merged model keeps the grown vocabulary
     model = PeftModel.from_pretrained(base, str(run.adapter), is_trainable=False)
@@ -281,6 +283,7 @@ def _verify(
             "sha256": file_sha256(run.adapter / "adapter_model.safetensors"),
         },
         quantization_in_training=recipe.quantization.method,
+        base_weights=f"{recipe.quantization.method} dequantized" if run.recipe.lora.init.method == "loftq" else "original",
         created=now(),
     )
     check["passed"] = check["passed"] and memory["passed"]
@@ -289,7 +292,13 @@ def _verify(
 
 def _merge_notes(run: Run, dtype_name: str, untied: bool, effect: float, tolerance: float) -> list[str]:
     notes = []
-    if run.quantized:
+    if run.recipe.lora.init.method == "loftq":
+        notes.append(
+            f"LoftQ adapter: merged into the {run.recipe.quantization.method} base weights dequantized to {dtype_name} "
+            "(the base it was trained on; its start B0 A0 is that base's quantization error, so the original weights "
+            "would count that error twice)"
+        )
+    elif run.quantized:
         notes.append(
             f"QLoRA adapter (trained on a {run.recipe.quantization.method}-quantized base): merged into the base "
             f"loaded in {dtype_name} (its original weights), never into 4-bit ones. The result equals base + adapter "

@@ -19,6 +19,7 @@ from finetune import lora_init
 from finetune.recipe.load import load_recipe
 
 TOLERANCE = 1e-4  # finetune.merge's float32 tolerance on logits
+NF4_TOLERANCE = 1e-3  # a trained NF4 model against a freshly loaded one: see below
 
 
 @pytest.fixture
@@ -90,7 +91,10 @@ def test_the_saved_adapter_on_the_original_base_is_the_trained_model(method, ext
     plain = PeftModel.from_pretrained(
         load_model(recipe, "eager"), str(adapter)
     ).eval()  # the base, loaded as in training
-    assert (_logits(plain, batch) - trained).abs().max() <= TOLERANCE
+    # NF4 on the CPU: after training, the layers' quant_state absmax differs from a freshly loaded base's by up to
+    # 2.4e-4 (bitsandbytes 0.50 changes it in place on this path; measured 2026-12-02), which moves logits by 3e-4
+    tolerance = NF4_TOLERANCE if recipe.quantization.method == "nf4" else TOLERANCE
+    assert (_logits(plain, batch) - trained).abs().max() <= tolerance
     with plain.disable_adapter():  # and the adapter did move the model, so the check above means something
         base = _logits(plain, batch)
     assert (base - trained).abs().max() > 100 * TOLERANCE
