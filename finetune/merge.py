@@ -283,7 +283,9 @@ def _verify(
             "sha256": file_sha256(run.adapter / "adapter_model.safetensors"),
         },
         quantization_in_training=recipe.quantization.method,
-        base_weights=f"{recipe.quantization.method} dequantized" if run.recipe.lora.init.method == "loftq" else "original",
+        base_weights=f"{recipe.quantization.method} dequantized"
+        if run.recipe.lora.init.method == "loftq"
+        else "original",
         created=now(),
     )
     check["passed"] = check["passed"] and memory["passed"]
