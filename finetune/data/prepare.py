@@ -7,6 +7,7 @@ duplicates are counted in `DataStats`, which the run's manifest and summary repo
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -292,12 +293,14 @@ def _encode(
         tokens = Tokens.concat([_encode_chunk(tokenizer, train_on, samples[a:b]) for a, b in ranges])
         return tokens, alongside() if alongside is not None else None
     _JOB = (tokenizer, train_on, samples, alongside)
+    gc.freeze()  # the inherited rows stay out of the workers' garbage collections, which would copy their pages
     try:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             side = pool.apply_async(_run_alongside) if alongside is not None else None  # queued first
             tokens = Tokens.concat(list(pool.imap(_encode_range, ranges)))
             return tokens, side.get() if side is not None else None
     finally:
+        gc.unfreeze()
         _JOB = None
 
 
