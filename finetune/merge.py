@@ -210,7 +210,7 @@ def _load_unmerged(run: Run, recipe: Recipe) -> tuple[Any, bool]:
     """The base (never quantized) with the run's adapter applied unmerged; whether its embeddings were tied.
 
     The base is the original weights, except for a LoftQ run: its adapter is relative to the NF4 base (B0 A0 starts
-    at W - NF4(W)), so it goes into the NF4 weights dequantized, the base it was trained on, in full precision."""
+    at W - NF4(W)), so it goes into the NF4 weights dequantized (in the merge dtype): the base it was trained on."""
     from peft import PeftModel
 
     attention = model_attention(recipe, this_machine())
