@@ -478,7 +478,8 @@ def build(run: Any, merged: Path, out: Path, quants: list[str], progress: Any) -
                               "convert_seconds": {}, "files": {}}  # fmt: skip
     timed = _timer(report["convert_seconds"], progress)
     f32 = timed("model-f32.gguf", lambda p: convert_model(converter, merged, p, "f32"), out)
-    if run.manifest.get("new_tokens"):  # the merged model alone: see merged_only
+    if why := _no_adapter_form(run):  # the merged model alone: see merged_only
+        report["adapter_form"] = f"not made: {why}"
         return merged_only(run, f32, out, quants, tokenizer, answers["tuned"], (stop_ids, stop_texts), report, progress)
     base = base_dir(run.recipe.model.base, run.recipe.model.revision)
     base_f32 = timed("base-f32.gguf", lambda p: convert_model(converter, base, p, "f32"), out)
@@ -518,13 +519,25 @@ def build(run: Any, merged: Path, out: Path, quants: list[str], progress: Any) -
     return report
 
 
+def _no_adapter_form(run: Any) -> str | None:
+    """Why a run has no base + adapter GGUF form, or None when it has one."""
+    if run.manifest.get("new_tokens"):
+        return "the run added tokens"
+    if run.recipe.lora.init.method == "loftq":
+        return ("a LoftQ adapter is relative to the NF4 base, and the base's GGUF is converted from its original "
+                "weights")  # fmt: skip
+    return None
+
+
 def merged_only(
     run: Any, f32: Path, out: Path, quants: list[str], tokenizer: Any, tuned: list[Case],
     stops: tuple[list[int], list[str]], report: dict, progress: Any,
 ) -> dict[str, Any]:  # fmt: skip
-    """A run that added tokens (data.add_special_tokens): only the merged model, whose vocabulary holds them, is
-    converted and verified. llama.cpp's LoRA converter stops at trained embedding rows, and the base's GGUF has no
-    ids for the new tokens, so there is no base + adapter form (nor its Modelfile.adapter)."""
+    """Only the merged model, converted and verified, with no base + adapter form (nor its Modelfile.adapter):
+    for a run that added tokens (data.add_special_tokens), whose merged vocabulary holds them, because llama.cpp's
+    LoRA converter stops at trained embedding rows and the base's GGUF has no ids for the new tokens; for a LoftQ
+    run, whose merged model is built on the NF4 weights dequantized (finetune.merge), because its adapter on the
+    original base's GGUF is not the trained model (measured: 77/100 of eval's answers)."""
     n_ctx, max_new = report["context"], report["max_new_tokens"]
     stop_ids, stop_texts = stops
     references = None
@@ -552,7 +565,7 @@ def merged_only(
     text, notes = modelfile(first["model"], template_family(tokenizer), stop_texts)
     (out / "Modelfile").write_text(text, encoding="utf-8")
     report.update(template_family=template_family(tokenizer), stop_tokens=stop_texts, modelfile_notes=notes,
-                  modelfiles={"Modelfile": first["model"]}, adapter_form="not made: the run added tokens",
+                  modelfiles={"Modelfile": first["model"]},
                   tokenizer_pre=_pre_of(run.adapter), llama_cpp_python=_llama_version())  # fmt: skip
     return report
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from engine_runs import ROOT, examples, meaningful
@@ -105,3 +106,22 @@ def test_a_vocabulary_llama_cpp_does_not_know_and_we_cannot_derive_is_refused_wi
     (model / "tokenizer.json").write_text(json.dumps(tokenizer))
     with pytest.raises(UserError, match=r"cannot be converted to GGUF: .*normalizer \(NFKC\)"):
         convert_model(converter, model, tmp_path / "m.gguf", "f32")
+
+
+def test_a_loftq_run_exports_its_merged_model_only_which_answers_as_eval(converter, tmp_path):
+    """A LoftQ adapter is relative to the NF4 base: its merged model (on the NF4 weights dequantized) is the trained
+    model; the adapter on the original base's GGUF is not (77/100 of eval's answers, measured), so that form is
+    not made and the report says why."""
+    from finetune.recipe.load import load_recipe
+    from finetune.train import train
+
+    sets = [f"output_dir={tmp_path / 'loftq'}", "train.max_steps=20", "data.eval.0.limit=10",
+            "lora.init.method=loftq", "quantization.method=nf4"]  # fmt: skip
+    run = Path(train(load_recipe(ROOT / "recipes" / "quickstart.yaml", sets), progress=False).run_dir)
+    done = _export(run, tmp_path / "out", "f16")
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "out" / "gguf.json").read_text())
+    assert report["adapter_form"].startswith("not made: a LoftQ adapter is relative to the NF4 base")
+    check = report["files"]["f16"]["checks"]["merged"]
+    assert set(report["files"]["f16"]["checks"]) == {"merged"} and check["agreed"] == check["prompts"] == 10
+    assert not list((tmp_path / "out").glob("base-*.gguf")) and not list((tmp_path / "out").glob("adapter-*.gguf"))
