@@ -64,6 +64,7 @@ def adapter_facts(run: Run) -> dict[str, Any]:
         "base_model": run.recipe.model.base,
         "base_revision": run.recipe.model.revision,
         "quantization_in_training": run.recipe.quantization.method,
+        "lora_init": run.recipe.lora.init.method,
     }
 
 
@@ -102,6 +103,12 @@ def adapter_vllm(facts: dict, run: Run) -> dict:
         )
     if facts["bias"] != "none" or facts["lora_bias"]:
         blockers.append("adapter biases (bias/lora_bias) are not served by vLLM")
+    if facts.get("lora_init") == "loftq":
+        blockers.append(
+            "a LoftQ adapter is relative to the NF4 base, and vLLM applies it to the original weights (on llama.cpp "
+            "that form gave 77/100 of eval's answers, measured); export --format merged (built on the NF4 weights "
+            "dequantized) and serve that"
+        )
     init = facts["init_lora_weights"]
     if isinstance(init, str) and init.lower().startswith(VLLM_UNSERVED_INITS):
         blockers.append(f"init_lora_weights={init!r} changes the base weights when PEFT loads it; vLLM does not")
