@@ -523,7 +523,7 @@ def _no_adapter_form(run: Any) -> str | None:
     """Why a run has no base + adapter GGUF form, or None when it has one."""
     if run.manifest.get("new_tokens"):
         return "the run added tokens"
-    if run.recipe.lora.init.method == "loftq":
+    if run.recipe.lora.init.on_quantized_base:
         return ("a LoftQ adapter is relative to the NF4 base, and the base's GGUF is converted from its original "
                 "weights")  # fmt: skip
     return None

@@ -214,8 +214,8 @@ def _load_unmerged(run: Run, recipe: Recipe) -> tuple[Any, bool]:
     from peft import PeftModel
 
     attention = model_attention(recipe, this_machine())
-    if run.recipe.lora.init.method == "loftq":
-        base = load_model(recipe, attention, quantized=True).dequantize(dtype=getattr(torch, recipe.model.dtype))
+    if run.recipe.lora.init.on_quantized_base:
+        base = load_model(recipe, attention, quantized=True).dequantize(dtype=resolve_dtype(recipe.model.dtype))
     else:
         base = load_model(recipe, attention, quantized=False)
     tied = _tied(base)
@@ -283,9 +283,7 @@ def _verify(
             "sha256": file_sha256(run.adapter / "adapter_model.safetensors"),
         },
         quantization_in_training=recipe.quantization.method,
-        base_weights=f"{recipe.quantization.method} dequantized"
-        if run.recipe.lora.init.method == "loftq"
-        else "original",
+        base_weights=f"{recipe.quantization.method} dequantized" if recipe.lora.init.on_quantized_base else "original",
         created=now(),
     )
     check["passed"] = check["passed"] and memory["passed"]
@@ -294,7 +292,7 @@ def _verify(
 
 def _merge_notes(run: Run, dtype_name: str, untied: bool, effect: float, tolerance: float) -> list[str]:
     notes = []
-    if run.recipe.lora.init.method == "loftq":
+    if run.recipe.lora.init.on_quantized_base:
         notes.append(
             f"LoftQ adapter: merged into the {run.recipe.quantization.method} base weights dequantized to {dtype_name} "
             "(the base it was trained on; its start B0 A0 is that base's quantization error, so the original weights "

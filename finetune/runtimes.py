@@ -64,7 +64,7 @@ def adapter_facts(run: Run) -> dict[str, Any]:
         "base_model": run.recipe.model.base,
         "base_revision": run.recipe.model.revision,
         "quantization_in_training": run.recipe.quantization.method,
-        "lora_init": run.recipe.lora.init.method,
+        "on_quantized_base": run.recipe.lora.init.on_quantized_base,
     }
 
 
@@ -103,7 +103,7 @@ def adapter_vllm(facts: dict, run: Run) -> dict:
         )
     if facts["bias"] != "none" or facts["lora_bias"]:
         blockers.append("adapter biases (bias/lora_bias) are not served by vLLM")
-    if facts.get("lora_init") == "loftq":
+    if facts["on_quantized_base"]:
         blockers.append(
             "a LoftQ adapter is relative to the NF4 base, and vLLM applies it to the original weights (on llama.cpp "
             "that form gave 77/100 of eval's answers, measured); export --format merged (built on the NF4 weights "

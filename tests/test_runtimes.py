@@ -15,13 +15,15 @@ def saved_adapter(tmp_path, model_dir, init="kaiming", **fields):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
+    from finetune.recipe.schema import LoraInitSection
+
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", **fields)
     get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config).save_pretrained(tmp_path / "a")
     with safe_open(tmp_path / "a" / "adapter_model.safetensors", "pt") as f:
         tensors = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     recipe = SimpleNamespace(name="r", model=SimpleNamespace(base=str(model_dir), revision=None),
                              quantization=SimpleNamespace(method="nf4" if init == "loftq" else "none"),
-                             lora=SimpleNamespace(init=SimpleNamespace(method=init)))  # fmt: skip
+                             lora=SimpleNamespace(init=LoraInitSection(method=init)))  # fmt: skip
     adapter_config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     return SimpleNamespace(adapter_config=adapter_config, tensors=tensors, variant="lora", recipe=recipe, manifest={})
 

@@ -10,6 +10,7 @@ input ids in.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -114,8 +115,6 @@ class Tokens:
         """The rows as a Dataset with int32 input ids and int64 labels (the types `Dataset.from_dict` infers from
         lists of ids and labels), built from the arrays: no Python object per token. Its fingerprint is a hash of
         the arrays: `datasets` would otherwise pickle the whole table to hash it (a second per 100k rows)."""
-        import hashlib
-
         import pyarrow as pa
         from datasets import Dataset
         from datasets.table import InMemoryTable

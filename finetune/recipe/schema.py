@@ -258,6 +258,12 @@ class LoraInitSection(Section):
                 )
         return self
 
+    @property
+    def on_quantized_base(self) -> bool:
+        """Whether the adapter is relative to the quantized base rather than the original weights (LoftQ: its start
+        B0 A0 is the NF4 quantization error): merged into the NF4 weights dequantized, never served on the original."""
+        return self.method == "loftq"
+
 
 class LoraSection(Section):
     rank: int = Field(16, ge=1, description="LoRA rank r: size of the low-rank update.")
